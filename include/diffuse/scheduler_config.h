@@ -1,0 +1,59 @@
+// diffusers' scheduler_config.json: read, validate, write; unknown keys survive a round trip.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "diffuse/prediction.h"
+#include "diffuse/schedule.h"
+
+namespace diffuse {
+
+/// E-TSDM (Yang et al., ICLR 2024, "Lipschitz singularities in diffusion models"): the network's
+/// timestep condition is f(t) = the largest interval edge <= t on [0, t_tilde) split in n equal
+/// intervals, and f(t) = t from t_tilde on. n = 0 disables it.
+struct EtsdmConfig {
+  int64_t t_tilde = 0;
+  int64_t n = 0;
+  bool enabled() const { return n > 0 && t_tilde > 0; }
+};
+
+struct SchedulerConfig {
+  int64_t num_train_timesteps = 1000;
+  std::string beta_schedule = "linear";  ///< linear, scaled_linear, squaredcos_cap_v2, sigmoid
+  double beta_start = 0.0001;
+  double beta_end = 0.02;
+  std::optional<std::vector<double>> trained_betas;
+  bool rescale_betas_zero_snr = false;
+  Prediction prediction_type = Prediction::eps;
+  Spacing timestep_spacing = Spacing::leading;
+  int64_t steps_offset = 0;
+  bool clip_sample = false;
+  bool set_alpha_to_one = true;
+  EtsdmConfig etsdm;          ///< stored as diffuse_etsdm_t_tilde / diffuse_etsdm_n
+  nlohmann::json extra = nlohmann::json::object();  ///< keys diffuse does not use, kept verbatim
+
+  /// The schedule this config describes (rescaled when rescale_betas_zero_snr is set).
+  Schedule schedule() const;
+  /// Keys in `extra` that are not diffusers metadata ("_class_name", ...): what a reader ignores.
+  std::vector<std::string> ignored_keys() const;
+
+  static SchedulerConfig from_json(const nlohmann::json& j);
+  nlohmann::json to_json() const;
+  /// Throws std::runtime_error naming the file for a missing or malformed file.
+  static SchedulerConfig load(const std::string& path);
+  /// Atomic: writes path + ".tmp" and renames it over path.
+  void save(const std::string& path) const;
+};
+
+/// Reads a whole file; throws std::runtime_error("cannot read '<path>': <reason>").
+std::string read_file(const std::string& path);
+/// Writes through a temporary file and a rename, so a reader never sees half a file.
+void write_file_atomic(const std::string& path, const std::string& contents);
+/// Parses JSON from a file with an error that names the file and the position.
+nlohmann::json load_json(const std::string& path);
+
+}  // namespace diffuse

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what diffuse needs (Debian 12 packages), configures CMake and builds with -j2.
+# Usage: scripts/setup.sh [build-dir]   (default: build). Safe to run again: it only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=${1:-build}
+
+packages=(build-essential cmake libtorch-dev libopenblas0-pthread dataset-fashion-mnist
+          libcli11-dev nlohmann-json3-dev libstb-dev libgtest-dev libbenchmark-dev
+          gnuplot-nox zlib1g-dev)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -f "$build/CMakeCache.txt" ]; then
+  cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release
+fi
+cmake --build "$build" -j2

@@ -1,0 +1,62 @@
+#include "diffuse/runtime.h"
+
+#include <chrono>
+#include <sstream>
+#include <stdexcept>
+
+#include <torch/torch.h>
+
+namespace diffuse {
+
+torch::Device parse_device(const std::string& name) {
+  torch::Device device(torch::kCPU);
+  try {
+    device = torch::Device(name);
+  } catch (const c10::Error&) {
+    throw std::invalid_argument("unknown device '" + name + "' (expected cpu, cuda or cuda:N)");
+  }
+  if (device.is_cuda() && !torch::cuda::is_available())
+    throw std::invalid_argument("device '" + name +
+                                "' requested but this LibTorch has no usable CUDA (build against a CUDA "
+                                "LibTorch, see docs/cuda.md, or pass --device cpu)");
+  return device;
+}
+
+double matmul_gflops(int64_t n, torch::Device device, int reps) {
+  torch::NoGradGuard no_grad;
+  auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(device);
+  auto a = torch::randn({n, n}, opts), b = torch::randn({n, n}, opts);
+  auto sync = [&] {
+    if (device.is_cuda()) torch::cuda::synchronize();
+  };
+  torch::mm(a, b);  // warm up threads and caches
+  sync();
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    auto t0 = std::chrono::steady_clock::now();
+    auto c = torch::mm(a, b);
+    sync();
+    double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::min(best, dt);
+  }
+  return 2.0 * double(n) * double(n) * double(n) / best / 1e9;
+}
+
+BlasCheck check_blas() {
+  BlasCheck c;
+  c.gflops = matmul_gflops(1024, torch::kCPU, 3);
+  c.slow = c.gflops < kSlowBlasGflops;
+  return c;
+}
+
+std::string slow_blas_warning(const BlasCheck& check) {
+  std::ostringstream os;
+  os.precision(3);
+  os << "warning: a 1024x1024 matrix product runs at " << check.gflops
+     << " GFLOP/s: the reference BLAS is selected and training will be ~30x slower than it should. Fix: "
+        "sudo apt-get install libopenblas0-pthread (or: sudo update-alternatives --config "
+        "libblas.so.3-x86_64-linux-gnu and pick openblas)";
+  return os.str();
+}
+
+}  // namespace diffuse

@@ -1,0 +1,27 @@
+// The subcommands of the diffuse CLI. Each add_* registers its options and a callback on `app`.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <stdexcept>
+#include <string>
+
+namespace diffuse::cli {
+
+/// Exit codes: 0 success, 1 bad input or failure, 2 usage error, 3 an audit found flaws.
+constexpr int kExitError = 1;
+constexpr int kExitUsage = 2;
+constexpr int kExitFlaws = 3;
+
+/// Thrown by a command to end the process with a given status after printing its findings.
+struct Exit {
+  int code;
+};
+
+/// Prints a warning (with the fix) when the BLAS runs at reference speed. Once per process;
+/// DIFFUSE_SKIP_BLAS_CHECK=1 skips it. Every command that computes calls it first.
+void warn_if_slow_blas();
+
+void add_schedule_command(CLI::App& app);
+
+}  // namespace diffuse::cli

@@ -1,0 +1,42 @@
+// diffuse: train, sample, evaluate and analyse diffusion models. `diffuse --help` lists the subcommands.
+#include <cstdlib>
+#include <iostream>
+
+#include "commands.h"
+#include "diffuse/runtime.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"diffuse: diffusion models without Python (schedules, training, sampling, evaluation)"};
+  app.require_subcommand(1);
+  app.set_help_all_flag("--help-all", "Show help for every subcommand");
+  diffuse::cli::add_schedule_command(app);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    auto subs = app.get_subcommands();
+    std::cerr << (subs.empty() ? app.help() : subs.front()->help());
+    return diffuse::cli::kExitUsage;
+  } catch (const diffuse::cli::Exit& e) {
+    return e.code;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return diffuse::cli::kExitError;
+  }
+  return 0;
+}
+
+namespace diffuse::cli {
+void warn_if_slow_blas() {
+  static bool done = false;
+  if (done || std::getenv("DIFFUSE_SKIP_BLAS_CHECK")) return;
+  done = true;
+  auto check = diffuse::check_blas();
+  if (check.slow) std::cerr << diffuse::slow_blas_warning(check) << "\n";
+}
+}  // namespace diffuse::cli

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <nlohmann/json.hpp>
+#include <torch/types.h>
 
 #include <optional>
 #include <string>
@@ -19,6 +20,10 @@ struct EtsdmConfig {
   int64_t t_tilde = 0;
   int64_t n = 0;
   bool enabled() const { return n > 0 && t_tilde > 0; }
+  /// The network's timestep condition f(t) for true timesteps t (any device, integer or float):
+  /// edges t_i = i * t_tilde / n; f(t) = max{t_i <= t} for t < t_tilde, f(t) = t otherwise.
+  /// Returns float32 (edges may be fractional when n does not divide t_tilde); identity when disabled.
+  torch::Tensor condition(const torch::Tensor& t) const;
 };
 
 struct SchedulerConfig {

@@ -1,0 +1,278 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+
+#include <torch/torch.h>
+
+#include "diffuse/safetensors.h"
+#include "diffuse/scheduler_config.h"
+#include "diffuse/unet.h"
+
+using namespace diffuse;
+
+namespace {
+
+const std::string kUnetDir = std::string(DIFFUSE_FIXTURES) + "/diffusers/unet";
+const std::string kForward = std::string(DIFFUSE_FIXTURES) + "/diffusers/unet_forward.safetensors";
+
+std::string temp_dir(const std::string& name) {
+  auto dir = std::filesystem::temp_directory_path() / ("diffuse_test_" + name + "_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir.string();
+}
+
+UNetConfig fixture_config() { return UNetConfig::from_json(load_json(kUnetDir + "/config.json")); }
+
+template <class F>
+void expect_error(F&& f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "no error; expected one containing '" << needle << "'";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+
+TEST(UNet, StateDictNamesAndShapesEqualDiffusers) {
+  auto reference = load_safetensors(kUnetDir + "/diffusion_pytorch_model.safetensors");
+  UNet2DModel model(fixture_config());
+  auto ours = state_dict(*model);
+  ASSERT_EQ(ours.size(), reference.size());
+  for (const auto& [name, t] : reference) {
+    ASSERT_TRUE(ours.count(name)) << "diffusers has " << name << ", diffuse does not";
+    EXPECT_EQ(ours[name].sizes(), t.sizes()) << name;
+  }
+  EXPECT_TRUE(ours.count("down_blocks.1.attentions.0.to_q.weight"));
+  EXPECT_TRUE(ours.count("class_embedding.weight"));
+}
+
+TEST(UNet, ForwardMatchesDiffusers) {
+  auto io = load_safetensors(kForward);
+  auto model = load_unet(kUnetDir, torch::kCPU);
+  model->eval();
+  torch::Tensor out_no_grad, out_grad;
+  {
+    torch::NoGradGuard no_grad;
+    out_no_grad = model->forward(io["x"], io["timesteps"], io["class_labels"]);
+  }
+  out_grad = model->forward(io["x"], io["timesteps"], io["class_labels"]);  // the autograd code path
+  double err = (out_no_grad - io["out"]).abs().max().item<double>();
+  EXPECT_LT(err, 2e-5) << "max abs difference to diffusers";
+  std::cout << "max abs difference to diffusers 0.25: " << err << "\n";
+  EXPECT_LT((out_grad.detach() - io["out"]).abs().max().item<double>(), 2e-5);
+  EXPECT_GT(io["out"].abs().max().item<double>(), 0.1);  // the reference is not trivially small
+  // Channels-last input gives the same function.
+  torch::NoGradGuard no_grad;
+  auto cl = model->forward(io["x"].contiguous(at::MemoryFormat::ChannelsLast), io["timesteps"], io["class_labels"]);
+  EXPECT_LT((cl - io["out"]).abs().max().item<double>(), 2e-5);
+}
+
+// Float timesteps (E-TSDM conditions) are embedded as they are: integral floats equal the integer path,
+// fractional ones give a distinct, finite output.
+TEST(UNet, FloatAndFractionalTimesteps) {
+  auto io = load_safetensors(kForward);
+  auto model = load_unet(kUnetDir, torch::kCPU);
+  model->eval();
+  torch::NoGradGuard no_grad;
+  auto x = io["x"], labels = io["class_labels"];
+  auto a = model->forward(x, io["timesteps"], labels);
+  auto b = model->forward(x, io["timesteps"].to(torch::kFloat32), labels);
+  EXPECT_TRUE(torch::equal(a, b));
+  auto t17 = model->forward(x, torch::full({4}, 17.0), labels);
+  auto t17_5 = model->forward(x, torch::full({4}, 17.5), labels);
+  auto t18 = model->forward(x, torch::full({4}, 18.0), labels);
+  EXPECT_TRUE(torch::isfinite(t17_5).all().item<bool>());
+  EXPECT_GT((t17_5 - t17).abs().max().item<double>(), 0);
+  EXPECT_GT((t17_5 - t18).abs().max().item<double>(), 0);
+  // A scalar timestep is broadcast to the batch.
+  EXPECT_TRUE(torch::equal(model->forward(x, torch::tensor(17.0), labels), t17));
+}
+
+// get_timestep_embedding against its closed form, evaluated in double precision.
+TEST(UNet, TimestepEmbeddingClosedForm) {
+  auto t = torch::tensor({0.0, 0.25, 17.5, 999.0});
+  for (bool flip : {false, true})
+    for (double shift : {0.0, 1.0})
+      for (int64_t dim : {32, 33}) {
+        auto emb = timestep_embedding(t, dim, flip, shift).to(torch::kFloat64);
+        ASSERT_EQ(emb.sizes(), (std::vector<int64_t>{4, dim}));
+        const int64_t half = dim / 2;
+        for (int64_t n = 0; n < 4; ++n)
+          for (int64_t i = 0; i < half; ++i) {
+            double f = std::exp(-std::log(10000.0) * double(i) / (double(half) - shift));
+            double ph = t[n].item<double>() * f;
+            double first = flip ? std::cos(ph) : std::sin(ph), second = flip ? std::sin(ph) : std::cos(ph);
+            // float32 phases of t ~ 1000 carry ~1e-4 rad of rounding
+            EXPECT_NEAR(emb[n][i].item<double>(), first, 2e-4) << n << " " << i;
+            EXPECT_NEAR(emb[n][half + i].item<double>(), second, 2e-4) << n << " " << i;
+          }
+        if (dim % 2) EXPECT_EQ(emb.select(1, dim - 1).abs().max().item<double>(), 0.0);
+      }
+}
+
+TEST(UNet, ConfigRoundTrip) {
+  auto json = load_json(kUnetDir + "/config.json");
+  json["my_extension"] = {{"kept", true}};
+  auto config = UNetConfig::from_json(json);
+  EXPECT_EQ(config.block_out_channels, (std::vector<int64_t>{32, 64}));
+  EXPECT_EQ(config.num_class_embeds, std::optional<int64_t>(11));
+  EXPECT_EQ(config.norm_num_groups, 8);
+  EXPECT_FALSE(config.attn_norm_num_groups.has_value());
+  auto out = config.to_json();
+  EXPECT_EQ(out["my_extension"]["kept"], true);
+  EXPECT_EQ(out["_class_name"], "UNet2DModel");
+  EXPECT_FALSE(out.contains("_use_default_values"));  // diffusers would override the listed keys
+  // Every key diffusers wrote comes back with its value.
+  for (const auto& [key, value] : json.items())
+    if (key != "_use_default_values") EXPECT_EQ(out[key], value) << key;
+  EXPECT_EQ(UNetConfig::from_json(out), config);
+  // Missing keys take diffusers' defaults.
+  auto defaults = UNetConfig::from_json(nlohmann::json::object());
+  EXPECT_EQ(defaults.block_out_channels, (std::vector<int64_t>{224, 448, 672, 896}));
+  EXPECT_EQ(defaults.attention_head_dim, std::optional<int64_t>(8));
+  EXPECT_EQ(defaults.norm_num_groups, 32);
+}
+
+TEST(UNet, RefusesUnsupportedConfigs) {
+  auto bad = [](const char* key, nlohmann::json value) {
+    auto json = load_json(kUnetDir + "/config.json");
+    json[key] = value;
+    expect_error([&] { UNet2DModel model(UNetConfig::from_json(json)); }, key);
+  };
+  bad("down_block_types", {"DownBlock2D", "CrossAttnDownBlock2D"});
+  bad("up_block_types", {"AttnUpBlock2D"});
+  bad("time_embedding_type", "fourier");
+  bad("class_embed_type", "timestep");
+  bad("resnet_time_scale_shift", "spatial");
+  bad("downsample_type", "resnet");
+  bad("act_fn", "gelu");
+  bad("norm_num_groups", 5);
+  bad("attention_head_dim", 7);
+  bad("layers_per_block", "two");
+  bad("block_out_channels", 32);
+  bad("dropout", 1.5);
+}
+
+TEST(UNet, ScaleShiftAndMidBlockVariants) {
+  auto config = fixture_config();
+  config.resnet_time_scale_shift = "scale_shift";
+  config.dropout = 0.1;
+  UNet2DModel model(config);
+  auto sd = state_dict(*model);
+  EXPECT_EQ(sd.at("down_blocks.0.resnets.0.time_emb_proj.weight").sizes(), (std::vector<int64_t>{64, 128}));
+  // diffusers' UNetMidBlock2D: with scale_shift and no attn_norm_num_groups the attention has no group norm.
+  EXPECT_FALSE(sd.count("mid_block.attentions.0.group_norm.weight"));
+  EXPECT_TRUE(sd.count("down_blocks.1.attentions.0.group_norm.weight"));
+  config.attn_norm_num_groups = 4;
+  EXPECT_TRUE(state_dict(*UNet2DModel(config)).count("mid_block.attentions.0.group_norm.weight"));
+  config.add_attention = false;
+  config.num_class_embeds.reset();
+  auto plain = state_dict(*UNet2DModel(config));
+  EXPECT_FALSE(plain.count("mid_block.attentions.0.to_q.weight"));
+  EXPECT_FALSE(plain.count("class_embedding.weight"));
+
+  // Dropout acts in training mode only.
+  torch::manual_seed(0);
+  auto x = torch::randn({2, 1, 16, 16});
+  auto t = torch::tensor({3, 500});
+  auto labels = torch::tensor({1, 2});
+  torch::NoGradGuard no_grad;
+  model->train();
+  auto a = model->forward(x, t, labels), b = model->forward(x, t, labels);
+  EXPECT_GT((a - b).abs().max().item<double>(), 0);
+  model->eval();
+  EXPECT_TRUE(torch::equal(model->forward(x, t, labels), model->forward(x, t, labels)));
+}
+
+TEST(UNet, SaveThenLoadGivesIdenticalOutputs) {
+  auto io = load_safetensors(kForward);
+  auto model = load_unet(kUnetDir, torch::kCPU);
+  auto dir = temp_dir("unet_save");
+  save_unet(model, dir + "/unet");
+  auto again = load_unet(dir + "/unet", torch::kCPU);
+  EXPECT_EQ(again->config(), model->config());
+  model->eval();
+  again->eval();
+  torch::NoGradGuard no_grad;
+  EXPECT_TRUE(torch::equal(model->forward(io["x"], io["timesteps"], io["class_labels"]),
+                           again->forward(io["x"], io["timesteps"], io["class_labels"])));
+  // The file holds diffusers' names and float32 tensors only.
+  auto written = load_safetensors(dir + "/unet/diffusion_pytorch_model.safetensors");
+  auto reference = load_safetensors(kUnetDir + "/diffusion_pytorch_model.safetensors");
+  ASSERT_EQ(written.size(), reference.size());
+  for (const auto& [name, t] : reference) {
+    EXPECT_EQ(written.at(name).scalar_type(), torch::kFloat32);
+    EXPECT_TRUE(torch::equal(written.at(name), t)) << name;
+  }
+  EXPECT_EQ(load_json(dir + "/unet/config.json")["_class_name"], "UNet2DModel");
+  std::filesystem::remove_all(dir);
+}
+
+TEST(UNet, LoadErrorsNameTheProblem) {
+  auto dir = temp_dir("unet_errors");
+  expect_error([&] { load_unet(dir + "/nowhere", torch::kCPU); }, "config.json");
+  // Weights that do not match the config: the mismatch is listed.
+  std::filesystem::create_directories(dir + "/m");
+  auto json = load_json(kUnetDir + "/config.json");
+  write_file_atomic(dir + "/m/config.json", json.dump());
+  expect_error([&] { load_unet(dir + "/m", torch::kCPU); }, "diffusion_pytorch_model.safetensors");
+  std::filesystem::copy_file(kUnetDir + "/diffusion_pytorch_model.safetensors",
+                             dir + "/m/diffusion_pytorch_model.safetensors");
+  json["layers_per_block"] = 2;
+  write_file_atomic(dir + "/m/config.json", json.dump());
+  expect_error([&] { load_unet(dir + "/m", torch::kCPU); }, "missing: down_blocks.0.resnets.1");
+  json["layers_per_block"] = 1;
+  json["block_out_channels"] = {32, 128};
+  write_file_atomic(dir + "/m/config.json", json.dump());
+  expect_error([&] { load_unet(dir + "/m", torch::kCPU); }, "mis-shaped");
+  json["block_out_channels"] = {32, 64};
+  json["norm_eps"] = "small";
+  write_file_atomic(dir + "/m/config.json", json.dump());
+  expect_error([&] { load_unet(dir + "/m", torch::kCPU); }, "norm_eps");
+  std::filesystem::remove_all(dir);
+}
+
+TEST(UNet, InputChecks) {
+  auto model = load_unet(kUnetDir, torch::kCPU);
+  torch::NoGradGuard no_grad;
+  auto x = torch::randn({2, 1, 16, 16});
+  auto t = torch::tensor({1, 2});
+  expect_error([&] { model->forward(x, t); }, "class-conditional");
+  expect_error([&] { model->forward(x, t, torch::tensor({0, 11})); }, "[0, 11)");
+  expect_error([&] { model->forward(torch::randn({2, 3, 16, 16}), t, torch::tensor({0, 1})); }, "input");
+  expect_error([&] { model->forward(torch::randn({2, 1, 15, 16}), t, torch::tensor({0, 1})); }, "divisible");
+  expect_error([&] { model->forward(x, torch::tensor({1, 2, 3}), torch::tensor({0, 1})); }, "timesteps");
+  auto config = fixture_config();
+  config.num_class_embeds.reset();
+  UNet2DModel unconditional(config);
+  expect_error([&] { unconditional->forward(x, t, torch::tensor({0, 1})); }, "without class embedding");
+}
+
+// Every parameter takes part in the forward pass and receives a gradient.
+TEST(UNet, EveryParameterGetsAGradient) {
+  auto config = fixture_config();
+  config.resnet_time_scale_shift = "scale_shift";
+  config.attn_norm_num_groups = 8;
+  UNet2DModel model(config);
+  torch::manual_seed(0);
+  auto out = model->forward(torch::randn({2, 1, 16, 16}), torch::tensor({3.5, 700.0}), torch::tensor({0, 10}));
+  out.pow(2).mean().backward();
+  for (const auto& p : model->named_parameters()) {
+    ASSERT_TRUE(p.value().grad().defined()) << p.key();
+    EXPECT_GT(p.value().grad().abs().sum().item<double>(), 0) << p.key();
+  }
+}
+
+TEST(UNet, ReferenceConfigSize) {
+  UNet2DModel model(reference_unet_config());
+  int64_t n = parameter_count(*model);
+  EXPECT_GT(n, 6'000'000);
+  EXPECT_LT(n, 7'000'000);
+  torch::NoGradGuard no_grad;
+  auto out = model->forward(torch::randn({2, 1, 32, 32}), torch::tensor({1, 999}), torch::tensor({0, 10}));
+  EXPECT_EQ(out.sizes(), (std::vector<int64_t>{2, 1, 32, 32}));
+}

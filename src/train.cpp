@@ -460,7 +460,7 @@ class LossLog {
     grad_sum_ += grad_norm;
     images_ += images;
     ++steps_;
-    auto bins = (t.to(torch::kInt64) * kBins / T_).clamp(0, kBins - 1);
+    auto bins = torch::div(t.to(torch::kInt64) * kBins, T_, "floor").clamp(0, kBins - 1);
     auto per = per_example.detach().to(torch::kFloat64).cpu();
     bin_sum_ += torch::zeros({kBins}, torch::kFloat64).index_add_(0, bins, per);
     bin_n_ += torch::bincount(bins, {}, kBins).to(torch::kFloat64);

@@ -7,21 +7,14 @@
 #include "diffuse/data.h"
 #include "diffuse/image_io.h"
 #include "diffuse/scheduler_config.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using namespace diffuse;
+using diffuse::testing::error_of;
+using diffuse::testing::TempDir;
 
 namespace {
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    char tmpl[] = "/tmp/diffuse-test-XXXXXX";
-    path = mkdtemp(tmpl);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
 
 IdxArray ramp_images(int64_t n, int64_t h, int64_t w) {
   IdxArray a;
@@ -39,15 +32,6 @@ void write_mnist_folder(const TempDir& dir, int64_t n) {
     for (int64_t i = 0; i < n; ++i) labels.data.push_back(uint8_t(i % 10));
     write_idx(dir / (split + "-labels-idx1-ubyte.gz"), labels);
   }
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
 }
 
 }  // namespace

@@ -1,4 +1,6 @@
 // diffuse: train, sample, evaluate and analyse diffusion models. `diffuse --help` lists the subcommands.
+#include <c10/util/Exception.h>
+
 #include <cstdlib>
 #include <iostream>
 
@@ -25,6 +27,9 @@ int main(int argc, char** argv) {
     return diffuse::cli::kExitUsage;
   } catch (const diffuse::cli::Exit& e) {
     return e.code;
+  } catch (const c10::Error& e) {  // LibTorch's what() carries a C++ backtrace: not for users
+    std::cerr << "error: " << e.what_without_backtrace() << "\n";
+    return diffuse::cli::kExitError;
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return diffuse::cli::kExitError;

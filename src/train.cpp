@@ -316,6 +316,25 @@ void diff_json(const nlohmann::json& a, const nlohmann::json& b, const std::stri
 
 }  // namespace
 
+void check_run_folder(const LoopOptions& o) {
+  if (o.out.empty()) throw std::invalid_argument("no run folder given (--out RUN)");
+  if (o.resume && o.overwrite) throw std::invalid_argument("--resume and --overwrite exclude each other");
+  fs::path run(o.out);
+  if (o.resume) {
+    if (!fs::exists(run / "run.json"))
+      throw std::invalid_argument("cannot resume '" + o.out + "': no run.json there (not a diffuse run folder)");
+    return;
+  }
+  bool exists = fs::exists(run) && !(fs::is_directory(run) && fs::is_empty(run));
+  if (!exists) return;
+  if (!o.overwrite)
+    throw std::invalid_argument("run folder '" + o.out +
+                                "' already exists (pass --resume to continue it or --overwrite to replace it)");
+  if (!fs::is_directory(run) || !fs::exists(run / "run.json"))
+    throw std::invalid_argument("--overwrite refused: '" + o.out +
+                                "' exists but is not a diffuse run folder (no run.json); remove it yourself");
+}
+
 void finish_interrupted_checkpoint(const std::string& run_dir) {
   fs::path run(run_dir), fresh = run / kNewCheckpoint;
   if (fs::exists(fresh)) {
@@ -488,7 +507,7 @@ class LossLog {
     }
     // Per-timestep loss averaged over the last tenth of the rows.
     size_t from = rows_.size() - std::max<size_t>(1, rows_.size() / 10);
-    Series by_t{"last " + std::to_string(rows_.size() - from) + " rows", {}, {}};
+    Series by_t{"mean of the last " + std::to_string(rows_.size() - from) + " log rows", {}, {}};
     for (int k = 0; k < kBins; ++k) {
       double sum = 0;
       int n = 0;
@@ -556,7 +575,6 @@ double lr_at(const LoopOptions& o, int64_t step) {
 
 void validate_loop(const LoopOptions& o) {
   auto bad = [](const std::string& what) { throw std::invalid_argument(what); };
-  if (o.out.empty()) bad("no run folder given (--out RUN)");
   if (o.steps < 1) bad("--steps must be at least 1, got " + std::to_string(o.steps));
   if (o.batch < 1) bad("--batch must be at least 1, got " + std::to_string(o.batch));
   if (!(o.lr > 0) || !std::isfinite(o.lr)) bad("--lr must be a positive number, got " + std::to_string(o.lr));
@@ -569,16 +587,13 @@ void validate_loop(const LoopOptions& o) {
   if (!(o.ema_decay >= 0 && o.ema_decay < 1)) bad("--ema-decay must be in [0, 1), got " + std::to_string(o.ema_decay));
   if (o.checkpoint_every < 1) bad("--checkpoint-every must be at least 1");
   if (o.log_every < 1) bad("--log-every must be at least 1");
-  if (o.resume && o.overwrite) bad("--resume and --overwrite exclude each other");
 }
 
 // Creates, replaces or reopens the run folder. Returns true when resuming.
 bool prepare_run_folder(const LoopOptions& o, const nlohmann::json& options_json) {
+  check_run_folder(o);
   fs::path run(o.out);
-  bool exists = fs::exists(run) && !(fs::is_directory(run) && fs::is_empty(run));
   if (o.resume) {
-    if (!fs::exists(run / "run.json"))
-      throw std::invalid_argument("cannot resume '" + o.out + "': no run.json there (not a diffuse run folder)");
     finish_interrupted_checkpoint(o.out);
     if (!fs::exists(run / "train_state" / "state.json"))
       throw std::invalid_argument("cannot resume '" + o.out +
@@ -591,15 +606,7 @@ bool prepare_run_folder(const LoopOptions& o, const nlohmann::json& options_json
                                   " (resume without them, or start a new run)");
     return true;
   }
-  if (exists) {
-    if (!o.overwrite)
-      throw std::invalid_argument("run folder '" + o.out +
-                                  "' already exists (pass --resume to continue it or --overwrite to replace it)");
-    if (!fs::is_directory(run) || !fs::exists(run / "run.json"))
-      throw std::invalid_argument("--overwrite refused: '" + o.out +
-                                  "' exists but is not a diffuse run folder (no run.json); remove it yourself");
-    fs::remove_all(run);
-  }
+  if (fs::exists(run)) fs::remove_all(run);  // empty, or a run folder with --overwrite (checked above)
   fs::create_directories(run);
   return false;
 }
@@ -797,10 +804,10 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
       break;
     }
   }
-  if (last_checkpoint != result.step) checkpoint(result.step);
-  progress.finish();
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_begin).count();
   result.images_per_s = double(result.step - start) * double(o.batch) / std::max(seconds, 1e-9);
+  if (last_checkpoint != result.step) checkpoint(result.step);
+  progress.finish();
   return result;
 }
 

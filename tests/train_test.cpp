@@ -212,7 +212,7 @@ TEST(Train, OptionsRoundTripThroughJson) {
 
 TEST(Train, LossGoesDownOnTinyData) {
   TempDir dir;
-  auto o = tiny_options(dir / "run", 50);
+  auto o = tiny_options(dir / "run", 30);
   o.loop.batch = 16;
   o.loop.lr = 3e-3;
   const auto& data = shapes16();
@@ -220,17 +220,17 @@ TEST(Train, LossGoesDownOnTinyData) {
   UNet2DModel init(o.unet);
   save_unet(init, dir / "init");
   auto r = train(o, data);
-  EXPECT_EQ(r.step, 50);
+  EXPECT_EQ(r.step, 30);
   EXPECT_FALSE(r.interrupted);
   double before = fixed_eval_loss(dir / "init", data), after = fixed_eval_loss(dir / "run/unet", data);
-  EXPECT_LT(after, 0.6 * before) << "before " << before << " after " << after;
+  EXPECT_LT(after, 0.5 * before) << "before " << before << " after " << after;
   // The run folder: diffusers layout, log and plot.
   for (std::string f : {"run.json", "unet/config.json", "unet_ema/diffusion_pytorch_model.safetensors",
                         "scheduler/scheduler_config.json", "train_state/state.json", "train_state/optimizer.pt",
                         "log.csv", "loss.png"})
     EXPECT_TRUE(fs::exists(dir / ("run/" + f))) << f;
   EXPECT_FALSE(fs::exists(dir / "run/.checkpoint-new"));
-  EXPECT_EQ(checkpoint_step(dir / "run"), 50);
+  EXPECT_EQ(checkpoint_step(dir / "run"), 30);
   std::ifstream log(dir / "run/log.csv");
   std::string header, line;
   std::getline(log, header);
@@ -238,7 +238,7 @@ TEST(Train, LossGoesDownOnTinyData) {
   EXPECT_NE(header.find("loss_t900-999"), std::string::npos);
   int rows = 0;
   while (std::getline(log, line)) ++rows;
-  EXPECT_EQ(rows, 10);
+  EXPECT_EQ(rows, 6);
 }
 
 // N steps straight == N/2 steps, SIGINT, resume, N/2 steps: every source of randomness included

@@ -178,6 +178,10 @@ struct AccuracyRow {
 std::vector<AccuracyRow> noisy_accuracy(NoisyClassifier& model, const Schedule& schedule, const Dataset& data,
                                         int64_t bins, uint64_t seed, torch::Device device, int64_t batch = 256);
 
+/// Throws what train() would throw about loop.out (exists without --resume/--overwrite, nothing to resume,
+/// --overwrite of a folder that is not a run) without touching anything: lets a CLI fail before loading data.
+void check_run_folder(const LoopOptions& loop);
+
 /// Completes a checkpoint swap cut short by a crash (RUN/.checkpoint-new with its COMPLETE marker) and
 /// removes an incomplete one. Called by train() and safe to call before loading a run folder.
 void finish_interrupted_checkpoint(const std::string& run_dir);

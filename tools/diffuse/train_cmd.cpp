@@ -160,12 +160,6 @@ void print_data(const Dataset& d) {
   std::cerr << "\n";
 }
 
-int64_t parameter_count(torch::nn::Module& m) {
-  int64_t n = 0;
-  for (const auto& p : m.parameters()) n += p.numel();
-  return n;
-}
-
 void finish(const TrainResult& r, const std::string& what) {
   if (r.interrupted) {
     std::cerr << "interrupted at step " << r.step << "; checkpoint in '" << r.run_dir
@@ -203,6 +197,7 @@ void run_train(const CLI::App* cmd, TrainCli& cli) {
     o.loop = c.loop;
     o.loop.progress = !c.quiet;
   }
+  check_run_folder(o.loop);
   Dataset data = load_dataset(o.data);
   if (!c.loop.resume) {
     auto shape = shape_of(c);
@@ -240,6 +235,7 @@ void run_train_classifier(const CLI::App* cmd, CommonOptions& c, ClassifierTrain
     o.loop = c.loop;
     o.loop.progress = !c.quiet;
   }
+  check_run_folder(o.loop);
   Dataset data = load_dataset(o.data), heldout;
   if (has_heldout_split(o.data)) {
     heldout = load_dataset(o.data, true);

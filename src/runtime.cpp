@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include <torch/torch.h>
+#include <ATen/CPUGeneratorImpl.h>
 
 namespace diffuse {
 
@@ -58,5 +59,22 @@ std::string slow_blas_warning(const BlasCheck& check) {
         "libblas.so.3-x86_64-linux-gnu and pick openblas)";
   return os.str();
 }
+
+}  // namespace diffuse
+
+namespace diffuse {
+
+uint64_t mix_seed(uint64_t seed, uint64_t a, uint64_t b) {
+  // splitmix64 (Steele, Lea & Flood 2014) applied to each input in turn.
+  auto mix = [](uint64_t z) {
+    z += 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+  };
+  return mix(mix(mix(seed) ^ a) ^ b);
+}
+
+at::Generator cpu_generator(uint64_t seed) { return at::detail::createCPUGenerator(seed); }
 
 }  // namespace diffuse

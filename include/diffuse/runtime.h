@@ -25,3 +25,12 @@ std::string slow_blas_warning(const BlasCheck& check);
 double matmul_gflops(int64_t n, torch::Device device, int reps = 5);
 
 }  // namespace diffuse
+
+namespace diffuse {
+
+/// splitmix64 of a seed and two stream numbers: independent, reproducible seeds for (run seed, step, use).
+uint64_t mix_seed(uint64_t seed, uint64_t a, uint64_t b = 0);
+/// A CPU generator with a given seed (draw on the CPU, then move: the same numbers on every device).
+at::Generator cpu_generator(uint64_t seed);
+
+}  // namespace diffuse

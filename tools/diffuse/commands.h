@@ -23,5 +23,6 @@ struct Exit {
 void warn_if_slow_blas();
 
 void add_schedule_command(CLI::App& app);
+void add_train_command(CLI::App& app);  ///< train and train-classifier
 
 }  // namespace diffuse::cli

@@ -7,7 +7,7 @@ build=${1:-build}
 
 packages=(build-essential cmake libtorch-dev libopenblas0-pthread dataset-fashion-mnist
           libcli11-dev nlohmann-json3-dev libstb-dev libgtest-dev libbenchmark-dev
-          gnuplot-nox zlib1g-dev)
+          gnuplot-nox zlib1g-dev libgloo-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

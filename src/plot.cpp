@@ -31,7 +31,7 @@ void plot_png(const std::string& path, const std::vector<Panel>& panels, int wid
   std::string png = dir + "/out.png";
 
   std::ostringstream script;
-  script << "set terminal pngcairo size " << width << "," << height << " font 'sans,10'\n";
+  script << "set terminal pngcairo size " << width << "," << height << " font 'sans,10' noenhanced\n";
   script << "set output " << quote(png) << "\nset grid\nset key top left\n";
   script << "set multiplot layout 1," << panels.size() << "\n";
   int file_id = 0;

@@ -235,6 +235,58 @@ torch::Tensor UNet2DModelImpl::forward(const torch::Tensor& x_in, const torch::T
   return conv_out(torch::GradMode::is_enabled() ? torch::silu(h) : torch::silu_(h));
 }
 
+namespace {
+// FLOPs of the pieces, per image: 2 * multiply-accumulates.
+double conv_flops(int64_t in, int64_t out, int64_t k, int64_t pixels) { return 2.0 * in * out * k * k * pixels; }
+double resnet_flops(int64_t in, int64_t out, int64_t temb, bool scale_shift, int64_t pixels) {
+  return conv_flops(in, out, 3, pixels) + conv_flops(out, out, 3, pixels) +
+         (in != out ? conv_flops(in, out, 1, pixels) : 0.0) + 2.0 * temb * out * (scale_shift ? 2 : 1);
+}
+double attention_flops(int64_t c, int64_t pixels) {
+  return 4 * 2.0 * c * c * pixels + 2 * 2.0 * double(pixels) * pixels * c;
+}
+}  // namespace
+
+double unet_forward_flops(const UNetConfig& c, int64_t height, int64_t width) {
+  c.validate();
+  const auto& ch = c.block_out_channels;
+  const int64_t levels = int64_t(ch.size()), temb = ch[0] * 4;
+  const bool ss = c.resnet_time_scale_shift == "scale_shift";
+  double flops = 2.0 * ch[0] * temb + 2.0 * temb * temb;  // time embedding MLP
+  int64_t h = height, w = width;
+  flops += conv_flops(c.in_channels, ch[0], 3, h * w);
+  for (int64_t i = 0; i < levels; ++i) {
+    const bool attn = c.down_block_types[i] == "AttnDownBlock2D";
+    for (int64_t l = 0; l < c.layers_per_block; ++l) {
+      flops += resnet_flops(l == 0 ? (i == 0 ? ch[0] : ch[i - 1]) : ch[i], ch[i], temb, ss, h * w);
+      if (attn) flops += attention_flops(ch[i], h * w);
+    }
+    if (i + 1 < levels) {
+      h = (h + 2 * c.downsample_padding - 3 + (c.downsample_padding == 0)) / 2 + 1;
+      w = (w + 2 * c.downsample_padding - 3 + (c.downsample_padding == 0)) / 2 + 1;
+      flops += conv_flops(ch[i], ch[i], 3, h * w);
+    }
+  }
+  flops += 2 * resnet_flops(ch.back(), ch.back(), temb, ss, h * w) +
+           (c.add_attention ? attention_flops(ch.back(), h * w) : 0.0);
+  for (int64_t i = 0; i < levels; ++i) {
+    const int64_t out = ch[levels - 1 - i], prev = i == 0 ? ch.back() : ch[levels - i],
+                  in = ch[std::max<int64_t>(levels - 2 - i, 0)];
+    const bool attn = c.up_block_types[i] == "AttnUpBlock2D";
+    for (int64_t l = 0; l <= c.layers_per_block; ++l) {
+      int64_t skip = l == c.layers_per_block ? in : out;
+      flops += resnet_flops((l == 0 ? prev : out) + skip, out, temb, ss, h * w);
+      if (attn) flops += attention_flops(out, h * w);
+    }
+    if (i + 1 < levels) {
+      h *= 2;
+      w *= 2;
+      flops += conv_flops(out, out, 3, h * w);
+    }
+  }
+  return flops + conv_flops(ch[0], c.out_channels, 3, h * w);
+}
+
 UNet2DModel load_unet(const std::string& folder, torch::Device device) {
   auto json = read_model_config(folder);
   UNetConfig config;

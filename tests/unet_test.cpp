@@ -276,3 +276,21 @@ TEST(UNet, ReferenceConfigSize) {
   auto out = model->forward(torch::randn({2, 1, 32, 32}), torch::tensor({1, 999}), torch::tensor({0, 10}));
   EXPECT_EQ(out.sizes(), (std::vector<int64_t>{2, 1, 32, 32}));
 }
+
+// The FLOP count against a hand computation for one level, C = 8 at 4x4 (16 pixels), time embedding 32:
+// time MLP 2*8*32 + 2*32*32 = 2560; conv_in 2*1*8*9*16 = 2304; down resnet 2*(2*8*8*9*16) + 2*32*8 = 37376;
+// mid 2 resnets 74752 + attention 4*2*8*8*16 + 2*2*16*16*8 = 16384; up 2 resnets on 16 channels
+// 2*(2*16*8*9*16 + 2*8*8*9*16 + 2*16*8*16 + 2*32*8) = 119808; conv_out 2304.
+TEST(UNet, ForwardFlops) {
+  UNetConfig c;
+  c.in_channels = c.out_channels = 1;
+  c.block_out_channels = {8};
+  c.down_block_types = {"DownBlock2D"};
+  c.up_block_types = {"UpBlock2D"};
+  c.layers_per_block = 1;
+  c.norm_num_groups = 4;
+  c.attention_head_dim = 4;
+  EXPECT_DOUBLE_EQ(unet_forward_flops(c, 4, 4), 255488.0);
+  // The training issue's figure for the reference config: about 3.0 GFLOP per 32x32 image.
+  EXPECT_NEAR(unet_forward_flops(reference_unet_config(), 32, 32) / 1e9, 3.0, 0.3);
+}

@@ -95,6 +95,11 @@ UNet2DModel load_unet(const std::string& folder, torch::Device device);
 /// Writes the diffusers layout (config.json + diffusion_pytorch_model.safetensors, float32), atomically.
 void save_unet(UNet2DModel& model, const std::string& folder);
 
+/// Multiply-add FLOPs (2 per multiply-accumulate) of one image's forward pass at height x width: convolutions,
+/// linear layers (time embedding, per-resnet projections, Q/K/V/out) and the attention products Q K^T and P V.
+/// Normalisations and activations are not counted. For benchmarks' GFLOP/s.
+double unet_forward_flops(const UNetConfig& config, int64_t height, int64_t width);
+
 /// Timesteps as a [N] tensor on `device`: a scalar or a [1] tensor is broadcast to the batch.
 torch::Tensor broadcast_timesteps(const torch::Tensor& timesteps, int64_t n, torch::Device device);
 

@@ -1,0 +1,46 @@
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "cli_util.h"
+
+using diffuse::testing::fixture;
+using diffuse::testing::run_cli;
+
+namespace {
+std::string model_args() {
+  return "--model " + fixture("diffusers/unet") + " --scheduler " + fixture("scheduler/fixed_scheduler_config.json");
+}
+}  // namespace
+
+// A diffusers UNet2DModel folder samples end to end with CFG + rescale on a zero-SNR v schedule.
+TEST(CliSample, DiffusersFolderWithGuidance) {
+  auto out = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_samples";
+  auto r = run_cli("sample " + model_args() + " --sampler dpmpp_2m --steps 4 --n 3 --batch 2 --cfg 3 "
+                   "--cfg-rescale 0.7 --quiet --out " + out + " --save-raw " + out + "/raw.safetensors");
+  ASSERT_EQ(r.code, 0) << r.output;
+  for (auto f : {"grid.png", "000000.png", "000002.png", "raw.safetensors"})
+    EXPECT_TRUE(std::filesystem::exists(out + "/" + f)) << f;
+  std::filesystem::remove_all(out);
+}
+
+TEST(CliSample, BadInputGetsOneErrorLine) {
+  struct Case {
+    std::string args, needle;
+  };
+  std::vector<Case> cases = {
+      {"sample --model /nonexistent/run", "does not exist"},
+      {"sample " + model_args() + " --class 11", "class embeddings"},
+      {"sample " + model_args() + " --cfg 2 --cfg-rescale 1.5", "--cfg-rescale"},
+      {"sample " + model_args() + " --sampler nope", "nope"},
+      {"sample " + model_args() + " --steps 0", "[1, T"},
+      {"sample " + model_args() + " --classifier-scale 2", "--classifier"},
+  };
+  for (auto& c : cases) {
+    auto r = run_cli(c.args + " --quiet --n 1 --out " + ::testing::TempDir() + "/never");
+    EXPECT_NE(r.code, 0) << c.args;
+    EXPECT_LT(r.code, 128) << c.args << " crashed";
+    EXPECT_NE(r.output.find("error:"), std::string::npos) << c.args << "\n" << r.output;
+    EXPECT_NE(r.output.find(c.needle), std::string::npos) << c.args << "\n" << r.output;
+  }
+}

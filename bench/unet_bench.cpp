@@ -3,6 +3,7 @@
 // (forward + backward + AdamW), GFLOP/s, fraction of a same-run 2048x2048 matrix product, peak RSS.
 //
 // usage: unet_bench [--batch 64] [--iters 5] [--threads N] [--channels-last 0|1] [--train 0|1] [--device cpu]
+// Runs under configure_cpu_runtime (runtime.h); compare images per CPU-second when the machine is shared.
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -67,7 +68,7 @@ int main(int argc, char** argv) {
   int64_t batch = 64;
   int iters = 5;
   int threads = 0;
-  bool channels_last = true, train = true;
+  bool channels_last = false, train = true;
   std::string device_name = "cpu";
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string key = argv[i], value = argv[i + 1];

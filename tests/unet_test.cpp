@@ -230,6 +230,10 @@ TEST(UNet, LoadErrorsNameTheProblem) {
   write_file_atomic(dir + "/m/config.json", json.dump());
   expect_error([&] { load_unet(dir + "/m", torch::kCPU); }, "mis-shaped");
   json["block_out_channels"] = {32, 64};
+  json["_class_name"] = "UNet2DConditionModel";
+  write_file_atomic(dir + "/m/config.json", json.dump());
+  expect_error([&] { load_unet(dir + "/m", torch::kCPU); }, "not a UNet2DModel");
+  json["_class_name"] = "UNet2DModel";
   json["norm_eps"] = "small";
   write_file_atomic(dir + "/m/config.json", json.dump());
   expect_error([&] { load_unet(dir + "/m", torch::kCPU); }, "norm_eps");

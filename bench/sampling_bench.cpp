@@ -4,9 +4,10 @@
 // GFLOP/s as a fraction of the machine's 2048x2048 float32 matrix-product rate, peak RSS.
 //
 // usage: sampling_bench [--batch 64] [--steps 10] [--sampler ddim] [--threads N] [--channels-last 0|1]
-//                       [--device cpu]
+//                       [--device cpu] [--network 0|1 (0: only the samplers' own arithmetic)]
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
 #include <iostream>
 #include <string>
@@ -42,7 +43,7 @@ int main(int argc, char** argv) {
   int64_t batch = 64, steps = 10;
   std::string sampler_name = "ddim", device_name = "cpu";
   int threads = int(std::thread::hardware_concurrency());
-  bool channels_last = true;
+  bool channels_last = true, network = true;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string key = argv[i], value = argv[i + 1];
     if (key == "--batch") batch = std::stoll(value);
@@ -51,6 +52,7 @@ int main(int argc, char** argv) {
     else if (key == "--threads") threads = std::stoi(value);
     else if (key == "--channels-last") channels_last = value == "1";
     else if (key == "--device") device_name = value;
+    else if (key == "--network") network = value == "1";
     else {
       std::cerr << "unknown option " << key << "\n";
       return 2;
@@ -87,7 +89,7 @@ int main(int argc, char** argv) {
 
   // The network alone, for the sampler's overhead: one forward at the batch size.
   double forward_s = 0;
-  {
+  if (network) {
     torch::NoGradGuard no_grad;
     auto t = torch::full({batch}, 500.0, torch::kFloat32).to(device);
     unet->forward(x_T.contiguous(memory_format), t, labels.to(device));  // warm-up
@@ -98,6 +100,7 @@ int main(int argc, char** argv) {
   }
 
   for (bool cfg : {false, true}) {
+    if (!network) break;
     diffuse::Network model = cfg ? diffuse::classifier_free_guidance(net, {7.5, 0.7, 10}) : net;
     auto d = diffuse::make_denoiser(model, diffuse::Prediction::v, schedule, {}, labels);
     calls = images = 0;
@@ -110,6 +113,19 @@ int main(int argc, char** argv) {
               << " network calls on " << images << " images; network alone would take " << network_s
               << " s, so the sampler and guidance add " << 100.0 * (s - network_s) / network_s << "%); " << gflops
               << " GFLOP/s = " << 100.0 * gflops / matmul << "% of the matmul rate\n";
+  }
+  // Each sampler's own arithmetic: a network that returns zeros; best of 3 runs of 20 steps.
+  diffuse::Network zeros = [](const torch::Tensor& x, const torch::Tensor&, const torch::Tensor&) {
+    return torch::zeros_like(x);
+  };
+  auto cheap = diffuse::make_denoiser(zeros, diffuse::Prediction::v, schedule, {}, labels);
+  auto ts20 = diffuse::spaced_timesteps(1000, 20, diffuse::Spacing::trailing);
+  for (const auto& name : diffuse::sampler_names()) {
+    double best = 1e30;
+    for (int rep = 0; rep < 3; ++rep)
+      best = std::min(best, seconds(device, [&] { diffuse::get_sampler(name)(cheap, ts20, x_T, {}); }));
+    std::cout << name << " arithmetic without the network: " << best / 20.0 * 1e3 << " ms per step of " << batch
+              << " images\n";
   }
   const double noise_s = seconds(torch::kCPU, [&] { diffuse::make_noise({1, 32, 32}, batch, 1, 0, 1); });
   std::cout << "make_noise for one step of " << batch << " 32x32 images: " << noise_s * 1e3 << " ms\n";

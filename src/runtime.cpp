@@ -1,6 +1,12 @@
 #include "diffuse/runtime.h"
 
+#include <malloc.h>
+#include <sched.h>
+#include <unistd.h>
+
 #include <chrono>
+#include <climits>
+#include <cstdlib>
 #include <sstream>
 #include <stdexcept>
 
@@ -41,6 +47,27 @@ double matmul_gflops(int64_t n, torch::Device device, int reps) {
     best = std::min(best, dt);
   }
   return 2.0 * double(n) * double(n) * double(n) / best / 1e9;
+}
+
+std::string configure_cpu_runtime(char** argv, int threads) {
+  if (!std::getenv("OMP_WAIT_POLICY") && !std::getenv("DIFFUSE_NO_REEXEC") && argv && argv[0]) {
+    setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+    execv("/proc/self/exe", argv);  // returns only on failure: go on with the policy in effect
+  }
+  if (threads <= 0) {
+    cpu_set_t set;
+    threads = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 0;
+    if (threads <= 0) threads = int(std::max(1L, sysconf(_SC_NPROCESSORS_ONLN)));
+  }
+  torch::set_num_threads(threads);
+#ifdef M_MMAP_MAX
+  mallopt(M_MMAP_MAX, 0);
+  mallopt(M_TRIM_THRESHOLD, INT_MAX);
+#endif
+  std::ostringstream os;
+  os << torch::get_num_threads() << " threads, OMP_WAIT_POLICY="
+     << (std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "(unset)");
+  return os.str();
 }
 
 BlasCheck check_blas() {

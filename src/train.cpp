@@ -1,4 +1,5 @@
 #include "diffuse/train.h"
+#include "diffuse/progress.h"
 
 #include <ATen/autocast_mode.h>
 #include <unistd.h>
@@ -382,61 +383,6 @@ class StopSignals {
   struct sigaction old_int_ {}, old_term_ {};
 };
 
-std::string format_duration(double seconds) {
-  if (!std::isfinite(seconds) || seconds < 0) return "?";
-  int64_t s = int64_t(seconds + 0.5);
-  std::ostringstream os;
-  if (s >= 3600) os << s / 3600 << "h" << std::setw(2) << std::setfill('0') << (s % 3600) / 60 << "m";
-  else if (s >= 60) os << s / 60 << "m" << std::setw(2) << std::setfill('0') << s % 60 << "s";
-  else os << s << "s";
-  return os.str();
-}
-
-// "step 120/1000  loss 0.0531  31.2 img/s  lr 2.00e-04  ETA 4m41s" on stderr: one line rewritten with \r on a
-// terminal, a new line every `every` steps otherwise.
-class Progress {
- public:
-  Progress(bool enabled, int64_t first, int64_t total, int64_t every)
-      : enabled_(enabled), tty_(isatty(2)), first_(first), total_(total), every_(std::max<int64_t>(1, every)),
-        start_(std::chrono::steady_clock::now()), last_(start_) {}
-  void update(int64_t step, double loss, double ips, double lr) {
-    if (!enabled_) return;
-    auto now = std::chrono::steady_clock::now();
-    bool due = tty_ ? std::chrono::duration<double>(now - last_).count() > 0.25 || step == total_
-                    : step % every_ == 0 || step == total_;
-    if (!due) return;
-    last_ = now;
-    double elapsed = std::chrono::duration<double>(now - start_).count();
-    double eta = step > first_ ? elapsed / double(step - first_) * double(total_ - step) : NAN;
-    std::ostringstream os;
-    os << "step " << step << "/" << total_ << "  loss " << std::setprecision(4) << loss << "  " << std::fixed
-       << std::setprecision(1) << ips << " img/s  lr " << std::scientific << std::setprecision(2) << lr
-       << "  ETA " << format_duration(eta);
-    std::string line = os.str();
-    if (tty_) {
-      std::cerr << "\r" << line << std::string(line.size() < width_ ? width_ - line.size() : 0, ' ') << std::flush;
-      width_ = line.size();
-    } else {
-      std::cerr << line << "\n";
-    }
-  }
-  void message(const std::string& text) {
-    if (!enabled_) return;
-    if (tty_ && width_) std::cerr << "\n";
-    width_ = 0;
-    std::cerr << text << "\n";
-  }
-  void finish() {
-    if (enabled_ && tty_ && width_) std::cerr << "\n";
-    width_ = 0;
-  }
-
- private:
-  bool enabled_, tty_;
-  int64_t first_, total_, every_;
-  std::chrono::steady_clock::time_point start_, last_;
-  size_t width_ = 0;
-};
 
 // log.csv: one row per `every` steps with the mean loss and, per tenth of [0, T), the mean per-example loss
 // of the examples whose timestep fell in it. loss.png plots it.
@@ -789,7 +735,12 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
     t_last = now;
     log.add(loss_value, per_example, t, grad_norm, o.batch);
     if (log.due(done) || done == o.steps) log.write(done, lr);
-    progress.update(done, loss_value, ips, lr);
+    {
+      std::ostringstream fields;
+      fields << "loss " << std::setprecision(4) << loss_value << "  " << std::fixed << std::setprecision(1) << ips
+             << " img/s  lr " << std::scientific << std::setprecision(2) << lr;
+      progress.update(done, fields.str());
+    }
     result.step = done;
     result.last_loss = loss_value;
     bool stop = StopSignals::caught() != 0;

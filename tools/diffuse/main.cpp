@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   app.set_help_all_flag("--help-all", "Show help for every subcommand");
   diffuse::cli::add_schedule_command(app);
   diffuse::cli::add_train_command(app);
+  diffuse::cli::add_sample_command(app);
 
   try {
     app.parse(argc, argv);

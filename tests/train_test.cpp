@@ -10,6 +10,7 @@
 #include "diffuse/runtime.h"
 #include "diffuse/safetensors.h"
 #include "diffuse/train.h"
+#include "cli_util.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -114,7 +115,7 @@ TEST(Etsdm, MapIsExactOnItsEdges) {
 // The 000 document's identities, through the trainer's own loss: for one prediction of x0 expressed as each
 // target, ||eps - eps^||^2 = SNR ||x0 - x0^||^2 and ||v - v^||^2 = (SNR + 1) ||x0 - x0^||^2, so a loss weight
 // stated on the x0 error gives the same number whatever the network predicts.
-TEST(LossWeight, EveryTargetGivesTheX0WeightedLoss) {
+TEST(TrainLoss, EveryTargetGivesTheX0WeightedLoss) {
   torch::manual_seed(0);
   for (bool zero_snr : {false, true}) {
     auto sched = make_schedule({"linear", 1000, -1, -1, zero_snr});
@@ -464,15 +465,10 @@ TEST(TrainClassifier, AccuracyFallsToChanceAsNoiseGrows) {
 // ---------------------------------------------------------------- the command line
 
 namespace {
-int run_cli(const std::string& args, std::string* output = nullptr) {
-  std::string cmd = "DIFFUSE_SKIP_BLAS_CHECK=1 " + std::string(DIFFUSE_CLI) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  while (size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
-  int status = pclose(p);
-  if (output) *output = out;
-  return WEXITSTATUS(status);
+int run_cli(const std::string& args, std::string* output) {
+  auto r = diffuse::testing::run_cli(args);
+  *output = r.output;
+  return r.code;
 }
 }  // namespace
 

@@ -1,6 +1,7 @@
 // Sampling throughput on the training issue's reference UNet (32x32x1, channels 64/128/128, 2 layers per block,
 // attention at the middle level and in the mid block, 11 classes; random weights): image-steps per second
-// with and without classifier-free guidance, the sampler's own cost beside the network's, peak RSS.
+// with and without classifier-free guidance, the sampler's own cost beside the network's, the network's
+// GFLOP/s as a fraction of the machine's 2048x2048 float32 matrix-product rate, peak RSS.
 //
 // usage: sampling_bench [--batch 64] [--steps 10] [--sampler ddim] [--threads N] [--channels-last 0|1]
 //                       [--device cpu]
@@ -64,7 +65,11 @@ int main(int argc, char** argv) {
   diffuse::UNet2DModel unet(config);
   unet->to(device);
   unet->eval();
-  std::cout << "reference UNet: " << diffuse::parameter_count(*unet) << " parameters; batch " << batch << ", "
+  const double flops = diffuse::unet_forward_flops(config, 32, 32);
+  const double matmul = diffuse::matmul_gflops(2048, device);
+  std::cout << "matmul 2048x2048 float32: " << matmul << " GFLOP/s\n";
+  std::cout << "reference UNet: " << diffuse::parameter_count(*unet) << " parameters, " << flops / 1e9
+            << " GFLOP per image forward; batch " << batch << ", "
             << steps << " steps of " << sampler_name << ", " << torch::get_num_threads() << " threads, "
             << (channels_last ? "channels-last" : "NCHW") << ", device " << device << "\n";
 
@@ -87,7 +92,9 @@ int main(int argc, char** argv) {
     auto t = torch::full({batch}, 500.0, torch::kFloat32).to(device);
     unet->forward(x_T.contiguous(memory_format), t, labels.to(device));  // warm-up
     forward_s = seconds(device, [&] { unet->forward(x_T.contiguous(memory_format), t, labels.to(device)); });
-    std::cout << "network forward alone: " << double(batch) / forward_s << " images/s\n";
+    const double gflops = double(batch) / forward_s * flops / 1e9;
+    std::cout << "network forward alone: " << double(batch) / forward_s << " images/s, " << gflops << " GFLOP/s = "
+              << 100.0 * gflops / matmul << "% of the matmul rate\n";
   }
 
   for (bool cfg : {false, true}) {
@@ -97,10 +104,12 @@ int main(int argc, char** argv) {
     const double s = seconds(device, [&] { sampler(d, ts, x_T, {}); });
     const double image_steps = double(batch * steps) / s;
     const double network_s = double(images) / double(batch) * forward_s;
+    const double gflops = double(images) * flops / s / 1e9;
     std::cout << (cfg ? "with CFG (w 7.5, phi 0.7)" : "without guidance") << ": " << image_steps
               << " image-steps/s (" << s << " s for " << batch << " images x " << steps << " steps; " << calls
               << " network calls on " << images << " images; network alone would take " << network_s
-              << " s, so the sampler and guidance add " << 100.0 * (s - network_s) / network_s << "%)\n";
+              << " s, so the sampler and guidance add " << 100.0 * (s - network_s) / network_s << "%); " << gflops
+              << " GFLOP/s = " << 100.0 * gflops / matmul << "% of the matmul rate\n";
   }
   const double noise_s = seconds(torch::kCPU, [&] { diffuse::make_noise({1, 32, 32}, batch, 1, 0, 1); });
   std::cout << "make_noise for one step of " << batch << " 32x32 images: " << noise_s * 1e3 << " ms\n";

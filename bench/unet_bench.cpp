@@ -4,12 +4,12 @@
 //
 // usage: unet_bench [--batch 64] [--iters 5] [--threads N] [--channels-last 0|1] [--train 0|1] [--device cpu]
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <iostream>
 #include <string>
-#include <thread>
 
 #include <torch/torch.h>
 
@@ -20,6 +20,13 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+double cpu_seconds() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return double(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
+         1e-6 * double(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec);
+}
+
 double peak_rss_mib() {
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
@@ -27,12 +34,13 @@ double peak_rss_mib() {
 }
 
 struct Timing {
-  double best = 1e30, mean = 0;
+  double best = 1e30, mean = 0, cpu = 0;  // wall seconds (best, mean), CPU seconds per run (mean)
 };
 
 template <class F>
 Timing time_it(int iters, torch::Device device, F&& f) {
   Timing t;
+  const double cpu0 = cpu_seconds();
   for (int i = 0; i < iters; ++i) {
     auto t0 = Clock::now();
     f();
@@ -41,6 +49,7 @@ Timing time_it(int iters, torch::Device device, F&& f) {
     t.best = std::min(t.best, dt);
     t.mean += dt / iters;
   }
+  t.cpu = (cpu_seconds() - cpu0) / iters;
   return t;
 }
 
@@ -48,7 +57,8 @@ void report(const char* what, const Timing& t, int64_t batch, double flops_per_i
   double ips = double(batch) / t.best;
   double gflops = ips * flops_per_image / 1e9;
   std::cout << what << ": " << ips << " images/s (best of runs; mean " << double(batch) / t.mean << "), " << gflops
-            << " GFLOP/s, " << 100.0 * gflops / matmul << "% of the 2048x2048 matmul rate\n";
+            << " GFLOP/s, " << 100.0 * gflops / matmul << "% of the 2048x2048 matmul rate; "
+            << double(batch) / t.cpu << " images per CPU-second\n";
 }
 
 }  // namespace
@@ -56,7 +66,7 @@ void report(const char* what, const Timing& t, int64_t batch, double flops_per_i
 int main(int argc, char** argv) {
   int64_t batch = 64;
   int iters = 5;
-  int threads = int(std::thread::hardware_concurrency());
+  int threads = 0;
   bool channels_last = true, train = true;
   std::string device_name = "cpu";
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -72,7 +82,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  torch::set_num_threads(threads);
+  const std::string runtime = diffuse::configure_cpu_runtime(argv, threads);
   torch::Device device = diffuse::parse_device(device_name);
   const auto memory_format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 
@@ -82,11 +92,14 @@ int main(int argc, char** argv) {
   model->to(device);
   const double flops = diffuse::unet_forward_flops(config, 32, 32);
   std::cout << "reference UNet: " << diffuse::parameter_count(*model) << " parameters, " << flops / 1e9
-            << " GFLOP per image forward; batch " << batch << ", " << torch::get_num_threads() << " threads, "
+            << " GFLOP per image forward; batch " << batch << ", " << runtime << ", "
             << (channels_last ? "channels-last" : "NCHW") << ", device " << device << "\n";
 
   const double matmul = diffuse::matmul_gflops(2048, device);
-  std::cout << "matmul 2048x2048 float32: " << matmul << " GFLOP/s\n";
+  double load[3] = {0, 0, 0};
+  getloadavg(load, 3);
+  std::cout << "matmul 2048x2048 float32: " << matmul << " GFLOP/s; load average " << load[0]
+            << " (other processes share the cores when it exceeds the thread count)\n";
 
   auto opts = torch::TensorOptions().device(device);
   auto x = torch::randn({batch, 1, 32, 32}, opts).contiguous(memory_format);

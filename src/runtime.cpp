@@ -1,10 +1,17 @@
 #include "diffuse/runtime.h"
 
+#include <malloc.h>
+#include <sched.h>
+#include <unistd.h>
+
 #include <chrono>
+#include <climits>
+#include <cstdlib>
 #include <sstream>
 #include <stdexcept>
 
 #include <torch/torch.h>
+#include <ATen/CPUGeneratorImpl.h>
 
 namespace diffuse {
 
@@ -42,6 +49,27 @@ double matmul_gflops(int64_t n, torch::Device device, int reps) {
   return 2.0 * double(n) * double(n) * double(n) / best / 1e9;
 }
 
+std::string configure_cpu_runtime(char** argv, int threads) {
+  if (!std::getenv("OMP_WAIT_POLICY") && !std::getenv("DIFFUSE_NO_REEXEC") && argv && argv[0]) {
+    setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+    execv("/proc/self/exe", argv);  // returns only on failure: go on with the policy in effect
+  }
+  if (threads <= 0) {
+    cpu_set_t set;
+    threads = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 0;
+    if (threads <= 0) threads = int(std::max(1L, sysconf(_SC_NPROCESSORS_ONLN)));
+  }
+  torch::set_num_threads(threads);
+#ifdef M_MMAP_MAX
+  mallopt(M_MMAP_MAX, 0);
+  mallopt(M_TRIM_THRESHOLD, INT_MAX);
+#endif
+  std::ostringstream os;
+  os << torch::get_num_threads() << " threads, OMP_WAIT_POLICY="
+     << (std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "(unset)");
+  return os.str();
+}
+
 BlasCheck check_blas() {
   BlasCheck c;
   c.gflops = matmul_gflops(1024, torch::kCPU, 3);
@@ -58,5 +86,22 @@ std::string slow_blas_warning(const BlasCheck& check) {
         "libblas.so.3-x86_64-linux-gnu and pick openblas)";
   return os.str();
 }
+
+}  // namespace diffuse
+
+namespace diffuse {
+
+uint64_t mix_seed(uint64_t seed, uint64_t a, uint64_t b) {
+  // splitmix64 (Steele, Lea & Flood 2014) applied to each input in turn.
+  auto mix = [](uint64_t z) {
+    z += 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+  };
+  return mix(mix(mix(seed) ^ a) ^ b);
+}
+
+at::Generator cpu_generator(uint64_t seed) { return at::detail::createCPUGenerator(seed); }
 
 }  // namespace diffuse

@@ -20,7 +20,11 @@ TEST(Attention, FusedKernelMatchesReference) {
   };
   for (auto cs : {Case{2, 37, 37, 4, 8}, Case{3, 64, 64, 2, 12}, Case{1, 5, 19, 1, 3}, Case{2, 256, 256, 16, 8}}) {
     const int64_t c = cs.heads * cs.d;
-    auto qkv = (torch::randn({cs.n, std::max(cs.lq, cs.lk), 3 * c}) * 2).requires_grad_(true);
+    // Position-major ([N, L, 3C], as from channels-last images) or channel-major ([N, 3C, L], as from NCHW).
+    const bool channel_major = cs.d % 2 == 0 && cs.lq % 2 == 0;
+    const int64_t l = std::max(cs.lq, cs.lk);
+    auto qkv = (channel_major ? torch::randn({cs.n, 3 * c, l}).transpose(1, 2) : torch::randn({cs.n, l, 3 * c})) * 2;
+    qkv = qkv.detach().requires_grad_(true);
     auto q = qkv.narrow(1, 0, cs.lq).narrow(2, 0, c);
     auto k = qkv.narrow(1, 0, cs.lk).narrow(2, c, c);
     auto v = qkv.narrow(1, 0, cs.lk).narrow(2, 2 * c, c);

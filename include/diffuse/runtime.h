@@ -20,8 +20,29 @@ BlasCheck check_blas();
 /// The warning text for a slow BLAS, with the command that fixes it.
 std::string slow_blas_warning(const BlasCheck& check);
 
+/// Settings for CPU throughput on few cores, for programs (the CLI, benchmarks) to call first thing in main():
+///  - `threads` intra-op threads for ATen and oneDNN (0: every core this process may run on);
+///  - OpenMP workers that sleep at barriers (OMP_WAIT_POLICY=PASSIVE) instead of spinning: spinning workers
+///    take the cores from each other, from OpenBLAS's threads and from other processes, while the wake-up
+///    costs nothing measurable next to a network's operators. libgomp reads the policy only when it starts,
+///    so when OMP_WAIT_POLICY is unset this re-executes the program (argv as main received it) with it set;
+///    DIFFUSE_NO_REEXEC=1 (or an explicit OMP_WAIT_POLICY) skips that;
+///  - malloc keeps freed memory for reuse instead of unmapping it (no page faults and zeroing of every large
+///    activation on every pass).
+/// Returns a one-line description of the settings for logs.
+std::string configure_cpu_runtime(char** argv, int threads = 0);
+
 /// GFLOP/s of an n x n float32 product on `device` (best of `reps`): the machine's matrix-product rate
 /// that benchmarks report their fraction of.
 double matmul_gflops(int64_t n, torch::Device device, int reps = 5);
+
+}  // namespace diffuse
+
+namespace diffuse {
+
+/// splitmix64 of a seed and two stream numbers: independent, reproducible seeds for (run seed, step, use).
+uint64_t mix_seed(uint64_t seed, uint64_t a, uint64_t b = 0);
+/// A CPU generator with a given seed (draw on the CPU, then move: the same numbers on every device).
+at::Generator cpu_generator(uint64_t seed);
 
 }  // namespace diffuse

@@ -1,4 +1,6 @@
 // diffuse: train, sample, evaluate and analyse diffusion models. `diffuse --help` lists the subcommands.
+#include <c10/util/Exception.h>
+
 #include <cstdlib>
 #include <iostream>
 
@@ -10,6 +12,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Show help for every subcommand");
   diffuse::cli::add_schedule_command(app);
+  diffuse::cli::add_train_command(app);
+  diffuse::cli::add_sample_command(app);
 
   try {
     app.parse(argc, argv);
@@ -24,6 +28,9 @@ int main(int argc, char** argv) {
     return diffuse::cli::kExitUsage;
   } catch (const diffuse::cli::Exit& e) {
     return e.code;
+  } catch (const c10::Error& e) {  // LibTorch's what() carries a C++ backtrace: not for users
+    std::cerr << "error: " << e.what_without_backtrace() << "\n";
+    return diffuse::cli::kExitError;
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return diffuse::cli::kExitError;

@@ -1,0 +1,192 @@
+// Training diffusion models and noisy classifiers: the loss, the loop, run folders and checkpoints.
+//
+// Diffusion loss (Ho et al. 2020, generalised by the 000 document): t ~ U{0..T-1}, eps ~ N(0, I),
+//   x_t = a_t x0 + s_t eps,   loss = w(t) * mean_{C,H,W} (model(x_t, f(t), y) - target)^2
+// with target eps, v = a_t eps - s_t x0 or x0 (prediction.h), w(t) = loss_weight(...) (stated on the x0
+// error, converted to the target), f the E-TSDM condition map (Yang et al. 2024; identity when off) and y
+// the class label, replaced by the null class with probability label_dropout (Ho & Salimans 2022).
+// Offset noise (Guttenberg 2023, the baseline of Lin et al. 2023 section 5): eps + strength * delta,
+// delta ~ N(0, 1) per image and channel, used both to noise and as the eps target.
+//
+// A run folder (diffusers layout, loadable by diffusers' UNet2DModel.from_pretrained / DDIMScheduler):
+//   run.json                                    the options of the run (TrainOptions::to_json)
+//   unet/config.json, unet/diffusion_pytorch_model.safetensors        raw weights
+//   unet_ema/...                                                       EMA weights (same format)
+//   scheduler/scheduler_config.json             schedule, prediction type, spacing, E-TSDM settings
+//   train_state/state.json, optimizer.pt, rng.safetensors             step, optimizer, RNG states
+//   log.csv, loss.png                           loss per step and per timestep decile
+// (a classifier run has classifier/ and classifier_ema/ instead of unet/ and unet_ema/, plus accuracy.csv).
+// Checkpoints are written into RUN/.checkpoint-new and then swapped in component by component after a
+// COMPLETE marker; an interrupted swap is finished by the next reader (finish_interrupted_checkpoint).
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <torch/types.h>
+
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "diffuse/classifier.h"
+#include "diffuse/data.h"
+#include "diffuse/prediction.h"
+#include "diffuse/schedule.h"
+#include "diffuse/scheduler_config.h"
+#include "diffuse/unet.h"
+
+namespace diffuse {
+
+// ---------------------------------------------------------------- losses
+
+/// Per-example loss [N]: weight [N] * mean over C, H, W of (pred - target(prediction, x0, eps, a, s))^2.
+/// a, s: [N, 1, 1, 1]. The loss every trainer step minimises (averaged over the batch).
+torch::Tensor per_example_loss(Prediction prediction, const torch::Tensor& pred, const torch::Tensor& x0,
+                               const torch::Tensor& eps, const torch::Tensor& a, const torch::Tensor& s,
+                               const torch::Tensor& weight);
+
+/// eps + strength * delta, delta ~ N(0, 1) of shape [N, C, 1, 1] drawn from `gen` (offset noise).
+torch::Tensor offset_noise(const torch::Tensor& eps, double strength, at::Generator& gen);
+
+/// The scheduler_config.json of a training run: the schedule (diffusers keys; cosine with --zero-snr and
+/// cosine_noclip are stored as trained_betas since diffusers has no name for them), prediction type,
+/// sampling spacing and E-TSDM settings. config.schedule() equals make_schedule(spec).
+SchedulerConfig make_scheduler_config(const ScheduleSpec& spec, Prediction prediction, Spacing spacing,
+                                      const EtsdmConfig& etsdm);
+
+// ---------------------------------------------------------------- options
+
+/// UNet size options of the CLI, turned into a diffusers UNet2DModel config by make_unet_config.
+struct UNetShape {
+  std::vector<int64_t> channels = {64, 128, 128};  ///< block_out_channels
+  int64_t layers_per_block = 2;
+  std::vector<int64_t> attention_levels = {1};     ///< down levels (0-based) with attention; up mirrored
+  bool mid_attention = true;
+  int64_t attention_head_dim = 8;
+  int64_t norm_groups = 32;
+  double dropout = 0.0;
+  std::string time_scale_shift = "default";        ///< default or scale_shift
+};
+/// size x size x channels input; num_classes > 0 adds num_classes + 1 class embeddings (the last is the null
+/// class of classifier-free guidance). The defaults with (32, 1, 10) give reference_unet_config().
+UNetConfig make_unet_config(const UNetShape& shape, int64_t size, int64_t channels, int64_t num_classes);
+
+/// What every trainer shares: optimisation, seeds, the run folder and its checkpoints.
+struct LoopOptions {
+  int64_t steps = 10000;
+  int64_t batch = 64;
+  double lr = 2e-4;
+  int64_t warmup = 200;                 ///< linear warmup from 0 over this many steps
+  std::string lr_schedule = "cosine";   ///< cosine (from lr after warmup to min_lr at the last step) or constant
+  double min_lr = 0.0;
+  double weight_decay = 0.0;            ///< AdamW's decoupled weight decay (Loshchilov & Hutter 2019)
+  double adam_beta1 = 0.9, adam_beta2 = 0.999, adam_eps = 1e-8;
+  double grad_clip = 1.0;               ///< max global gradient norm; 0: no clipping
+  double ema_decay = 0.9999;            ///< EMA decay at step k: min(ema_decay, (1 + k) / (10 + k))
+  bool hflip = false;                   ///< random horizontal flips
+  uint64_t seed = 0;
+
+  std::string out;                      ///< the run folder
+  bool resume = false;                  ///< continue the run in `out` from its last checkpoint
+  bool overwrite = false;               ///< replace an existing run folder
+  std::string device = "cpu";
+  bool bf16 = false;                    ///< bf16 autocast of the forward pass (CUDA only)
+  int64_t checkpoint_every = 1000;
+  int64_t log_every = 50;               ///< rows of log.csv (and progress lines when stderr is no TTY)
+  bool progress = true;                 ///< progress line on stderr
+  int threads = 0;                      ///< >0: torch::set_num_threads
+
+  nlohmann::json to_json() const;
+  static LoopOptions from_json(const nlohmann::json& j);
+};
+
+struct TrainOptions {
+  DataSpec data;
+  UNetConfig unet = reference_unet_config();
+  ScheduleSpec schedule;
+  Prediction prediction = Prediction::eps;
+  LossWeight loss_weight = LossWeight::uniform;
+  double min_snr_gamma = 5.0;
+  EtsdmConfig etsdm;
+  double offset_noise = 0.0;
+  double label_dropout = 0.1;            ///< only with num_class_embeds
+  Spacing spacing = Spacing::trailing;   ///< stored for samplers in scheduler_config.json
+  LoopOptions loop;
+
+  nlohmann::json to_json() const;
+  static TrainOptions from_json(const nlohmann::json& j);
+};
+
+struct ClassifierTrainOptions {
+  DataSpec data;
+  NoisyClassifierConfig classifier;
+  ScheduleSpec schedule;                 ///< must be the diffusion model's schedule at sampling time
+  int64_t heldout = 2000;                ///< held-out images for the accuracy table
+  LoopOptions loop;
+
+  nlohmann::json to_json() const;
+  static ClassifierTrainOptions from_json(const nlohmann::json& j);
+};
+
+// ---------------------------------------------------------------- running
+
+/// A NaN or infinite loss (or gradient): training stopped before the optimizer step and wrote nothing.
+struct NonFiniteLoss : std::runtime_error {
+  NonFiniteLoss(const std::string& what, int64_t step) : std::runtime_error(what), step(step) {}
+  int64_t step;  ///< the 1-based step whose loss was not finite
+};
+
+struct StepInfo {
+  int64_t step = 0;        ///< steps completed
+  double loss = 0;
+  double lr = 0;
+  double images_per_s = 0;
+};
+
+struct TrainResult {
+  int64_t step = 0;          ///< steps completed (and checkpointed)
+  bool interrupted = false;  ///< stopped by SIGINT/SIGTERM after checkpointing
+  int signal = 0;            ///< the signal that stopped it
+  double last_loss = 0;
+  double images_per_s = 0;   ///< over the steps of this invocation
+  std::string run_dir;
+};
+
+struct TrainHooks {
+  /// Called after each optimizer step (after any checkpoint of that step).
+  std::function<void(const StepInfo&)> on_step;
+};
+
+/// Trains a UNet on `data` (already fitted to the model: see load_dataset). Creates loop.out (refusing an
+/// existing folder unless loop.resume or loop.overwrite), checkpoints every loop.checkpoint_every steps, at
+/// the end and on SIGINT/SIGTERM. With loop.resume, continues from the last checkpoint; the options that
+/// change the result must equal those in run.json. Bit-identical on the CPU to an uninterrupted run.
+/// Throws NonFiniteLoss (last good checkpoint kept), std::invalid_argument for impossible options.
+TrainResult train(const TrainOptions& options, const Dataset& data, const TrainHooks& hooks = {});
+
+/// Trains a noisy classifier on x_t at t ~ U{0..T-1}; at the end prints (to `report`, when given) and writes
+/// RUN/accuracy.csv: accuracy on `heldout` noised at timesteps in each tenth of [0, T).
+TrainResult train_classifier(const ClassifierTrainOptions& options, const Dataset& data, const Dataset& heldout,
+                             std::ostream* report = nullptr, const TrainHooks& hooks = {});
+
+struct AccuracyRow {
+  int64_t t_begin, t_end;  ///< timesteps [t_begin, t_end)
+  double accuracy;
+  int64_t count;
+};
+/// Accuracy of `model` on `data` noised at t drawn uniformly in each of `bins` equal ranges of [0, T).
+std::vector<AccuracyRow> noisy_accuracy(NoisyClassifier& model, const Schedule& schedule, const Dataset& data,
+                                        int64_t bins, uint64_t seed, torch::Device device, int64_t batch = 256);
+
+/// Throws what train() would throw about loop.out (exists without --resume/--overwrite, nothing to resume,
+/// --overwrite of a folder that is not a run) without touching anything: lets a CLI fail before loading data.
+void check_run_folder(const LoopOptions& loop);
+
+/// Completes a checkpoint swap cut short by a crash (RUN/.checkpoint-new with its COMPLETE marker) and
+/// removes an incomplete one. Called by train() and safe to call before loading a run folder.
+void finish_interrupted_checkpoint(const std::string& run_dir);
+
+/// The step of the last checkpoint in a run folder (train_state/state.json); throws naming the file.
+int64_t checkpoint_step(const std::string& run_dir);
+
+}  // namespace diffuse

@@ -1,0 +1,498 @@
+// The trainer: loss identities, E-TSDM map, scheduler configs, run folders, resume, NaN guard, CLI.
+#include <gtest/gtest.h>
+
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "diffuse/data.h"
+#include "diffuse/runtime.h"
+#include "diffuse/safetensors.h"
+#include "diffuse/train.h"
+#include "test_util.h"
+
+namespace fs = std::filesystem;
+using namespace diffuse;
+using diffuse::testing::error_of;
+using diffuse::testing::TempDir;
+
+namespace {
+
+// A UNet of a few thousand parameters on 16x16 shapes: a step takes milliseconds.
+UNetConfig tiny_unet(int64_t num_classes, double dropout = 0.0) {
+  UNetShape shape;
+  shape.channels = {16, 32};
+  shape.layers_per_block = 1;
+  shape.attention_levels = {1};
+  shape.norm_groups = 8;
+  shape.dropout = dropout;
+  return make_unet_config(shape, 16, 1, num_classes);
+}
+
+TrainOptions tiny_options(const std::string& out, int64_t steps) {
+  TrainOptions o;
+  o.unet = tiny_unet(10);
+  o.loop.out = out;
+  o.loop.steps = steps;
+  o.loop.batch = 8;
+  o.loop.lr = 2e-3;
+  o.loop.warmup = 2;
+  o.loop.progress = false;
+  o.loop.checkpoint_every = 1000;
+  o.loop.log_every = 5;
+  o.loop.threads = 1;  // ctest runs two test processes on two cores
+  return o;
+}
+
+const Dataset& shapes16() {
+  static Dataset d = make_shapes(256, 16, 11);
+  return d;
+}
+
+std::map<std::string, torch::Tensor> weights(const std::string& folder) {
+  return load_safetensors(folder + "/diffusion_pytorch_model.safetensors");
+}
+
+void expect_identical(const std::string& a, const std::string& b) {
+  auto wa = weights(a), wb = weights(b);
+  ASSERT_EQ(wa.size(), wb.size());
+  for (const auto& [name, t] : wa) EXPECT_TRUE(torch::equal(t, wb.at(name))) << a << " vs " << b << ": " << name;
+}
+
+bool all_finite(const std::string& folder) {
+  for (const auto& [name, t] : weights(folder))
+    if (!torch::isfinite(t).all().item<bool>()) return false;
+  return true;
+}
+
+// The loss of a model folder on a fixed batch, fixed timesteps and fixed noise (eps prediction, linear schedule).
+double fixed_eval_loss(const std::string& unet_folder, const Dataset& data) {
+  torch::NoGradGuard ng;
+  auto unet = load_unet(unet_folder, torch::kCPU);
+  unet->eval();
+  auto gen = cpu_generator(1234);
+  int64_t n = 128;
+  auto x0 = data.images.narrow(0, 0, n);
+  auto t = torch::randint(0, 1000, {n}, gen, torch::kInt64);
+  auto eps = torch::randn(x0.sizes(), gen);
+  auto sched = linear();
+  auto a = sched.a().to(torch::kFloat32).index_select(0, t).view({n, 1, 1, 1});
+  auto s = sched.s().to(torch::kFloat32).index_select(0, t).view({n, 1, 1, 1});
+  auto pred = unet->forward(a * x0 + s * eps, t.to(torch::kFloat32), data.labels.narrow(0, 0, n));
+  return (pred - eps).pow(2).mean().item<double>();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- pure functions
+
+TEST(Etsdm, MapIsExactOnItsEdges) {
+  EtsdmConfig e{100, 5};
+  auto f = e.condition(torch::arange(0, 1000, torch::kInt64));
+  ASSERT_EQ(f.scalar_type(), torch::kFloat32);
+  for (int64_t t = 0; t < 20; ++t) EXPECT_EQ(f[t].item<float>(), 0.f) << t;
+  EXPECT_EQ(f[20].item<float>(), 20.f);
+  EXPECT_EQ(f[39].item<float>(), 20.f);
+  EXPECT_EQ(f[40].item<float>(), 40.f);
+  EXPECT_EQ(f[99].item<float>(), 80.f);
+  EXPECT_EQ(f[100].item<float>(), 100.f);
+  EXPECT_EQ(f[101].item<float>(), 101.f);
+  EXPECT_EQ(f[999].item<float>(), 999.f);
+  // Edges that are not integers: t_tilde = 100, n = 3 gives 0, 33.33.., 66.66..
+  auto g = EtsdmConfig{100, 3}.condition(torch::tensor({33, 34, 66, 67, 99, 100}));
+  EXPECT_FLOAT_EQ(g[0].item<float>(), 0.f);
+  EXPECT_FLOAT_EQ(g[1].item<float>(), float(100.0 / 3));
+  EXPECT_FLOAT_EQ(g[2].item<float>(), float(100.0 / 3));
+  EXPECT_FLOAT_EQ(g[3].item<float>(), float(200.0 / 3));
+  EXPECT_FLOAT_EQ(g[4].item<float>(), float(200.0 / 3));
+  EXPECT_FLOAT_EQ(g[5].item<float>(), 100.f);
+  // Off: the identity.
+  EXPECT_TRUE(torch::equal(EtsdmConfig{}.condition(torch::arange(10)), torch::arange(10).to(torch::kFloat32)));
+}
+
+// The 000 document's identities, through the trainer's own loss: for one prediction of x0 expressed as each
+// target, ||eps - eps^||^2 = SNR ||x0 - x0^||^2 and ||v - v^||^2 = (SNR + 1) ||x0 - x0^||^2, so a loss weight
+// stated on the x0 error gives the same number whatever the network predicts.
+TEST(LossWeight, EveryTargetGivesTheX0WeightedLoss) {
+  torch::manual_seed(0);
+  for (bool zero_snr : {false, true}) {
+    auto sched = make_schedule({"linear", 1000, -1, -1, zero_snr});
+    auto t = torch::tensor({0, 1, 10, 100, 400, 700, 998, 999}, torch::kInt64);
+    int64_t n = t.size(0);
+    auto snr = sched.snr().index_select(0, t);
+    auto a = sched.a().index_select(0, t).view({n, 1, 1, 1}), s = sched.s().index_select(0, t).view({n, 1, 1, 1});
+    auto opt = torch::TensorOptions().dtype(torch::kFloat64);
+    auto x0 = torch::randn({n, 2, 4, 4}, opt), eps = torch::randn({n, 2, 4, 4}, opt);
+    auto x0_hat = x0 + 0.1 * torch::randn({n, 2, 4, 4}, opt);
+    auto x_t = a * x0 + s * eps;
+    auto eps_hat = (x_t - a * x0_hat) / s;  // s > 0 everywhere
+    auto v_hat = a * eps_hat - s * x0_hat;
+    auto x0_err = (x0 - x0_hat).pow(2).flatten(1).mean(1);
+    std::map<Prediction, torch::Tensor> pred = {{Prediction::eps, eps_hat}, {Prediction::v, v_hat}, {Prediction::x0, x0_hat}};
+    std::map<LossWeight, torch::Tensor> expected = {{LossWeight::eps, snr * x0_err},
+                                                    {LossWeight::v, (snr + 1) * x0_err},
+                                                    {LossWeight::min_snr, snr.clamp_max(5.0) * x0_err},
+                                                    {LossWeight::truncated, snr.clamp_min(1.0) * x0_err}};
+    for (auto p : {Prediction::eps, Prediction::v, Prediction::x0}) {
+      if (p == Prediction::eps && zero_snr) {
+        EXPECT_THROW(loss_weight(LossWeight::eps, p, snr), std::domain_error);
+        continue;
+      }
+      for (const auto& [w, want] : expected) {
+        auto got = per_example_loss(p, pred[p], x0, eps, a, s, loss_weight(w, p, snr, 5.0));
+        EXPECT_TRUE(torch::allclose(got, want, 1e-9, 1e-12))
+            << to_string(p) << " target, " << to_string(w) << " weight, zero_snr " << zero_snr << "\n"
+            << got << want;
+      }
+      // uniform: plain MSE on the target, i.e. SNR, SNR + 1 and 1 times the x0 error.
+      auto plain = per_example_loss(p, pred[p], x0, eps, a, s, loss_weight(LossWeight::uniform, p, snr));
+      auto factor = p == Prediction::eps ? snr : p == Prediction::v ? snr + 1 : torch::ones_like(snr);
+      EXPECT_TRUE(torch::allclose(plain, factor * x0_err, 1e-9, 1e-12)) << to_string(p);
+    }
+    // The 000 document's ratio: a v model's plain loss is (SNR + 1) / SNR times an eps model's.
+    if (!zero_snr) {
+      auto lv = per_example_loss(Prediction::v, v_hat, x0, eps, a, s, torch::ones_like(snr));
+      auto le = per_example_loss(Prediction::eps, eps_hat, x0, eps, a, s, torch::ones_like(snr));
+      EXPECT_TRUE(torch::allclose(lv / le, (snr + 1) / snr, 1e-9));
+    }
+  }
+}
+
+TEST(Train, OffsetNoiseShiftsEachImageAndChannel) {
+  auto gen = cpu_generator(3);
+  auto eps = torch::zeros({400, 3, 4, 4});
+  auto out = offset_noise(eps, 0.1, gen);
+  auto shift = out.select(3, 0).select(2, 0);  // [400, 3]
+  EXPECT_TRUE(torch::allclose(out, shift.view({400, 3, 1, 1}).expand_as(out)));  // constant over H, W
+  EXPECT_NEAR(shift.std().item<double>(), 0.1, 0.01);
+  EXPECT_NEAR(shift.mean().item<double>(), 0.0, 0.01);
+  EXPECT_TRUE(torch::equal(offset_noise(eps, 0.0, gen), eps));
+}
+
+TEST(Train, SchedulerConfigDescribesTheTrainedSchedule) {
+  for (std::string name : {"linear", "scaled_linear", "cosine", "cosine_noclip", "sigmoid"})
+    for (bool zero : {false, true}) {
+      ScheduleSpec spec{name, 1000, -1, -1, zero};
+      auto c = make_scheduler_config(spec, Prediction::v, Spacing::trailing, EtsdmConfig{100, 5});
+      auto back = SchedulerConfig::from_json(nlohmann::json::parse(c.to_json().dump()));
+      auto want = make_schedule(spec).alpha_bar, got = back.schedule().alpha_bar;
+      EXPECT_TRUE(torch::allclose(got, want, 1e-10, 1e-14)) << name << " zero_snr " << zero;
+      EXPECT_EQ(back.schedule().zero_terminal_snr(), make_schedule(spec).zero_terminal_snr()) << name;
+      EXPECT_EQ(back.prediction_type, Prediction::v);
+      EXPECT_EQ(back.timestep_spacing, Spacing::trailing);
+      EXPECT_EQ(back.etsdm.t_tilde, 100);
+      EXPECT_EQ(back.etsdm.n, 5);
+    }
+  EXPECT_THROW(make_scheduler_config({"linear"}, Prediction::eps, Spacing::leading, EtsdmConfig{1000, 5}),
+               std::invalid_argument);
+}
+
+TEST(Train, DefaultShapeIsTheReferenceUNet) {
+  EXPECT_EQ(make_unet_config(UNetShape{}, 32, 1, 10).to_json(), reference_unet_config().to_json());
+  UNetShape bad;
+  bad.attention_levels = {3};
+  auto msg = error_of([&] { make_unet_config(bad, 32, 1, 10); });
+  EXPECT_NE(msg.find("attention level 3"), std::string::npos) << msg;
+  EXPECT_THROW(make_unet_config(UNetShape{}, 30, 1, 10), std::invalid_argument);  // 30 is not divisible by 4
+}
+
+TEST(Train, OptionsRoundTripThroughJson) {
+  auto o = tiny_options("/tmp/x", 7);
+  o.prediction = Prediction::v;
+  o.loss_weight = LossWeight::min_snr;
+  o.etsdm = {100, 5};
+  o.schedule.zero_snr = true;
+  o.data.source = "synthetic-brightness";
+  auto back = TrainOptions::from_json(nlohmann::json::parse(o.to_json().dump()));
+  EXPECT_EQ(back.to_json(), o.to_json());
+}
+
+// ---------------------------------------------------------------- the loop
+
+TEST(Train, LossGoesDownOnTinyData) {
+  TempDir dir;
+  auto o = tiny_options(dir / "run", 30);
+  o.loop.batch = 16;
+  o.loop.lr = 3e-3;
+  const auto& data = shapes16();
+  torch::manual_seed(o.loop.seed);
+  UNet2DModel init(o.unet);
+  save_unet(init, dir / "init");
+  auto r = train(o, data);
+  EXPECT_EQ(r.step, 30);
+  EXPECT_FALSE(r.interrupted);
+  double before = fixed_eval_loss(dir / "init", data), after = fixed_eval_loss(dir / "run/unet", data);
+  EXPECT_LT(after, 0.5 * before) << "before " << before << " after " << after;
+  // The run folder: diffusers layout, log and plot.
+  for (std::string f : {"run.json", "unet/config.json", "unet_ema/diffusion_pytorch_model.safetensors",
+                        "scheduler/scheduler_config.json", "train_state/state.json", "train_state/optimizer.pt",
+                        "log.csv", "loss.png"})
+    EXPECT_TRUE(fs::exists(dir / ("run/" + f))) << f;
+  EXPECT_FALSE(fs::exists(dir / "run/.checkpoint-new"));
+  EXPECT_EQ(checkpoint_step(dir / "run"), 30);
+  std::ifstream log(dir / "run/log.csv");
+  std::string header, line;
+  std::getline(log, header);
+  EXPECT_EQ(header.substr(0, 40), "step,loss,lr,images_per_s,grad_norm,loss");
+  EXPECT_NE(header.find("loss_t900-999"), std::string::npos);
+  int rows = 0;
+  while (std::getline(log, line)) ++rows;
+  EXPECT_EQ(rows, 6);
+}
+
+// N steps straight == N/2 steps, SIGINT, resume, N/2 steps: every source of randomness included
+// (dropout uses the global RNG; labels are dropped; flips, offset noise, E-TSDM).
+TEST(Train, ResumeEqualsUninterruptedBitForBit) {
+  TempDir dir;
+  auto make = [&](const std::string& out) {
+    auto o = tiny_options(out, 8);
+    o.unet = tiny_unet(10, 0.1);
+    o.prediction = Prediction::v;
+    o.loss_weight = LossWeight::min_snr;
+    o.schedule.zero_snr = true;
+    o.etsdm = {100, 5};
+    o.offset_noise = 0.1;
+    o.label_dropout = 0.3;
+    o.loop.hflip = true;
+    o.loop.weight_decay = 0.01;
+    o.loop.seed = 5;
+    return o;
+  };
+  auto straight = train(make(dir / "a"), shapes16());
+  EXPECT_EQ(straight.step, 8);
+
+  TrainHooks stop_at_4;
+  stop_at_4.on_step = [](const StepInfo& s) {
+    if (s.step == 4) std::raise(SIGINT);
+  };
+  auto first = train(make(dir / "b"), shapes16(), stop_at_4);
+  EXPECT_TRUE(first.interrupted);
+  EXPECT_EQ(first.signal, SIGINT);
+  EXPECT_EQ(first.step, 4);
+  EXPECT_EQ(checkpoint_step(dir / "b"), 4);
+  auto o = make(dir / "b");
+  o.loop.resume = true;
+  auto second = train(o, shapes16());
+  EXPECT_EQ(second.step, 8);
+  EXPECT_FALSE(second.interrupted);
+  expect_identical(dir / "a/unet", dir / "b/unet");
+  expect_identical(dir / "a/unet_ema", dir / "b/unet_ema");
+  EXPECT_EQ(read_file(dir / "a/scheduler/scheduler_config.json"), read_file(dir / "b/scheduler/scheduler_config.json"));
+  auto sched = SchedulerConfig::load(dir / "a/scheduler/scheduler_config.json");
+  EXPECT_EQ(sched.etsdm.t_tilde, 100);
+  EXPECT_TRUE(sched.rescale_betas_zero_snr);
+  EXPECT_EQ(sched.prediction_type, Prediction::v);
+  // The log of the resumed run has the same rows (steps 5 and 8) as the straight one.
+  auto steps_of = [](const std::string& csv) {
+    std::ifstream in(csv);
+    std::string line, out;
+    std::getline(in, line);
+    while (std::getline(in, line)) out += line.substr(0, line.find(',')) + " ";
+    return out;
+  };
+  EXPECT_EQ(steps_of(dir / "a/log.csv"), steps_of(dir / "b/log.csv"));
+}
+
+TEST(Train, ExistingRunFolderIsNeverSilentlyOverwritten) {
+  TempDir dir;
+  auto o = tiny_options(dir / "run", 1);
+  train(o, shapes16());
+  auto before = read_file(dir / "run/unet/diffusion_pytorch_model.safetensors");
+  auto msg = error_of([&] { train(o, shapes16()); });
+  EXPECT_NE(msg.find("already exists"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("--resume"), std::string::npos) << msg;
+  EXPECT_EQ(read_file(dir / "run/unet/diffusion_pytorch_model.safetensors"), before);
+  // Resuming with options that change the result is refused, naming them.
+  auto changed = o;
+  changed.loop.resume = true;
+  changed.loop.lr = 1.0;
+  changed.loop.steps = 2;
+  msg = error_of([&] { train(changed, shapes16()); });
+  EXPECT_NE(msg.find("loop.lr"), std::string::npos) << msg;
+  // --overwrite replaces a run folder, but never a folder that is not one.
+  o.loop.overwrite = true;
+  o.loop.seed = 9;
+  EXPECT_NO_THROW(train(o, shapes16()));
+  EXPECT_NE(read_file(dir / "run/unet/diffusion_pytorch_model.safetensors"), before);
+  fs::create_directories(dir / "precious");
+  std::ofstream(dir / "precious/thesis.tex") << "years of work";
+  o.loop.out = dir / "precious";
+  msg = error_of([&] { train(o, shapes16()); });
+  EXPECT_NE(msg.find("not a diffuse run folder"), std::string::npos) << msg;
+  EXPECT_TRUE(fs::exists(dir / "precious/thesis.tex"));
+  // Nothing to resume.
+  o.loop.out = dir / "none";
+  o.loop.overwrite = false;
+  o.loop.resume = true;
+  msg = error_of([&] { train(o, shapes16()); });
+  EXPECT_NE(msg.find("no run.json"), std::string::npos) << msg;
+}
+
+TEST(Train, NanLossStopsAndKeepsTheLastGoodCheckpoint) {
+  TempDir dir;
+  auto o = tiny_options(dir / "run", 10);
+  o.loop.checkpoint_every = 1;
+  Dataset data = shapes16();
+  data.images = data.images.clone();
+  // Poison one image that the third batch is the first to contain.
+  BatchSampler sampler(data.size(), o.loop.batch, o.loop.seed);
+  int64_t bad = sampler.indices(2)[0].item<int64_t>();
+  data.images[bad][0][3][3] = NAN;
+  try {
+    train(o, data);
+    FAIL() << "no error for a NaN loss";
+  } catch (const NonFiniteLoss& e) {
+    EXPECT_EQ(e.step, 3);
+    EXPECT_NE(std::string(e.what()).find("at step 3"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("step 2"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(checkpoint_step(dir / "run"), 2);
+  EXPECT_TRUE(all_finite(dir / "run/unet"));
+  EXPECT_TRUE(all_finite(dir / "run/unet_ema"));
+  EXPECT_FALSE(fs::exists(dir / "run/.checkpoint-new"));
+}
+
+TEST(Train, InterruptedCheckpointSwapIsCompletedOrDiscarded) {
+  TempDir dir;
+  auto run = dir.path;
+  auto write = [](const fs::path& p, const std::string& text) {
+    fs::create_directories(p.parent_path());
+    std::ofstream(p) << text;
+  };
+  // A complete new checkpoint whose swap stopped after moving unet/ in and unet_ema/ out.
+  write(run / "unet/w", "new");
+  write(run / ".checkpoint-old/unet_ema/w", "old");
+  write(run / ".checkpoint-new/unet_ema/w", "new");
+  write(run / ".checkpoint-new/train_state/state.json", "{\"step\": 7}");
+  write(run / "train_state/state.json", "{\"step\": 3}");
+  write(run / ".checkpoint-new/COMPLETE", "7");
+  finish_interrupted_checkpoint(run.string());
+  EXPECT_EQ(read_file((run / "unet/w").string()), "new");
+  EXPECT_EQ(read_file((run / "unet_ema/w").string()), "new");
+  EXPECT_EQ(checkpoint_step(run.string()), 7);
+  EXPECT_FALSE(fs::exists(run / ".checkpoint-new"));
+  EXPECT_FALSE(fs::exists(run / ".checkpoint-old"));
+  // An incomplete one (no COMPLETE marker) is discarded; the previous checkpoint stays.
+  write(run / ".checkpoint-new/unet/w", "half");
+  finish_interrupted_checkpoint(run.string());
+  EXPECT_EQ(read_file((run / "unet/w").string()), "new");
+  EXPECT_FALSE(fs::exists(run / ".checkpoint-new"));
+}
+
+TEST(Train, ImpossibleOptionsAreRefused) {
+  TempDir dir;
+  auto expect_refused = [&](TrainOptions o, const std::string& what) {
+    auto msg = error_of([&] { train(o, shapes16()); });
+    EXPECT_NE(msg.find(what), std::string::npos) << "expected '" << what << "' in: " << msg;
+    EXPECT_FALSE(fs::exists(o.loop.out)) << what;
+  };
+  auto o = tiny_options(dir / "run", 5);
+  auto eps_zero = o;
+  eps_zero.schedule.zero_snr = true;
+  expect_refused(eps_zero, "--prediction v");
+  auto big_batch = o;
+  big_batch.loop.batch = 1000;
+  expect_refused(big_batch, "lower --batch");
+  auto wrong_size = o;
+  wrong_size.unet = make_unet_config(UNetShape{{16, 32}, 1, {}, true, 8, 8}, 32, 1, 10);
+  expect_refused(wrong_size, "does not fit the UNet");
+  auto no_null = o;
+  no_null.unet.num_class_embeds = 10;
+  expect_refused(no_null, "no null class");
+  auto dropout = o;
+  dropout.label_dropout = 1.0;
+  expect_refused(dropout, "--label-dropout");
+  auto lr = o;
+  lr.loop.lr = -1;
+  expect_refused(lr, "--lr");
+  auto bf16 = o;
+  bf16.loop.bf16 = true;
+  expect_refused(bf16, "--device cuda");
+}
+
+// Two classes told apart by their brightness (-0.5 or +0.5 plus texture): visible at small t, gone at SNR ~ 0.
+TEST(TrainClassifier, AccuracyFallsToChanceAsNoiseGrows) {
+  TempDir dir;
+  auto two_classes = [](int64_t n, uint64_t seed) {
+    Dataset d;
+    auto gen = cpu_generator(seed);
+    d.labels = torch::randint(0, 2, {n}, gen, torch::kInt64);
+    auto level = (d.labels.to(torch::kFloat32) - 0.5).view({n, 1, 1, 1});
+    d.images = (level + 0.2 * torch::randn({n, 1, 16, 16}, gen)).clamp(-1, 1);
+    d.num_classes = 2;
+    d.name = "two-levels";
+    return d;
+  };
+  ClassifierTrainOptions o;
+  o.classifier.sample_size = 16;
+  o.classifier.num_classes = 2;
+  o.classifier.block_out_channels = {8, 16};
+  o.classifier.down_block_types = {"DownBlock2D", "DownBlock2D"};
+  o.classifier.layers_per_block = 1;
+  o.classifier.norm_num_groups = 4;
+  o.classifier.add_attention = false;
+  o.loop.out = dir / "clf";
+  o.loop.steps = 40;
+  o.loop.batch = 32;
+  o.loop.lr = 5e-3;
+  o.loop.warmup = 2;
+  o.loop.progress = false;
+  o.loop.threads = 1;
+  auto data = two_classes(512, 1), heldout = two_classes(400, 2);
+  std::ostringstream report;
+  auto r = train_classifier(o, data, heldout, &report);
+  EXPECT_EQ(r.step, 40);
+  EXPECT_NE(report.str().find("0-99"), std::string::npos) << report.str();
+  EXPECT_TRUE(fs::exists(dir / "clf/classifier/config.json"));
+  EXPECT_TRUE(fs::exists(dir / "clf/classifier_ema/diffusion_pytorch_model.safetensors"));
+  EXPECT_TRUE(fs::exists(dir / "clf/scheduler/scheduler_config.json"));
+  auto model = load_classifier(dir / "clf/classifier", torch::kCPU);
+  auto rows = noisy_accuracy(model, linear(), heldout, 10, 0, torch::kCPU);
+  ASSERT_EQ(rows.size(), 10u);
+  EXPECT_EQ(rows[0].t_begin, 0);
+  EXPECT_EQ(rows[9].t_end, 1000);
+  // Nearly clean images: far above chance (0.5). At t >= 900 (sqrt(alpha_bar) < 0.05): chance within noise.
+  EXPECT_GT(rows[0].accuracy, 0.9) << report.str();
+  EXPECT_LT(rows[9].accuracy, 0.65) << report.str();
+  std::ifstream csv(dir / "clf/accuracy.csv");
+  std::string header;
+  std::getline(csv, header);
+  EXPECT_EQ(header, "t_begin,t_end,accuracy,accuracy_ema,count");
+}
+
+// ---------------------------------------------------------------- the command line
+
+namespace {
+int run_cli(const std::string& args, std::string* output = nullptr) {
+  std::string cmd = "DIFFUSE_SKIP_BLAS_CHECK=1 " + std::string(DIFFUSE_CLI) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  int status = pclose(p);
+  if (output) *output = out;
+  return WEXITSTATUS(status);
+}
+}  // namespace
+
+TEST(TrainCli, TrainsRefusesAndResumes) {
+  TempDir dir;
+  std::string common = "--data synthetic-shapes --synthetic-count 64 --size 16 --channels 16,32 --attention-levels none "
+                       "--layers-per-block 1 --norm-groups 8 --batch 8 --checkpoint-every 2 --threads 1 --quiet --out " + dir / "run";
+  std::string out;
+  ASSERT_EQ(run_cli("train " + common + " --steps 2", &out), 0) << out;
+  EXPECT_NE(out.find("trained"), std::string::npos) << out;
+  EXPECT_EQ(run_cli("train " + common + " --steps 2", &out), 1);
+  EXPECT_NE(out.find("error: run folder"), std::string::npos) << out;
+  EXPECT_EQ(run_cli("train --out " + dir / "run" + " --resume --lr 1", &out), 1);
+  EXPECT_NE(out.find("--lr cannot be given with --resume"), std::string::npos) << out;
+  ASSERT_EQ(run_cli("train --out " + dir / "run" + " --resume --steps 4 --threads 1 --quiet", &out), 0) << out;
+  EXPECT_EQ(checkpoint_step(dir / "run"), 4);
+  EXPECT_EQ(run_cli("train --out " + dir / "x --data fashion-mnst", &out), 1);
+  EXPECT_NE(out.find("unknown data source 'fashion-mnst'"), std::string::npos) << out;
+  EXPECT_EQ(run_cli("train --help", &out), 0);
+  for (std::string opt : {"--prediction", "--loss-weight", "--etsdm-t-tilde", "--offset-noise", "--label-dropout",
+                          "--zero-snr", "--resume", "--overwrite", "--channels", "--attention-levels", "--bf16"})
+    EXPECT_NE(out.find(opt), std::string::npos) << opt;
+}

@@ -1,0 +1,331 @@
+// diffuse train: a diffusion UNet on Fashion-MNIST, generated data or a folder of images.
+// diffuse train-classifier: the noisy classifier of classifier guidance.
+#include <filesystem>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+
+#include "commands.h"
+#include "diffuse/runtime.h"
+#include "diffuse/scheduler_config.h"
+#include "diffuse/train.h"
+
+namespace fs = std::filesystem;
+
+namespace diffuse::cli {
+namespace {
+
+// Options shared by both commands, bound to a LoopOptions / DataSpec / ScheduleSpec.
+struct CommonOptions {
+  LoopOptions loop;
+  DataSpec data;
+  ScheduleSpec schedule;
+  bool quiet = false;
+  std::string channels = "64,128,128";
+  std::string attention_levels = "1";
+  int64_t layers_per_block = 2;
+  bool no_mid_attention = false;
+  int64_t head_dim = 8;
+  int64_t norm_groups = 32;
+};
+
+void add_common_options(CLI::App* cmd, CommonOptions& c) {
+  auto& l = c.loop;
+  cmd->add_option("--data", c.data.source,
+                  "fashion-mnist, fashion-mnist-brightness, synthetic-shapes, synthetic-brightness (shapes with a "
+                  "per-image brightness from very dark to very bright), or a folder: MNIST-layout IDX files, or "
+                  "images in one subfolder per class")
+      ->capture_default_str();
+  cmd->add_option("--data-limit", c.data.limit, "Use only the first N images (0: all)")->capture_default_str();
+  cmd->add_option("--synthetic-count", c.data.synthetic_count, "Images of a generated data set")->capture_default_str();
+  cmd->add_option("--data-seed", c.data.seed, "Seed of a generated data set")->capture_default_str();
+  cmd->add_option("--fit", c.data.fit, "How images reach the model size: auto (pad IDX data with -1, resize image "
+                                       "folders), pad or resize")
+      ->capture_default_str();
+  cmd->add_option("--size", c.data.size, "Model input size (images are size x size)")->capture_default_str();
+  cmd->add_option("--image-channels", c.data.channels, "1 or 3; 0: the data's own")->capture_default_str();
+  cmd->add_flag("--hflip", l.hflip, "Random horizontal flips");
+
+  cmd->add_option("--out", l.out, "Run folder (diffusers layout; refused if it exists, see --resume/--overwrite)")
+      ->required();
+  cmd->add_flag("--resume", l.resume, "Continue the run in --out from its last checkpoint (its run.json options are "
+                                      "used; only --steps, --device, --bf16, --checkpoint-every, --log-every, "
+                                      "--quiet and --threads may be given)");
+  cmd->add_flag("--overwrite", l.overwrite, "Delete an existing run folder in --out first");
+  cmd->add_option("--steps", l.steps, "Optimizer steps in all")->capture_default_str();
+  cmd->add_option("--batch", l.batch, "Images per step")->capture_default_str();
+  cmd->add_option("--lr", l.lr, "Peak learning rate (AdamW)")->capture_default_str();
+  cmd->add_option("--warmup", l.warmup, "Linear LR warmup steps")->capture_default_str();
+  cmd->add_option("--lr-schedule", l.lr_schedule, "After warmup: cosine (down to --min-lr at the last step) or constant")
+      ->capture_default_str();
+  cmd->add_option("--min-lr", l.min_lr, "Final learning rate of the cosine schedule")->capture_default_str();
+  cmd->add_option("--weight-decay", l.weight_decay, "AdamW decoupled weight decay")->capture_default_str();
+  cmd->add_option("--grad-clip", l.grad_clip, "Clip the global gradient norm to this (0: off)")->capture_default_str();
+  cmd->add_option("--ema-decay", l.ema_decay, "EMA decay; at step k it is min(decay, (1+k)/(10+k))")->capture_default_str();
+  cmd->add_option("--seed", l.seed, "Seed of initialisation, batches, timesteps and noise")->capture_default_str();
+  cmd->add_option("--device", l.device, "cpu, cuda or cuda:N")->capture_default_str();
+  cmd->add_flag("--bf16", l.bf16, "bf16 autocast of the forward pass (CUDA only)");
+  cmd->add_option("--checkpoint-every", l.checkpoint_every, "Checkpoint every N steps (also at the end and on "
+                                                            "Ctrl-C/SIGTERM)")
+      ->capture_default_str();
+  cmd->add_option("--log-every", l.log_every, "A log.csv row every N steps")->capture_default_str();
+  cmd->add_option("--threads", l.threads, "CPU threads (0: LibTorch's default)")->capture_default_str();
+  cmd->add_flag("--quiet", c.quiet, "No progress line");
+
+  cmd->add_option("--schedule", c.schedule.name, "Noise schedule: linear, scaled_linear, cosine, cosine_noclip, sigmoid")
+      ->capture_default_str();
+  cmd->add_flag("--zero-snr", c.schedule.zero_snr, "Rescale to zero terminal SNR (Lin et al. 2023, Algorithm 1)");
+  cmd->add_option("--T", c.schedule.T, "Training timesteps")->capture_default_str();
+  cmd->add_option("--beta-start", c.schedule.beta_start, "First beta (default: the schedule's own)");
+  cmd->add_option("--beta-end", c.schedule.beta_end, "Last beta (default: the schedule's own)");
+
+  cmd->add_option("--channels", c.channels, "Channels per level (block_out_channels), comma-separated")
+      ->capture_default_str();
+  cmd->add_option("--layers-per-block", c.layers_per_block, "Resnet layers per level")->capture_default_str();
+  cmd->add_option("--attention-levels", c.attention_levels, "Levels (0-based, comma-separated) with self-attention, "
+                                                            "or none")
+      ->capture_default_str();
+  cmd->add_flag("--no-mid-attention", c.no_mid_attention, "No attention in the mid block");
+  cmd->add_option("--head-dim", c.head_dim, "Attention head dimension")->capture_default_str();
+  cmd->add_option("--norm-groups", c.norm_groups, "GroupNorm groups")->capture_default_str();
+}
+
+std::vector<int64_t> parse_int_list(const std::string& text, const std::string& option) {
+  std::vector<int64_t> out;
+  if (text == "none" || text.empty()) return out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    try {
+      size_t used = 0;
+      out.push_back(std::stoll(item, &used));
+      if (used != item.size()) throw std::invalid_argument(item);
+    } catch (const std::exception&) {
+      throw std::invalid_argument(option + " '" + text + "': '" + item + "' is not an integer");
+    }
+  }
+  return out;
+}
+
+UNetShape shape_of(const CommonOptions& c) {
+  UNetShape s;
+  s.channels = parse_int_list(c.channels, "--channels");
+  s.attention_levels = parse_int_list(c.attention_levels, "--attention-levels");
+  s.layers_per_block = c.layers_per_block;
+  s.mid_attention = !c.no_mid_attention;
+  s.attention_head_dim = c.head_dim;
+  s.norm_groups = c.norm_groups;
+  return s;
+}
+
+// With --resume only options that leave the weights alone may be given.
+void check_resume_options(const CLI::App* cmd) {
+  static const std::vector<std::string> allowed = {"--out",      "--resume",  "--steps", "--device",
+                                                   "--bf16",     "--checkpoint-every", "--log-every",
+                                                   "--quiet",    "--threads", "--help"};
+  for (const auto* opt : cmd->get_options()) {
+    if (opt->count() == 0) continue;
+    std::string name = opt->get_name();
+    if (std::find(allowed.begin(), allowed.end(), name) == allowed.end())
+      throw std::invalid_argument(name + " cannot be given with --resume: the run's options are in its run.json "
+                                         "(start a new run to change them)");
+  }
+}
+
+void apply_resumable(LoopOptions& stored, const LoopOptions& given, const CLI::App* cmd, bool quiet) {
+  auto given_opt = [&](const char* name) { return cmd->get_option(name)->count() > 0; };
+  stored.resume = true;
+  stored.overwrite = false;
+  stored.out = given.out;
+  if (given_opt("--steps")) stored.steps = given.steps;
+  if (given_opt("--device")) stored.device = given.device;
+  if (given_opt("--bf16")) stored.bf16 = given.bf16;
+  if (given_opt("--checkpoint-every")) stored.checkpoint_every = given.checkpoint_every;
+  if (given_opt("--log-every")) stored.log_every = given.log_every;
+  if (given_opt("--threads")) stored.threads = given.threads;
+  stored.progress = !quiet;
+}
+
+nlohmann::json stored_options(const std::string& run) {
+  std::string path = (fs::path(run) / "run.json").string();
+  if (!fs::exists(path))
+    throw std::invalid_argument("cannot resume '" + run + "': no run.json there (not a diffuse run folder)");
+  return load_json(path);
+}
+
+void print_data(const Dataset& d) {
+  std::cerr << "data: " << d.name << ", " << d.size() << " images " << d.channels() << "x" << d.height() << "x"
+            << d.width();
+  if (d.num_classes) std::cerr << ", " << d.num_classes << " classes";
+  std::cerr << "\n";
+}
+
+void finish(const TrainResult& r, const std::string& what) {
+  if (r.interrupted) {
+    std::cerr << "interrupted at step " << r.step << "; checkpoint in '" << r.run_dir
+              << "'. Continue with: diffuse " << what << " --out " << r.run_dir << " --resume\n";
+    throw Exit{128 + r.signal};
+  }
+  std::cout << "trained '" << r.run_dir << "' to step " << r.step << ": last loss " << r.last_loss << ", "
+            << std::fixed << std::setprecision(1) << r.images_per_s << " images/s\n";
+}
+
+struct TrainCli {
+  CommonOptions common;
+  TrainOptions train;
+  std::string prediction = "eps", loss_weight = "uniform", spacing = "trailing";
+  bool unconditional = false;
+  double dropout = 0.0;
+  std::string time_scale_shift = "default";
+};
+
+void run_train(const CLI::App* cmd, TrainCli& cli) {
+  warn_if_slow_blas();
+  auto& c = cli.common;
+  TrainOptions o;
+  if (c.loop.resume) {
+    check_resume_options(cmd);
+    o = TrainOptions::from_json(stored_options(c.loop.out));
+    apply_resumable(o.loop, c.loop, cmd, c.quiet);
+  } else {
+    o = cli.train;
+    o.data = c.data;
+    o.schedule = c.schedule;
+    o.prediction = parse_prediction(cli.prediction);
+    o.loss_weight = parse_loss_weight(cli.loss_weight);
+    o.spacing = parse_spacing(cli.spacing);
+    o.loop = c.loop;
+    o.loop.progress = !c.quiet;
+  }
+  check_run_folder(o.loop);
+  Dataset data = load_dataset(o.data);
+  if (!c.loop.resume) {
+    auto shape = shape_of(c);
+    shape.dropout = cli.dropout;
+    shape.time_scale_shift = cli.time_scale_shift;
+    o.unet = make_unet_config(shape, o.data.size, data.channels(), cli.unconditional ? 0 : data.num_classes);
+  }
+  print_data(data);
+  {
+    UNet2DModel probe(o.unet);
+    std::cerr << "model: UNet2DModel " << parameter_count(*probe) / 1e6 << "M parameters, "
+              << (o.unet.num_class_embeds ? "class-conditional (" + std::to_string(*o.unet.num_class_embeds) +
+                                                " embeddings, null class " +
+                                                std::to_string(*o.unet.num_class_embeds - 1) + ")"
+                                          : std::string("unconditional"))
+              << "; " << to_string(o.prediction) << " prediction, loss weight " << to_string(o.loss_weight)
+              << ", schedule " << o.schedule.name << (o.schedule.zero_snr ? " (zero terminal SNR)" : "")
+              << (o.etsdm.enabled() ? ", E-TSDM t~=" + std::to_string(o.etsdm.t_tilde) + " n=" + std::to_string(o.etsdm.n) : "")
+              << "\n";
+  }
+  finish(train(o, data), "train");
+}
+
+void run_train_classifier(const CLI::App* cmd, CommonOptions& c, ClassifierTrainOptions& base) {
+  warn_if_slow_blas();
+  ClassifierTrainOptions o;
+  if (c.loop.resume) {
+    check_resume_options(cmd);
+    o = ClassifierTrainOptions::from_json(stored_options(c.loop.out));
+    apply_resumable(o.loop, c.loop, cmd, c.quiet);
+  } else {
+    o = base;
+    o.data = c.data;
+    o.schedule = c.schedule;
+    o.loop = c.loop;
+    o.loop.progress = !c.quiet;
+  }
+  check_run_folder(o.loop);
+  Dataset data = load_dataset(o.data), heldout;
+  if (has_heldout_split(o.data)) {
+    heldout = load_dataset(o.data, true);
+    if (heldout.size() > o.heldout) {
+      heldout.images = heldout.images.narrow(0, 0, o.heldout);
+      heldout.labels = heldout.labels.narrow(0, 0, o.heldout);
+    }
+  } else {
+    std::tie(data, heldout) = split_dataset(data, std::min<int64_t>(o.heldout, data.size() / 10), o.loop.seed);
+  }
+  if (!c.loop.resume) {
+    auto shape = shape_of(c);
+    NoisyClassifierConfig k;
+    k.sample_size = o.data.size;
+    k.in_channels = data.channels();
+    k.num_classes = data.num_classes;
+    k.block_out_channels = shape.channels;
+    k.layers_per_block = shape.layers_per_block;
+    k.down_block_types.assign(shape.channels.size(), "DownBlock2D");
+    for (auto l : shape.attention_levels) {
+      if (l < 0 || l >= int64_t(shape.channels.size()))
+        throw std::invalid_argument("attention level " + std::to_string(l) + " does not exist");
+      k.down_block_types[size_t(l)] = "AttnDownBlock2D";
+    }
+    k.add_attention = shape.mid_attention;
+    k.attention_head_dim = shape.attention_head_dim;
+    k.norm_num_groups = shape.norm_groups;
+    k.validate();
+    o.classifier = k;
+  }
+  print_data(data);
+  NoisyClassifier probe(o.classifier);
+  std::cerr << "model: noisy classifier, " << parameter_count(*probe) / 1e6 << "M parameters, " << o.classifier.num_classes
+            << " classes; held out: " << heldout.size() << " images\n";
+  auto result = train_classifier(o, data, heldout, &std::cout);
+  finish(result, "train-classifier");
+}
+
+}  // namespace
+
+void add_train_command(CLI::App& app) {
+  auto cli = std::make_shared<TrainCli>();
+  auto* cmd = app.add_subcommand("train", "Train a diffusion UNet (diffusers UNet2DModel) into a run folder");
+  cmd->footer(
+      "The run folder holds unet/ and unet_ema/ (config.json + diffusion_pytorch_model.safetensors), "
+      "scheduler/scheduler_config.json, train_state/, run.json, log.csv (loss per step and per timestep decile) "
+      "and loss.png. Ctrl-C or SIGTERM checkpoints and stops; --resume continues bit-exactly.\n"
+      "Example: diffuse train --data fashion-mnist --out runs/fm --steps 20000 --prediction v --schedule linear "
+      "--zero-snr --loss-weight min-snr");
+  add_common_options(cmd, cli->common);
+  auto& t = cli->train;
+  cmd->add_option("--prediction", cli->prediction, "What the network predicts: eps, v or x0")->capture_default_str();
+  cmd->add_option("--loss-weight", cli->loss_weight,
+                  "Per-timestep loss weight, stated on the x0 error and converted to the target: uniform (plain MSE "
+                  "on the target), eps (SNR), v (SNR+1), min-snr (min(SNR, gamma)), truncated (max(SNR, 1))")
+      ->capture_default_str();
+  cmd->add_option("--min-snr-gamma", t.min_snr_gamma, "gamma of --loss-weight min-snr")->capture_default_str();
+  cmd->add_option("--etsdm-t-tilde", t.etsdm.t_tilde, "E-TSDM: share the timestep condition on [0, t~) (0: off; paper: 100)")
+      ->capture_default_str();
+  cmd->add_option("--etsdm-n", t.etsdm.n, "E-TSDM: number of intervals on [0, t~) (paper: 5)")->capture_default_str();
+  cmd->add_option("--offset-noise", t.offset_noise, "Offset noise strength (baseline of Lin et al.; 0.1 typical; 0: off)")
+      ->capture_default_str();
+  cmd->add_option("--label-dropout", t.label_dropout, "Probability of replacing the label by the null class (for "
+                                                      "classifier-free guidance)")
+      ->capture_default_str();
+  cmd->add_flag("--unconditional", cli->unconditional, "No class embedding even if the data has classes");
+  cmd->add_option("--spacing", cli->spacing, "Default sampler timestep spacing stored in the scheduler config: "
+                                             "leading, linspace or trailing")
+      ->capture_default_str();
+  cmd->add_option("--dropout", cli->dropout, "Dropout in the resnet blocks")->capture_default_str();
+  cmd->add_option("--time-scale-shift", cli->time_scale_shift, "How resnets take the time embedding: default or "
+                                                               "scale_shift")
+      ->capture_default_str();
+  cmd->callback([cmd, cli] { run_train(cmd, *cli); });
+
+  auto common = std::make_shared<CommonOptions>();
+  common->channels = "32,64,64";
+  common->loop.lr = 3e-4;
+  common->loop.steps = 3000;
+  auto base = std::make_shared<ClassifierTrainOptions>();
+  auto* clf = app.add_subcommand("train-classifier",
+                                 "Train the noisy classifier p(y | x_t, t) of classifier guidance into a run folder");
+  clf->footer(
+      "Trains on x_t = a_t x0 + s_t eps at t ~ U{0..T-1} (use the diffusion model's --schedule and --zero-snr). "
+      "The run folder holds classifier/ and classifier_ema/, scheduler/, train_state/, run.json, log.csv, loss.png and "
+      "accuracy.csv: held-out accuracy per tenth of [0, T), also printed at the end.\n"
+      "Example: diffuse train-classifier --data fashion-mnist --out runs/clf --steps 3000");
+  add_common_options(clf, *common);
+  clf->add_option("--heldout", base->heldout, "Held-out images for the accuracy table")->capture_default_str();
+  clf->callback([clf, common, base] { run_train_classifier(clf, *common, *base); });
+}
+
+}  // namespace diffuse::cli

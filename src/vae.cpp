@@ -1,13 +1,12 @@
 #include "diffuse/vae.h"
 
-#include <ATen/CPUGeneratorImpl.h>
-
 #include <cmath>
 #include <stdexcept>
 
 #include <torch/torch.h>
 
 #include "config_json.h"
+#include "diffuse/sampling.h"
 
 namespace diffuse {
 
@@ -104,7 +103,13 @@ DiagonalGaussian DiagonalGaussian::from_moments(const torch::Tensor& moments) {
 torch::Tensor DiagonalGaussian::sample(c10::optional<at::Generator> generator) const {
   auto device = generator.has_value() ? generator->device() : mean.device();
   auto eps = torch::randn(mean.sizes(), generator, mean.options().device(device));
-  return mean + std * eps.to(mean.device());
+  return sample_from(eps.to(mean.device()));
+}
+
+torch::Tensor DiagonalGaussian::sample_from(const torch::Tensor& eps) const {
+  TORCH_CHECK(eps.sizes() == mean.sizes(), "posterior noise must have the latents' shape ", mean.sizes(), ", got ",
+              eps.sizes());
+  return mean + std * eps.to(mean.device(), mean.scalar_type());
 }
 
 namespace {
@@ -311,16 +316,12 @@ LatentStats latent_stats(AutoencoderKL& model, const torch::Tensor& images, int6
   if (batch <= 0) throw std::invalid_argument("latent statistics: batch " + std::to_string(batch) + " must be > 0");
   torch::NoGradGuard no_grad;
   const auto device = model->parameters().front().device();
-  auto gen = at::detail::createCPUGenerator(seed);
   // Chan, Golub & LeVeque's pairwise update of (count, mean, sum of squared deviations).
   double n = 0, mean = 0, m2 = 0;
   for (int64_t i = 0; i < images.size(0); i += batch) {
     const int64_t b = std::min(batch, images.size(0) - i);
     auto posterior = model->encode(images.narrow(0, i, b).to(device, torch::kFloat32));
-    // One draw per image keeps the noise of image k independent of how the images are batched.
-    std::vector<torch::Tensor> eps;
-    for (int64_t k = 0; k < b; ++k) eps.push_back(torch::randn(posterior.mean.sizes().slice(1), gen));
-    auto z = posterior.mean + posterior.std * torch::stack(eps).to(device);
+    auto z = posterior.sample_from(make_noise(posterior.mean.sizes().slice(1), b, seed, i).to(device));
     auto zd = z.to(torch::kFloat64) * scale;
     const double nb = double(zd.numel()), mb = zd.mean().item<double>();
     const double m2b = (zd - mb).square().sum().item<double>();

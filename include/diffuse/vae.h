@@ -68,6 +68,8 @@ struct DiagonalGaussian {
   /// mean's (a CPU generator gives the same numbers on every device); without one, on the mean's device with
   /// the default generator.
   torch::Tensor sample(c10::optional<at::Generator> generator = c10::nullopt) const;
+  /// mean + std * eps for given standard normal noise eps of the mean's shape (e.g. make_noise of sampling.h).
+  torch::Tensor sample_from(const torch::Tensor& eps) const;
   torch::Tensor mode() const { return mean; }
   /// KL(q || N(0, I)) = 0.5 sum_{c,h,w} (mean^2 + var - 1 - logvar), one value per sample: [N].
   torch::Tensor kl() const;
@@ -150,8 +152,8 @@ struct LatentStats {
   int64_t count = 0;  ///< number of latent elements
 };
 /// images [N, in_channels, H, W] on any device, encoded `batch` at a time on the model's device without
-/// autograd. The posterior noise comes from a CPU generator seeded with `seed`, drawn in image order, so the
-/// result does not depend on `batch` or the device.
+/// autograd. Image k's posterior noise is make_noise(latent shape, 1, seed, k) (sampling.h), so the draws do
+/// not depend on `batch` or the device.
 LatentStats latent_stats(AutoencoderKL& model, const torch::Tensor& images, int64_t batch, double scale = 1.0,
                          uint64_t seed = 0);
 /// The latent scaling factor 1 / std of the unscaled posterior samples over `images` (LDM's rule, which gave

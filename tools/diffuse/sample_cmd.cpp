@@ -65,13 +65,14 @@ void run_sample(const SampleOptions& o) {
   if (o.cfg_rescale < 0 || o.cfg_rescale > 1)
     throw std::invalid_argument("--cfg-rescale must lie in [0, 1], got " + std::to_string(o.cfg_rescale));
 
+  auto folder = unet_folder(o);  // first: a missing model is the error to report
   auto config = SchedulerConfig::load(scheduler_file(o));
   auto schedule = config.schedule();
   auto spacing = o.spacing.empty() ? config.timestep_spacing : parse_spacing(o.spacing);
   auto timesteps = spaced_timesteps(schedule.T(), o.steps, spacing, spacing == Spacing::leading ? config.steps_offset : 0);
   auto sampler = get_sampler(o.sampler);
 
-  auto unet = load_unet(unet_folder(o), device);
+  auto unet = load_unet(folder, device);
   unet->eval();
   const auto& uc = unet->config();
   if (!uc.sample_size) throw std::invalid_argument("the UNet config has no sample_size: cannot tell the image size");

@@ -52,8 +52,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  torch::set_num_threads(threads);
-  std::cout << "threads: " << torch::get_num_threads() << ", batch " << batch << "\n";
+  std::cout << "runtime: " << diffuse::configure_cpu_runtime(argv, threads) << ", batch " << batch << "\n";
   double matmul = diffuse::matmul_gflops(2048, torch::kCPU);
   std::cout << "matmul 2048x2048 float32: " << matmul << " GFLOP/s\n";
 

@@ -156,7 +156,9 @@ namespace {
 #define DIFFUSE_SIMD_CLONES
 #endif
 
-// Helpers are forced inline so that each clone compiles them for its own instruction set.
+// Helpers are forced inline so that each clone compiles them for its own instruction set (the ABI note GCC
+// gives about 32-byte vector arguments concerns calls that never happen).
+#pragma GCC diagnostic ignored "-Wpsabi"
 #define DIFFUSE_KERNEL_INLINE inline __attribute__((always_inline))
 
 typedef float v8f __attribute__((vector_size(32)));

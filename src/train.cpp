@@ -695,6 +695,7 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
   StopSignals signals;
   TrainResult result;
   result.run_dir = o.out;
+  result.start_step = start;
   result.step = start;
   auto params = model.parameters();
   double max_norm = o.grad_clip > 0 ? o.grad_clip : std::numeric_limits<double>::infinity();

@@ -144,6 +144,7 @@ struct StepInfo {
 };
 
 struct TrainResult {
+  int64_t start_step = 0;    ///< where this invocation began (the checkpoint's step when resuming)
   int64_t step = 0;          ///< steps completed (and checkpointed)
   bool interrupted = false;  ///< stopped by SIGINT/SIGTERM after checkpointing
   int signal = 0;            ///< the signal that stopped it

@@ -166,6 +166,10 @@ void finish(const TrainResult& r, const std::string& what) {
               << "'. Continue with: diffuse " << what << " --out " << r.run_dir << " --resume\n";
     throw Exit{128 + r.signal};
   }
+  if (r.step == r.start_step) {
+    std::cout << "'" << r.run_dir << "' is already at step " << r.step << " (raise --steps to train further)\n";
+    return;
+  }
   std::cout << "trained '" << r.run_dir << "' to step " << r.step << ": last loss " << r.last_loss << ", "
             << std::fixed << std::setprecision(1) << r.images_per_s << " images/s\n";
 }

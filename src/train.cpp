@@ -265,6 +265,34 @@ ClassifierTrainOptions ClassifierTrainOptions::from_json(const nlohmann::json& j
   return o;
 }
 
+nlohmann::json VaeTrainOptions::to_json() const {
+  // The scaling factor is measured at each checkpoint (vae/config.json), not an option of the run.
+  auto v = vae.to_json();
+  v.erase("scaling_factor");
+  return {{"kind", "vae"},
+          {"data", data_json(data)},
+          {"vae", v},
+          {"reconstruction", reconstruction},
+          {"kl_weight", kl_weight},
+          {"heldout", heldout},
+          {"scale_images", scale_images},
+          {"loop", loop.to_json()}};
+}
+
+VaeTrainOptions VaeTrainOptions::from_json(const nlohmann::json& j) {
+  if (get_or<std::string>(j, "kind", "") != "vae")
+    throw std::invalid_argument("this run does not train an autoencoder (kind " + j.value("kind", std::string("?")) + ")");
+  VaeTrainOptions o;
+  if (j.contains("data")) o.data = data_from_json(j["data"]);
+  if (j.contains("vae")) o.vae = AutoencoderKLConfig::from_json(j["vae"]);
+  o.reconstruction = get_or(j, "reconstruction", o.reconstruction);
+  o.kl_weight = get_or(j, "kl_weight", o.kl_weight);
+  o.heldout = get_or(j, "heldout", o.heldout);
+  o.scale_images = get_or(j, "scale_images", o.scale_images);
+  if (j.contains("loop")) o.loop = LoopOptions::from_json(j["loop"]);
+  return o;
+}
+
 // ================================================================ run folders and checkpoints
 
 namespace {
@@ -385,7 +413,8 @@ class StopSignals {
 
 
 // log.csv: one row per `every` steps with the mean loss and, per tenth of [0, T), the mean per-example loss
-// of the examples whose timestep fell in it. loss.png plots it.
+// of the examples whose timestep fell in it (no such columns for T = 0: a task without timesteps, the
+// autoencoder). loss.png plots it.
 class LossLog {
  public:
   static constexpr int kBins = 10;
@@ -393,7 +422,7 @@ class LossLog {
 
   std::string header() const {
     std::string h = "step,loss,lr,images_per_s,grad_norm";
-    for (int k = 0; k < kBins; ++k)
+    for (int k = 0; k < bins(); ++k)
       h += ",loss_t" + std::to_string(k * T_ / kBins) + "-" + std::to_string((k + 1) * T_ / kBins - 1);
     return h;
   }
@@ -410,7 +439,7 @@ class LossLog {
         std::stringstream ss(line);
         std::string cell;
         while (std::getline(ss, cell, ',')) row.push_back(cell.empty() ? NAN : std::strtod(cell.c_str(), nullptr));
-        if (row.size() == size_t(5 + kBins) && row[0] <= double(step)) rows_.push_back(row);
+        if (row.size() == size_t(5 + bins()) && row[0] <= double(step)) rows_.push_back(row);
       }
     }
     std::ostringstream os;
@@ -425,20 +454,22 @@ class LossLog {
     grad_sum_ += grad_norm;
     images_ += images;
     ++steps_;
-    auto bins = torch::div(t.to(torch::kInt64) * kBins, T_, "floor").clamp(0, kBins - 1);
+    if (bins() == 0) return;
+    auto bin_of = torch::div(t.to(torch::kInt64) * kBins, T_, "floor").clamp(0, kBins - 1);
     auto per = per_example.detach().to(torch::kFloat64).cpu();
-    bin_sum_ += torch::zeros({kBins}, torch::kFloat64).index_add_(0, bins, per);
-    bin_n_ += torch::bincount(bins, {}, kBins).to(torch::kFloat64);
+    bin_sum_ += torch::zeros({kBins}, torch::kFloat64).index_add_(0, bin_of, per);
+    bin_n_ += torch::bincount(bin_of, {}, kBins).to(torch::kFloat64);
   }
 
   bool due(int64_t step) const { return step % every_ == 0; }
+  int bins() const { return T_ > 0 ? kBins : 0; }
 
   void write(int64_t step, double lr) {
     if (steps_ == 0) return;
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - since_).count();
     std::vector<double> row = {double(step), loss_sum_ / steps_, lr, images_ / std::max(seconds, 1e-9), grad_sum_ / steps_};
     auto mean = bin_sum_ / bin_n_;  // NaN where a bin saw no example
-    for (int k = 0; k < kBins; ++k) row.push_back(mean[k].item<double>());
+    for (int k = 0; k < bins(); ++k) row.push_back(mean[k].item<double>());
     rows_.push_back(row);
     std::ofstream(path_, std::ios::app) << format(row);
     reset();
@@ -450,6 +481,10 @@ class LossLog {
     for (const auto& r : rows_) {
       loss.x.push_back(r[0]);
       loss.y.push_back(r[1]);
+    }
+    if (bins() == 0) {
+      plot_png(png.string(), {Panel{"training loss", "step", "loss", true, {loss}}});
+      return;
     }
     // Per-timestep loss averaged over the last tenth of the rows.
     size_t from = rows_.size() - std::max<size_t>(1, rows_.size() / 10);
@@ -929,6 +964,81 @@ class ClassifierTask : public Task {
   NoisyClassifier model_{nullptr}, ema_{nullptr};
 };
 
+// ---------------------------------------------------------------- the autoencoder task
+
+class VaeTask : public Task {
+ public:
+  VaeTask(const VaeTrainOptions& o, const Dataset& data) : o_(o) {
+    const auto& v = o.vae;
+    v.validate();
+    if (v.sample_size != data.height() || data.height() != data.width() || v.in_channels != data.channels() ||
+        v.out_channels != v.in_channels)
+      throw std::invalid_argument("the data (" + std::to_string(data.channels()) + "x" + std::to_string(data.height()) +
+                                  "x" + std::to_string(data.width()) + ") does not fit the autoencoder (" +
+                                  std::to_string(v.in_channels) + " -> " + std::to_string(v.out_channels) +
+                                  " channels, sample_size " + std::to_string(v.sample_size) + ")");
+    if (data.height() % v.downsample_factor() != 0)
+      throw std::invalid_argument("image size " + std::to_string(data.height()) + " is not divisible by " +
+                                  std::to_string(v.downsample_factor()) + " (2^(levels - 1)); change --size or --channels");
+    if (o.reconstruction != "l1" && o.reconstruction != "l2")
+      throw std::invalid_argument("--reconstruction '" + o.reconstruction + "' is not supported (l1 or l2)");
+    if (!(o.kl_weight >= 0) || !std::isfinite(o.kl_weight))
+      throw std::invalid_argument("--kl-weight must be >= 0, got " + std::to_string(o.kl_weight));
+    if (o.scale_images < 2) throw std::invalid_argument("--scale-images must be at least 2");
+    const int64_t k = std::min(o.scale_images, data.size());
+    scale_sample_ = data.images.index_select(
+        0, torch::linspace(0, double(data.size() - 1), k, torch::kFloat64).round().to(torch::kInt64));
+  }
+  std::string kind() const override { return "vae"; }
+  void create(torch::Device device) override {
+    vae_ = AutoencoderKL(o_.vae);
+    ema_ = AutoencoderKL(o_.vae);
+    to(device);
+    copy_weights(*ema_, *vae_);
+  }
+  void load(const fs::path& run, torch::Device device) override {
+    vae_ = load_vae((run / "vae").string(), device);
+    ema_ = load_vae((run / "vae_ema").string(), device);
+    auto stored = vae_->config();
+    stored.scaling_factor = o_.vae.scaling_factor;
+    if (!(stored == o_.vae))
+      throw std::invalid_argument("'" + (run / "vae" / "config.json").string() + "' differs from run.json's autoencoder");
+    to(device);
+  }
+  torch::nn::Module& model() override { return *vae_; }
+  torch::nn::Module& ema() override { return *ema_; }
+  int64_t T() const override { return 0; }  // no timesteps
+  AutoencoderKL& raw_model() { return vae_; }
+  AutoencoderKL& ema_model() { return ema_; }
+
+  std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, at::Generator& gen) override {
+    const auto& x = batch.images;
+    auto posterior = vae_->encode(x);
+    auto diff = vae_->decode(posterior.sample(gen)).to(torch::kFloat32) - x;
+    auto rec = (o_.reconstruction == "l1" ? diff.abs() : diff.square()).flatten(1).mean(1);
+    auto kl = posterior.kl().to(torch::kFloat32) / double(x[0].numel());
+    return {rec + o_.kl_weight * kl, torch::zeros({x.size(0)}, torch::kInt64)};
+  }
+
+  // Each saved model carries the scaling factor of its own weights.
+  void save(const fs::path& dir) override {
+    const std::pair<AutoencoderKL*, const char*> models[] = {{&vae_, "vae"}, {&ema_, "vae_ema"}};
+    for (const auto& [model, name] : models) {
+      (*model)->set_scaling_factor(measure_scaling_factor(*model, scale_sample_, o_.loop.batch, o_.loop.seed));
+      save_vae(*model, (dir / name).string());
+    }
+  }
+
+ private:
+  void to(torch::Device device) {
+    vae_->to(device);
+    ema_->to(device);
+  }
+  VaeTrainOptions o_;
+  torch::Tensor scale_sample_;
+  AutoencoderKL vae_{nullptr}, ema_{nullptr};
+};
+
 }  // namespace
 
 TrainResult train(const TrainOptions& options, const Dataset& data, const TrainHooks& hooks) {
@@ -989,6 +1099,42 @@ TrainResult train_classifier(const ClassifierTrainOptions& options, const Datase
       *report << "  (chance: " << std::setprecision(3) << 1.0 / double(options.classifier.num_classes) << ")\n";
     }
   }
+  return result;
+}
+
+TrainResult train_vae(const VaeTrainOptions& options, const Dataset& data, const Dataset& heldout, std::ostream* report,
+                      const TrainHooks& hooks) {
+  VaeTask task(options, data);
+  auto result = run_loop(task, options.loop, options.to_json(), data, hooks);
+  if (result.interrupted || !heldout.images.defined() || heldout.size() == 0) return result;
+  const int64_t batch = options.loop.batch;
+  // Posterior noise for the held-out latents from another stream than the checkpoint's measurement.
+  const uint64_t seed = mix_seed(options.loop.seed, 0x7ae);
+  std::ostringstream csv;
+  csv << "model,psnr,mse,l1,latent_mean,latent_std,scaling_factor,scaled_latent_mean,scaled_latent_std,images\n";
+  csv << std::setprecision(7);
+  if (report)
+    *report << "held-out reconstruction of " << heldout.size() << " images of " << heldout.name << " (step "
+            << result.step << "; posterior mean, PSNR for the range [-1, 1]):\n"
+            << "  model     PSNR dB    MSE        latent std  factor     scaled std\n";
+  const std::pair<AutoencoderKL*, const char*> models[] = {{&task.raw_model(), "vae"}, {&task.ema_model(), "vae_ema"}};
+  for (const auto& [model, name] : models) {
+    auto r = reconstruction_stats(*model, heldout.images, batch);
+    const double factor = (*model)->config().scaling_factor;
+    auto before = latent_stats(*model, heldout.images, batch, 1.0, seed);
+    auto after = latent_stats(*model, heldout.images, batch, factor, seed);
+    csv << name << "," << r.psnr << "," << r.mse << "," << r.l1 << "," << before.mean << "," << before.std << ","
+        << factor << "," << after.mean << "," << after.std << "," << r.count << "\n";
+    if (report)
+      *report << "  " << std::left << std::setw(9) << name << std::right << std::fixed << std::setprecision(2)
+              << std::setw(7) << r.psnr << "    " << std::scientific << std::setprecision(3) << r.mse << "  "
+              << std::fixed << std::setprecision(4) << std::setw(10) << before.std << "  " << std::setw(9) << factor
+              << "  " << std::setw(9) << after.std << "\n";
+  }
+  write_file_atomic((fs::path(options.loop.out) / "reconstruction.csv").string(), csv.str());
+  if (report)
+    *report << "  (latent std over posterior samples; factor = 1 / std on " << std::min(options.scale_images, data.size())
+            << " training images, stored in vae*/config.json as scaling_factor)\n";
   return result;
 }
 

@@ -346,4 +346,36 @@ double measure_scaling_factor(AutoencoderKL& model, const torch::Tensor& images,
   return 1.0 / s.std;
 }
 
+torch::Tensor psnr(const torch::Tensor& x, const torch::Tensor& y, double data_range) {
+  TORCH_CHECK(x.sizes() == y.sizes() && x.dim() >= 2, "psnr needs two image batches of one shape, got ", x.sizes(),
+              " and ", y.sizes());
+  auto mse = (x.to(torch::kFloat64) - y.to(x.device(), torch::kFloat64)).square().flatten(1).mean(1);
+  return 10.0 * torch::log10(data_range * data_range / mse);
+}
+
+ReconstructionStats reconstruction_stats(AutoencoderKL& model, const torch::Tensor& images, int64_t batch) {
+  const auto& c = model->config();
+  if (!images.defined() || images.dim() != 4 || images.size(0) == 0 || images.size(1) != c.in_channels)
+    throw std::invalid_argument("reconstruction needs images [N > 0, " + std::to_string(c.in_channels) +
+                                ", H, W], got " + (images.defined() ? c10::str(images.sizes()) : "nothing"));
+  if (batch <= 0) throw std::invalid_argument("reconstruction: batch " + std::to_string(batch) + " must be > 0");
+  torch::NoGradGuard no_grad;
+  const auto device = model->parameters().front().device();
+  double psnr_sum = 0, se = 0, ae = 0;
+  for (int64_t i = 0; i < images.size(0); i += batch) {
+    auto x = images.narrow(0, i, std::min(batch, images.size(0) - i)).to(device, torch::kFloat32);
+    auto x_hat = model->decode(model->encode(x).mode()).clamp(-1.0, 1.0);
+    psnr_sum += psnr(x, x_hat).sum().item<double>();
+    auto diff = (x_hat - x).to(torch::kFloat64);
+    se += diff.square().sum().item<double>();
+    ae += diff.abs().sum().item<double>();
+  }
+  ReconstructionStats r;
+  r.count = images.size(0);
+  r.psnr = psnr_sum / double(r.count);
+  r.mse = se / double(images.numel());
+  r.l1 = ae / double(images.numel());
+  return r;
+}
+
 }  // namespace diffuse

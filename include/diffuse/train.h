@@ -15,7 +15,8 @@
 //   scheduler/scheduler_config.json             schedule, prediction type, spacing, E-TSDM settings
 //   train_state/state.json, optimizer.pt, rng.safetensors             step, optimizer, RNG states
 //   log.csv, loss.png                           loss per step and per timestep decile
-// (a classifier run has classifier/ and classifier_ema/ instead of unet/ and unet_ema/, plus accuracy.csv).
+// (a classifier run has classifier/ and classifier_ema/ instead of unet/ and unet_ema/, plus accuracy.csv;
+// an autoencoder run has vae/ and vae_ema/, no scheduler/, no timestep columns, plus reconstruction.csv).
 // Checkpoints are written into RUN/.checkpoint-new and then swapped in component by component after a
 // COMPLETE marker; an interrupted swap is finished by the next reader (finish_interrupted_checkpoint).
 #pragma once
@@ -34,6 +35,7 @@
 #include "diffuse/schedule.h"
 #include "diffuse/scheduler_config.h"
 #include "diffuse/unet.h"
+#include "diffuse/vae.h"
 
 namespace diffuse {
 
@@ -117,6 +119,25 @@ struct TrainOptions {
   static TrainOptions from_json(const nlohmann::json& j);
 };
 
+/// The autoencoder of latent diffusion (Rombach et al. 2022, Sec. 3.1, without the patch discriminator and
+/// perceptual loss): per image, loss = mean_{C,H,W} rec(x_hat - x) + kl_weight * KL(q(z|x) || N(0, I)) / (C H W),
+/// rec = |.| (l1) or (.)^2 (l2), x_hat = decode(z), z ~ q(z|x) reparameterised. Dividing both terms of LDM's
+/// summed loss by the pixel count keeps LDM's kl_weight values (1e-6 for its KL-f8 model).
+struct VaeTrainOptions {
+  DataSpec data;
+  AutoencoderKLConfig vae;               ///< in/out channels and sample_size must fit the data
+  std::string reconstruction = "l1";     ///< l1 or l2
+  double kl_weight = 1e-6;
+  int64_t heldout = 1000;                ///< held-out images for the final PSNR report
+  /// Training images (evenly spaced through the data) on which every checkpoint measures the scaling factor
+  /// that it stores in vae/config.json and vae_ema/config.json (measure_scaling_factor).
+  int64_t scale_images = 256;
+  LoopOptions loop;
+
+  nlohmann::json to_json() const;
+  static VaeTrainOptions from_json(const nlohmann::json& j);
+};
+
 struct ClassifierTrainOptions {
   DataSpec data;
   NoisyClassifierConfig classifier;
@@ -169,6 +190,13 @@ TrainResult train(const TrainOptions& options, const Dataset& data, const TrainH
 /// RUN/accuracy.csv: accuracy on `heldout` noised at timesteps in each tenth of [0, T).
 TrainResult train_classifier(const ClassifierTrainOptions& options, const Dataset& data, const Dataset& heldout,
                              std::ostream* report = nullptr, const TrainHooks& hooks = {});
+
+/// Trains an AutoencoderKL. The run folder holds vae/ and vae_ema/ (diffusers folders whose scaling_factor is
+/// measured at each checkpoint), train_state/, run.json, log.csv, loss.png. At the end, evaluates both on
+/// `heldout` (reconstruction from the posterior mean, latent statistics before and after scaling), writes
+/// RUN/reconstruction.csv and prints the table to `report` when given.
+TrainResult train_vae(const VaeTrainOptions& options, const Dataset& data, const Dataset& heldout,
+                      std::ostream* report = nullptr, const TrainHooks& hooks = {});
 
 struct AccuracyRow {
   int64_t t_begin, t_end;  ///< timesteps [t_begin, t_end)

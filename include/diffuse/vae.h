@@ -161,4 +161,17 @@ LatentStats latent_stats(AutoencoderKL& model, const torch::Tensor& images, int6
 /// Throws std::invalid_argument when the latents have zero or non-finite spread.
 double measure_scaling_factor(AutoencoderKL& model, const torch::Tensor& images, int64_t batch, uint64_t seed = 0);
 
+/// Peak signal-to-noise ratio per image: 10 log10(data_range^2 / mean_{C,H,W} (x - y)^2), [N] float64 on x's
+/// device (data_range 2 for images in [-1, 1]); an exact match gives +inf.
+torch::Tensor psnr(const torch::Tensor& x, const torch::Tensor& y, double data_range = 2.0);
+
+struct ReconstructionStats {
+  double psnr = 0;  ///< mean over images of psnr(x, x_hat) with data_range 2
+  double mse = 0, l1 = 0;  ///< mean over all elements
+  int64_t count = 0;       ///< images
+};
+/// Reconstructs images in [-1, 1] through the posterior mean, x_hat = clamp(decode(encode(x).mode()), -1, 1),
+/// `batch` at a time on the model's device without autograd.
+ReconstructionStats reconstruction_stats(AutoencoderKL& model, const torch::Tensor& images, int64_t batch);
+
 }  // namespace diffuse

@@ -23,7 +23,7 @@ struct Exit {
 void warn_if_slow_blas();
 
 void add_schedule_command(CLI::App& app);
-void add_train_command(CLI::App& app);  ///< train and train-classifier
+void add_train_command(CLI::App& app);  ///< train, train-classifier and train-vae
 void add_sample_command(CLI::App& app);
 
 }  // namespace diffuse::cli

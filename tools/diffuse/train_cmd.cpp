@@ -1,5 +1,6 @@
 // diffuse train: a diffusion UNet on Fashion-MNIST, generated data or a folder of images.
 // diffuse train-classifier: the noisy classifier of classifier guidance.
+// diffuse train-vae: the KL autoencoder of latent diffusion.
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
@@ -9,13 +10,14 @@
 #include "diffuse/runtime.h"
 #include "diffuse/scheduler_config.h"
 #include "diffuse/train.h"
+#include "diffuse/vae.h"
 
 namespace fs = std::filesystem;
 
 namespace diffuse::cli {
 namespace {
 
-// Options shared by both commands, bound to a LoopOptions / DataSpec / ScheduleSpec.
+// Options shared by the commands, bound to a LoopOptions / DataSpec / ScheduleSpec.
 struct CommonOptions {
   LoopOptions loop;
   DataSpec data;
@@ -29,7 +31,8 @@ struct CommonOptions {
   int64_t norm_groups = 32;
 };
 
-void add_common_options(CLI::App* cmd, CommonOptions& c) {
+// `noised`: the model sees noised images (a noise schedule) and has attention levels (not the autoencoder).
+void add_common_options(CLI::App* cmd, CommonOptions& c, bool noised = true) {
   auto& l = c.loop;
   cmd->add_option("--data", c.data.source,
                   "fashion-mnist, fashion-mnist-brightness, synthetic-shapes, synthetic-brightness (shapes with a "
@@ -72,6 +75,13 @@ void add_common_options(CLI::App* cmd, CommonOptions& c) {
   cmd->add_option("--threads", l.threads, "CPU threads (0: LibTorch's default)")->capture_default_str();
   cmd->add_flag("--quiet", c.quiet, "No progress line");
 
+  cmd->add_option("--channels", c.channels, "Channels per level (block_out_channels), comma-separated")
+      ->capture_default_str();
+  cmd->add_option("--layers-per-block", c.layers_per_block, "Resnet layers per level")->capture_default_str();
+  cmd->add_flag("--no-mid-attention", c.no_mid_attention, "No attention in the mid block");
+  cmd->add_option("--norm-groups", c.norm_groups, "GroupNorm groups")->capture_default_str();
+  if (!noised) return;
+
   cmd->add_option("--schedule", c.schedule.name, "Noise schedule: linear, scaled_linear, cosine, cosine_noclip, sigmoid")
       ->capture_default_str();
   cmd->add_flag("--zero-snr", c.schedule.zero_snr, "Rescale to zero terminal SNR (Lin et al. 2023, Algorithm 1)");
@@ -79,15 +89,10 @@ void add_common_options(CLI::App* cmd, CommonOptions& c) {
   cmd->add_option("--beta-start", c.schedule.beta_start, "First beta (default: the schedule's own)");
   cmd->add_option("--beta-end", c.schedule.beta_end, "Last beta (default: the schedule's own)");
 
-  cmd->add_option("--channels", c.channels, "Channels per level (block_out_channels), comma-separated")
-      ->capture_default_str();
-  cmd->add_option("--layers-per-block", c.layers_per_block, "Resnet layers per level")->capture_default_str();
   cmd->add_option("--attention-levels", c.attention_levels, "Levels (0-based, comma-separated) with self-attention, "
                                                             "or none")
       ->capture_default_str();
-  cmd->add_flag("--no-mid-attention", c.no_mid_attention, "No attention in the mid block");
   cmd->add_option("--head-dim", c.head_dim, "Attention head dimension")->capture_default_str();
-  cmd->add_option("--norm-groups", c.norm_groups, "GroupNorm groups")->capture_default_str();
 }
 
 std::vector<int64_t> parse_int_list(const std::string& text, const std::string& option) {
@@ -158,6 +163,21 @@ void print_data(const Dataset& d) {
             << d.width();
   if (d.num_classes) std::cerr << ", " << d.num_classes << " classes";
   std::cerr << "\n";
+}
+
+// Held-out images: the source's evaluation split, else a seeded split of the training data (at most a tenth).
+Dataset take_heldout(const DataSpec& spec, Dataset& data, int64_t count, uint64_t seed) {
+  Dataset heldout;
+  if (has_heldout_split(spec)) {
+    heldout = load_dataset(spec, true);
+    if (heldout.size() > count) {
+      heldout.images = heldout.images.narrow(0, 0, count);
+      heldout.labels = heldout.labels.narrow(0, 0, count);
+    }
+  } else {
+    std::tie(data, heldout) = split_dataset(data, std::min<int64_t>(count, data.size() / 10), seed);
+  }
+  return heldout;
 }
 
 void finish(const TrainResult& r, const std::string& what) {
@@ -240,16 +260,8 @@ void run_train_classifier(const CLI::App* cmd, CommonOptions& c, ClassifierTrain
     o.loop.progress = !c.quiet;
   }
   check_run_folder(o.loop);
-  Dataset data = load_dataset(o.data), heldout;
-  if (has_heldout_split(o.data)) {
-    heldout = load_dataset(o.data, true);
-    if (heldout.size() > o.heldout) {
-      heldout.images = heldout.images.narrow(0, 0, o.heldout);
-      heldout.labels = heldout.labels.narrow(0, 0, o.heldout);
-    }
-  } else {
-    std::tie(data, heldout) = split_dataset(data, std::min<int64_t>(o.heldout, data.size() / 10), o.loop.seed);
-  }
+  Dataset data = load_dataset(o.data);
+  Dataset heldout = take_heldout(o.data, data, o.heldout, o.loop.seed);
   if (!c.loop.resume) {
     auto shape = shape_of(c);
     NoisyClassifierConfig k;
@@ -276,6 +288,51 @@ void run_train_classifier(const CLI::App* cmd, CommonOptions& c, ClassifierTrain
             << " classes; held out: " << heldout.size() << " images\n";
   auto result = train_classifier(o, data, heldout, &std::cout);
   finish(result, "train-classifier");
+}
+
+struct VaeCli {
+  CommonOptions common;
+  VaeTrainOptions train;
+};
+
+void run_train_vae(const CLI::App* cmd, VaeCli& cli) {
+  warn_if_slow_blas();
+  auto& c = cli.common;
+  VaeTrainOptions o;
+  if (c.loop.resume) {
+    check_resume_options(cmd);
+    o = VaeTrainOptions::from_json(stored_options(c.loop.out));
+    apply_resumable(o.loop, c.loop, cmd, c.quiet);
+  } else {
+    o = cli.train;
+    o.data = c.data;
+    o.loop = c.loop;
+    o.loop.progress = !c.quiet;
+  }
+  check_run_folder(o.loop);
+  Dataset data = load_dataset(o.data);
+  Dataset heldout = take_heldout(o.data, data, o.heldout, o.loop.seed);
+  if (!c.loop.resume) {
+    auto& v = o.vae;
+    v.in_channels = v.out_channels = data.channels();
+    v.sample_size = o.data.size;
+    v.block_out_channels = parse_int_list(c.channels, "--channels");
+    v.down_block_types.assign(v.block_out_channels.size(), "DownEncoderBlock2D");
+    v.up_block_types.assign(v.block_out_channels.size(), "UpDecoderBlock2D");
+    v.layers_per_block = c.layers_per_block;
+    v.norm_num_groups = c.norm_groups;
+    if (c.no_mid_attention) v.mid_block_add_attention = false;
+    v.validate();
+  }
+  print_data(data);
+  {
+    AutoencoderKL probe(o.vae);
+    const int64_t f = o.vae.downsample_factor(), side = o.data.size / f;
+    std::cerr << "model: AutoencoderKL " << parameter_count(*probe) / 1e6 << "M parameters, latents "
+              << o.vae.latent_channels << "x" << side << "x" << side << " (factor " << f << "); " << o.reconstruction
+              << " reconstruction + " << o.kl_weight << " x KL; held out: " << heldout.size() << " images\n";
+  }
+  finish(train_vae(o, data, heldout, &std::cout), "train-vae");
 }
 
 }  // namespace
@@ -330,6 +387,32 @@ void add_train_command(CLI::App& app) {
   add_common_options(clf, *common);
   clf->add_option("--heldout", base->heldout, "Held-out images for the accuracy table")->capture_default_str();
   clf->callback([clf, common, base] { run_train_classifier(clf, *common, *base); });
+
+  auto vae = std::make_shared<VaeCli>();
+  vae->common.channels = "32,64,128";
+  vae->common.layers_per_block = 1;
+  vae->common.loop.steps = 5000;
+  vae->common.loop.ema_decay = 0.999;
+  auto* tv = app.add_subcommand("train-vae", "Train the KL autoencoder of latent diffusion (diffusers AutoencoderKL) "
+                                             "into a run folder");
+  tv->footer(
+      "Loss per image: mean |x_hat - x| (or squared with --reconstruction l2) + kl-weight * KL(q(z|x) || N(0, I)) / "
+      "pixels, z sampled from the posterior (LDM's kl_weight convention; no discriminator or perceptual loss). "
+      "The run folder holds vae/ and vae_ema/ (diffusers folders; each checkpoint measures scaling_factor = 1 / std "
+      "of the latents on --scale-images training images), train_state/, run.json, log.csv, loss.png and "
+      "reconstruction.csv: held-out PSNR and the latent std before and after scaling, also printed at the end.\n"
+      "Example: diffuse train-vae --data fashion-mnist --out runs/vae --steps 5000 --channels 32,64,128");
+  add_common_options(tv, vae->common, false);
+  auto& v = vae->train;
+  tv->add_option("--latent-channels", v.vae.latent_channels, "Latent channels")->capture_default_str();
+  tv->add_option("--reconstruction", v.reconstruction, "Reconstruction loss: l1 or l2")->capture_default_str();
+  tv->add_option("--kl-weight", v.kl_weight, "Weight of the KL term (per pixel, as LDM's kl_weight)")
+      ->capture_default_str();
+  tv->add_option("--heldout", v.heldout, "Held-out images for the PSNR report")->capture_default_str();
+  tv->add_option("--scale-images", v.scale_images, "Training images on which each checkpoint measures the latent "
+                                                   "scaling factor")
+      ->capture_default_str();
+  tv->callback([tv, vae] { run_train_vae(tv, *vae); });
 }
 
 }  // namespace diffuse::cli

@@ -125,7 +125,7 @@ UNetShape shape_of(const CommonOptions& c) {
 
 // With --resume only options that leave the weights alone may be given.
 void check_resume_options(const CLI::App* cmd) {
-  static const std::vector<std::string> allowed = {"--out",      "--resume",  "--steps", "--device",
+  static const std::vector<std::string> allowed = {"--out",      "--resume",  "--steps", "--device", "--latent-cache",
                                                    "--bf16",     "--checkpoint-every", "--log-every",
                                                    "--quiet",    "--threads", "--help"};
   for (const auto* opt : cmd->get_options()) {
@@ -199,6 +199,7 @@ struct TrainCli {
   TrainOptions train;
   std::string prediction = "eps", loss_weight = "uniform", spacing = "trailing";
   bool unconditional = false;
+  std::string vae, latent_cache;
   double dropout = 0.0;
   std::string time_scale_shift = "default";
 };
@@ -222,12 +223,29 @@ void run_train(const CLI::App* cmd, TrainCli& cli) {
     o.loop.progress = !c.quiet;
   }
   check_run_folder(o.loop);
+  AutoencoderKL vae{nullptr};
+  if (c.loop.resume ? !o.vae.empty() : !cli.vae.empty()) {
+    // Latent diffusion: a resumed run decodes and encodes with its own copy, RUN/vae.
+    if (!c.loop.resume) o.vae = resolve_vae_folder(cli.vae);
+    vae = load_vae(c.loop.resume ? (fs::path(o.loop.out) / "vae").string() : o.vae, parse_device(o.loop.device));
+    vae->eval();
+  }
   Dataset data = load_dataset(o.data);
+  if (!vae.is_empty()) {
+    print_data(data);
+    const std::string dir = cli.latent_cache.empty() ? default_latent_cache_dir() : cli.latent_cache;
+    auto cache = cached_latents(vae, data, dir, 256);
+    const auto& z = cache.latents.images;
+    std::cerr << "latents: " << c10::str(z.sizes()) << " from '" << o.vae << "' (scaling_factor "
+              << vae->config().scaling_factor << "), std " << z.std().item<double>() << ", mean "
+              << z.mean().item<double>() << "; cache " << cache.event << ": " << cache.path << "\n";
+    data = cache.latents;
+  }
   if (!c.loop.resume) {
     auto shape = shape_of(c);
     shape.dropout = cli.dropout;
     shape.time_scale_shift = cli.time_scale_shift;
-    o.unet = make_unet_config(shape, o.data.size, data.channels(), cli.unconditional ? 0 : data.num_classes);
+    o.unet = make_unet_config(shape, data.height(), data.channels(), cli.unconditional ? 0 : data.num_classes);
   }
   print_data(data);
   {
@@ -242,7 +260,7 @@ void run_train(const CLI::App* cmd, TrainCli& cli) {
               << (o.etsdm.enabled() ? ", E-TSDM t~=" + std::to_string(o.etsdm.t_tilde) + " n=" + std::to_string(o.etsdm.n) : "")
               << "\n";
   }
-  finish(train(o, data), "train");
+  finish(train(o, data, {}, vae), "train");
 }
 
 void run_train_classifier(const CLI::App* cmd, CommonOptions& c, ClassifierTrainOptions& base) {
@@ -367,6 +385,12 @@ void add_train_command(CLI::App& app) {
                                              "leading, linspace or trailing")
       ->capture_default_str();
   cmd->add_option("--dropout", cli->dropout, "Dropout in the resnet blocks")->capture_default_str();
+  cmd->add_option("--vae", cli->vae, "Latent diffusion: train on the scaled latents of this autoencoder (a train-vae run "
+                                     "folder, whose EMA weights are used, or a diffusers AutoencoderKL folder); the run "
+                                     "keeps a copy in vae/ and diffuse sample decodes through it");
+  cmd->add_option("--latent-cache", cli->latent_cache, "Folder of cached latents (default $XDG_CACHE_HOME/diffuse/latents "
+                                                       "or ~/.cache/diffuse/latents); recomputed when the autoencoder "
+                                                       "changes");
   cmd->add_option("--time-scale-shift", cli->time_scale_shift, "How resnets take the time embedding: default or "
                                                                "scale_shift")
       ->capture_default_str();

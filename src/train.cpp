@@ -252,6 +252,8 @@ nlohmann::json ClassifierTrainOptions::to_json() const {
           {"classifier", classifier.to_json()},
           {"schedule", schedule_json(schedule)},
           {"heldout", heldout},
+          {"vae", vae},
+          {"vae_fingerprint", vae_fingerprint},
           {"loop", loop.to_json()}};
 }
 
@@ -263,6 +265,8 @@ ClassifierTrainOptions ClassifierTrainOptions::from_json(const nlohmann::json& j
   if (j.contains("classifier")) o.classifier = NoisyClassifierConfig::from_json(j["classifier"]);
   if (j.contains("schedule")) o.schedule = schedule_from_json(j["schedule"]);
   o.heldout = get_or(j, "heldout", o.heldout);
+  o.vae = get_or<std::string>(j, "vae", "");
+  o.vae_fingerprint = get_or<std::string>(j, "vae_fingerprint", "");
   if (j.contains("loop")) o.loop = LoopOptions::from_json(j["loop"]);
   return o;
 }

@@ -145,6 +145,26 @@ TEST(LatentDiffusionCli, TrainsOnCachedLatentsSamplesAndDecodes) {
   EXPECT_TRUE(torch::allclose(vae->decode_scaled(raw.at("latents")), raw.at("sample"), 1e-5, 1e-6));
   EXPECT_TRUE(std::filesystem::exists(dir / "samples/grid.png"));
 
+  // Classifier guidance of a latent model: a noisy classifier on the same latents.
+  r = run_cli("train-classifier" + data + " --vae " + dir / "run" + " --latent-cache " + dir / "cache" +
+              " --channels 8,16 --attention-levels none --norm-groups 4 --batch 8 --heldout 8 --steps 2 --out " +
+              dir / "clf");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("cache hit"), std::string::npos) << r.output;  // the run's vae/ is the same autoencoder
+  EXPECT_EQ(load_json(dir / "clf/classifier/config.json")["in_channels"], 2);
+  r = run_cli("sample --model " + dir / "run" + " --n 2 --steps 2 --quiet --classifier " + dir / "clf" +
+              " --classifier-scale 1 --class 1 --out " + dir / "guided");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_TRUE(std::filesystem::exists(dir / "guided/grid.png"));
+  // A pixel-space classifier cannot guide latents.
+  r = run_cli("train-classifier" + data + " --channels 8,16 --attention-levels none --norm-groups 4 --batch 8 "
+              "--heldout 8 --steps 1 --out " + dir / "pixel-clf");
+  ASSERT_EQ(r.code, 0) << r.output;
+  r = run_cli("sample --model " + dir / "run" + " --n 1 --steps 1 --quiet --classifier " + dir / "pixel-clf" +
+              " --classifier-scale 1 --out " + dir / "bad");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("trained on the same latents"), std::string::npos) << r.output;
+
   // A pixel-space VAE mismatch is named.
   r = run_cli("sample --model " + dir / "run" + " --n 1 --steps 1 --quiet --vae " + dir / "run/unet");
   EXPECT_EQ(r.code, 1);

@@ -146,6 +146,9 @@ struct ClassifierTrainOptions {
   NoisyClassifierConfig classifier;
   ScheduleSpec schedule;                 ///< must be the diffusion model's schedule at sampling time
   int64_t heldout = 2000;                ///< held-out images for the accuracy table
+  /// Latent diffusion: the autoencoder folder whose latents the classifier sees, and its vae_fingerprint (a
+  /// resumed run refuses a changed autoencoder). Empty: pixel space.
+  std::string vae, vae_fingerprint;
   LoopOptions loop;
 
   nlohmann::json to_json() const;

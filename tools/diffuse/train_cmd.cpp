@@ -258,6 +258,7 @@ void run_train(const CLI::App* cmd, TrainCli& cli) {
   {
     UNet2DModel probe(o.unet);
     std::cerr << "model: UNet2DModel " << parameter_count(*probe) / 1e6 << "M parameters, "
+              << unet_forward_flops(o.unet, data.height(), data.width()) / 1e9 << " GFLOP per image forward, "
               << (o.unet.num_class_embeds ? "class-conditional (" + std::to_string(*o.unet.num_class_embeds) +
                                                 " embeddings, null class " +
                                                 std::to_string(*o.unet.num_class_embeds - 1) + ")"

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <iostream>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
@@ -169,6 +170,20 @@ double Distributed::all_reduce_sum(double value) {
   return t[0].item<double>();
 }
 
+void Distributed::broadcast_bytes(std::string& bytes, int64_t root) {
+  if (!enabled()) return;
+  auto on = torch::TensorOptions().device(collective_device());
+  std::vector<torch::Tensor> size = {torch::tensor({int64_t(bytes.size())}, on.dtype(torch::kInt64))};
+  broadcast(size, root);
+  const int64_t n = size[0].item<int64_t>();
+  auto buffer = torch::empty({n}, torch::kUInt8);
+  if (rank() == root) std::memcpy(buffer.data_ptr<uint8_t>(), bytes.data(), size_t(n));
+  std::vector<torch::Tensor> payload = {buffer.to(collective_device())};
+  broadcast(payload, root);
+  auto back = payload[0].cpu().contiguous();
+  bytes.assign(reinterpret_cast<const char*>(back.data_ptr<uint8_t>()), size_t(n));
+}
+
 void Distributed::barrier() {
   if (!enabled()) return;
   // A tiny all-reduce doubles as a barrier that honours our timeout on every backend.
@@ -324,7 +339,9 @@ int free_loopback_port() {
 }
 
 std::vector<pid_t>* g_children = nullptr;
+volatile sig_atomic_t g_forwarded = 0;
 void forward_signal(int sig) {
+  g_forwarded = sig;
   if (g_children)
     for (pid_t p : *g_children)
       if (p > 0) kill(p, sig);
@@ -358,6 +375,8 @@ int launch_local(int nproc, const std::vector<std::string>& args, std::chrono::m
     }
     children[size_t(r)] = pid;
   }
+  const std::vector<pid_t> launched = children;
+  g_forwarded = 0;
   g_children = &children;
   struct sigaction sa {}, old_int{}, old_term{};
   sa.sa_handler = forward_signal;
@@ -390,9 +409,19 @@ int launch_local(int nproc, const std::vector<std::string>& args, std::chrono::m
     int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     if (code != 0 && result == 0) {
       result = code;
-      // One rank failed: stop the others so nobody waits on a dead peer.
+      // After SIGINT/SIGTERM (forwarded, or sent to one rank: diffuse's ranks agree to stop and exit with
+      // 128 + signal) every rank is checkpointing and stopping on its own.
+      if (g_forwarded || (WIFEXITED(status) && (code == 128 + SIGINT || code == 128 + SIGTERM))) continue;
+      int rank = -1;
+      for (int r = 0; r < nproc; ++r)
+        if (launched[size_t(r)] == pid) rank = r;
+      std::cerr << "launch: rank " << rank << " of " << nproc << " "
+                << (WIFSIGNALED(status) ? "was killed by signal " + std::to_string(WTERMSIG(status))
+                                        : "exited with status " + std::to_string(code))
+                << "; stopping the other ranks" << std::endl;
+      // One rank failed: stop the others so nobody waits on a dead peer (SIGCONT wakes a stopped one).
       for (pid_t p : children)
-        if (p > 0) kill(p, SIGTERM);
+        if (p > 0) kill(p, SIGTERM), kill(p, SIGCONT);
       deadline = std::chrono::steady_clock::now() + grace;
     }
   }

@@ -7,7 +7,14 @@
 #include "commands.h"
 #include "diffuse/runtime.h"
 
+namespace {
+std::vector<std::string> g_arguments;
+}
+
+const std::vector<std::string>& diffuse::cli::program_arguments() { return g_arguments; }
+
 int main(int argc, char** argv) {
+  g_arguments.assign(argv + 1, argv + argc);
   CLI::App app{"diffuse: diffusion models without Python (schedules, training, sampling, evaluation)"};
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Show help for every subcommand");

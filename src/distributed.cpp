@@ -385,17 +385,27 @@ int launch_local(int nproc, const std::vector<std::string>& args, std::chrono::m
 
   int result = 0;
   int remaining = nproc;
-  auto deadline = std::chrono::steady_clock::time_point::max();
+  using Clock = std::chrono::steady_clock;
+  const auto never = Clock::time_point::max();
+  auto term_at = never, kill_at = never;
+  auto signal_all = [&](int sig) {
+    for (pid_t p : children)
+      if (p > 0) kill(p, sig);
+  };
   while (remaining > 0) {
     int status = 0;
-    pid_t pid = waitpid(-1, &status, deadline == std::chrono::steady_clock::time_point::max() ? 0 : WNOHANG);
+    pid_t pid = waitpid(-1, &status, term_at == never && kill_at == never ? 0 : WNOHANG);
     if (pid == 0) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        for (pid_t p : children)
-          if (p > 0) kill(p, SIGKILL);
-        deadline = std::chrono::steady_clock::time_point::max();
+      const auto now = Clock::now();
+      if (now > term_at) {
+        signal_all(SIGTERM);
+        signal_all(SIGCONT);  // wakes a stopped rank so that it can act on SIGTERM
+        term_at = never;
+      } else if (now > kill_at) {
+        signal_all(SIGKILL);
+        kill_at = never;
       } else {
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
       }
       continue;
     }
@@ -419,10 +429,10 @@ int launch_local(int nproc, const std::vector<std::string>& args, std::chrono::m
                 << (WIFSIGNALED(status) ? "was killed by signal " + std::to_string(WTERMSIG(status))
                                         : "exited with status " + std::to_string(code))
                 << "; stopping the other ranks" << std::endl;
-      // One rank failed: stop the others so nobody waits on a dead peer (SIGCONT wakes a stopped one).
-      for (pid_t p : children)
-        if (p > 0) kill(p, SIGTERM), kill(p, SIGCONT);
-      deadline = std::chrono::steady_clock::now() + grace;
+      // One rank failed. The others see it at their next collective and report it themselves; the ones that
+      // do not (hung, or outside collectives) get SIGTERM shortly after, and SIGKILL after `grace`.
+      term_at = Clock::now() + std::min<std::chrono::milliseconds>(grace, std::chrono::seconds(2));
+      kill_at = term_at + grace;
     }
   }
   sigaction(SIGINT, &old_int, nullptr);

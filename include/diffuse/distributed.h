@@ -96,8 +96,9 @@ class GradientAverager {
 
 /// Runs this program as `nproc` local processes with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
 /// set (a free loopback port), forwarding `args` (argv without the launcher option). Returns the first
-/// non-zero exit status (the others are stopped with SIGTERM and SIGCONT, then SIGKILL after `grace`; the
-/// failing rank is named on stderr), else 0.
+/// non-zero exit status, else 0. After a failure (named on stderr) the others get up to 2 s to notice and report
+/// it themselves, then SIGTERM and SIGCONT, then SIGKILL after `grace`. An exit with 128 + SIGINT/SIGTERM (a
+/// rank that checkpointed and stopped on a signal) stops nobody: the ranks agree on stopping themselves.
 int launch_local(int nproc, const std::vector<std::string>& args,
                  std::chrono::milliseconds grace = std::chrono::seconds(10));
 

@@ -8,6 +8,7 @@
 //
 // usage: dist_bench [--nproc 2] [--batch 32] [--steps 10] [--channels 32,64,64]
 //   (internally re-runs itself as the ranks: dist_bench --worker THREADS RESULT_FILE ...)
+#include <stdlib.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -127,7 +128,11 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (is_worker) return worker(c, threads, result);
+  if (is_worker) {
+    diffuse::configure_cpu_runtime(nullptr, threads);  // threads, malloc settings (the policy is inherited)
+    return worker(c, threads, result);
+  }
+  setenv("OMP_WAIT_POLICY", "PASSIVE", 0);  // idle OpenMP workers sleep instead of taking the other rank's core
 
   const int cores = int(std::thread::hardware_concurrency());
   const int per_rank = std::max(1, cores / nproc);

@@ -59,9 +59,14 @@ DistEnv DistEnv::from_environment() {
 Distributed::Distributed(const DistEnv& env, torch::Device device, std::chrono::milliseconds timeout)
     : env_(env), device_(device), timeout_(timeout) {
   if (!enabled()) return;
+  // torchrun's agent may host the store itself (TORCHELASTIC_USE_AGENT_STORE=True): then every rank is a
+  // client, as in torch.distributed's env:// rendezvous.
+  const char* agent = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
+  const bool agent_store = agent && std::string(agent) == "True";
+  const char* restart = std::getenv("TORCHELASTIC_RESTART_COUNT");
   c10d::TCPStoreOptions opts;
   opts.port = uint16_t(env.master_port);
-  opts.isServer = env.rank == 0;
+  opts.isServer = env.rank == 0 && !agent_store;
   opts.numWorkers = size_t(env.world_size);
   opts.waitWorkers = true;
   opts.timeout = timeout;
@@ -72,7 +77,9 @@ Distributed::Distributed(const DistEnv& env, torch::Device device, std::chrono::
                              std::to_string(env.master_port) + " failed (" + e.what() +
                              "); check MASTER_ADDR/MASTER_PORT and that every rank was started");
   }
-  auto prefixed = c10::make_intrusive<c10d::PrefixStore>("diffuse", store_);
+  // A restarted attempt must not read the keys of the previous one.
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(
+      std::string("diffuse/attempt_") + (restart && *restart ? restart : "0"), store_);
   if (device.is_cuda()) {
 #ifdef DIFFUSE_WITH_NCCL
     auto o = c10d::ProcessGroupNCCL::Options::create();

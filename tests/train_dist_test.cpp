@@ -262,3 +262,18 @@ TEST(TrainDistributed, ImpossibleOptionsAreRefused) {
   EXPECT_EQ(env.code, 1) << env.output;
   EXPECT_NE(env.output.find("must divide among 3 processes"), std::string::npos) << env.output;
 }
+
+// A non-finite loss is seen by every rank at the same step (the per-example losses are shared): all stop, rank 0
+// reports once, the last good checkpoint stays.
+TEST(TrainDistributed, NanLossStopsEveryRankAtTheSameStep) {
+  TempDir dir;
+  auto r = run_cli(common_options(dir / "run", "--batch 8 --lr 1e30 --grad-clip 0") +
+                   " --steps 10 --checkpoint-every 1 --nproc 2");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_EQ(count(r.output, "error: "), 1) << r.output;
+  EXPECT_NE(r.output.find("stopped without saving, the last good checkpoint"), std::string::npos) << r.output;
+  int64_t step = checkpoint_step(dir / "run");
+  EXPECT_GE(step, 1);
+  EXPECT_NE(r.output.find("at step " + std::to_string(step + 1)), std::string::npos) << r.output;
+  EXPECT_NO_THROW(load_unet(dir / "run/unet", torch::kCPU));
+}

@@ -115,6 +115,9 @@ struct TrainOptions {
   double offset_noise = 0.0;
   double label_dropout = 0.1;            ///< only with num_class_embeds
   Spacing spacing = Spacing::trailing;   ///< stored for samplers in scheduler_config.json
+  /// Latent diffusion: the autoencoder folder the data were encoded with (informational; the run keeps its own
+  /// copy in vae/). Empty: pixel space.
+  std::string vae;
   LoopOptions loop;
 
   nlohmann::json to_json() const;
@@ -145,6 +148,9 @@ struct ClassifierTrainOptions {
   NoisyClassifierConfig classifier;
   ScheduleSpec schedule;                 ///< must be the diffusion model's schedule at sampling time
   int64_t heldout = 2000;                ///< held-out images for the accuracy table
+  /// Latent diffusion: the autoencoder folder whose latents the classifier sees, and its vae_fingerprint (a
+  /// resumed run refuses a changed autoencoder). Empty: pixel space.
+  std::string vae, vae_fingerprint;
   LoopOptions loop;
 
   nlohmann::json to_json() const;
@@ -200,7 +206,11 @@ struct TrainHooks {
 /// run folder and reports progress; weights, EMA and optimizer state go from rank 0 to the others at the start
 /// (also on resume), so a checkpoint resumes with any process count. A failed or stopped rank stops all
 /// (collectives time out after loop.dist_timeout seconds).
-TrainResult train(const TrainOptions& options, const Dataset& data, const TrainHooks& hooks = {});
+/// Latent diffusion: `data` holds scaled latents (encode_dataset / cached_latents), options.vae names the
+/// autoencoder and `vae` is it; every checkpoint then also writes RUN/vae/ (a diffusers pipeline's layout), which
+/// `diffuse sample` decodes through.
+TrainResult train(const TrainOptions& options, const Dataset& data, const TrainHooks& hooks = {},
+                  AutoencoderKL vae = nullptr);
 
 /// Trains a noisy classifier on x_t at t ~ U{0..T-1}; at the end prints (to `report`, when given) and writes
 /// RUN/accuracy.csv: accuracy on `heldout` noised at timesteps in each tenth of [0, T).

@@ -3,6 +3,7 @@
 
 #include <cstdlib>
 #include <iostream>
+#include <string>
 
 #include "commands.h"
 #include "diffuse/runtime.h"
@@ -15,6 +16,12 @@ const std::vector<std::string>& diffuse::cli::program_arguments() { return g_arg
 
 int main(int argc, char** argv) {
   g_arguments.assign(argv + 1, argv + argc);
+  // Long-running commands: OpenMP workers that sleep instead of spinning, malloc that keeps its memory.
+  if (argc > 1) {
+    const std::string command = argv[1];
+    if (command.rfind("train", 0) == 0 || command == "sample" || command == "eval" || command == "analyze")
+      diffuse::configure_cpu_runtime(argv, 0);
+  }
   CLI::App app{"diffuse: diffusion models without Python (schedules, training, sampling, evaluation)"};
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Show help for every subcommand");

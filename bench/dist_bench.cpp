@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -27,6 +28,7 @@
 #include "diffuse/distributed.h"
 #include "diffuse/runtime.h"
 #include "diffuse/train.h"
+#include "diffuse/unet.h"
 
 namespace fs = std::filesystem;
 
@@ -43,6 +45,26 @@ std::vector<int64_t> parse_channels(const std::string& text) {
   std::string item;
   while (std::getline(ss, item, ',')) out.push_back(std::stoll(item));
   return out;
+}
+
+// Milliseconds of one all-reduce of all of the model's gradients (float32, one flat buffer) between the ranks,
+// median of 10, on a group of its own (MASTER_PORT + 1) before training starts; 0 for one process.
+double gradient_allreduce_ms(const diffuse::UNetConfig& config) {
+  auto env = diffuse::DistEnv::from_environment();
+  if (!env.enabled()) return 0;
+  env.master_port += 1;
+  diffuse::Distributed dist(env, torch::kCPU, std::chrono::seconds(60));
+  diffuse::UNet2DModel model(config);
+  std::vector<torch::Tensor> flat = {torch::zeros({diffuse::parameter_count(*model)})};
+  std::vector<double> ms;
+  for (int i = 0; i < 11; ++i) {
+    dist.barrier();
+    auto t0 = std::chrono::steady_clock::now();
+    dist.all_reduce_sum(flat);
+    if (i > 0) ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
 }
 
 // One rank: trains `steps` steps and (rank 0) writes images/s over the steps after the warmup into `result`.
@@ -70,12 +92,13 @@ int worker(const Config& c, int threads, const std::string& result) {
   hooks.on_step = [&](const diffuse::StepInfo&) {
     stamps.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   };
+  const double allreduce_ms = gradient_allreduce_ms(o.unet);
   auto r = diffuse::train(o, data, hooks);
   if (r.rank != 0) return 0;
   fs::remove_all(o.loop.out);
   const size_t first = size_t(std::min<int64_t>(c.warmup_steps, int64_t(stamps.size()) - 2));
   const double per_step = (stamps.back() - stamps[first]) / double(stamps.size() - 1 - first);
-  std::ofstream(result) << double(c.batch) / per_step << "\n";
+  std::ofstream(result) << double(c.batch) / per_step << " " << allreduce_ms << " " << per_step * 1e3 << "\n";
   return 0;
 }
 
@@ -90,12 +113,14 @@ double measure(const Config& c, int nproc, int threads) {
   // One process still goes through the launcher: every configuration pays the same start-up.
   int code = diffuse::launch_local(nproc, args);
   if (code != 0) throw std::runtime_error("the ranks failed with status " + std::to_string(code));
-  double ips = 0;
-  std::ifstream(result) >> ips;
+  double ips = 0, allreduce_ms = 0, step_ms = 0;
+  std::ifstream(result) >> ips >> allreduce_ms >> step_ms;
   fs::remove(result);
   std::cout << "  " << nproc << " process" << (nproc > 1 ? "es" : "  ") << " x " << threads << " thread"
-            << (threads > 1 ? "s" : " ") << ": " << std::fixed << std::setprecision(2) << ips << " images/s\n"
-            << std::flush;
+            << (threads > 1 ? "s" : " ") << ": " << std::fixed << std::setprecision(2) << ips << " images/s ("
+            << step_ms << " ms/step";
+  if (nproc > 1) std::cout << "; one all-reduce of every gradient, outside training: " << allreduce_ms << " ms";
+  std::cout << ")\n" << std::flush;
   return ips;
 }
 

@@ -593,6 +593,8 @@ void validate_loop(const LoopOptions& o) {
   if (!(o.ema_decay >= 0 && o.ema_decay < 1)) bad("--ema-decay must be in [0, 1), got " + std::to_string(o.ema_decay));
   if (o.checkpoint_every < 1) bad("--checkpoint-every must be at least 1");
   if (o.log_every < 1) bad("--log-every must be at least 1");
+  if (!(o.dist_timeout > 0) || !std::isfinite(o.dist_timeout))
+    bad("--dist-timeout must be a positive number of seconds, got " + std::to_string(o.dist_timeout));
 }
 
 // Creates, replaces or reopens the run folder. Returns true when resuming.

@@ -254,6 +254,9 @@ TEST(TrainDistributed, ImpossibleOptionsAreRefused) {
   EXPECT_FALSE(fs::exists(dir / "b"));  // refused before anything started
   auto zero = run_cli(common_options(dir / "c") + " --steps 1 --nproc 0");
   EXPECT_EQ(zero.code, 2) << zero.output;
+  auto timeout = run_cli(common_options(dir / "c", "--batch 8 --dist-timeout 0") + " --steps 1");
+  EXPECT_EQ(timeout.code, 1) << timeout.output;
+  EXPECT_NE(timeout.output.find("--dist-timeout must be a positive number"), std::string::npos) << timeout.output;
   auto both = run_cli_env("WORLD_SIZE=2 RANK=0", common_options(dir / "d") + " --steps 1 --nproc 2");
   EXPECT_EQ(both.code, 1) << both.output;
   EXPECT_NE(both.output.find("not both"), std::string::npos) << both.output;

@@ -47,13 +47,15 @@ std::string unet_folder(const SampleOptions& o) {
                               "diffusion_pytorch_model.safetensors");
 }
 
-// Latent diffusion: --vae, else the run's (or diffusers pipeline's) vae/ beside the UNet; empty for pixel models.
+// Latent diffusion: --vae, else the run's vae/ or a diffusers pipeline's (model_index.json) vae/; empty for pixel models.
 std::string vae_folder(const SampleOptions& o) {
   if (o.vae == "none") return "";
   if (!o.vae.empty()) return resolve_vae_folder(o.vae);
   fs::path run(o.model);
-  for (auto p : {run / "vae", run.parent_path() / "vae"})
-    if (fs::exists(p / "config.json")) return p.string();
+  if (fs::exists(run / "vae" / "config.json")) return (run / "vae").string();  // a diffuse run
+  // A diffusers pipeline folder's unet/ (model_index.json beside it): its vae/.
+  if (fs::exists(run.parent_path() / "model_index.json") && fs::exists(run.parent_path() / "vae" / "config.json"))
+    return (run.parent_path() / "vae").string();
   return "";
 }
 

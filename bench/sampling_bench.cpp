@@ -43,7 +43,7 @@ int main(int argc, char** argv) {
   int64_t batch = 64, steps = 10;
   std::string sampler_name = "ddim", device_name = "cpu";
   int threads = int(std::thread::hardware_concurrency());
-  bool channels_last = true, network = true;
+  bool channels_last = false, network = true;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string key = argv[i], value = argv[i + 1];
     if (key == "--batch") batch = std::stoll(value);
@@ -58,7 +58,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  torch::set_num_threads(threads);
+  const std::string runtime = diffuse::configure_cpu_runtime(argv, threads);
   const torch::Device device = diffuse::parse_device(device_name);
   const auto memory_format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 
@@ -72,7 +72,7 @@ int main(int argc, char** argv) {
   std::cout << "matmul 2048x2048 float32: " << matmul << " GFLOP/s\n";
   std::cout << "reference UNet: " << diffuse::parameter_count(*unet) << " parameters, " << flops / 1e9
             << " GFLOP per image forward; batch " << batch << ", "
-            << steps << " steps of " << sampler_name << ", " << torch::get_num_threads() << " threads, "
+            << steps << " steps of " << sampler_name << ", " << runtime << ", "
             << (channels_last ? "channels-last" : "NCHW") << ", device " << device << "\n";
 
   int64_t calls = 0, images = 0;

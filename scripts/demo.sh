@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh build
 out=${1:-out/demo}
-steps=${DEMO_STEPS:-1500}
+steps=${DEMO_STEPS:-1200}
 mkdir -p "$out"
 build/diffuse schedule --table
 build/diffuse schedule --schedule linear,scaled_linear,cosine --zero-snr --plot "$out/schedules.png" \
@@ -18,7 +18,7 @@ if [ -d "$out/run" ]; then
   echo "demo: reusing $out/run (delete it to retrain; continue a stopped run with: build/diffuse train --out $out/run --resume)"
 else
   build/diffuse train --data fashion-mnist --out "$out/run" --steps "$steps" --batch 32 \
-    --channels 32,64,64 --layers-per-block 1 --attention-levels 1 --norm-groups 16 \
+    --channels 32,64,64 --layers-per-block 1 --attention-levels none --norm-groups 16 \
     --schedule linear --zero-snr --prediction v --loss-weight min-snr --label-dropout 0.1 \
     --lr 5e-4 --warmup 100 --ema-decay 0.999 --checkpoint-every 500 --log-every 50
 fi

@@ -7,7 +7,9 @@
 #include <chrono>
 #include <climits>
 #include <cstdlib>
+#include <fstream>
 #include <sstream>
+#include <thread>
 #include <stdexcept>
 
 #include <torch/torch.h>
@@ -70,20 +72,45 @@ std::string configure_cpu_runtime(char** argv, int threads) {
   return os.str();
 }
 
+namespace {
+// The path of the loaded libblas.so.3 (an update-alternatives choice: openblas-pthread/, blas/ for the
+// reference implementation, ...).
+std::string loaded_blas() {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line)) {
+    auto pos = line.find('/');
+    if (pos != std::string::npos && line.find("libblas.so") != std::string::npos) return line.substr(pos);
+  }
+  return "";
+}
+}  // namespace
+
 BlasCheck check_blas() {
   BlasCheck c;
   c.gflops = matmul_gflops(1024, torch::kCPU, 3);
   c.slow = c.gflops < kSlowBlasGflops;
+  c.library = loaded_blas();
+  double load[1] = {0};
+  if (getloadavg(load, 1) == 1) c.load = load[0];
   return c;
 }
 
 std::string slow_blas_warning(const BlasCheck& check) {
   std::ostringstream os;
   os.precision(3);
-  os << "warning: a 1024x1024 matrix product runs at " << check.gflops
-     << " GFLOP/s: the reference BLAS is selected and training will be ~30x slower than it should. Fix: "
-        "sudo apt-get install libopenblas0-pthread (or: sudo update-alternatives --config "
-        "libblas.so.3-x86_64-linux-gnu and pick openblas)";
+  os << "warning: a 1024x1024 matrix product runs at " << check.gflops << " GFLOP/s";
+  const bool openblas = check.library.find("openblas") != std::string::npos ||
+                        check.library.find("blis") != std::string::npos || check.library.find("mkl") != std::string::npos;
+  if (openblas) {
+    os << " although an optimised BLAS is loaded (" << check.library << "): the cores are busy (load average "
+       << check.load << " on " << std::thread::hardware_concurrency() << " cores), so everything will run slower";
+  } else {
+    os << (check.library.empty() ? "" : " with " + check.library)
+       << ": the reference BLAS is probably selected and training will be ~30x slower than it should. Fix: "
+          "sudo apt-get install libopenblas0-pthread (or: sudo update-alternatives --config "
+          "libblas.so.3-x86_64-linux-gnu and pick openblas)";
+  }
   return os.str();
 }
 

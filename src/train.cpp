@@ -222,6 +222,7 @@ nlohmann::json TrainOptions::to_json() const {
           {"offset_noise", offset_noise},
           {"label_dropout", label_dropout},
           {"spacing", to_string(spacing)},
+          {"vae", vae},
           {"loop", loop.to_json()}};
 }
 
@@ -240,6 +241,7 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
   o.offset_noise = get_or(j, "offset_noise", o.offset_noise);
   o.label_dropout = get_or(j, "label_dropout", o.label_dropout);
   o.spacing = parse_spacing(get_or<std::string>(j, "spacing", "trailing"));
+  o.vae = get_or<std::string>(j, "vae", "");
   if (j.contains("loop")) o.loop = LoopOptions::from_json(j["loop"]);
   return o;
 }
@@ -250,6 +252,8 @@ nlohmann::json ClassifierTrainOptions::to_json() const {
           {"classifier", classifier.to_json()},
           {"schedule", schedule_json(schedule)},
           {"heldout", heldout},
+          {"vae", vae},
+          {"vae_fingerprint", vae_fingerprint},
           {"loop", loop.to_json()}};
 }
 
@@ -261,6 +265,8 @@ ClassifierTrainOptions ClassifierTrainOptions::from_json(const nlohmann::json& j
   if (j.contains("classifier")) o.classifier = NoisyClassifierConfig::from_json(j["classifier"]);
   if (j.contains("schedule")) o.schedule = schedule_from_json(j["schedule"]);
   o.heldout = get_or(j, "heldout", o.heldout);
+  o.vae = get_or<std::string>(j, "vae", "");
+  o.vae_fingerprint = get_or<std::string>(j, "vae_fingerprint", "");
   if (j.contains("loop")) o.loop = LoopOptions::from_json(j["loop"]);
   return o;
 }
@@ -802,8 +808,9 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
 
 class DiffusionTask : public Task {
  public:
-  DiffusionTask(const TrainOptions& o, const Dataset& data)
+  DiffusionTask(const TrainOptions& o, const Dataset& data, AutoencoderKL vae)
       : o_(o),
+        vae_(std::move(vae)),
         scheduler_(make_scheduler_config(o.schedule, o.prediction, o.spacing, o.etsdm)),
         schedule_(scheduler_.schedule()) {
     const auto& u = o.unet;
@@ -812,6 +819,10 @@ class DiffusionTask : public Task {
                                   "x" + std::to_string(data.width()) + ") does not fit the UNet (" +
                                   std::to_string(u.in_channels) + "x" + std::to_string(u.sample_size.value_or(0)) +
                                   "x" + std::to_string(u.sample_size.value_or(0)) + ")");
+    if (o.vae.empty() != vae_.is_empty())
+      throw std::invalid_argument(o.vae.empty() ? "an autoencoder was given but the options name none (set TrainOptions::vae)"
+                                                : "the options train on the latents of '" + o.vae +
+                                                      "' but no autoencoder was given");
     if (u.out_channels != u.in_channels)
       throw std::invalid_argument("the UNet must output as many channels as it reads (out_channels " +
                                   std::to_string(u.out_channels) + ", in_channels " + std::to_string(u.in_channels) + ")");
@@ -873,6 +884,7 @@ class DiffusionTask : public Task {
     save_unet(ema_, (dir / "unet_ema").string());
     fs::create_directories(dir / "scheduler");
     scheduler_.save((dir / "scheduler" / "scheduler_config.json").string());
+    if (!vae_.is_empty()) save_vae(vae_, (dir / "vae").string());  // latent diffusion: samples decode through it
   }
 
  private:
@@ -891,6 +903,7 @@ class DiffusionTask : public Task {
   int64_t null_class_ = -1;
   torch::Device device_ = torch::kCPU;
   UNet2DModel unet_{nullptr}, ema_{nullptr};
+  AutoencoderKL vae_{nullptr};
 };
 
 // ---------------------------------------------------------------- the classifier task
@@ -1041,8 +1054,8 @@ class VaeTask : public Task {
 
 }  // namespace
 
-TrainResult train(const TrainOptions& options, const Dataset& data, const TrainHooks& hooks) {
-  DiffusionTask task(options, data);
+TrainResult train(const TrainOptions& options, const Dataset& data, const TrainHooks& hooks, AutoencoderKL vae) {
+  DiffusionTask task(options, data, std::move(vae));
   return run_loop(task, options.loop, options.to_json(), data, hooks);
 }
 

@@ -1,11 +1,15 @@
 #include "diffuse/vae.h"
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <stdexcept>
 
 #include <torch/torch.h>
 
 #include "config_json.h"
+#include "diffuse/safetensors.h"
 #include "diffuse/sampling.h"
 
 namespace diffuse {
@@ -378,4 +382,131 @@ ReconstructionStats reconstruction_stats(AutoencoderKL& model, const torch::Tens
   return r;
 }
 
+}  // namespace diffuse
+
+namespace diffuse {
+namespace {
+
+struct Fnv1a {
+  uint64_t h = 0xcbf29ce484222325ull;
+  void add(const void* data, size_t n) {
+    const auto* p = static_cast<const unsigned char*>(data);
+    for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 0x100000001b3ull;
+  }
+  void add(const std::string& s) {
+    add(s.data(), s.size());
+    add("\0", 1);
+  }
+  void add(const torch::Tensor& t) {
+    auto c = t.detach().to(torch::kCPU).contiguous();
+    add(c10::str(c.scalar_type(), c.sizes()));
+    add(c.data_ptr(), c.numel() * c.element_size());
+  }
+  std::string hex() const {
+    char buf[17];
+    std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+    return buf;
+  }
+};
+
+}  // namespace
+
+std::string vae_fingerprint(AutoencoderKL& model) {
+  Fnv1a f;
+  f.add(model->config().to_json().dump());
+  for (const auto& p : model->named_parameters()) {
+    f.add(p.key());
+    f.add(p.value());
+  }
+  for (const auto& b : model->named_buffers()) {
+    f.add(b.key());
+    f.add(b.value());
+  }
+  return f.hex();
+}
+
+Dataset encode_dataset(AutoencoderKL& model, const Dataset& data, int64_t batch, uint64_t seed) {
+  const auto& c = model->config();
+  if (!data.images.defined() || data.images.dim() != 4 || data.size() == 0 || data.channels() != c.in_channels)
+    throw std::invalid_argument("the autoencoder takes images with " + std::to_string(c.in_channels) +
+                                " channels, but '" + data.name + "' has " +
+                                (data.images.defined() ? c10::str(data.images.sizes()) : std::string("no images")));
+  const int64_t f = c.downsample_factor();
+  if (data.height() % f || data.width() % f)
+    throw std::invalid_argument("'" + data.name + "' images are " + std::to_string(data.height()) + "x" +
+                                std::to_string(data.width()) + ", not a multiple of the autoencoder's downsampling factor " +
+                                std::to_string(f) + " (pass --size accordingly)");
+  if (batch <= 0) throw std::invalid_argument("encode: batch " + std::to_string(batch) + " must be > 0");
+  torch::NoGradGuard no_grad;
+  const auto device = model->parameters().front().device();
+  std::vector<torch::Tensor> chunks;
+  for (int64_t i = 0; i < data.size(); i += batch) {
+    const int64_t b = std::min(batch, data.size() - i);
+    auto posterior = model->encode(data.images.narrow(0, i, b).to(device, torch::kFloat32));
+    auto z = posterior.sample_from(make_noise(posterior.mean.sizes().slice(1), b, seed, i).to(device));
+    chunks.push_back((z * c.scaling_factor).to(torch::kCPU, torch::kFloat32));
+  }
+  Dataset out = data;
+  out.images = torch::cat(chunks).contiguous();
+  out.name = data.name + " (latents)";
+  return out;
+}
+
+std::string default_latent_cache_dir() {
+  if (const char* x = std::getenv("XDG_CACHE_HOME"); x && *x) return std::string(x) + "/diffuse/latents";
+  if (const char* h = std::getenv("HOME"); h && *h) return std::string(h) + "/.cache/diffuse/latents";
+  throw std::runtime_error("no latent cache folder: neither XDG_CACHE_HOME nor HOME is set (pass --latent-cache DIR)");
+}
+
+LatentCache cached_latents(AutoencoderKL& model, const Dataset& data, const std::string& dir, int64_t batch) {
+  Fnv1a key;
+  key.add(data.images);
+  key.add(data.labels);
+  const std::string fingerprint = vae_fingerprint(model);
+  LatentCache r;
+  r.path = dir + "/" + key.hex() + ".safetensors";
+  std::error_code ec;
+  if (std::filesystem::exists(r.path, ec)) {
+    try {
+      auto meta = safetensors_metadata(r.path);
+      if (meta["vae_fingerprint"] != fingerprint) {
+        r.event = "replaced (it was made by another autoencoder: " + meta["vae_fingerprint"] + ", now " +
+                  fingerprint + ")";
+      } else {
+        auto tensors = load_safetensors(r.path);
+        auto latents = tensors.at("latents");
+        if (latents.dim() != 4 || latents.size(0) != data.size() || tensors.at("labels").numel() != data.size())
+          throw std::runtime_error("shapes do not match the data");
+        Dataset out = data;
+        out.images = latents.to(torch::kFloat32).contiguous();
+        out.name = data.name + " (latents)";
+        r.latents = out;
+        r.event = "hit";
+        return r;
+      }
+    } catch (const std::exception& e) {
+      r.event = std::string("replaced (unreadable: ") + e.what() + ")";
+    }
+  } else {
+    r.event = "created";
+  }
+  r.latents = encode_dataset(model, data, batch);
+  std::filesystem::create_directories(dir);
+  save_safetensors(r.path, {{"latents", r.latents.images}, {"labels", data.labels.to(torch::kInt64)}},
+                   {{"vae_fingerprint", fingerprint}, {"data", data.name}});
+  return r;
+}
+
+}  // namespace diffuse
+
+namespace diffuse {
+std::string resolve_vae_folder(const std::string& path) {
+  namespace fs = std::filesystem;
+  const fs::path p(path);
+  if (fs::exists(p / "config.json")) return path;
+  for (const char* sub : {"vae_ema", "vae"})
+    if (fs::exists(p / sub / "config.json")) return (p / sub).string();
+  throw std::invalid_argument("'" + path + "' is not an autoencoder: no config.json there, nor a vae_ema/ or vae/ "
+                              "folder (pass a train-vae run folder or a diffusers AutoencoderKL folder)");
+}
 }  // namespace diffuse

@@ -12,7 +12,9 @@ torch::Device parse_device(const std::string& name);
 
 struct BlasCheck {
   double gflops = 0;   ///< measured rate of a 1024x1024 float32 product on the CPU
-  bool slow = false;   ///< below kSlowBlasGflops: the reference BLAS is probably selected
+  bool slow = false;   ///< below kSlowBlasGflops
+  std::string library; ///< the libblas.so.3 this process loaded (from /proc/self/maps), "" if unknown
+  double load = 0;     ///< 1-minute load average when measured
 };
 constexpr double kSlowBlasGflops = 20.0;
 /// Times a 1024x1024 float32 matrix product on the CPU (best of a few, about 20 ms with OpenBLAS).

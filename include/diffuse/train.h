@@ -113,6 +113,9 @@ struct TrainOptions {
   double offset_noise = 0.0;
   double label_dropout = 0.1;            ///< only with num_class_embeds
   Spacing spacing = Spacing::trailing;   ///< stored for samplers in scheduler_config.json
+  /// Latent diffusion: the autoencoder folder the data were encoded with (informational; the run keeps its own
+  /// copy in vae/). Empty: pixel space.
+  std::string vae;
   LoopOptions loop;
 
   nlohmann::json to_json() const;
@@ -143,6 +146,9 @@ struct ClassifierTrainOptions {
   NoisyClassifierConfig classifier;
   ScheduleSpec schedule;                 ///< must be the diffusion model's schedule at sampling time
   int64_t heldout = 2000;                ///< held-out images for the accuracy table
+  /// Latent diffusion: the autoencoder folder whose latents the classifier sees, and its vae_fingerprint (a
+  /// resumed run refuses a changed autoencoder). Empty: pixel space.
+  std::string vae, vae_fingerprint;
   LoopOptions loop;
 
   nlohmann::json to_json() const;
@@ -184,7 +190,11 @@ struct TrainHooks {
 /// the end and on SIGINT/SIGTERM. With loop.resume, continues from the last checkpoint; the options that
 /// change the result must equal those in run.json. Bit-identical on the CPU to an uninterrupted run.
 /// Throws NonFiniteLoss (last good checkpoint kept), std::invalid_argument for impossible options.
-TrainResult train(const TrainOptions& options, const Dataset& data, const TrainHooks& hooks = {});
+/// Latent diffusion: `data` holds scaled latents (encode_dataset / cached_latents), options.vae names the
+/// autoencoder and `vae` is it; every checkpoint then also writes RUN/vae/ (a diffusers pipeline's layout), which
+/// `diffuse sample` decodes through.
+TrainResult train(const TrainOptions& options, const Dataset& data, const TrainHooks& hooks = {},
+                  AutoencoderKL vae = nullptr);
 
 /// Trains a noisy classifier on x_t at t ~ U{0..T-1}; at the end prints (to `report`, when given) and writes
 /// RUN/accuracy.csv: accuracy on `heldout` noised at timesteps in each tenth of [0, T).

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "diffuse/blocks.h"
+#include "diffuse/data.h"
 
 namespace diffuse {
 
@@ -173,5 +174,35 @@ struct ReconstructionStats {
 /// Reconstructs images in [-1, 1] through the posterior mean, x_hat = clamp(decode(encode(x).mode()), -1, 1),
 /// `batch` at a time on the model's device without autograd.
 ReconstructionStats reconstruction_stats(AutoencoderKL& model, const torch::Tensor& images, int64_t batch);
+
+// ---------------------------------------------------------------- latent diffusion data
+
+/// A 64-bit FNV-1a fingerprint (16 hex digits) of the autoencoder's config and every parameter and buffer:
+/// it changes whenever the weights or the scaling factor change.
+std::string vae_fingerprint(AutoencoderKL& model);
+
+/// The data set in diffusion space: image k becomes z_k * scaling_factor, z_k = mean_k + std_k * n_k drawn from
+/// its posterior with n_k = make_noise(latent shape, 1, seed, k) (one fixed posterior draw per image, as
+/// latent_stats and measure_scaling_factor use). Labels and class names are kept; the name gets " (latents)".
+/// `batch` images at a time on the model's device, without autograd; the result is on the CPU.
+Dataset encode_dataset(AutoencoderKL& model, const Dataset& data, int64_t batch, uint64_t seed = 0);
+
+struct LatentCache {
+  Dataset latents;
+  std::string path;   ///< the cache file
+  std::string event;  ///< "hit", "created" or "replaced (...why...)"
+};
+/// encode_dataset through a file cache: DIR/<fingerprint of the images and labels>.safetensors holds the
+/// latents, labels and (metadata) the autoencoder's vae_fingerprint. A file made by another autoencoder, or
+/// unreadable, is recomputed and replaced atomically, and `event` says why. The directory is created.
+LatentCache cached_latents(AutoencoderKL& model, const Dataset& data, const std::string& dir, int64_t batch);
+
+/// The default latent cache folder: $XDG_CACHE_HOME/diffuse/latents, else $HOME/.cache/diffuse/latents.
+std::string default_latent_cache_dir();
+
+/// The autoencoder folder meant by `path`: the folder itself when it holds config.json (a diffusers
+/// AutoencoderKL folder or a pipeline's vae/), else its vae_ema/ (a train-vae run's EMA weights), else its vae/
+/// (a diffusion run trained on latents). Throws naming the path otherwise.
+std::string resolve_vae_folder(const std::string& path);
 
 }  // namespace diffuse

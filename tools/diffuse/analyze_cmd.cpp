@@ -104,6 +104,9 @@ LoadedModel load_model(const ModelCli& o) {
   if (o.n < 1) throw std::invalid_argument("--n must be >= 1, got " + std::to_string(o.n));
   LoadedModel m;
   auto folder = unet_folder(o.model, o.weights);
+  if (fs::exists(fs::path(o.model) / "vae" / "config.json"))
+    throw std::invalid_argument("'" + o.model + "' is a latent diffusion run (it has vae/): analyze loss and lipschitz "
+                                "work on pixel-space models only so far");
   m.config = SchedulerConfig::load(scheduler_file(o.model, o.scheduler));
   m.unet = load_unet(folder, device);
   m.unet->eval();

@@ -3,11 +3,18 @@
 
 #include <cstdlib>
 #include <iostream>
+#include <string>
 
 #include "commands.h"
 #include "diffuse/runtime.h"
 
 int main(int argc, char** argv) {
+  // Long-running commands: OpenMP workers that sleep instead of spinning, malloc that keeps its memory.
+  if (argc > 1) {
+    const std::string command = argv[1];
+    if (command.rfind("train", 0) == 0 || command == "sample" || command == "eval" || command == "analyze")
+      diffuse::configure_cpu_runtime(argv, 0);
+  }
   CLI::App app{"diffuse: diffusion models without Python (schedules, training, sampling, evaluation)"};
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Show help for every subcommand");

@@ -16,6 +16,7 @@
 #include "diffuse/sampling.h"
 #include "diffuse/scheduler_config.h"
 #include "diffuse/unet.h"
+#include "diffuse/vae.h"
 #include <torch/torch.h>
 
 namespace fs = std::filesystem;
@@ -24,13 +25,23 @@ namespace diffuse::cli {
 namespace {
 
 struct SampleOptions {
-  std::string model, out = "samples", sampler = "ddim", spacing, device = "cpu", classifier, init_noise, save_raw;
+  std::string model, out = "samples", sampler = "ddim", spacing, device = "cpu", classifier, init_noise, save_raw, vae;
   std::string scheduler_path, weights = "auto", variance = "fixed_small";
   int64_t steps = 25, n = 16, batch = 64, class_id = -1, null_class = -1, grid_cols = 0;
   double cfg = 1.0, cfg_rescale = 0.0, classifier_scale = 0.0, eta = std::numeric_limits<double>::quiet_NaN();
   uint64_t seed = 0;
   bool no_images = false, quiet = false;
 };
+
+// Latent diffusion: --vae, else the run's (or diffusers pipeline's) vae/ beside the UNet; empty for pixel models.
+std::string vae_folder(const SampleOptions& o) {
+  if (o.vae == "none") return "";
+  if (!o.vae.empty()) return resolve_vae_folder(o.vae);
+  fs::path run(o.model);
+  for (auto p : {run / "vae", run.parent_path() / "vae"})
+    if (fs::exists(p / "config.json")) return p.string();
+  return "";
+}
 
 void run_sample(const SampleOptions& o) {
   warn_if_slow_blas();
@@ -53,6 +64,18 @@ void run_sample(const SampleOptions& o) {
   const auto& uc = unet->config();
   if (!uc.sample_size) throw std::invalid_argument("the UNet config has no sample_size: cannot tell the image size");
   int64_t C = uc.in_channels, H = *uc.sample_size, W = *uc.sample_size;
+  AutoencoderKL vae{nullptr};
+  if (auto vf = vae_folder(o); !vf.empty()) {
+    vae = load_vae(vf, device);
+    vae->eval();
+    if (vae->config().latent_channels != C)
+      throw std::invalid_argument("the autoencoder '" + vf + "' has " + std::to_string(vae->config().latent_channels) +
+                                  " latent channels but the UNet takes " + std::to_string(C) +
+                                  " (pass the --vae the model was trained with, or --vae none)");
+    if (!o.quiet)
+      std::cerr << "latent diffusion: decoding " << C << "x" << H << "x" << W << " latents through '" << vf
+                << "' (scaling_factor " << vae->config().scaling_factor << ")\n";
+  }
   int64_t num_embeds = uc.num_class_embeds.value_or(0);
   int64_t null_class = o.null_class >= 0 ? o.null_class : num_embeds - 1;
   int64_t classes = num_embeds > 0 ? num_embeds - 1 : 0;  // the last embedding is the null class
@@ -73,6 +96,11 @@ void run_sample(const SampleOptions& o) {
     fs::path c(o.classifier);
     classifier = load_classifier(fs::exists(c / "classifier") ? (c / "classifier").string() : c.string(), device);
     classifier->eval();
+    if (classifier->config().in_channels != C)
+      throw std::invalid_argument("the classifier '" + o.classifier + "' takes " +
+                                  std::to_string(classifier->config().in_channels) + " channels but the UNet's x_t has " +
+                                  std::to_string(C) + (vae.is_empty() ? "" : " (a latent model needs a classifier "
+                                                                              "trained on the same latents)"));
   }
 
   torch::Tensor init;
@@ -128,12 +156,23 @@ void run_sample(const SampleOptions& o) {
   }
   progress.finish();
   auto images = torch::cat(outputs);
+  torch::Tensor latents;
+  if (!vae.is_empty()) {
+    latents = images;
+    std::vector<torch::Tensor> decoded;
+    for (int64_t i = 0; i < latents.size(0); i += o.batch)
+      decoded.push_back(vae->decode_scaled(latents.narrow(0, i, std::min(o.batch, latents.size(0) - i)).to(device))
+                            .to(torch::kCPU, torch::kFloat32));
+    images = torch::cat(decoded);
+    H = images.size(2);
+  }
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   fs::create_directories(o.out);
   if (!o.save_raw.empty()) {
     std::map<std::string, torch::Tensor> raw = {{"sample", images.contiguous()}};
     if (num_embeds > 0) raw["labels"] = torch::tensor(labels, torch::kLong);  // the class asked for (diffuse eval)
+    if (latents.defined()) raw["latents"] = latents.contiguous();
     save_safetensors(o.save_raw, raw);
   }
   if (!o.no_images) {
@@ -185,7 +224,10 @@ void add_sample_command(CLI::App& app) {
   cmd->add_option("--classifier-scale", o->classifier_scale, "Classifier guidance scale")->capture_default_str();
   cmd->add_option("--seed", o->seed, "Seed: image i depends only on (seed, i)")->capture_default_str();
   cmd->add_option("--init-noise", o->init_noise, "Start from stored noise (safetensors, key 'noise', [N,C,H,W])");
-  cmd->add_option("--save-raw", o->save_raw, "Store the final tensor (key 'sample', NCHW float32) as safetensors");
+  cmd->add_option("--save-raw", o->save_raw, "Store the final tensor (key 'sample', NCHW float32; a latent model's "
+                                             "decoded images, its latents under 'latents') as safetensors");
+  cmd->add_option("--vae", o->vae, "Latent models: the autoencoder to decode with (default: vae/ of the run or "
+                                   "pipeline; 'none': no decoding, the PNGs show the latents)");
   cmd->add_option("--out", o->out, "Output folder: grid.png and one PNG per image")->capture_default_str();
   cmd->add_option("--grid-cols", o->grid_cols, "Images per grid row (default: square)");
   cmd->add_flag("--no-images", o->no_images, "Write no PNGs (with --save-raw)");

@@ -125,7 +125,7 @@ UNetShape shape_of(const CommonOptions& c) {
 
 // With --resume only options that leave the weights alone may be given.
 void check_resume_options(const CLI::App* cmd) {
-  static const std::vector<std::string> allowed = {"--out",      "--resume",  "--steps", "--device",
+  static const std::vector<std::string> allowed = {"--out",      "--resume",  "--steps", "--device", "--latent-cache",
                                                    "--bf16",     "--checkpoint-every", "--log-every",
                                                    "--quiet",    "--threads", "--help"};
   for (const auto* opt : cmd->get_options()) {
@@ -194,11 +194,29 @@ void finish(const TrainResult& r, const std::string& what) {
             << std::fixed << std::setprecision(1) << r.images_per_s << " images/s\n";
 }
 
+// Latent diffusion: the data set's latents through the (cached) autoencoder, reported on stderr.
+Dataset to_latents(AutoencoderKL& vae, const Dataset& data, const std::string& source, const std::string& cache_dir) {
+  print_data(data);
+  auto cache = cached_latents(vae, data, cache_dir.empty() ? default_latent_cache_dir() : cache_dir, 256);
+  const auto& z = cache.latents.images;
+  std::cerr << "latents: " << c10::str(z.sizes()) << " from '" << source << "' (scaling_factor "
+            << vae->config().scaling_factor << "), std " << z.std().item<double>() << ", mean " << z.mean().item<double>()
+            << "; cache " << cache.event << ": " << cache.path << "\n";
+  return cache.latents;
+}
+
+AutoencoderKL load_eval_vae(const std::string& folder, const std::string& device) {
+  auto vae = load_vae(folder, parse_device(device));
+  vae->eval();
+  return vae;
+}
+
 struct TrainCli {
   CommonOptions common;
   TrainOptions train;
   std::string prediction = "eps", loss_weight = "uniform", spacing = "trailing";
   bool unconditional = false;
+  std::string vae, latent_cache;
   double dropout = 0.0;
   std::string time_scale_shift = "default";
 };
@@ -222,12 +240,19 @@ void run_train(const CLI::App* cmd, TrainCli& cli) {
     o.loop.progress = !c.quiet;
   }
   check_run_folder(o.loop);
+  AutoencoderKL vae{nullptr};
+  if (c.loop.resume ? !o.vae.empty() : !cli.vae.empty()) {
+    // Latent diffusion: a resumed run decodes and encodes with its own copy, RUN/vae.
+    if (!c.loop.resume) o.vae = resolve_vae_folder(cli.vae);
+    vae = load_eval_vae(c.loop.resume ? (fs::path(o.loop.out) / "vae").string() : o.vae, o.loop.device);
+  }
   Dataset data = load_dataset(o.data);
+  if (!vae.is_empty()) data = to_latents(vae, data, o.vae, cli.latent_cache);
   if (!c.loop.resume) {
     auto shape = shape_of(c);
     shape.dropout = cli.dropout;
     shape.time_scale_shift = cli.time_scale_shift;
-    o.unet = make_unet_config(shape, o.data.size, data.channels(), cli.unconditional ? 0 : data.num_classes);
+    o.unet = make_unet_config(shape, data.height(), data.channels(), cli.unconditional ? 0 : data.num_classes);
   }
   print_data(data);
   {
@@ -242,10 +267,18 @@ void run_train(const CLI::App* cmd, TrainCli& cli) {
               << (o.etsdm.enabled() ? ", E-TSDM t~=" + std::to_string(o.etsdm.t_tilde) + " n=" + std::to_string(o.etsdm.n) : "")
               << "\n";
   }
-  finish(train(o, data), "train");
+  finish(train(o, data, {}, vae), "train");
 }
 
-void run_train_classifier(const CLI::App* cmd, CommonOptions& c, ClassifierTrainOptions& base) {
+struct ClassifierCli {
+  CommonOptions common;
+  ClassifierTrainOptions train;
+  std::string vae, latent_cache;
+};
+
+void run_train_classifier(const CLI::App* cmd, ClassifierCli& cli) {
+  auto& c = cli.common;
+  auto& base = cli.train;
   warn_if_slow_blas();
   ClassifierTrainOptions o;
   if (c.loop.resume) {
@@ -262,10 +295,23 @@ void run_train_classifier(const CLI::App* cmd, CommonOptions& c, ClassifierTrain
   check_run_folder(o.loop);
   Dataset data = load_dataset(o.data);
   Dataset heldout = take_heldout(o.data, data, o.heldout, o.loop.seed);
+  if (c.loop.resume ? !o.vae.empty() : !cli.vae.empty()) {
+    // A classifier for guiding a latent model sees the same latents as the UNet.
+    if (!c.loop.resume) o.vae = resolve_vae_folder(cli.vae);
+    auto vae = load_eval_vae(o.vae, o.loop.device);
+    const auto fingerprint = vae_fingerprint(vae);
+    if (c.loop.resume && fingerprint != o.vae_fingerprint)
+      throw std::invalid_argument("the autoencoder '" + o.vae + "' changed since this classifier run started (fingerprint " +
+                                  fingerprint + ", run.json has " + o.vae_fingerprint +
+                                  "): its latents differ; start a new run");
+    o.vae_fingerprint = fingerprint;
+    data = to_latents(vae, data, o.vae, cli.latent_cache);
+    heldout = to_latents(vae, heldout, o.vae, cli.latent_cache);
+  }
   if (!c.loop.resume) {
     auto shape = shape_of(c);
     NoisyClassifierConfig k;
-    k.sample_size = o.data.size;
+    k.sample_size = data.height();
     k.in_channels = data.channels();
     k.num_classes = data.num_classes;
     k.block_out_channels = shape.channels;
@@ -367,16 +413,23 @@ void add_train_command(CLI::App& app) {
                                              "leading, linspace or trailing")
       ->capture_default_str();
   cmd->add_option("--dropout", cli->dropout, "Dropout in the resnet blocks")->capture_default_str();
+  cmd->add_option("--vae", cli->vae, "Latent diffusion: train on the scaled latents of this autoencoder (a train-vae run "
+                                     "folder, whose EMA weights are used, or a diffusers AutoencoderKL folder); the run "
+                                     "keeps a copy in vae/ and diffuse sample decodes through it");
+  cmd->add_option("--latent-cache", cli->latent_cache, "Folder of cached latents (default $XDG_CACHE_HOME/diffuse/latents "
+                                                       "or ~/.cache/diffuse/latents); recomputed when the autoencoder "
+                                                       "changes");
   cmd->add_option("--time-scale-shift", cli->time_scale_shift, "How resnets take the time embedding: default or "
                                                                "scale_shift")
       ->capture_default_str();
   cmd->callback([cmd, cli] { run_train(cmd, *cli); });
 
-  auto common = std::make_shared<CommonOptions>();
+  auto clf_cli = std::make_shared<ClassifierCli>();
+  auto* common = &clf_cli->common;
   common->channels = "32,64,64";
   common->loop.lr = 3e-4;
   common->loop.steps = 3000;
-  auto base = std::make_shared<ClassifierTrainOptions>();
+  auto* base = &clf_cli->train;
   auto* clf = app.add_subcommand("train-classifier",
                                  "Train the noisy classifier p(y | x_t, t) of classifier guidance into a run folder");
   clf->footer(
@@ -386,7 +439,10 @@ void add_train_command(CLI::App& app) {
       "Example: diffuse train-classifier --data fashion-mnist --out runs/clf --steps 3000");
   add_common_options(clf, *common);
   clf->add_option("--heldout", base->heldout, "Held-out images for the accuracy table")->capture_default_str();
-  clf->callback([clf, common, base] { run_train_classifier(clf, *common, *base); });
+  clf->add_option("--vae", clf_cli->vae, "Latent diffusion: train on the latents of this autoencoder (as train --vae), "
+                                         "to guide a latent model");
+  clf->add_option("--latent-cache", clf_cli->latent_cache, "Folder of cached latents (as train)");
+  clf->callback([clf, clf_cli] { run_train_classifier(clf, *clf_cli); });
 
   auto vae = std::make_shared<VaeCli>();
   vae->common.channels = "32,64,128";

@@ -1,0 +1,30 @@
+#include <gtest/gtest.h>
+
+#include <stdexcept>
+
+#include "diffuse/runtime.h"
+
+using namespace diffuse;
+
+TEST(Runtime, BlasCheckNamesTheLoadedLibrary) {
+  auto c = check_blas();
+  EXPECT_GT(c.gflops, 0.0);
+  EXPECT_NE(c.library.find("libblas.so"), std::string::npos) << c.library;  // LibTorch links libblas.so.3
+  EXPECT_GE(c.load, 0.0);
+}
+
+TEST(Runtime, SlowBlasWarningTellsBusyCoresFromTheReferenceBlas) {
+  BlasCheck busy{8.4, true, "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3", 5.1};
+  auto w = slow_blas_warning(busy);
+  EXPECT_NE(w.find("cores are busy (load average 5.1"), std::string::npos) << w;
+  EXPECT_EQ(w.find("apt-get"), std::string::npos) << w;
+  BlasCheck reference{5.0, true, "/usr/lib/x86_64-linux-gnu/blas/libblas.so.3", 0.2};
+  w = slow_blas_warning(reference);
+  EXPECT_NE(w.find("reference BLAS"), std::string::npos) << w;
+  EXPECT_NE(w.find("apt-get install libopenblas0-pthread"), std::string::npos) << w;
+}
+
+TEST(Runtime, ParseDevice) {
+  EXPECT_EQ(parse_device("cpu"), torch::Device(torch::kCPU));
+  EXPECT_THROW(parse_device("tpu"), std::exception);
+}

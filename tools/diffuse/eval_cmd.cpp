@@ -124,7 +124,7 @@ void add_eval_command(CLI::App& app) {
     for (const auto* opt : tf->get_options()) {
       if (opt->get_name() == "--help" || opt->count() == 0) continue;
       command += " " + opt->get_name();
-      if (opt->get_type_size() != 0)
+      if (opt->get_expected_min() > 0)  // flags take no value
         for (const auto& r : opt->results()) command += " " + shell_quote(r);
     }
     run_train_features(*t, command);

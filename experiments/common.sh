@@ -40,3 +40,10 @@ sample_run() {
   [ -f "$out/grid.png" ] && { echo "reusing $out"; return; }
   "$diffuse" sample --model "$run" --out "$out" --quiet $extra_sample "$@"
 }
+
+# eval_run DIR [ARGS...]: `diffuse eval` of the samples in DIR (FID-FMNIST and the rest, with the real-data
+# floor) unless DIR/eval.json exists.
+eval_run() {
+  local dir=$1; shift
+  [ -f "$dir/eval.json" ] || "$diffuse" eval --samples "$dir" "$@"
+}

@@ -18,3 +18,7 @@ train_run train "$runs/bright-fixed" $data $model --steps $steps --zero-snr --pr
 sample_run "$runs/bright-flawed" "$out/samples-flawed" --sampler ddim --steps 25 --n $samples --batch 250 --cfg 3
 sample_run "$runs/bright-offset" "$out/samples-offset" --sampler ddim --steps 25 --n $samples --batch 250 --cfg 3
 sample_run "$runs/bright-fixed" "$out/samples-fixed" --sampler ddim --steps 25 --n $samples --batch 250 --cfg 3 --cfg-rescale 0.7
+for name in flawed offset fixed; do
+  "$diffuse" analyze brightness --samples "$out/samples-$name" --data fashion-mnist-brightness:test
+  eval_run "$out/samples-$name"
+done

@@ -13,3 +13,8 @@ data="--data fashion-mnist --schedule linear --label-dropout 0.1"
 train_run train "$runs/eps" $data $model --steps $steps --prediction eps --loss-weight uniform
 train_run train "$runs/v" $data $model --steps $steps --prediction v --loss-weight uniform
 train_run train "$runs/v-epsw" $data $model --steps $steps --prediction v --loss-weight eps
+for name in eps v v-epsw; do
+  "$diffuse" analyze loss --model "$runs/$name" --out "$out/loss-$name"
+  sample_run "$runs/$name" "$out/samples-$name" --sampler ddim --steps 25 --spacing linspace --n $samples --batch 250
+  eval_run "$out/samples-$name"
+done

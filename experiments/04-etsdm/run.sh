@@ -16,3 +16,9 @@ for name in base etsdm; do
     done
   done
 done
+for name in base etsdm; do
+  "$diffuse" analyze lipschitz --model "$runs/$name" --out "$out/lipschitz-$name"
+  for sampler in ddim dpmpp_2m; do
+    for s in 10 25; do eval_run "$out/samples-$name-$sampler-$s"; done
+  done
+done

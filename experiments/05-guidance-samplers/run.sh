@@ -29,3 +29,4 @@ for sampler in ddim dpmpp_2m; do
     sample_run "$runs/base" "$out/$sampler-$s" --sampler $sampler --steps $s --n $samples --batch 250
   done
 done
+for dir in "$out"/*/; do eval_run "${dir%/}"; done

@@ -31,3 +31,4 @@ echo "pixel UNet trained about $pixel_seconds s; latent UNet at $latent_rate ima
 for name in base latent; do
   sample_run "$runs/$name" "$out/samples-$name" --sampler dpmpp_2m --steps 25 --n $samples --batch 250 --cfg 2 --cfg-rescale 0.7
 done
+for name in base latent; do eval_run "$out/samples-$name"; done

@@ -12,7 +12,10 @@ using diffuse::testing::run_cli;
 
 namespace {
 std::string model_args() {
-  return "--model " + fixture("diffusers/unet") + " --scheduler " + fixture("scheduler/fixed_scheduler_config.json");
+  // --vae none: the fixture folder also holds diffusers/vae (4 latent channels), which sample would take for
+  // this pixel-space UNet's autoencoder.
+  return "--model " + fixture("diffusers/unet") + " --scheduler " + fixture("scheduler/fixed_scheduler_config.json") +
+         " --vae none";
 }
 }  // namespace
 

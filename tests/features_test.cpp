@@ -91,21 +91,31 @@ TEST(FeatureNet, TestSetAgainstItselfIsZeroAndFloorIsPositive) {
   EXPECT_LE(r.floor.inception.mean, 10.0);
 }
 
-// Shuffled labels: class accuracy falls to chance while every label-free metric stays as it was.
+// Only images with a requested class in [0, C) count in the class accuracy; labels change no other metric.
 TEST(FeatureNet, ClassAccuracyCountsOnlyRequestedClasses) {
   auto& e = evaluator();
-  auto images = test_split().images.slice(0, 0, 400);
+  auto out = extract_features(e.net, test_split().images.slice(0, 0, 400));
   auto labels = test_split().labels.slice(0, 0, 400).clone();
-  auto right = evaluate_samples(e, images, labels, fast_options());
-  labels.slice(0, 0, 200).fill_(-1);  // half without a requested class
-  auto half = evaluate_samples(e, images, labels, fast_options());
-  EXPECT_EQ(half.samples.labelled, 200);
-  EXPECT_EQ(right.samples.labelled, 400);
-  auto none = evaluate_samples(e, images, torch::Tensor(), fast_options());
-  EXPECT_EQ(none.samples.class_accuracy, -1);
-  EXPECT_DOUBLE_EQ(none.samples.fid, right.samples.fid);
-  EXPECT_GT(right.samples.class_accuracy, 0.85);
-  EXPECT_EQ(right.floor.count, 400);  // the floor uses as many real images as there are samples
+  auto metrics = [&](const torch::Tensor& l) {
+    return compute_metrics(out.features, out.probs, l, e.reference.features, e.reference.stats, fast_options());
+  };
+  auto right = metrics(labels);
+  double expected = out.probs.argmax(1).eq(labels).to(torch::kFloat64).mean().item<double>();
+  EXPECT_DOUBLE_EQ(right.class_accuracy, expected);
+  EXPECT_GT(right.class_accuracy, 0.85);
+  EXPECT_EQ(right.labelled, 400);
+  labels.slice(0, 0, 200).fill_(-1);    // no requested class
+  labels.slice(0, 200, 250).fill_(10);  // the null class of a conditional model
+  auto part = metrics(labels);
+  EXPECT_EQ(part.labelled, 150);
+  double expected_part = out.probs.argmax(1).slice(0, 250).eq(labels.slice(0, 250)).to(torch::kFloat64).mean().item<double>();
+  EXPECT_DOUBLE_EQ(part.class_accuracy, expected_part);
+  auto none = metrics(torch::Tensor());
+  EXPECT_EQ(none.class_accuracy, -1);
+  EXPECT_EQ(none.labelled, 0);
+  EXPECT_DOUBLE_EQ(none.fid, right.fid);
+  EXPECT_DOUBLE_EQ(none.kid.mean, right.kid.mean);
+  EXPECT_DOUBLE_EQ(none.pr.precision, right.pr.precision);
 }
 
 TEST(FeatureNet, BadInputIsRefused) {

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <iostream>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
@@ -58,9 +59,14 @@ DistEnv DistEnv::from_environment() {
 Distributed::Distributed(const DistEnv& env, torch::Device device, std::chrono::milliseconds timeout)
     : env_(env), device_(device), timeout_(timeout) {
   if (!enabled()) return;
+  // torchrun's agent may host the store itself (TORCHELASTIC_USE_AGENT_STORE=True): then every rank is a
+  // client, as in torch.distributed's env:// rendezvous.
+  const char* agent = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
+  const bool agent_store = agent && std::string(agent) == "True";
+  const char* restart = std::getenv("TORCHELASTIC_RESTART_COUNT");
   c10d::TCPStoreOptions opts;
   opts.port = uint16_t(env.master_port);
-  opts.isServer = env.rank == 0;
+  opts.isServer = env.rank == 0 && !agent_store;
   opts.numWorkers = size_t(env.world_size);
   opts.waitWorkers = true;
   opts.timeout = timeout;
@@ -71,7 +77,9 @@ Distributed::Distributed(const DistEnv& env, torch::Device device, std::chrono::
                              std::to_string(env.master_port) + " failed (" + e.what() +
                              "); check MASTER_ADDR/MASTER_PORT and that every rank was started");
   }
-  auto prefixed = c10::make_intrusive<c10d::PrefixStore>("diffuse", store_);
+  // A restarted attempt must not read the keys of the previous one.
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(
+      std::string("diffuse/attempt_") + (restart && *restart ? restart : "0"), store_);
   if (device.is_cuda()) {
 #ifdef DIFFUSE_WITH_NCCL
     auto o = c10d::ProcessGroupNCCL::Options::create();
@@ -167,6 +175,20 @@ double Distributed::all_reduce_sum(double value) {
                                                              device_.is_cuda() ? device_ : torch::kCPU))};
   all_reduce_sum(t);
   return t[0].item<double>();
+}
+
+void Distributed::broadcast_bytes(std::string& bytes, int64_t root) {
+  if (!enabled()) return;
+  auto on = torch::TensorOptions().device(collective_device());
+  std::vector<torch::Tensor> size = {torch::tensor({int64_t(bytes.size())}, on.dtype(torch::kInt64))};
+  broadcast(size, root);
+  const int64_t n = size[0].item<int64_t>();
+  auto buffer = torch::empty({n}, torch::kUInt8);
+  if (rank() == root) std::memcpy(buffer.data_ptr<uint8_t>(), bytes.data(), size_t(n));
+  std::vector<torch::Tensor> payload = {buffer.to(collective_device())};
+  broadcast(payload, root);
+  auto back = payload[0].cpu().contiguous();
+  bytes.assign(reinterpret_cast<const char*>(back.data_ptr<uint8_t>()), size_t(n));
 }
 
 void Distributed::barrier() {
@@ -324,7 +346,9 @@ int free_loopback_port() {
 }
 
 std::vector<pid_t>* g_children = nullptr;
+volatile sig_atomic_t g_forwarded = 0;
 void forward_signal(int sig) {
+  g_forwarded = sig;
   if (g_children)
     for (pid_t p : *g_children)
       if (p > 0) kill(p, sig);
@@ -358,6 +382,8 @@ int launch_local(int nproc, const std::vector<std::string>& args, std::chrono::m
     }
     children[size_t(r)] = pid;
   }
+  const std::vector<pid_t> launched = children;
+  g_forwarded = 0;
   g_children = &children;
   struct sigaction sa {}, old_int{}, old_term{};
   sa.sa_handler = forward_signal;
@@ -366,17 +392,27 @@ int launch_local(int nproc, const std::vector<std::string>& args, std::chrono::m
 
   int result = 0;
   int remaining = nproc;
-  auto deadline = std::chrono::steady_clock::time_point::max();
+  using Clock = std::chrono::steady_clock;
+  const auto never = Clock::time_point::max();
+  auto term_at = never, kill_at = never;
+  auto signal_all = [&](int sig) {
+    for (pid_t p : children)
+      if (p > 0) kill(p, sig);
+  };
   while (remaining > 0) {
     int status = 0;
-    pid_t pid = waitpid(-1, &status, deadline == std::chrono::steady_clock::time_point::max() ? 0 : WNOHANG);
+    pid_t pid = waitpid(-1, &status, term_at == never && kill_at == never ? 0 : WNOHANG);
     if (pid == 0) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        for (pid_t p : children)
-          if (p > 0) kill(p, SIGKILL);
-        deadline = std::chrono::steady_clock::time_point::max();
+      const auto now = Clock::now();
+      if (now > term_at) {
+        signal_all(SIGTERM);
+        signal_all(SIGCONT);  // wakes a stopped rank so that it can act on SIGTERM
+        term_at = never;
+      } else if (now > kill_at) {
+        signal_all(SIGKILL);
+        kill_at = never;
       } else {
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
       }
       continue;
     }
@@ -390,10 +426,20 @@ int launch_local(int nproc, const std::vector<std::string>& args, std::chrono::m
     int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     if (code != 0 && result == 0) {
       result = code;
-      // One rank failed: stop the others so nobody waits on a dead peer.
-      for (pid_t p : children)
-        if (p > 0) kill(p, SIGTERM);
-      deadline = std::chrono::steady_clock::now() + grace;
+      // After SIGINT/SIGTERM (forwarded, or sent to one rank: diffuse's ranks agree to stop and exit with
+      // 128 + signal) every rank is checkpointing and stopping on its own.
+      if (g_forwarded || (WIFEXITED(status) && (code == 128 + SIGINT || code == 128 + SIGTERM))) continue;
+      int rank = -1;
+      for (int r = 0; r < nproc; ++r)
+        if (launched[size_t(r)] == pid) rank = r;
+      std::cerr << "launch: rank " << rank << " of " << nproc << " "
+                << (WIFSIGNALED(status) ? "was killed by signal " + std::to_string(WTERMSIG(status))
+                                        : "exited with status " + std::to_string(code))
+                << "; stopping the other ranks" << std::endl;
+      // One rank failed. The others see it at their next collective and report it themselves; the ones that
+      // do not (hung, or outside collectives) get SIGTERM shortly after, and SIGKILL after `grace`.
+      term_at = Clock::now() + std::min<std::chrono::milliseconds>(grace, std::chrono::seconds(2));
+      kill_at = term_at + grace;
     }
   }
   sigaction(SIGINT, &old_int, nullptr);

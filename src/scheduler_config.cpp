@@ -1,5 +1,7 @@
 #include "diffuse/scheduler_config.h"
 
+#include <unistd.h>
+
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -20,7 +22,8 @@ std::string read_file(const std::string& path) {
 }
 
 void write_file_atomic(const std::string& path, const std::string& contents) {
-  std::string tmp = path + ".tmp";
+  // A temporary name of this process's own: ranks of a data-parallel run may write the same file (a cache).
+  std::string tmp = path + ".tmp" + std::to_string(::getpid());
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     if (!out) throw std::runtime_error("cannot write '" + tmp + "': " + std::strerror(errno));

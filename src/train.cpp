@@ -12,7 +12,9 @@
 #include <iostream>
 #include <limits>
 #include <sstream>
+#include <thread>
 
+#include "diffuse/distributed.h"
 #include "diffuse/plot.h"
 #include "diffuse/runtime.h"
 #include "diffuse/safetensors.h"
@@ -149,7 +151,8 @@ ScheduleSpec schedule_from_json(const nlohmann::json& j) {
 // (steps and device aside, which the user changes knowingly).
 const std::vector<std::string>& resumable_keys() {
   static const std::vector<std::string> keys = {"steps", "out", "resume", "overwrite", "device", "bf16",
-                                                "checkpoint_every", "log_every", "progress", "threads"};
+                                                "checkpoint_every", "log_every", "progress", "threads",
+                                                "dist_timeout"};
   return keys;
 }
 
@@ -178,7 +181,8 @@ nlohmann::json LoopOptions::to_json() const {
           {"checkpoint_every", checkpoint_every},
           {"log_every", log_every},
           {"progress", progress},
-          {"threads", threads}};
+          {"threads", threads},
+          {"dist_timeout", dist_timeout}};
 }
 
 LoopOptions LoopOptions::from_json(const nlohmann::json& j) {
@@ -206,6 +210,7 @@ LoopOptions LoopOptions::from_json(const nlohmann::json& j) {
   o.log_every = get_or(j, "log_every", o.log_every);
   o.progress = get_or(j, "progress", o.progress);
   o.threads = get_or(j, "threads", o.threads);
+  o.dist_timeout = get_or(j, "dist_timeout", o.dist_timeout);
   return o;
 }
 
@@ -535,6 +540,18 @@ class LossLog {
   std::chrono::steady_clock::time_point since_;
 };
 
+// The rows [begin, begin + size) of a global batch of `global` examples that one rank trains on.
+struct Shard {
+  int64_t begin = 0, size = 0, global = 0;
+  torch::Tensor rows(const torch::Tensor& t) const { return size == global ? t : t.narrow(0, begin, size); }
+  /// `shard_shape` with its first dimension widened to the global batch.
+  std::vector<int64_t> global_shape(torch::IntArrayRef shard_shape) const {
+    auto s = shard_shape.vec();
+    s[0] = global;
+    return s;
+  }
+};
+
 // What the loop trains: a model, its EMA copy, a loss and the folders a checkpoint holds.
 class Task {
  public:
@@ -544,8 +561,10 @@ class Task {
   virtual void load(const fs::path& run, torch::Device device) = 0;
   virtual torch::nn::Module& model() = 0;
   virtual torch::nn::Module& ema() = 0;
-  /// Per-example loss [B] (float32, on the device) and the timesteps [B] (int64, CPU) of one batch.
-  virtual std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, at::Generator& gen) = 0;
+  /// Per-example loss [n] (float32, on the device) and the timesteps [n] (int64, CPU) of `batch`: this rank's
+  /// n = shard.size rows of the global batch. Random draws are made for the whole global batch from `gen`
+  /// (as one process would) and then cut to the shard's rows, so sharding changes no number.
+  virtual std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, const Shard& shard, at::Generator& gen) = 0;
   /// Writes the model folders (and scheduler/) of a checkpoint into `dir`.
   virtual void save(const fs::path& dir) = 0;
   virtual int64_t T() const = 0;
@@ -574,6 +593,8 @@ void validate_loop(const LoopOptions& o) {
   if (!(o.ema_decay >= 0 && o.ema_decay < 1)) bad("--ema-decay must be in [0, 1), got " + std::to_string(o.ema_decay));
   if (o.checkpoint_every < 1) bad("--checkpoint-every must be at least 1");
   if (o.log_every < 1) bad("--log-every must be at least 1");
+  if (!(o.dist_timeout > 0) || !std::isfinite(o.dist_timeout))
+    bad("--dist-timeout must be a positive number of seconds, got " + std::to_string(o.dist_timeout));
 }
 
 // Creates, replaces or reopens the run folder. Returns true when resuming.
@@ -660,47 +681,174 @@ void restore_rng_states(const std::map<std::string, torch::Tensor>& states, torc
   if (!device.is_cpu() && states.count("device")) set(device_generator(device), states.at("device"));
 }
 
+// Data parallelism (docs/distributed.md): with several processes --device cuda means cuda:LOCAL_RANK.
+torch::Device rank_device(const std::string& name, const DistEnv& env) {
+  torch::Device device = parse_device(name);
+  if (!env.enabled() || !device.is_cuda()) return device;
+  if (device.has_index())
+    throw std::invalid_argument("--device " + name + " names one GPU, but " + std::to_string(env.world_size) +
+                                " processes train together; pass --device cuda (rank r uses cuda:LOCAL_RANK) and "
+                                "choose GPUs with CUDA_VISIBLE_DEVICES");
+  const int64_t gpus = int64_t(torch::cuda::device_count());
+  if (env.local_rank >= gpus)
+    throw std::invalid_argument("LOCAL_RANK " + std::to_string(env.local_rank) + " has no GPU: this machine has " +
+                                std::to_string(gpus) + " (start at most that many processes per machine)");
+  return torch::Device(torch::kCUDA, c10::DeviceIndex(env.local_rank));
+}
+
+// CPU ranks on one machine share its cores (torchrun likewise sets OMP_NUM_THREADS=1 by default).
+void set_threads(const LoopOptions& o, const DistEnv& env, torch::Device device) {
+  if (o.threads > 0) {
+    torch::set_num_threads(o.threads);
+    return;
+  }
+  const char* local = std::getenv("LOCAL_WORLD_SIZE");
+  if (!env.enabled() || !device.is_cpu() || std::getenv("OMP_NUM_THREADS") || !local) return;
+  const int per_machine = std::max(1, std::atoi(local));
+  torch::set_num_threads(std::max(1, int(std::thread::hardware_concurrency()) / per_machine));
+}
+
+// Runs `body` on rank 0 only; every rank then learns whether it threw (one collective), so a failure there
+// stops all ranks at once instead of leaving them to time out.
+template <class F>
+void on_main_rank(Distributed& dist, const std::string& what, F&& body) {
+  std::exception_ptr error;
+  if (dist.is_main()) try {
+      body();
+    } catch (...) {
+      error = std::current_exception();
+    }
+  if (dist.all_reduce_sum(error ? 1.0 : 0.0) == 0) return;
+  if (error) std::rethrow_exception(error);
+  throw RankZeroFailed("rank " + std::to_string(dist.rank()) + ": rank 0 failed to " + what + " (see its error)");
+}
+
+// Per-example losses and timesteps of the whole global batch, gathered from every rank's rows (for the log).
+std::pair<torch::Tensor, torch::Tensor> gather_rows(Distributed& dist, const Shard& shard, const torch::Tensor& per_example,
+                                                    const torch::Tensor& t) {
+  auto all = torch::zeros({2, shard.global}, torch::TensorOptions().dtype(torch::kFloat64).device(dist.collective_device()));
+  all[0].narrow(0, shard.begin, shard.size).copy_(per_example.detach());
+  all[1].narrow(0, shard.begin, shard.size).copy_(t);
+  std::vector<torch::Tensor> v = {all};
+  dist.all_reduce_sum(v);
+  return {all[0].to(torch::kFloat32), all[1].to(torch::kInt64).cpu()};
+}
+
+// The signal that stops the run: any rank's SIGINT/SIGTERM, the lowest rank's winning, seen by all at once.
+int agreed_stop_signal(Distributed& dist) {
+  if (!dist.enabled()) return StopSignals::caught();
+  auto flags = torch::zeros({dist.world_size()}, torch::TensorOptions().dtype(torch::kFloat64).device(dist.collective_device()));
+  flags[dist.rank()] = double(StopSignals::caught());
+  std::vector<torch::Tensor> v = {flags};
+  dist.all_reduce_sum(v);
+  auto cpu = flags.cpu();
+  for (int64_t r = 0; r < dist.world_size(); ++r)
+    if (cpu[r].item<double>() != 0) return int(cpu[r].item<double>());
+  return 0;
+}
+
+// Replicas stay identical only if every rank applied the same averaged gradients: checked at each checkpoint.
+void check_replicas(Distributed& dist, Task& task, int64_t step) {
+  if (!dist.enabled()) return;
+  torch::NoGradGuard ng;
+  double sum = 0;
+  for (auto* m : {&task.model(), &task.ema()})
+    for (const auto& p : m->parameters()) sum += p.to(torch::kFloat64).sum().item<double>();
+  std::vector<torch::Tensor> root = {torch::tensor({sum}, torch::TensorOptions().dtype(torch::kFloat64).device(dist.collective_device()))};
+  dist.broadcast(root);
+  if (dist.all_reduce_sum(root[0].item<double>() == sum ? 0.0 : 1.0) != 0)
+    throw std::runtime_error("rank " + std::to_string(dist.rank()) + ": the model replicas differ at step " +
+                             std::to_string(step) + " (a bug: the ranks applied different updates); nothing written");
+}
+
 TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& options_json, const Dataset& data,
                      const TrainHooks& hooks) {
   validate_loop(o);
-  torch::Device device = parse_device(o.device);
+  const DistEnv env = DistEnv::from_environment();
+  if (o.batch % env.world_size != 0)
+    throw std::invalid_argument("--batch " + std::to_string(o.batch) + " is the global batch and must divide among " +
+                                std::to_string(env.world_size) + " processes; pass a multiple of " +
+                                std::to_string(env.world_size));
+  torch::Device device = rank_device(o.device, env);
   if (o.bf16 && !device.is_cuda())
     throw std::invalid_argument("--bf16 autocast needs --device cuda (on the CPU bf16 is slower than float32)");
-  if (o.threads > 0) torch::set_num_threads(o.threads);
+  set_threads(o, env, device);
   BatchSampler sampler(data.size(), o.batch, o.seed);  // validates the batch size against the data
+  auto dist = std::make_shared<Distributed>(
+      env, device, std::chrono::milliseconds(int64_t(std::ceil(o.dist_timeout * 1000))));
+  const bool main = dist->is_main();
+  const Shard shard{env.rank * (o.batch / env.world_size), o.batch / env.world_size, o.batch};
   fs::path run(o.out);
-  bool resumed = prepare_run_folder(o, options_json);
 
+  // Rank 0 alone reads and writes the run folder; the others get its weights and optimizer state.
+  bool resumed = o.resume;
   int64_t start = 0;
-  if (resumed) {
+  on_main_rank(*dist, "prepare the run folder '" + o.out + "'", [&] {
+    resumed = prepare_run_folder(o, options_json);
+    if (!resumed) return;
     auto state = load_json((run / "train_state" / "state.json").string());
     start = state.at("step").get<int64_t>();
     int64_t n = state.value("dataset_size", int64_t(-1));
     if (n != data.size())
       throw std::invalid_argument("cannot resume '" + o.out + "': the data set had " + std::to_string(n) +
                                   " images, now it has " + std::to_string(data.size()) + " (same --data needed)");
-    task.load(run, device);
-  } else {
-    torch::manual_seed(o.seed);
-    task.create(device);
-  }
-  auto& model = task.model();
-  model.train();
+  });
   auto options = torch::optim::AdamWOptions(o.lr)
                      .betas({o.adam_beta1, o.adam_beta2})
                      .eps(o.adam_eps)
                      .weight_decay(o.weight_decay);
-  torch::optim::AdamW optimizer(model.parameters(), options);
-  if (resumed) {
-    torch::load(optimizer, (run / "train_state" / "optimizer.pt").string(), device);
-    restore_rng_states(load_safetensors((run / "train_state" / "rng.safetensors").string()), device);
+  std::unique_ptr<torch::optim::AdamW> optimizer;
+  on_main_rank(*dist, "load the checkpoint of '" + o.out + "'", [&] {
+    if (resumed) {
+      task.load(run, device);
+    } else {
+      torch::manual_seed(o.seed);
+      task.create(device);
+    }
+    optimizer = std::make_unique<torch::optim::AdamW>(task.model().parameters(), options);
+    if (resumed) {
+      torch::load(*optimizer, (run / "train_state" / "optimizer.pt").string(), device);
+      restore_rng_states(load_safetensors((run / "train_state" / "rng.safetensors").string()), device);
+    }
+    write_file_atomic((run / "run.json").string(), options_json.dump(2) + "\n");
+  });
+  if (!main) {
+    torch::manual_seed(o.seed);
+    task.create(device);  // overwritten by rank 0's weights below
+    optimizer = std::make_unique<torch::optim::AdamW>(task.model().parameters(), options);
   }
-  write_file_atomic((run / "run.json").string(), options_json.dump(2) + "\n");
+  if (dist->enabled()) {
+    start = int64_t(dist->all_reduce_sum(main ? double(start) : 0.0));
+    dist->broadcast_module(task.model());
+    dist->broadcast_module(task.ema());
+    if (resumed) {
+      std::string state;
+      if (main) {
+        std::ostringstream os;
+        torch::save(*optimizer, os);
+        state = os.str();
+      }
+      dist->broadcast_bytes(state);
+      if (!main) {
+        std::istringstream is(state);
+        torch::load(*optimizer, is, device);
+      }
+    }
+    // Dropout draws from the default generator: a stream of its own per rank (rank 0 keeps one process's).
+    if (!main) torch::manual_seed(mix_seed(o.seed, 0xd15ULL + uint64_t(env.rank), uint64_t(start)));
+  }
+  auto& model = task.model();
+  model.train();
 
   LossLog log(run, task.T(), o.log_every);
-  log.open(start, !resumed);
-  Progress progress(o.progress, start, o.steps, o.log_every);
-  if (resumed) progress.message("resuming '" + o.out + "' at step " + std::to_string(start));
+  if (main) log.open(start, !resumed);
+  Progress progress(o.progress && main, start, o.steps, o.log_every);
+  if (resumed)
+    progress.message("resuming '" + o.out + "' at step " + std::to_string(start) +
+                     (dist->enabled() ? " with " + std::to_string(env.world_size) + " processes" : ""));
+  else if (dist->enabled())
+    progress.message("data parallel: " + std::to_string(env.world_size) + " processes (" + dist->backend() + "), " +
+                     std::to_string(shard.size) + " of " + std::to_string(o.batch) + " images per step each");
   int64_t last_checkpoint = resumed ? start : -1;
   auto checkpoint = [&](int64_t step) {
     if (!all_finite(model) || !all_finite(task.ema()))
@@ -708,11 +856,14 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
                               "; nothing was written, the last good checkpoint (step " +
                               std::to_string(last_checkpoint) + ") is kept in '" + o.out + "'",
                           step);
+    check_replicas(*dist, task, step);
+    last_checkpoint = step;
+    if (!main) return;
     fs::path dir = run / kNewCheckpoint;
     fs::remove_all(dir);
     fs::create_directories(dir / "train_state");
     task.save(dir);
-    torch::save(optimizer, (dir / "train_state" / "optimizer.pt").string());
+    torch::save(*optimizer, (dir / "train_state" / "optimizer.pt").string());
     save_safetensors((dir / "train_state" / "rng.safetensors").string(), rng_states(device));
     nlohmann::json state = {{"step", step},
                             {"epoch", step / sampler.steps_per_epoch()},
@@ -721,11 +872,11 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
                             {"dataset_size", data.size()},
                             {"batch", o.batch},
                             {"seed", o.seed},
+                            {"world_size", env.world_size},
                             {"kind", task.kind()}};
     write_file_atomic((dir / "train_state" / "state.json").string(), state.dump(2) + "\n");
     write_file_atomic((dir / kComplete).string(), std::to_string(step) + "\n");
     swap_in_checkpoint(run);
-    last_checkpoint = step;
     try {
       log.plot(run / "loss.png");
     } catch (const std::exception& e) {
@@ -738,22 +889,33 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
   result.run_dir = o.out;
   result.start_step = start;
   result.step = start;
+  result.rank = env.rank;
+  result.world_size = env.world_size;
   auto params = model.parameters();
+  GradientAverager averager(dist, params);  // no-op for one process
   double max_norm = o.grad_clip > 0 ? o.grad_clip : std::numeric_limits<double>::infinity();
   auto t_begin = std::chrono::steady_clock::now();
   auto t_last = t_begin;
   for (int64_t step = start; step < o.steps; ++step) {
     double lr = lr_at(o, step);
-    for (auto& group : optimizer.param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+    for (auto& group : optimizer->param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
     auto batch = make_batch(data, sampler.indices(step), o.hflip, mix_seed(o.seed, uint64_t(step), 1), device);
+    batch.images = shard.rows(batch.images);
+    batch.labels = shard.rows(batch.labels);
     auto gen = cpu_generator(mix_seed(o.seed, uint64_t(step), 2));
     torch::Tensor per_example, t;
     {
       ScopedAutocast autocast(o.bf16);
-      std::tie(per_example, t) = task.loss(batch, gen);
+      std::tie(per_example, t) = task.loss(batch, shard, gen);
     }
-    auto loss = per_example.mean();
-    double loss_value = loss.item<double>();
+    auto loss = per_example.mean();  // of the shard: the mean over ranks of its gradient is the global batch's
+    double loss_value = 0;
+    if (dist->enabled()) {
+      std::tie(per_example, t) = gather_rows(*dist, shard, per_example, t);
+      loss_value = per_example.mean().item<double>();
+    } else {
+      loss_value = loss.item<double>();
+    }
     auto stop_nonfinite = [&](const std::string& what) {
       progress.finish();
       std::string kept = last_checkpoint >= 0 ? "the last good checkpoint (step " + std::to_string(last_checkpoint) +
@@ -764,19 +926,22 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
                           step + 1);
     };
     if (!std::isfinite(loss_value)) stop_nonfinite("the loss is " + std::to_string(loss_value));
-    optimizer.zero_grad();
+    optimizer->zero_grad();
     loss.backward();
+    averager.finish();
     double grad_norm = torch::nn::utils::clip_grad_norm_(params, max_norm);
     if (!std::isfinite(grad_norm)) stop_nonfinite("the gradient norm is " + std::to_string(grad_norm));
-    optimizer.step();
+    optimizer->step();
     update_ema(task.ema(), model, o.ema_decay, step);
 
     int64_t done = step + 1;
     auto now = std::chrono::steady_clock::now();
     double ips = double(o.batch) / std::max(1e-9, std::chrono::duration<double>(now - t_last).count());
     t_last = now;
-    log.add(loss_value, per_example, t, grad_norm, o.batch);
-    if (log.due(done) || done == o.steps) log.write(done, lr);
+    if (main) {
+      log.add(loss_value, per_example, t, grad_norm, o.batch);
+      if (log.due(done) || done == o.steps) log.write(done, lr);
+    }
     {
       std::ostringstream fields;
       fields << "loss " << std::setprecision(4) << loss_value << "  " << std::fixed << std::setprecision(1) << ips
@@ -785,21 +950,21 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
     }
     result.step = done;
     result.last_loss = loss_value;
-    bool stop = StopSignals::caught() != 0;
-    if (done % o.checkpoint_every == 0 || done == o.steps || stop) checkpoint(done);
+    if (done % o.checkpoint_every == 0 || done == o.steps) checkpoint(done);
     if (hooks.on_step) hooks.on_step(StepInfo{done, loss_value, lr, ips});
-    if (stop || StopSignals::caught()) {
+    if (int sig = agreed_stop_signal(*dist)) {
       if (last_checkpoint != done) checkpoint(done);
       result.interrupted = true;
-      result.signal = StopSignals::caught();
-      progress.message("stopped by signal " + std::to_string(StopSignals::caught()) + " at step " +
-                       std::to_string(done) + "; checkpoint written, continue with --resume");
+      result.signal = sig;
+      progress.message("stopped by signal " + std::to_string(sig) + " at step " + std::to_string(done) +
+                       "; checkpoint written, continue with --resume");
       break;
     }
   }
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_begin).count();
   result.images_per_s = double(result.step - start) * double(o.batch) / std::max(seconds, 1e-9);
   if (last_checkpoint != result.step) checkpoint(result.step);
+  dist->barrier();  // the run ends when rank 0's last checkpoint is written
   progress.finish();
   return result;
 }
@@ -861,17 +1026,19 @@ class DiffusionTask : public Task {
   torch::nn::Module& ema() override { return *ema_; }
   int64_t T() const override { return schedule_.T(); }
 
-  std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, at::Generator& gen) override {
+  std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, const Shard& shard, at::Generator& gen) override {
     const auto& x0 = batch.images;
     int64_t B = x0.size(0);
-    auto t = torch::randint(0, schedule_.T(), {B}, gen, torch::kInt64);
-    auto eps = offset_noise(torch::randn(x0.sizes(), gen, torch::kFloat32), o_.offset_noise, gen).to(device_);
+    auto t = shard.rows(torch::randint(0, schedule_.T(), {shard.global}, gen, torch::kInt64));
+    auto eps = shard.rows(offset_noise(torch::randn(shard.global_shape(x0.sizes()), gen, torch::kFloat32),
+                                       o_.offset_noise, gen))
+                   .to(device_);
     auto td = t.to(device_);
     auto a = a_.index_select(0, td).view({B, 1, 1, 1}), s = s_.index_select(0, td).view({B, 1, 1, 1});
     auto x_t = a * x0 + s * eps;
     torch::Tensor labels;
     if (null_class_ >= 0) {
-      auto drop = (torch::rand({B}, gen) < o_.label_dropout).to(device_);
+      auto drop = shard.rows(torch::rand({shard.global}, gen) < o_.label_dropout).to(device_);
       labels = torch::where(drop, torch::full_like(batch.labels, null_class_), batch.labels);
     }
     auto cond = o_.etsdm.condition(t).to(device_);  // E-TSDM: the network sees f(t), the noise uses t
@@ -942,11 +1109,11 @@ class ClassifierTask : public Task {
   NoisyClassifier& raw_model() { return model_; }
   const Schedule& schedule() const { return schedule_; }
 
-  std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, at::Generator& gen) override {
+  std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, const Shard& shard, at::Generator& gen) override {
     const auto& x0 = batch.images;
     int64_t B = x0.size(0);
-    auto t = torch::randint(0, schedule_.T(), {B}, gen, torch::kInt64);
-    auto eps = torch::randn(x0.sizes(), gen, torch::kFloat32).to(device_);
+    auto t = shard.rows(torch::randint(0, schedule_.T(), {shard.global}, gen, torch::kInt64));
+    auto eps = shard.rows(torch::randn(shard.global_shape(x0.sizes()), gen, torch::kFloat32)).to(device_);
     auto td = t.to(device_);
     auto x_t = a_.index_select(0, td).view({B, 1, 1, 1}) * x0 + s_.index_select(0, td).view({B, 1, 1, 1}) * eps;
     auto logits = model_->forward(x_t, td.to(torch::kFloat32)).to(torch::kFloat32);
@@ -1024,10 +1191,11 @@ class VaeTask : public Task {
   AutoencoderKL& raw_model() { return vae_; }
   AutoencoderKL& ema_model() { return ema_; }
 
-  std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, at::Generator& gen) override {
+  std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, const Shard& shard, at::Generator& gen) override {
     const auto& x = batch.images;
     auto posterior = vae_->encode(x);
-    auto diff = vae_->decode(posterior.sample(gen)).to(torch::kFloat32) - x;
+    auto noise = shard.rows(torch::randn(shard.global_shape(posterior.mean.sizes()), gen, torch::kFloat32));
+    auto diff = vae_->decode(posterior.sample_from(noise)).to(torch::kFloat32) - x;
     auto rec = (o_.reconstruction == "l1" ? diff.abs() : diff.square()).flatten(1).mean(1);
     auto kl = posterior.kl().to(torch::kFloat32) / double(x[0].numel());
     return {rec + o_.kl_weight * kl, torch::zeros({x.size(0)}, torch::kInt64)};
@@ -1090,7 +1258,7 @@ TrainResult train_classifier(const ClassifierTrainOptions& options, const Datase
                              std::ostream* report, const TrainHooks& hooks) {
   ClassifierTask task(options, data);
   auto result = run_loop(task, options.loop, options.to_json(), data, hooks);
-  if (heldout.images.defined() && heldout.size() > 0) {
+  if (result.rank == 0 && heldout.images.defined() && heldout.size() > 0) {
     torch::Device device = parse_device(options.loop.device);
     auto raw = noisy_accuracy(task.raw_model(), task.schedule(), heldout, 10, options.loop.seed, device);
     auto ema = noisy_accuracy(task.ema_model(), task.schedule(), heldout, 10, options.loop.seed, device);
@@ -1119,7 +1287,7 @@ TrainResult train_vae(const VaeTrainOptions& options, const Dataset& data, const
                       const TrainHooks& hooks) {
   VaeTask task(options, data);
   auto result = run_loop(task, options.loop, options.to_json(), data, hooks);
-  if (result.interrupted || !heldout.images.defined() || heldout.size() == 0) return result;
+  if (result.interrupted || result.rank != 0 || !heldout.images.defined() || heldout.size() == 0) return result;
   const int64_t batch = options.loop.batch;
   // Posterior noise for the held-out latents from another stream than the checkpoint's measurement.
   const uint64_t seed = mix_seed(options.loop.seed, 0x7ae);

@@ -3,14 +3,20 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
+#include <thread>
+
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <unistd.h>
 
 #include "cli_util.h"
 #include "diffuse/distributed.h"
 
 namespace {
 
-diffuse::testing::CliResult run_worker(const std::string& args) {
-  std::string cmd = std::string("timeout 60 ") + DIFFUSE_DIST_WORKER + " " + args + " 2>&1";
+diffuse::testing::CliResult run_worker_shell(const std::string& command) {
+  std::string cmd = command + " 2>&1";
   diffuse::testing::CliResult r;
   FILE* pipe = popen(cmd.c_str(), "r");
   char buf[4096];
@@ -19,6 +25,10 @@ diffuse::testing::CliResult run_worker(const std::string& args) {
   int status = pclose(pipe);
   r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   return r;
+}
+
+diffuse::testing::CliResult run_worker(const std::string& args) {
+  return run_worker_shell(std::string("timeout 60 ") + DIFFUSE_DIST_WORKER + " " + args);
 }
 
 }  // namespace
@@ -66,4 +76,31 @@ TEST(Distributed, DeadOrHungRankStopsEveryoneQuickly) {
     EXPECT_LT(secs, 30) << mode;
     if (mode == "hang") EXPECT_NE(r.output.find("rank 0 error"), std::string::npos) << r.output;
   }
+}
+
+// torchrun's elastic agent can host the TCP store itself (TORCHELASTIC_USE_AGENT_STORE=True): then rank 0 must
+// connect as a client like the others. This test plays the agent: it hosts the store and starts the two ranks.
+TEST(Distributed, RanksUseTorchrunAgentStore) {
+  c10d::TCPStoreOptions opts;
+  opts.port = 0;  // any free port
+  opts.isServer = true;
+  opts.waitWorkers = false;
+  opts.timeout = std::chrono::seconds(20);
+  auto agent = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", opts);
+  const std::string env = "TORCHELASTIC_USE_AGENT_STORE=True TORCHELASTIC_RESTART_COUNT=0 WORLD_SIZE=2 "
+                          "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(agent->getPort());
+  const std::string log = "/tmp/diffuse-agent-store-" + std::to_string(getpid());
+  std::string cmd = "(env " + env + " RANK=1 LOCAL_RANK=1 timeout 60 " + DIFFUSE_DIST_WORKER + " allreduce > " + log +
+                    " 2>&1 &); env " + env + " RANK=0 LOCAL_RANK=0 timeout 60 " + DIFFUSE_DIST_WORKER + " allreduce";
+  auto r = run_worker_shell(cmd);
+  std::string other;
+  for (int i = 0; i < 500 && other.find("rank 1") == std::string::npos; ++i) {  // rank 1 may end a moment later
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    std::ifstream in(log);
+    other.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  std::remove(log.c_str());
+  EXPECT_EQ(r.code, 0) << r.output << other;
+  EXPECT_NE(r.output.find("rank 0 ok"), std::string::npos) << r.output;
+  EXPECT_NE(other.find("rank 1 ok"), std::string::npos) << other;
 }

@@ -77,7 +77,7 @@ TEST(Safetensors, RoundTripEveryDtype) {
   uint64_t n;
   std::memcpy(&n, bytes.data(), 8);
   EXPECT_EQ(n % 8, 0u);
-  EXPECT_FALSE(std::filesystem::exists(path + ".tmp"));
+  EXPECT_FALSE(std::filesystem::exists(path + ".tmp" + std::to_string(getpid())));  // write_file_atomic's temporary
   std::filesystem::remove_all(dir);
 }
 

@@ -15,17 +15,21 @@ if [ $full = 1 ]; then vae_steps=${VAE_STEPS:-20000}; else vae_steps=${VAE_STEPS
 train_run train-vae "$runs/vae" --data fashion-mnist --channels 32,64,128 --layers-per-block 1 --latent-channels 4 \
   --steps $vae_steps --batch 32 --lr 1e-3 --warmup 100 --ema-decay 0.999 --kl-weight 1e-6
 
-# The latent UNet: two levels on 8x8x4, no attention; trained for the pixel UNet's training seconds.
+# The latent UNet: two levels on 8x8x4, no attention. Matched compute: as many training FLOPs as the pixel
+# UNet (steps x batch x forward GFLOP per image, as `diffuse train` prints them; the cached encoding costs one
+# encoder pass per image on top, reported separately).
 latent_model="--channels 64,128 --layers-per-block 1 --attention-levels none --norm-groups 16 --batch 32 --lr 5e-4 --warmup 100 --ema-decay 0.999"
 latent=$runs/latent
-pixel_seconds=$(awk -F, 'NR > 1 { s += 100 * 32 / $4 } END { printf "%d", s }' "$base/log.csv")
+gflop() { grep -o '[0-9.e+-]* GFLOP per image forward' "$1" | head -1 | cut -d' ' -f1; }
 if [ ! -f "$latent/train_state/state.json" ]; then
   train_run train "$latent" --data fashion-mnist --vae "$runs/vae" --latent-cache "$runs/latent-cache" $latent_model \
-    --steps 200 --schedule linear --zero-snr --prediction v --loss-weight min-snr --label-dropout 0.1
+    --steps 1 --schedule linear --zero-snr --prediction v --loss-weight min-snr --label-dropout 0.1 2>&1 | tee "$out/latent-train.txt"
 fi
-latent_rate=$(awk -F, 'NR > 1 { r = $4 } END { print r }' "$latent/log.csv")
-latent_steps=$(awk -v s="$pixel_seconds" -v r="$latent_rate" 'BEGIN { printf "%d", s * r / 32 }')
-echo "pixel UNet trained about $pixel_seconds s; latent UNet at $latent_rate images/s -> $latent_steps steps"
+"$diffuse" train --out "$base" --resume --quiet 2>&1 | tee "$out/pixel-train.txt"
+pixel_steps=$(grep -o '"steps": [0-9]*' "$base/run.json" | head -1 | grep -o '[0-9]*$')
+latent_steps=$(awk -v n="$pixel_steps" -v p="$(gflop "$out/pixel-train.txt")" -v l="$(gflop "$out/latent-train.txt")" \
+  'BEGIN { printf "%d", n * p / l }')
+echo "pixel UNet: $pixel_steps steps at $(gflop "$out/pixel-train.txt") GFLOP/image; latent UNet: $latent_steps steps at $(gflop "$out/latent-train.txt") GFLOP/image" | tee "$out/matched-compute.txt"
 "$diffuse" train --out "$latent" --resume --steps "$latent_steps" --latent-cache "$runs/latent-cache" --quiet
 
 for name in base latent; do

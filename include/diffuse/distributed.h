@@ -53,6 +53,10 @@ class Distributed {
   void all_reduce_sum(std::vector<torch::Tensor>& tensors);                ///< in place
   double all_reduce_sum(double value);
   void barrier();
+  /// Sends root's `bytes` (any length) to every rank, e.g. a serialized optimizer state.
+  void broadcast_bytes(std::string& bytes, int64_t root = 0);
+  /// Where collective buffers must live: the CUDA device for NCCL, else the CPU.
+  torch::Device collective_device() const { return device_.is_cuda() ? device_ : torch::Device(torch::kCPU); }
 
   /// Launches an asynchronous sum over `flat`; wait() on the handle blocks until it is done.
   class Pending {
@@ -92,7 +96,9 @@ class GradientAverager {
 
 /// Runs this program as `nproc` local processes with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
 /// set (a free loopback port), forwarding `args` (argv without the launcher option). Returns the first
-/// non-zero exit status (the others are stopped with SIGTERM, then SIGKILL after `grace`), else 0.
+/// non-zero exit status, else 0. After a failure (named on stderr) the others get up to 2 s to notice and report
+/// it themselves, then SIGTERM and SIGCONT, then SIGKILL after `grace`. An exit with 128 + SIGINT/SIGTERM (a
+/// rank that checkpointed and stopped on a signal) stops nobody: the ranks agree on stopping themselves.
 int launch_local(int nproc, const std::vector<std::string>& args,
                  std::chrono::milliseconds grace = std::chrono::seconds(10));
 

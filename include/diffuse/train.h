@@ -96,7 +96,9 @@ struct LoopOptions {
   int64_t checkpoint_every = 1000;
   int64_t log_every = 50;               ///< rows of log.csv (and progress lines when stderr is no TTY)
   bool progress = true;                 ///< progress line on stderr
-  int threads = 0;                      ///< >0: torch::set_num_threads
+  int threads = 0;                      ///< >0: torch::set_num_threads (0 with several local processes on the
+                                        ///< CPU: cores / LOCAL_WORLD_SIZE unless OMP_NUM_THREADS is set)
+  double dist_timeout = 300;            ///< seconds a collective may wait for another rank (data parallel)
 
   nlohmann::json to_json() const;
   static LoopOptions from_json(const nlohmann::json& j);
@@ -163,6 +165,11 @@ struct NonFiniteLoss : std::runtime_error {
   int64_t step;  ///< the 1-based step whose loss was not finite
 };
 
+/// On a rank other than 0 of a data-parallel run: rank 0 failed (and reports why); this rank stops too.
+struct RankZeroFailed : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 struct StepInfo {
   int64_t step = 0;        ///< steps completed
   double loss = 0;
@@ -176,8 +183,9 @@ struct TrainResult {
   bool interrupted = false;  ///< stopped by SIGINT/SIGTERM after checkpointing
   int signal = 0;            ///< the signal that stopped it
   double last_loss = 0;
-  double images_per_s = 0;   ///< over the steps of this invocation
+  double images_per_s = 0;   ///< over the steps of this invocation (global batch: all ranks together)
   std::string run_dir;
+  int64_t rank = 0, world_size = 1;  ///< this process in a data-parallel run (docs/distributed.md)
 };
 
 struct TrainHooks {
@@ -190,6 +198,14 @@ struct TrainHooks {
 /// the end and on SIGINT/SIGTERM. With loop.resume, continues from the last checkpoint; the options that
 /// change the result must equal those in run.json. Bit-identical on the CPU to an uninterrupted run.
 /// Throws NonFiniteLoss (last good checkpoint kept), std::invalid_argument for impossible options.
+///
+/// Data parallel when RANK/WORLD_SIZE/... are set (torchrun, or launch_local): loop.batch is the global batch
+/// (divisible by WORLD_SIZE). Every rank draws the global batch's indices, timesteps and noise exactly as one
+/// process would and trains on its rows [rank B/W, (rank + 1) B/W); shard-mean gradients are averaged across
+/// ranks (GradientAverager), which equals the full-batch gradient of the mean loss. Rank 0 alone touches the
+/// run folder and reports progress; weights, EMA and optimizer state go from rank 0 to the others at the start
+/// (also on resume), so a checkpoint resumes with any process count. A failed or stopped rank stops all
+/// (collectives time out after loop.dist_timeout seconds).
 /// Latent diffusion: `data` holds scaled latents (encode_dataset / cached_latents), options.vae names the
 /// autoencoder and `vae` is it; every checkpoint then also writes RUN/vae/ (a diffusers pipeline's layout), which
 /// `diffuse sample` decodes through.

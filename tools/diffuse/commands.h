@@ -5,6 +5,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace diffuse::cli {
 
@@ -21,6 +22,9 @@ struct Exit {
 /// Prints a warning (with the fix) when the BLAS runs at reference speed. Once per process;
 /// DIFFUSE_SKIP_BLAS_CHECK=1 skips it. Every command that computes calls it first.
 void warn_if_slow_blas();
+
+/// The program's arguments after argv[0], as main() received them (to re-run this command as several ranks).
+const std::vector<std::string>& program_arguments();
 
 void add_schedule_command(CLI::App& app);
 void add_train_command(CLI::App& app);  ///< train, train-classifier and train-vae

@@ -8,7 +8,14 @@
 #include "commands.h"
 #include "diffuse/runtime.h"
 
+namespace {
+std::vector<std::string> g_arguments;
+}
+
+const std::vector<std::string>& diffuse::cli::program_arguments() { return g_arguments; }
+
 int main(int argc, char** argv) {
+  g_arguments.assign(argv + 1, argv + argc);
   // Long-running commands: OpenMP workers that sleep instead of spinning, malloc that keeps its memory.
   if (argc > 1) {
     const std::string command = argv[1];

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "commands.h"
+#include "diffuse/distributed.h"
 #include "diffuse/runtime.h"
 #include "diffuse/scheduler_config.h"
 #include "diffuse/train.h"
@@ -29,6 +30,7 @@ struct CommonOptions {
   bool no_mid_attention = false;
   int64_t head_dim = 8;
   int64_t norm_groups = 32;
+  int nproc = 0;  ///< --nproc: local processes to launch (0: none, this process trains)
 };
 
 // `noised`: the model sees noised images (a noise schedule) and has attention levels (not the autoencoder).
@@ -74,6 +76,12 @@ void add_common_options(CLI::App* cmd, CommonOptions& c, bool noised = true) {
   cmd->add_option("--log-every", l.log_every, "A log.csv row every N steps")->capture_default_str();
   cmd->add_option("--threads", l.threads, "CPU threads (0: LibTorch's default)")->capture_default_str();
   cmd->add_flag("--quiet", c.quiet, "No progress line");
+  cmd->add_option("--nproc", c.nproc, "Train data-parallel in N local processes (127.0.0.1, a free port; --batch "
+                                      "is the global batch and must divide by N). Under torchrun leave it out")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--dist-timeout", l.dist_timeout, "Seconds a data-parallel rank waits for the others before it "
+                                                    "stops with an error (a dead or hung rank)")
+      ->capture_default_str();
 
   cmd->add_option("--channels", c.channels, "Channels per level (block_out_channels), comma-separated")
       ->capture_default_str();
@@ -127,7 +135,8 @@ UNetShape shape_of(const CommonOptions& c) {
 void check_resume_options(const CLI::App* cmd) {
   static const std::vector<std::string> allowed = {"--out",      "--resume",  "--steps", "--device", "--latent-cache",
                                                    "--bf16",     "--checkpoint-every", "--log-every",
-                                                   "--quiet",    "--threads", "--help"};
+                                                   "--quiet",    "--threads", "--nproc",
+                                                   "--dist-timeout", "--help"};
   for (const auto* opt : cmd->get_options()) {
     if (opt->count() == 0) continue;
     std::string name = opt->get_name();
@@ -148,6 +157,7 @@ void apply_resumable(LoopOptions& stored, const LoopOptions& given, const CLI::A
   if (given_opt("--checkpoint-every")) stored.checkpoint_every = given.checkpoint_every;
   if (given_opt("--log-every")) stored.log_every = given.log_every;
   if (given_opt("--threads")) stored.threads = given.threads;
+  if (given_opt("--dist-timeout")) stored.dist_timeout = given.dist_timeout;
   stored.progress = !quiet;
 }
 
@@ -156,6 +166,61 @@ nlohmann::json stored_options(const std::string& run) {
   if (!fs::exists(path))
     throw std::invalid_argument("cannot resume '" + run + "': no run.json there (not a diffuse run folder)");
   return load_json(path);
+}
+
+// This process's rank in a data-parallel run (0 when alone): only rank 0 reports.
+int64_t this_rank() { return DistEnv::from_environment().rank; }
+
+// --nproc N: checks what can be checked once, re-runs this command as N local ranks (launch_local) and waits.
+// Returns false when this process is to train itself.
+bool launched_ranks(const CommonOptions& c, const LoopOptions& loop) {
+  if (c.nproc == 0) return false;
+  if (DistEnv::from_environment().enabled())
+    throw std::invalid_argument("--nproc " + std::to_string(c.nproc) + " given, but WORLD_SIZE is already set (" +
+                                std::getenv("WORLD_SIZE") + "): let torchrun start the processes or pass --nproc, "
+                                "not both");
+  if (c.nproc == 1) return false;
+  if (loop.batch % c.nproc != 0)
+    throw std::invalid_argument("--batch " + std::to_string(loop.batch) + " is the global batch and must divide among " +
+                                std::to_string(c.nproc) + " processes (--nproc); pass a multiple of " +
+                                std::to_string(c.nproc));
+  torch::Device device = parse_device(loop.device);  // names the fix for CUDA on a CPU-only build
+  if (device.is_cuda()) {
+    if (device.has_index())
+      throw std::invalid_argument("--nproc " + std::to_string(c.nproc) + " with --device " + loop.device +
+                                  ": pass --device cuda, rank r uses cuda:r");
+    if (c.nproc > int(torch::cuda::device_count()))
+      throw std::invalid_argument("--nproc " + std::to_string(c.nproc) + " processes but " +
+                                  std::to_string(torch::cuda::device_count()) + " GPUs (one process per GPU)");
+  }
+  check_run_folder(loop);
+  std::vector<std::string> args;
+  const auto& all = program_arguments();
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (all[i] == "--nproc") {
+      ++i;  // and its value
+      continue;
+    }
+    if (all[i].rfind("--nproc=", 0) == 0) continue;
+    args.push_back(all[i]);
+  }
+  int code = launch_local(c.nproc, args);
+  if (code != 0) throw Exit{code};  // the ranks (and the launcher) said why
+  return true;
+}
+
+// Ends a rank other than 0 quietly when its error only echoes rank 0's, which reports it.
+template <class F>
+TrainResult quiet_unless_rank0(F&& run) {
+  try {
+    return run();
+  } catch (const RankZeroFailed&) {
+    if (this_rank() != 0) throw Exit{kExitError};
+    throw;
+  } catch (const NonFiniteLoss&) {
+    if (this_rank() != 0) throw Exit{kExitError};
+    throw;
+  }
 }
 
 void print_data(const Dataset& d) {
@@ -181,6 +246,10 @@ Dataset take_heldout(const DataSpec& spec, Dataset& data, int64_t count, uint64_
 }
 
 void finish(const TrainResult& r, const std::string& what) {
+  if (r.rank != 0) {
+    if (r.interrupted) throw Exit{128 + r.signal};
+    return;
+  }
   if (r.interrupted) {
     std::cerr << "interrupted at step " << r.step << "; checkpoint in '" << r.run_dir
               << "'. Continue with: diffuse " << what << " --out " << r.run_dir << " --resume\n";
@@ -196,10 +265,12 @@ void finish(const TrainResult& r, const std::string& what) {
 
 // Latent diffusion: the data set's latents through the (cached) autoencoder, reported on stderr.
 Dataset to_latents(AutoencoderKL& vae, const Dataset& data, const std::string& source, const std::string& cache_dir) {
-  print_data(data);
+  const bool report = this_rank() == 0;  // every rank of a data-parallel run encodes (or reads the cache) itself
+  if (report) print_data(data);
   auto cache = cached_latents(vae, data, cache_dir.empty() ? default_latent_cache_dir() : cache_dir, 256);
   const auto& z = cache.latents.images;
-  std::cerr << "latents: " << c10::str(z.sizes()) << " from '" << source << "' (scaling_factor "
+  if (report)
+    std::cerr << "latents: " << c10::str(z.sizes()) << " from '" << source << "' (scaling_factor "
             << vae->config().scaling_factor << "), std " << z.std().item<double>() << ", mean " << z.mean().item<double>()
             << "; cache " << cache.event << ": " << cache.path << "\n";
   return cache.latents;
@@ -222,7 +293,6 @@ struct TrainCli {
 };
 
 void run_train(const CLI::App* cmd, TrainCli& cli) {
-  warn_if_slow_blas();
   auto& c = cli.common;
   TrainOptions o;
   if (c.loop.resume) {
@@ -239,7 +309,12 @@ void run_train(const CLI::App* cmd, TrainCli& cli) {
     o.loop = c.loop;
     o.loop.progress = !c.quiet;
   }
-  check_run_folder(o.loop);
+  if (launched_ranks(c, o.loop)) return;
+  const bool report = this_rank() == 0;
+  if (report) {
+    warn_if_slow_blas();
+    check_run_folder(o.loop);  // before loading the data
+  }
   AutoencoderKL vae{nullptr};
   if (c.loop.resume ? !o.vae.empty() : !cli.vae.empty()) {
     // Latent diffusion: a resumed run decodes and encodes with its own copy, RUN/vae.
@@ -254,10 +329,11 @@ void run_train(const CLI::App* cmd, TrainCli& cli) {
     shape.time_scale_shift = cli.time_scale_shift;
     o.unet = make_unet_config(shape, data.height(), data.channels(), cli.unconditional ? 0 : data.num_classes);
   }
-  print_data(data);
-  {
+  if (report) {
+    print_data(data);
     UNet2DModel probe(o.unet);
     std::cerr << "model: UNet2DModel " << parameter_count(*probe) / 1e6 << "M parameters, "
+              << unet_forward_flops(o.unet, data.height(), data.width()) / 1e9 << " GFLOP per image forward, "
               << (o.unet.num_class_embeds ? "class-conditional (" + std::to_string(*o.unet.num_class_embeds) +
                                                 " embeddings, null class " +
                                                 std::to_string(*o.unet.num_class_embeds - 1) + ")"
@@ -267,7 +343,7 @@ void run_train(const CLI::App* cmd, TrainCli& cli) {
               << (o.etsdm.enabled() ? ", E-TSDM t~=" + std::to_string(o.etsdm.t_tilde) + " n=" + std::to_string(o.etsdm.n) : "")
               << "\n";
   }
-  finish(train(o, data, {}, vae), "train");
+  finish(quiet_unless_rank0([&] { return train(o, data, {}, vae); }), "train");
 }
 
 struct ClassifierCli {
@@ -279,7 +355,6 @@ struct ClassifierCli {
 void run_train_classifier(const CLI::App* cmd, ClassifierCli& cli) {
   auto& c = cli.common;
   auto& base = cli.train;
-  warn_if_slow_blas();
   ClassifierTrainOptions o;
   if (c.loop.resume) {
     check_resume_options(cmd);
@@ -292,7 +367,12 @@ void run_train_classifier(const CLI::App* cmd, ClassifierCli& cli) {
     o.loop = c.loop;
     o.loop.progress = !c.quiet;
   }
-  check_run_folder(o.loop);
+  if (launched_ranks(c, o.loop)) return;
+  const bool report = this_rank() == 0;
+  if (report) {
+    warn_if_slow_blas();
+    check_run_folder(o.loop);  // before loading the data
+  }
   Dataset data = load_dataset(o.data);
   Dataset heldout = take_heldout(o.data, data, o.heldout, o.loop.seed);
   if (c.loop.resume ? !o.vae.empty() : !cli.vae.empty()) {
@@ -328,12 +408,13 @@ void run_train_classifier(const CLI::App* cmd, ClassifierCli& cli) {
     k.validate();
     o.classifier = k;
   }
-  print_data(data);
-  NoisyClassifier probe(o.classifier);
-  std::cerr << "model: noisy classifier, " << parameter_count(*probe) / 1e6 << "M parameters, " << o.classifier.num_classes
-            << " classes; held out: " << heldout.size() << " images\n";
-  auto result = train_classifier(o, data, heldout, &std::cout);
-  finish(result, "train-classifier");
+  if (report) {
+    print_data(data);
+    NoisyClassifier probe(o.classifier);
+    std::cerr << "model: noisy classifier, " << parameter_count(*probe) / 1e6 << "M parameters, "
+              << o.classifier.num_classes << " classes; held out: " << heldout.size() << " images\n";
+  }
+  finish(quiet_unless_rank0([&] { return train_classifier(o, data, heldout, &std::cout); }), "train-classifier");
 }
 
 struct VaeCli {
@@ -342,7 +423,6 @@ struct VaeCli {
 };
 
 void run_train_vae(const CLI::App* cmd, VaeCli& cli) {
-  warn_if_slow_blas();
   auto& c = cli.common;
   VaeTrainOptions o;
   if (c.loop.resume) {
@@ -355,7 +435,12 @@ void run_train_vae(const CLI::App* cmd, VaeCli& cli) {
     o.loop = c.loop;
     o.loop.progress = !c.quiet;
   }
-  check_run_folder(o.loop);
+  if (launched_ranks(c, o.loop)) return;
+  const bool report = this_rank() == 0;
+  if (report) {
+    warn_if_slow_blas();
+    check_run_folder(o.loop);  // before loading the data
+  }
   Dataset data = load_dataset(o.data);
   Dataset heldout = take_heldout(o.data, data, o.heldout, o.loop.seed);
   if (!c.loop.resume) {
@@ -370,15 +455,15 @@ void run_train_vae(const CLI::App* cmd, VaeCli& cli) {
     if (c.no_mid_attention) v.mid_block_add_attention = false;
     v.validate();
   }
-  print_data(data);
-  {
+  if (report) {
+    print_data(data);
     AutoencoderKL probe(o.vae);
     const int64_t f = o.vae.downsample_factor(), side = o.data.size / f;
     std::cerr << "model: AutoencoderKL " << parameter_count(*probe) / 1e6 << "M parameters, latents "
               << o.vae.latent_channels << "x" << side << "x" << side << " (factor " << f << "); " << o.reconstruction
               << " reconstruction + " << o.kl_weight << " x KL; held out: " << heldout.size() << " images\n";
   }
-  finish(train_vae(o, data, heldout, &std::cout), "train-vae");
+  finish(quiet_unless_rank0([&] { return train_vae(o, data, heldout, &std::cout); }), "train-vae");
 }
 
 }  // namespace

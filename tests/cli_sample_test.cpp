@@ -3,13 +3,19 @@
 #include <filesystem>
 
 #include "cli_util.h"
+#include "diffuse/safetensors.h"
+#include "diffuse/scheduler_config.h"
+#include <torch/torch.h>
 
 using diffuse::testing::fixture;
 using diffuse::testing::run_cli;
 
 namespace {
 std::string model_args() {
-  return "--model " + fixture("diffusers/unet") + " --scheduler " + fixture("scheduler/fixed_scheduler_config.json");
+  // --vae none: the fixture folder also holds diffusers/vae (4 latent channels), which sample would take for
+  // this pixel-space UNet's autoencoder.
+  return "--model " + fixture("diffusers/unet") + " --scheduler " + fixture("scheduler/fixed_scheduler_config.json") +
+         " --vae none";
 }
 }  // namespace
 
@@ -21,6 +27,11 @@ TEST(CliSample, DiffusersFolderWithGuidance) {
   ASSERT_EQ(r.code, 0) << r.output;
   for (auto f : {"grid.png", "000000.png", "000002.png", "raw.safetensors"})
     EXPECT_TRUE(std::filesystem::exists(out + "/" + f)) << f;
+  // The class each image was asked for (classes in turn), for diffuse eval: labels.csv and the raw file.
+  EXPECT_EQ(diffuse::read_file(out + "/labels.csv"), "file,class\n000000.png,0\n000001.png,1\n000002.png,2\n");
+  auto raw = diffuse::load_safetensors(out + "/raw.safetensors");
+  ASSERT_TRUE(raw.count("labels"));
+  EXPECT_TRUE(torch::equal(raw["labels"], torch::tensor({0, 1, 2}, torch::kLong)));
   std::filesystem::remove_all(out);
 }
 

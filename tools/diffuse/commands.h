@@ -29,5 +29,7 @@ const std::vector<std::string>& program_arguments();
 void add_schedule_command(CLI::App& app);
 void add_train_command(CLI::App& app);  ///< train, train-classifier and train-vae
 void add_sample_command(CLI::App& app);
+void add_eval_command(CLI::App& app);     ///< train-features and eval
+void add_analyze_command(CLI::App& app);  ///< analyze brightness|loss|lipschitz
 
 }  // namespace diffuse::cli

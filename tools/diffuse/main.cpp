@@ -28,6 +28,8 @@ int main(int argc, char** argv) {
   diffuse::cli::add_schedule_command(app);
   diffuse::cli::add_train_command(app);
   diffuse::cli::add_sample_command(app);
+  diffuse::cli::add_eval_command(app);
+  diffuse::cli::add_analyze_command(app);
 
   try {
     app.parse(argc, argv);

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "commands.h"
+#include "model_files.h"
 #include "diffuse/classifier.h"
 #include "diffuse/denoiser.h"
 #include "diffuse/image_io.h"
@@ -32,21 +33,6 @@ struct SampleOptions {
   bool no_images = false, quiet = false;
 };
 
-// The UNet folder: <run>/unet_ema (EMA weights, preferred), <run>/unet, or <run> itself (a diffusers
-// UNet2DModel folder).
-std::string unet_folder(const SampleOptions& o) {
-  fs::path run(o.model);
-  if (!fs::exists(run)) throw std::invalid_argument("model folder '" + o.model + "' does not exist (train first: diffuse train --out RUN)");
-  if (o.weights == "ema" || o.weights == "auto") {
-    if (fs::exists(run / "unet_ema" / "config.json")) return (run / "unet_ema").string();
-    if (o.weights == "ema") throw std::invalid_argument("'" + o.model + "' has no unet_ema/ (use --weights raw)");
-  }
-  if (fs::exists(run / "unet" / "config.json")) return (run / "unet").string();
-  if (fs::exists(run / "config.json")) return run.string();
-  throw std::invalid_argument("'" + o.model + "' holds no UNet: expected unet_ema/, unet/ or config.json + "
-                              "diffusion_pytorch_model.safetensors");
-}
-
 // Latent diffusion: --vae, else the run's vae/ or a diffusers pipeline's (model_index.json) vae/; empty for pixel models.
 std::string vae_folder(const SampleOptions& o) {
   if (o.vae == "none") return "";
@@ -59,16 +45,6 @@ std::string vae_folder(const SampleOptions& o) {
   return "";
 }
 
-std::string scheduler_file(const SampleOptions& o) {
-  if (!o.scheduler_path.empty()) return o.scheduler_path;
-  fs::path run(o.model);
-  for (auto p : {run / "scheduler" / "scheduler_config.json", run / "scheduler_config.json",
-                 run.parent_path() / "scheduler" / "scheduler_config.json"})
-    if (fs::exists(p)) return p.string();
-  throw std::invalid_argument("no scheduler_config.json found for '" + o.model +
-                              "' (looked in scheduler/ and beside the model; pass --scheduler FILE)");
-}
-
 void run_sample(const SampleOptions& o) {
   warn_if_slow_blas();
   torch::NoGradGuard no_grad;
@@ -78,8 +54,8 @@ void run_sample(const SampleOptions& o) {
   if (o.cfg_rescale < 0 || o.cfg_rescale > 1)
     throw std::invalid_argument("--cfg-rescale must lie in [0, 1], got " + std::to_string(o.cfg_rescale));
 
-  auto folder = unet_folder(o);  // first: a missing model is the error to report
-  auto config = SchedulerConfig::load(scheduler_file(o));
+  auto folder = unet_folder(o.model, o.weights);  // first: a missing model is the error to report
+  auto config = SchedulerConfig::load(scheduler_file(o.model, o.scheduler_path));
   auto schedule = config.schedule();
   auto spacing = o.spacing.empty() ? config.timestep_spacing : parse_spacing(o.spacing);
   auto timesteps = spaced_timesteps(schedule.T(), o.steps, spacing, spacing == Spacing::leading ? config.steps_offset : 0);
@@ -197,6 +173,7 @@ void run_sample(const SampleOptions& o) {
   fs::create_directories(o.out);
   if (!o.save_raw.empty()) {
     std::map<std::string, torch::Tensor> raw = {{"sample", images.contiguous()}};
+    if (num_embeds > 0) raw["labels"] = torch::tensor(labels, torch::kLong);  // the class asked for (diffuse eval)
     if (latents.defined()) raw["latents"] = latents.contiguous();
     save_safetensors(o.save_raw, raw);
   }
@@ -205,6 +182,12 @@ void run_sample(const SampleOptions& o) {
       std::ostringstream name;
       name << std::setw(6) << std::setfill('0') << i << ".png";
       write_png((fs::path(o.out) / name.str()).string(), images[i]);
+    }
+    if (num_embeds > 0) {  // the class each image was asked for, read by diffuse eval
+      std::ostringstream csv;
+      csv << "file,class\n";
+      for (int64_t i = 0; i < o.n; ++i) csv << std::setw(6) << std::setfill('0') << i << ".png," << labels[i] << "\n";
+      write_file_atomic((fs::path(o.out) / "labels.csv").string(), csv.str());
     }
     GridOptions g;
     g.cols = o.grid_cols;

@@ -282,6 +282,33 @@ AutoencoderKL load_eval_vae(const std::string& folder, const std::string& device
   return vae;
 }
 
+// A run's options: its run.json when resuming (only the resumable options of the command line apply), else
+// `fresh` completed with the command line's data and loop options.
+template <class Options>
+Options run_options(const CLI::App* cmd, const CommonOptions& c, Options fresh) {
+  if (c.loop.resume) {
+    check_resume_options(cmd);
+    Options o = Options::from_json(stored_options(c.loop.out));
+    apply_resumable(o.loop, c.loop, cmd, c.quiet);
+    return o;
+  }
+  fresh.data = c.data;
+  fresh.loop = c.loop;
+  fresh.loop.progress = !c.quiet;
+  return fresh;
+}
+
+// Whether this process trains: false when it launched --nproc ranks, which trained. Rank 0 checks the BLAS
+// and the run folder before any data is loaded.
+bool begin_training(const CommonOptions& c, const LoopOptions& loop) {
+  if (launched_ranks(c, loop)) return false;
+  if (this_rank() == 0) {
+    warn_if_slow_blas();
+    check_run_folder(loop);
+  }
+  return true;
+}
+
 struct TrainCli {
   CommonOptions common;
   TrainOptions train;
@@ -294,27 +321,16 @@ struct TrainCli {
 
 void run_train(const CLI::App* cmd, TrainCli& cli) {
   auto& c = cli.common;
-  TrainOptions o;
-  if (c.loop.resume) {
-    check_resume_options(cmd);
-    o = TrainOptions::from_json(stored_options(c.loop.out));
-    apply_resumable(o.loop, c.loop, cmd, c.quiet);
-  } else {
-    o = cli.train;
-    o.data = c.data;
-    o.schedule = c.schedule;
-    o.prediction = parse_prediction(cli.prediction);
-    o.loss_weight = parse_loss_weight(cli.loss_weight);
-    o.spacing = parse_spacing(cli.spacing);
-    o.loop = c.loop;
-    o.loop.progress = !c.quiet;
+  TrainOptions fresh = cli.train;
+  if (!c.loop.resume) {
+    fresh.schedule = c.schedule;
+    fresh.prediction = parse_prediction(cli.prediction);
+    fresh.loss_weight = parse_loss_weight(cli.loss_weight);
+    fresh.spacing = parse_spacing(cli.spacing);
   }
-  if (launched_ranks(c, o.loop)) return;
+  TrainOptions o = run_options(cmd, c, fresh);
+  if (!begin_training(c, o.loop)) return;
   const bool report = this_rank() == 0;
-  if (report) {
-    warn_if_slow_blas();
-    check_run_folder(o.loop);  // before loading the data
-  }
   AutoencoderKL vae{nullptr};
   if (c.loop.resume ? !o.vae.empty() : !cli.vae.empty()) {
     // Latent diffusion: a resumed run decodes and encodes with its own copy, RUN/vae.
@@ -354,25 +370,11 @@ struct ClassifierCli {
 
 void run_train_classifier(const CLI::App* cmd, ClassifierCli& cli) {
   auto& c = cli.common;
-  auto& base = cli.train;
-  ClassifierTrainOptions o;
-  if (c.loop.resume) {
-    check_resume_options(cmd);
-    o = ClassifierTrainOptions::from_json(stored_options(c.loop.out));
-    apply_resumable(o.loop, c.loop, cmd, c.quiet);
-  } else {
-    o = base;
-    o.data = c.data;
-    o.schedule = c.schedule;
-    o.loop = c.loop;
-    o.loop.progress = !c.quiet;
-  }
-  if (launched_ranks(c, o.loop)) return;
+  ClassifierTrainOptions fresh = cli.train;
+  fresh.schedule = c.schedule;
+  ClassifierTrainOptions o = run_options(cmd, c, fresh);
+  if (!begin_training(c, o.loop)) return;
   const bool report = this_rank() == 0;
-  if (report) {
-    warn_if_slow_blas();
-    check_run_folder(o.loop);  // before loading the data
-  }
   Dataset data = load_dataset(o.data);
   Dataset heldout = take_heldout(o.data, data, o.heldout, o.loop.seed);
   if (c.loop.resume ? !o.vae.empty() : !cli.vae.empty()) {
@@ -424,23 +426,9 @@ struct VaeCli {
 
 void run_train_vae(const CLI::App* cmd, VaeCli& cli) {
   auto& c = cli.common;
-  VaeTrainOptions o;
-  if (c.loop.resume) {
-    check_resume_options(cmd);
-    o = VaeTrainOptions::from_json(stored_options(c.loop.out));
-    apply_resumable(o.loop, c.loop, cmd, c.quiet);
-  } else {
-    o = cli.train;
-    o.data = c.data;
-    o.loop = c.loop;
-    o.loop.progress = !c.quiet;
-  }
-  if (launched_ranks(c, o.loop)) return;
+  VaeTrainOptions o = run_options(cmd, c, cli.train);
+  if (!begin_training(c, o.loop)) return;
   const bool report = this_rank() == 0;
-  if (report) {
-    warn_if_slow_blas();
-    check_run_folder(o.loop);  // before loading the data
-  }
   Dataset data = load_dataset(o.data);
   Dataset heldout = take_heldout(o.data, data, o.heldout, o.loop.seed);
   if (!c.loop.resume) {

@@ -3,7 +3,11 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <cmath>
 #include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -144,6 +148,30 @@ TEST(LatentDiffusionCli, TrainsOnCachedLatentsSamplesAndDecodes) {
   torch::NoGradGuard ng;
   EXPECT_TRUE(torch::allclose(vae->decode_scaled(raw.at("latents")), raw.at("sample"), 1e-5, 1e-6));
   EXPECT_TRUE(std::filesystem::exists(dir / "samples/grid.png"));
+
+  // The per-timestep loss and K(t) of a latent model are measured on latents: held-out images encoded by the run's
+  // vae/. For any prediction error, L_v / L_eps = (SNR + 1) / SNR at each t (000 document), in latent space too.
+  r = run_cli("analyze loss --model " + dir / "run" + " --n 6 --points 5 --out " + dir / "loss");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("encoded by the run's vae/"), std::string::npos) << r.output;
+  std::istringstream rows(read_file(dir / "loss/loss_per_t.csv"));
+  std::string line;
+  std::getline(rows, line);  // t,condition,snr,loss_own,loss_eps,loss_v,loss_x0,ratio_v_eps_measured,ratio_v_eps_predicted
+  int checked = 0;
+  while (std::getline(rows, line)) {
+    std::vector<double> v;
+    std::istringstream cells(line);
+    for (std::string c; std::getline(cells, c, ',');) v.push_back(std::stod(c));
+    ASSERT_EQ(v.size(), 9u) << line;
+    if (v[2] > 1e-6 && std::isfinite(v[8])) {
+      EXPECT_NEAR(v[7] / v[8], 1.0, 1e-4) << line;
+      ++checked;
+    }
+  }
+  EXPECT_GE(checked, 3);
+  r = run_cli("analyze lipschitz --model " + dir / "run" + " --n 2 --dt 5 --dense-until 10 --stride 400 --out " + dir / "loss");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_TRUE(std::filesystem::exists(dir / "loss/lipschitz.csv"));
 
   // Classifier guidance of a latent model: a noisy classifier on the same latents.
   r = run_cli("train-classifier" + data + " --vae " + dir / "run" + " --latent-cache " + dir / "cache" +

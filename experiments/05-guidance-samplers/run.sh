@@ -22,11 +22,66 @@ for w in 1.5 3 5; do
   sample_run "$runs/base" "$out/cfg-$w-rescale" $g --cfg $w --cfg-rescale 0.7
 done
 
-ddpm_n=$((samples / 4))
-sample_run "$runs/base" "$out/ddpm-1000" --sampler ddpm --steps 1000 --n $ddpm_n --batch 250
+# The sampler comparison uses fewer images (DDPM's 1000 steps dominate the time) but the same count for every
+# sampler, since FID-FMNIST is biased by the sample count; 256 is the least `diffuse eval` accepts.
+n_samplers=$(( samples / 4 > 256 ? samples / 4 : 256 ))
+sample_run "$runs/base" "$out/ddpm-1000" --sampler ddpm --steps 1000 --n $n_samplers --batch 256
 for sampler in ddim dpmpp_2m; do
   for s in 10 25 50; do
-    sample_run "$runs/base" "$out/$sampler-$s" --sampler $sampler --steps $s --n $samples --batch 250
+    sample_run "$runs/base" "$out/$sampler-$s" --sampler $sampler --steps $s --n $n_samplers --batch 256
   done
 done
 for dir in "$out"/*/; do eval_run "${dir%/}"; done
+
+# Tables and plots: one row per folder, the metric columns of eval.csv.
+metric() { awk -F, -v m="$2" '$1 == m { print $2 }' "$out/$1/eval.csv"; }
+{
+  echo "run,guidance,scale,rescale,fid_fmnist,fid_floor,class_accuracy,precision,recall,count"
+  row() { echo "$1,$2,$3,$4,$(metric $1 FID-FMNIST),$(awk -F, '$1 == "FID-FMNIST" { print $3 }' "$out/$1/eval.csv"),$(metric $1 class_accuracy),$(metric $1 precision),$(metric $1 recall),$(metric $1 count)"; }
+  row none none 0 0
+  for scale in 1 3; do row classifier-$scale classifier $scale 0; done
+  for w in 1.5 3 5; do row cfg-$w cfg $w 0; row cfg-$w-rescale cfg $w 0.7; done
+} > "$out/guidance.csv"
+{
+  echo "sampler,steps,fid_fmnist,fid_floor,class_accuracy,precision,recall,count"
+  for sampler in ddim dpmpp_2m; do
+    for s in 10 25 50; do
+      echo "$sampler,$s,$(metric $sampler-$s FID-FMNIST),$(awk -F, '$1 == "FID-FMNIST" { print $3 }' "$out/$sampler-$s/eval.csv"),$(metric $sampler-$s class_accuracy),$(metric $sampler-$s precision),$(metric $sampler-$s recall),$(metric $sampler-$s count)"
+    done
+  done
+  echo "ddpm,1000,$(metric ddpm-1000 FID-FMNIST),$(awk -F, '$1 == "FID-FMNIST" { print $3 }' "$out/ddpm-1000/eval.csv"),$(metric ddpm-1000 class_accuracy),$(metric ddpm-1000 precision),$(metric ddpm-1000 recall),$(metric ddpm-1000 count)"
+} > "$out/samplers.csv"
+# One file per curve (the guidance-free run starts each guidance curve at scale 0), then the plots.
+series=$out/series; mkdir -p "$series"
+awk -F, 'NR > 1 && ($2 == "none" || $2 == "cfg" && $4 == 0)' "$out/guidance.csv" > "$series/cfg.csv"
+awk -F, 'NR > 1 && ($2 == "none" || $2 == "cfg" && $4 > 0)' "$out/guidance.csv" > "$series/cfg-rescale.csv"
+awk -F, 'NR > 1 && ($2 == "none" || $2 == "classifier")' "$out/guidance.csv" > "$series/classifier.csv"
+for sampler in ddim dpmpp_2m ddpm; do awk -F, -v s=$sampler '$1 == s' "$out/samplers.csv" > "$series/$sampler.csv"; done
+gnuplot <<GP
+set datafile separator ","
+set terminal pngcairo size 1100,420 noenhanced
+set output "$out/guidance.png"
+set multiplot layout 1,2
+set key bottom right
+set xlabel "guidance scale (0: none)"
+set title "FID-FMNIST (N = $samples; floor $(awk -F, '$1 == "FID-FMNIST" { printf "%.1f", $3 }' "$out/none/eval.csv"))"
+plot "$series/cfg.csv" using 3:5 with linespoints title "CFG", \
+     "$series/cfg-rescale.csv" using 3:5 with linespoints title "CFG, rescale 0.7", \
+     "$series/classifier.csv" using 3:5 with linespoints title "classifier guidance"
+set title "class accuracy of the requested class"
+plot "$series/cfg.csv" using 3:7 with linespoints title "CFG", \
+     "$series/cfg-rescale.csv" using 3:7 with linespoints title "CFG, rescale 0.7", \
+     "$series/classifier.csv" using 3:7 with linespoints title "classifier guidance"
+unset multiplot
+set terminal pngcairo size 600,420 noenhanced
+set output "$out/samplers.png"
+set logscale x
+set xrange [8:1300]
+set xlabel "sampling steps"
+set title "FID-FMNIST (N = $n_samplers)"
+set key top right
+plot "$series/ddim.csv" using 2:3 with linespoints title "DDIM", \
+     "$series/dpmpp_2m.csv" using 2:3 with linespoints title "DPM-Solver++ 2M", \
+     "$series/ddpm.csv" using 2:3 with points pt 7 ps 1.5 title "DDPM"
+GP
+echo "wrote $out/guidance.csv, $out/samplers.csv, $out/guidance.png, $out/samplers.png"

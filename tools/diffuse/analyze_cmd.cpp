@@ -12,6 +12,7 @@
 #include "diffuse/runtime.h"
 #include "diffuse/train.h"
 #include "diffuse/unet.h"
+#include "diffuse/vae.h"
 #include "model_files.h"
 #include <torch/torch.h>
 
@@ -98,19 +99,26 @@ struct LoadedModel {
   std::string data_name;
 };
 
-// The model as sampling loads it, and `n` held-out images of its data (the run's run.json, or --data).
+// The model as sampling loads it, and `n` held-out images of its data (the run's run.json, or --data). For a
+// latent diffusion run (it has vae/), the images are encoded through that autoencoder exactly as training
+// encoded them (one posterior draw times the scaling factor), so the analyses run in the model's own space.
 LoadedModel load_model(const ModelCli& o) {
   auto device = parse_device(o.device);
   if (o.n < 1) throw std::invalid_argument("--n must be >= 1, got " + std::to_string(o.n));
   LoadedModel m;
   auto folder = unet_folder(o.model, o.weights);
-  if (fs::exists(fs::path(o.model) / "vae" / "config.json"))
-    throw std::invalid_argument("'" + o.model + "' is a latent diffusion run (it has vae/): analyze loss and lipschitz "
-                                "work on pixel-space models only so far");
   m.config = SchedulerConfig::load(scheduler_file(o.model, o.scheduler));
   m.unet = load_unet(folder, device);
   m.unet->eval();
   const auto& uc = m.unet->config();
+  AutoencoderKL vae{nullptr};
+  if (const auto vae_dir = fs::path(o.model) / "vae"; fs::exists(vae_dir / "config.json")) {
+    vae = load_vae(vae_dir.string(), device);
+    vae->eval();
+    if (vae->config().latent_channels != uc.in_channels)
+      throw std::invalid_argument("'" + vae_dir.string() + "' makes " + std::to_string(vae->config().latent_channels) +
+                                  "-channel latents but the UNet takes " + std::to_string(uc.in_channels) + " channels");
+  }
   DataSpec spec;
   bool from_run = false;
   if (!o.data.empty()) {
@@ -121,15 +129,22 @@ LoadedModel load_model(const ModelCli& o) {
   } else {
     throw std::invalid_argument("'" + o.model + "' has no run.json naming its data: pass --data SOURCE");
   }
-  spec.size = uc.sample_size.value_or(32);
-  spec.channels = uc.in_channels;
+  spec.size = vae ? vae->config().sample_size : uc.sample_size.value_or(32);
+  spec.channels = vae ? vae->config().in_channels : uc.in_channels;
   spec.limit = 0;
   bool heldout = has_heldout_split(spec);
   auto data = load_dataset(spec, heldout);
   if (!heldout) data = split_dataset(data, std::min<int64_t>(o.n, data.size() - 1), o.seed).second;
   int64_t n = std::min(o.n, data.size());
-  m.x0 = data.images.slice(0, 0, n).to(device);
   m.data_name = data.name + (heldout ? " (held-out split)" : " (seeded subset)") + (from_run ? ", from run.json" : "");
+  if (vae) {
+    Dataset first = data;
+    first.images = data.images.slice(0, 0, n);
+    first.labels = data.labels.slice(0, 0, n);
+    data = encode_dataset(vae, first, o.batch);
+    m.data_name += ", encoded by the run's vae/";
+  }
+  m.x0 = data.images.slice(0, 0, n).to(device);
   int64_t embeds = uc.num_class_embeds.value_or(0);
   if (embeds > 0) {
     if (o.class_id >= embeds)

@@ -225,6 +225,23 @@ TEST(CliEval, FolderOfPngsEndToEnd) {
   EXPECT_TRUE(fs::exists(dir / "s/eval.csv"));
   EXPECT_EQ(read_file(dir / "s/eval.csv").rfind("metric,samples,floor\nFID-FMNIST,", 0), 0u);
 
+  // --reference computes another real data set's statistics on the spot: the Fashion-MNIST test split itself
+  // reproduces the cached statistics (which are stored in float16), and the brightness-spread test split is
+  // much farther from these plain test images.
+  const double fid = j["samples"]["fid_fmnist"].get<double>();
+  auto same = run_cli("eval --samples " + dir / "s" + " --features " + shipped() +
+                      " --kid-subsets 5 --reference fashion-mnist:test --out " + dir / "same");
+  ASSERT_EQ(same.code, 0) << same.output;
+  EXPECT_NEAR(load_json(dir / "same/eval.json")["samples"]["fid_fmnist"].get<double>(), fid, 0.01 * fid);
+  auto bright = run_cli("eval --samples " + dir / "s" + " --features " + shipped() +
+                        " --kid-subsets 5 --reference fashion-mnist-brightness:test --out " + dir / "bright");
+  ASSERT_EQ(bright.code, 0) << bright.output;
+  EXPECT_NE(bright.output.find("brightness"), std::string::npos) << bright.output;
+  EXPECT_GT(load_json(dir / "bright/eval.json")["samples"]["fid_fmnist"].get<double>(), 3 * fid);
+  auto nowhere = run_cli("eval --samples " + dir / "s" + " --features " + shipped() + " --reference " + dir / "nowhere");
+  EXPECT_EQ(nowhere.code, 1);
+  EXPECT_NE(nowhere.output.find("nowhere"), std::string::npos) << nowhere.output;
+
   auto few = run_cli("eval --samples " + dir / "s" + " --features " + shipped() + " --labels " + dir / "nope.csv");
   EXPECT_EQ(few.code, 1);
   EXPECT_NE(few.output.find("nope.csv"), std::string::npos) << few.output;

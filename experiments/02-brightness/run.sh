@@ -20,5 +20,30 @@ sample_run "$runs/bright-offset" "$out/samples-offset" --sampler ddim --steps 25
 sample_run "$runs/bright-fixed" "$out/samples-fixed" --sampler ddim --steps 25 --n $samples --batch 250 --cfg 3 --cfg-rescale 0.7
 for name in flawed offset fixed; do
   "$diffuse" analyze brightness --samples "$out/samples-$name" --data fashion-mnist-brightness:test
-  eval_run "$out/samples-$name"
+  eval_run "$out/samples-$name" --reference fashion-mnist-brightness:test   # FID against the data it learned
 done
+
+# One table and one figure: W1 and extreme-decile shares per model (brightness.json), FID-FMNIST beside, and the
+# three sample histograms over the data's (all runs bin the same [-1, 1] range).
+json() { sed -n "s/.*\"$2\": *\([-0-9.e]*\).*/\1/p" "$out/samples-$1/brightness.json"; }
+{
+  echo "model,w1,share_below_data_p10,share_above_data_p90,sample_mean,data_mean,fid_fmnist,fid_floor,class_accuracy"
+  for name in flawed offset fixed; do
+    e="$out/samples-$name/eval.csv"
+    echo "$name,$(json $name w1),$(json $name share_below_data_p10),$(json $name share_above_data_p90),$(json $name sample_mean),$(json $name data_mean),$(awk -F, '$1 == "FID-FMNIST" { print $2 "," $3 }' "$e"),$(awk -F, '$1 == "class_accuracy" { print $2 }' "$e")"
+  done
+} > "$out/brightness.csv"
+gnuplot <<GP
+set datafile separator ","
+set terminal pngcairo size 800,460 noenhanced
+set output "$out/brightness.png"
+set xlabel "per-image mean brightness"
+set ylabel "density"
+set key top left
+set title "brightness of samples against the data (fashion-mnist-brightness, test split)"
+plot "$out/samples-flawed/brightness.csv" using (\$1+\$2)/2:3 with filledcurves y1=0 fs transparent solid 0.25 lc rgb "gray40" title "data", \\
+     "$out/samples-flawed/brightness.csv" using (\$1+\$2)/2:4 with lines lw 2 title "flawed (SD schedule, eps, leading)", \\
+     "$out/samples-offset/brightness.csv" using (\$1+\$2)/2:4 with lines lw 2 title "offset noise 0.1", \\
+     "$out/samples-fixed/brightness.csv" using (\$1+\$2)/2:4 with lines lw 2 title "fixed (zero SNR, v, trailing, rescale)"
+GP
+echo "wrote $out/brightness.csv and $out/brightness.png"

@@ -59,7 +59,7 @@ void run_train_features(const TrainFeaturesOptions& o, const std::string& comman
 }
 
 struct EvalCliOptions {
-  std::string samples, features, labels, out, device = "cpu";
+  std::string samples, features, labels, reference, out, device = "cpu";
   EvalOptions eval;
   bool no_labels = false;
 };
@@ -69,6 +69,15 @@ void run_eval(const EvalCliOptions& o) {
   auto t0 = std::chrono::steady_clock::now();
   auto folder = o.features.empty() ? default_feature_folder() : o.features;
   auto evaluator = load_feature_evaluator(folder, parse_device(o.device));
+  if (!o.reference.empty()) {
+    // Statistics of another real data set (say Fashion-MNIST with spread brightness, which a model of that data
+    // should match): computed now with the same network; the floor then splits this set.
+    DataSpec spec;
+    spec.source = o.reference;
+    spec.channels = evaluator.net->config().in_channels;
+    spec.size = evaluator.net->config().sample_size;
+    evaluator.reference = make_reference(evaluator.net, load_dataset(spec), evaluator.reference.weights_hash);
+  }
   auto set = load_sample_set(o.samples, o.labels);
   torch::Tensor labels = o.no_labels || !set.has_labels ? torch::Tensor() : set.labels;
   auto result = evaluate_samples(evaluator, set.images, labels, o.eval);
@@ -138,6 +147,8 @@ void add_eval_command(CLI::App& app) {
   ev->add_option("--labels", o->labels, "CSV with the requested class of each image (file,class or index,class; "
                                         "default: labels.csv of the folder or the safetensors' 'labels')");
   ev->add_flag("--no-labels", o->no_labels, "Ignore requested classes (no class accuracy)");
+  ev->add_option("--reference", o->reference, "Compare with this data source instead of the cached Fashion-MNIST "
+                                              "test statistics (e.g. fashion-mnist-brightness:test; computed now)");
   ev->add_option("--features", o->features, "Feature network folder (default: $DIFFUSE_FEATURES, else "
                                             "models/fmnist-features of the repository)");
   ev->add_option("--out", o->out, "Folder for eval.json and eval.csv (default: the samples' folder)");

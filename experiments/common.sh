@@ -47,3 +47,11 @@ eval_run() {
   local dir=$1; shift
   [ -f "$dir/eval.json" ] || "$diffuse" eval --samples "$dir" "$@"
 }
+
+# figure_grid RUN NAME ARGS...: the first 40 images of a sample_run with ARGS (same seeds, so the same images
+# as the evaluated set's first 40) as a 10-column grid, copied to the experiment's folder as grid-NAME.png.
+figure_grid() {
+  local run=$1 name=$2; shift 2
+  sample_run "$run" "$out/grid-$name" "$@" --n 40 --grid-cols 10
+  cp "$out/grid-$name/grid.png" "$(dirname "${BASH_SOURCE[1]}")/grid-$name.png"
+}

@@ -19,6 +19,8 @@ for name in eps v v-epsw; do
   eval_run "$out/samples-$name"
 done
 
+for name in eps v v-epsw; do figure_grid "$runs/$name" $name --sampler ddim --steps 25 --spacing linspace --batch 40; done
+
 # Tables and plots. The three loss analyses share t grid, images and noise, so their rows line up.
 #  - the training loss each model minimised (mean of the logged loss over the last quarter of training);
 #  - per t: L_v of the v model over L_eps of the eps model against (SNR+1)/SNR, and each model's error

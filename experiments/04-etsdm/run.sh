@@ -29,6 +29,8 @@ for name in base etsdm; do
   eval_run "$out/samples-$name-dpmpp_2m-25-seed1"
 done
 
+for name in base etsdm; do figure_grid "$runs/$name" $name --sampler dpmpp_2m --steps 25 --batch 40; done
+
 # One table and one figure: FID-FMNIST per model, sampler and step count; K(t) of both models on one plot.
 {
   echo "model,sampler,steps,fid_fmnist,fid_floor,precision,recall,class_accuracy"

@@ -33,6 +33,12 @@ for sampler in ddim dpmpp_2m; do
 done
 for dir in "$out"/*/; do eval_run "${dir%/}"; done
 
+small="--sampler ddim --steps 25 --batch 40"
+figure_grid "$runs/base" none $small
+figure_grid "$runs/base" classifier-3 $small --classifier "$runs/classifier" --classifier-scale 3
+figure_grid "$runs/base" cfg-5 $small --cfg 5
+figure_grid "$runs/base" cfg-5-rescale $small --cfg 5 --cfg-rescale 0.7
+
 # Tables and plots: one row per folder, the metric columns of eval.csv.
 metric() { awk -F, -v m="$2" '$1 == m { print $2 }' "$out/$1/eval.csv"; }
 {

@@ -19,6 +19,9 @@ for name in eps v v-epsw; do
   eval_run "$out/samples-$name"
 done
 
+# For experiment 4: K(t) near t = 0 of an eps-prediction model (the 002 document's singularity is about eps).
+[ -f "$out/lipschitz-eps/lipschitz.csv" ] || "$diffuse" analyze lipschitz --model "$runs/eps" --out "$out/lipschitz-eps"
+
 for name in eps v v-epsw; do figure_grid "$runs/$name" $name --sampler ddim --steps 25 --spacing linspace --batch 40; done
 
 # Tables and plots. The three loss analyses share t grid, images and noise, so their rows line up.

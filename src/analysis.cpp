@@ -27,6 +27,8 @@ BrightnessReport compare_brightness(const torch::Tensor& data, const torch::Tens
   r.sample_count = s.numel();
   r.data_mean = d.mean().item<double>();
   r.sample_mean = s.mean().item<double>();
+  r.data_std = d.std(/*unbiased=*/false).item<double>();
+  r.sample_std = s.std(/*unbiased=*/false).item<double>();
   r.w1 = wasserstein1(d, s);
   r.share = extreme_decile_share(d, s);
   r.data_p10 = d.quantile(0.1).item<double>();

@@ -582,6 +582,14 @@ void read_model_weights(torch::nn::Module& m, const std::string& folder) {
   load_state_dict(m, load_safetensors(path), path);
 }
 
+void check_model_kind(const nlohmann::json& config, const std::string& path, const ModelKind& kind) {
+  const bool named = config.is_object() && config.contains("_class_name");
+  if (named ? config["_class_name"] == kind.class_name : !kind.required) return;
+  throw std::runtime_error("'" + path + "' describes " +
+                           (named ? "a " + config["_class_name"].dump() : std::string("a model without _class_name")) +
+                           ", not " + kind.what + " (" + kind.hint + ")");
+}
+
 void write_model_folder(torch::nn::Module& m, const nlohmann::json& config, const std::string& folder) {
   std::error_code ec;
   std::filesystem::create_directories(folder, ec);

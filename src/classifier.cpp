@@ -155,25 +155,10 @@ torch::Tensor NoisyClassifierImpl::forward(const torch::Tensor& x_in, const torc
 }
 
 NoisyClassifier load_classifier(const std::string& folder, torch::Device device) {
-  auto json = read_model_config(folder);
-  const std::string path = folder + "/" + kConfigFile;
-  if (!json.is_object() || json.value("_class_name", std::string()) != NoisyClassifierConfig::kClassName)
-    throw std::runtime_error("'" + path + "' is not a diffuse noisy classifier (its _class_name is " +
-                             (json.is_object() && json.contains("_class_name") ? json["_class_name"].dump()
-                                                                                : std::string("missing")) +
-                             ", expected \"" + NoisyClassifierConfig::kClassName +
-                             "\"; train one with diffuse train-classifier)");
-  NoisyClassifierConfig config;
-  try {
-    config = NoisyClassifierConfig::from_json(json);
-    config.validate();
-  } catch (const std::invalid_argument& e) {
-    throw std::runtime_error("'" + path + "': " + e.what());
-  }
-  NoisyClassifier model(config);
-  read_model_weights(*model, folder);
-  model->to(device);
-  return model;
+  return load_model_folder<NoisyClassifier, NoisyClassifierConfig>(
+      folder, device,
+      {NoisyClassifierConfig::kClassName, std::string("a diffuse noisy classifier (\"") + NoisyClassifierConfig::kClassName + "\")",
+       "train one with diffuse train-classifier", true});
 }
 
 void save_classifier(NoisyClassifier& model, const std::string& folder) {

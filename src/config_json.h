@@ -20,6 +20,32 @@ namespace diffuse::json_config {
                               ")");
 }
 
+/// The per-level lists of a UNet-style config: at least one level of positive channel counts, one down and one
+/// up block type per level, each a supported one, and GroupNorm groups that divide every level's channels.
+inline void check_levels(const std::vector<int64_t>& channels, const std::vector<std::string>& down,
+                         const std::vector<std::string>& up, const std::set<std::string>& down_supported,
+                         const std::set<std::string>& up_supported, int64_t norm_groups) {
+  const size_t levels = channels.size();
+  if (levels == 0) refuse("block_out_channels", "[]", "at least one level");
+  for (auto c : channels)
+    if (c <= 0) refuse("block_out_channels", std::to_string(c), "positive channel counts");
+  auto check_types = [&](const char* key, const std::vector<std::string>& types, const std::set<std::string>& ok) {
+    if (types.size() != levels)
+      refuse(key, std::to_string(types.size()) + " entries",
+             "one per block_out_channels entry (" + std::to_string(levels) + ")");
+    std::string names;
+    for (const auto& n : ok) names += (names.empty() ? "" : " or ") + n;
+    for (const auto& t : types)
+      if (!ok.count(t)) refuse(key, t, names);
+  };
+  check_types("down_block_types", down, down_supported);
+  check_types("up_block_types", up, up_supported);
+  for (auto c : channels)
+    if (norm_groups <= 0 || c % norm_groups != 0)
+      refuse("norm_num_groups", std::to_string(norm_groups),
+             "a divisor of every block_out_channels entry (" + std::to_string(c) + ")");
+}
+
 inline void convert(const std::string& key, const nlohmann::json& v, int64_t& out) {
   if (v.is_number_integer() || (v.is_number_float() && std::floor(v.get<double>()) == v.get<double>()))
     out = v.get<int64_t>();

@@ -96,21 +96,10 @@ FeatureNet load_feature_net(const std::string& folder, torch::Device device) {
     throw std::runtime_error("feature network folder '" + folder +
                              "' does not exist (the repository ships models/fmnist-features; re-create it with "
                              "diffuse train-features --out DIR)");
-  auto json = read_model_config(folder);
-  const std::string path = folder + "/" + kConfigFile;
-  if (!json.is_object() || json.value("_class_name", std::string()) != FeatureNetConfig::kClassName)
-    throw std::runtime_error("'" + path + "' is not a diffuse feature network (expected _class_name \"" +
-                             FeatureNetConfig::kClassName + "\"; create one with diffuse train-features)");
-  FeatureNetConfig config;
-  try {
-    config = FeatureNetConfig::from_json(json);
-    config.validate();
-  } catch (const std::invalid_argument& e) {
-    throw std::runtime_error("'" + path + "': " + e.what());
-  }
-  FeatureNet net(config);
-  read_model_weights(*net, folder);
-  net->to(device);
+  auto net = load_model_folder<FeatureNet, FeatureNetConfig>(
+      folder, device,
+      {FeatureNetConfig::kClassName, std::string("a diffuse feature network (\"") + FeatureNetConfig::kClassName + "\")",
+       "create one with diffuse train-features", true});
   net->eval();
   return net;
 }
@@ -563,7 +552,7 @@ SampleSet load_sample_set(const std::string& path, const std::string& labels_pat
       if (!images.empty() && img.sizes() != images.front().sizes())
         throw std::invalid_argument("'" + (p / f).string() + "' is " + c10::str(img.sizes()) + " but '" +
                                     (p / files.front()).string() + "' is " + c10::str(images.front().sizes()) +
-                                    " (C, H, W): all samples must have one size");
+                                    " (C, H, W): all samples must have one size (keep other PNGs, such as plots, out of a samples folder)");
       images.push_back(img);
     }
     set.images = torch::stack(images);

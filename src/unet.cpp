@@ -16,20 +16,8 @@ const std::set<std::string> kUpBlocks = {"UpBlock2D", "AttnUpBlock2D"};
 
 void UNetConfig::validate() const {
   using json_config::refuse;
-  const size_t levels = block_out_channels.size();
-  if (levels == 0) refuse("block_out_channels", "[]", "at least one level");
-  for (auto c : block_out_channels)
-    if (c <= 0) refuse("block_out_channels", std::to_string(c), "positive channel counts");
-  if (down_block_types.size() != levels)
-    refuse("down_block_types", std::to_string(down_block_types.size()) + " entries",
-           "one per block_out_channels entry (" + std::to_string(levels) + ")");
-  if (up_block_types.size() != levels)
-    refuse("up_block_types", std::to_string(up_block_types.size()) + " entries",
-           "one per block_out_channels entry (" + std::to_string(levels) + ")");
-  for (const auto& t : down_block_types)
-    if (!kDownBlocks.count(t)) refuse("down_block_types", t, "DownBlock2D or AttnDownBlock2D");
-  for (const auto& t : up_block_types)
-    if (!kUpBlocks.count(t)) refuse("up_block_types", t, "UpBlock2D or AttnUpBlock2D");
+  json_config::check_levels(block_out_channels, down_block_types, up_block_types, kDownBlocks, kUpBlocks,
+                            norm_num_groups);
   if (in_channels <= 0) refuse("in_channels", std::to_string(in_channels), "a positive count");
   if (out_channels <= 0) refuse("out_channels", std::to_string(out_channels), "a positive count");
   if (layers_per_block <= 0) refuse("layers_per_block", std::to_string(layers_per_block), "at least 1");
@@ -49,14 +37,10 @@ void UNetConfig::validate() const {
   if (block_out_channels[0] % 2 != 0 || freq_shift == double(block_out_channels[0] / 2))
     refuse("block_out_channels[0]", std::to_string(block_out_channels[0]),
            "an even count, not 2 * freq_shift (it sizes the timestep embedding)");
-  for (auto c : block_out_channels) {
-    if (norm_num_groups <= 0 || c % norm_num_groups != 0)
-      refuse("norm_num_groups", std::to_string(norm_num_groups),
-             "a divisor of every block_out_channels entry (" + std::to_string(c) + ")");
+  for (auto c : block_out_channels)
     if (attention_head_dim && (*attention_head_dim <= 0 || c % *attention_head_dim != 0))
       refuse("attention_head_dim", std::to_string(*attention_head_dim),
              "a divisor of every block_out_channels entry (" + std::to_string(c) + ")");
-  }
   if (attn_norm_num_groups && (*attn_norm_num_groups <= 0 || block_out_channels.back() % *attn_norm_num_groups))
     refuse("attn_norm_num_groups", std::to_string(*attn_norm_num_groups),
            "null or a divisor of the last block_out_channels entry");
@@ -288,21 +272,8 @@ double unet_forward_flops(const UNetConfig& c, int64_t height, int64_t width) {
 }
 
 UNet2DModel load_unet(const std::string& folder, torch::Device device) {
-  auto json = read_model_config(folder);
-  UNetConfig config;
-  try {
-    config = UNetConfig::from_json(json);
-    config.validate();
-  } catch (const std::invalid_argument& e) {
-    throw std::runtime_error("'" + folder + "/" + kConfigFile + "': " + e.what());
-  }
-  if (json.contains("_class_name") && json["_class_name"] != "UNet2DModel")
-    throw std::runtime_error("'" + folder + "/" + kConfigFile + "' describes a " + json["_class_name"].dump() +
-                             ", not a UNet2DModel (pass the model's unet/ folder)");
-  UNet2DModel model(config);
-  read_model_weights(*model, folder);
-  model->to(device);
-  return model;
+  return load_model_folder<UNet2DModel, UNetConfig>(folder, device,
+                                                    {"UNet2DModel", "a UNet2DModel", "pass the model's unet/ folder"});
 }
 
 void save_unet(UNet2DModel& model, const std::string& folder) {

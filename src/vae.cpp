@@ -18,20 +18,8 @@ namespace nn = torch::nn;
 
 void AutoencoderKLConfig::validate() const {
   using json_config::refuse;
-  const size_t levels = block_out_channels.size();
-  if (levels == 0) refuse("block_out_channels", "[]", "at least one level");
-  for (auto c : block_out_channels)
-    if (c <= 0) refuse("block_out_channels", std::to_string(c), "positive channel counts");
-  if (down_block_types.size() != levels)
-    refuse("down_block_types", std::to_string(down_block_types.size()) + " entries",
-           "one per block_out_channels entry (" + std::to_string(levels) + ")");
-  if (up_block_types.size() != levels)
-    refuse("up_block_types", std::to_string(up_block_types.size()) + " entries",
-           "one per block_out_channels entry (" + std::to_string(levels) + ")");
-  for (const auto& t : down_block_types)
-    if (t != "DownEncoderBlock2D") refuse("down_block_types", t, "DownEncoderBlock2D");
-  for (const auto& t : up_block_types)
-    if (t != "UpDecoderBlock2D") refuse("up_block_types", t, "UpDecoderBlock2D");
+  json_config::check_levels(block_out_channels, down_block_types, up_block_types, {"DownEncoderBlock2D"},
+                            {"UpDecoderBlock2D"}, norm_num_groups);
   if (in_channels <= 0) refuse("in_channels", std::to_string(in_channels), "a positive count");
   if (out_channels <= 0) refuse("out_channels", std::to_string(out_channels), "a positive count");
   if (latent_channels <= 0) refuse("latent_channels", std::to_string(latent_channels), "a positive count");
@@ -40,10 +28,6 @@ void AutoencoderKLConfig::validate() const {
   if (sample_size <= 0) refuse("sample_size", std::to_string(sample_size), "a positive image size");
   if (!(std::isfinite(scaling_factor) && scaling_factor > 0))
     refuse("scaling_factor", std::to_string(scaling_factor), "a finite positive number");
-  for (auto c : block_out_channels)
-    if (norm_num_groups <= 0 || c % norm_num_groups != 0)
-      refuse("norm_num_groups", std::to_string(norm_num_groups),
-             "a divisor of every block_out_channels entry (" + std::to_string(c) + ")");
 }
 
 AutoencoderKLConfig AutoencoderKLConfig::from_json(const nlohmann::json& j) {
@@ -290,21 +274,8 @@ void AutoencoderKLImpl::set_scaling_factor(double factor) {
 }
 
 AutoencoderKL load_vae(const std::string& folder, torch::Device device) {
-  auto json = read_model_config(folder);
-  if (json.contains("_class_name") && json["_class_name"] != "AutoencoderKL")
-    throw std::runtime_error("'" + folder + "/" + kConfigFile + "' describes a " + json["_class_name"].dump() +
-                             ", not an AutoencoderKL (pass the model's vae/ folder)");
-  AutoencoderKLConfig config;
-  try {
-    config = AutoencoderKLConfig::from_json(json);
-    config.validate();
-  } catch (const std::invalid_argument& e) {
-    throw std::runtime_error("'" + folder + "/" + kConfigFile + "': " + e.what());
-  }
-  AutoencoderKL model(config);
-  read_model_weights(*model, folder);
-  model->to(device);
-  return model;
+  return load_model_folder<AutoencoderKL, AutoencoderKLConfig>(
+      folder, device, {"AutoencoderKL", "an AutoencoderKL", "pass the model's vae/ folder"});
 }
 
 void save_vae(AutoencoderKL& model, const std::string& folder) {

@@ -33,6 +33,9 @@ TEST(AnalyzeBrightness, ConstructedImages) {
   EXPECT_DOUBLE_EQ(r.share.darkest, 0.05);
   EXPECT_DOUBLE_EQ(r.share.brightest, 0.16);  // d_i > 0.62: i = 84..99
   EXPECT_NEAR(r.sample_mean - r.data_mean, 0.1, 1e-12);
+  // 100 evenly spaced values with step h: population variance (n^2 - 1) h^2 / 12; the shift keeps it.
+  EXPECT_NEAR(r.data_std, std::sqrt(9999.0 / 12.0) * 1.8 / 99.0, 1e-12);
+  EXPECT_NEAR(r.sample_std, r.data_std, 1e-12);
   ASSERT_EQ(r.bin_edges.size(), 21u);
   double mass_d = 0, mass_s = 0;
   for (size_t i = 0; i < 20; ++i) mass_d += r.data_density[i] * 0.1, mass_s += r.sample_density[i] * 0.1;
@@ -198,8 +201,11 @@ TEST(CliAnalyze, EndToEnd) {
   auto br = run_cli("analyze brightness --samples " + dir / "s" + " --data fashion-mnist:test --limit 500");
   ASSERT_EQ(br.code, 0) << br.output;
   EXPECT_NE(br.output.find("W1"), std::string::npos);
-  for (auto f : {"brightness.csv", "brightness.json", "brightness.png"}) EXPECT_TRUE(fs::exists(dir / "s" + "/" + f)) << f;
-  auto j = load_json(dir / "s/brightness.json");
+  // The outputs go to analysis/ beside the images, so the folder still evaluates as samples afterwards.
+  for (auto f : {"brightness.csv", "brightness.json", "brightness.png"})
+    EXPECT_TRUE(fs::exists(dir / "s/analysis" + "/" + f)) << f;
+  EXPECT_FALSE(fs::exists(dir / "s/brightness.png"));
+  auto j = load_json(dir / "s/analysis/brightness.json");
   EXPECT_EQ(j["sample_count"].get<int64_t>(), 20);
   EXPECT_EQ(j["data_count"].get<int64_t>(), 500);
 

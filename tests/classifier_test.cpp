@@ -7,17 +7,12 @@
 #include "diffuse/classifier.h"
 #include "diffuse/safetensors.h"
 #include "diffuse/scheduler_config.h"
+#include "test_util.h"
 
 using namespace diffuse;
+using diffuse::testing::TempDir;
 
 namespace {
-std::string temp_dir(const std::string& name) {
-  auto dir = std::filesystem::temp_directory_path() / ("diffuse_test_" + name + "_" + std::to_string(::getpid()));
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  return dir.string();
-}
-
 NoisyClassifierConfig tiny_config() {
   NoisyClassifierConfig c;
   c.sample_size = 16;
@@ -70,7 +65,8 @@ TEST(NoisyClassifier, ConfigRoundTripAndErrors) {
 TEST(NoisyClassifier, SaveLoadRoundTrip) {
   torch::manual_seed(0);
   NoisyClassifier clf(tiny_config());
-  auto dir = temp_dir("clf_save");
+  TempDir tmp;
+  auto dir = tmp.str();
   save_classifier(clf, dir + "/classifier");
   auto again = load_classifier(dir + "/classifier", torch::kCPU);
   EXPECT_EQ(again->config(), clf->config());

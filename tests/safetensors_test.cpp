@@ -8,16 +8,12 @@
 
 #include "diffuse/safetensors.h"
 #include "diffuse/scheduler_config.h"
+#include "test_util.h"
 
 using namespace diffuse;
+using diffuse::testing::TempDir;
 
 namespace {
-
-std::string temp_dir(const std::string& name) {
-  auto dir = std::filesystem::temp_directory_path() / ("diffuse_test_" + name + "_" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  return dir.string();
-}
 
 // A safetensors file from a literal header and a data section.
 std::string make_file(const std::string& header, const std::string& data) {
@@ -58,7 +54,8 @@ TEST(Safetensors, RoundTripEveryDtype) {
   tensors["scalar"] = torch::tensor(3.5);
   tensors["empty"] = torch::zeros({0, 4});
   tensors["strided"] = torch::arange(12, torch::kFloat32).view({3, 4}).t();  // not contiguous
-  auto dir = temp_dir("st_roundtrip");
+  TempDir tmp;
+  auto dir = tmp.str();
   auto path = dir + "/all.safetensors";
   save_safetensors(path, tensors, {{"format", "pt"}, {"note", "round trip"}});
   auto back = load_safetensors(path);
@@ -178,7 +175,8 @@ TEST(Safetensors, SurvivesRandomCorruption) {
 }
 
 TEST(Safetensors, ErrorsNameTheFile) {
-  auto dir = temp_dir("st_errors");
+  TempDir tmp;
+  auto dir = tmp.str();
   auto path = dir + "/broken.safetensors";
   write_file_atomic(path, "garbage!!");
   try {

@@ -8,32 +8,18 @@
 #include "diffuse/safetensors.h"
 #include "diffuse/scheduler_config.h"
 #include "diffuse/unet.h"
+#include "test_util.h"
 
 using namespace diffuse;
+using diffuse::testing::TempDir;
+using diffuse::testing::expect_error;
 
 namespace {
 
 const std::string kUnetDir = std::string(DIFFUSE_FIXTURES) + "/diffusers/unet";
 const std::string kForward = std::string(DIFFUSE_FIXTURES) + "/diffusers/unet_forward.safetensors";
 
-std::string temp_dir(const std::string& name) {
-  auto dir = std::filesystem::temp_directory_path() / ("diffuse_test_" + name + "_" + std::to_string(::getpid()));
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  return dir.string();
-}
-
 UNetConfig fixture_config() { return UNetConfig::from_json(load_json(kUnetDir + "/config.json")); }
-
-template <class F>
-void expect_error(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one containing '" << needle << "'";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
 
 }  // namespace
 
@@ -191,7 +177,8 @@ TEST(UNet, ScaleShiftAndMidBlockVariants) {
 TEST(UNet, SaveThenLoadGivesIdenticalOutputs) {
   auto io = load_safetensors(kForward);
   auto model = load_unet(kUnetDir, torch::kCPU);
-  auto dir = temp_dir("unet_save");
+  TempDir tmp;
+  auto dir = tmp.str();
   save_unet(model, dir + "/unet");
   auto again = load_unet(dir + "/unet", torch::kCPU);
   EXPECT_EQ(again->config(), model->config());
@@ -213,7 +200,8 @@ TEST(UNet, SaveThenLoadGivesIdenticalOutputs) {
 }
 
 TEST(UNet, LoadErrorsNameTheProblem) {
-  auto dir = temp_dir("unet_errors");
+  TempDir tmp;
+  auto dir = tmp.str();
   expect_error([&] { load_unet(dir + "/nowhere", torch::kCPU); }, "config.json");
   // Weights that do not match the config: the mismatch is listed.
   std::filesystem::create_directories(dir + "/m");

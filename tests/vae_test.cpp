@@ -18,6 +18,8 @@
 #include "test_util.h"
 
 using namespace diffuse;
+using diffuse::testing::TempDir;
+using diffuse::testing::expect_error;
 
 namespace {
 
@@ -25,24 +27,7 @@ const std::string kVaeDir = std::string(DIFFUSE_FIXTURES) + "/diffusers/vae";
 const std::string kVaeIo = std::string(DIFFUSE_FIXTURES) + "/diffusers/vae_io.safetensors";
 const std::string kUnetDir = std::string(DIFFUSE_FIXTURES) + "/diffusers/unet";
 
-std::string temp_dir(const std::string& name) {
-  auto dir = std::filesystem::temp_directory_path() / ("diffuse_test_" + name + "_" + std::to_string(::getpid()));
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  return dir.string();
-}
-
 AutoencoderKLConfig fixture_config() { return AutoencoderKLConfig::from_json(load_json(kVaeDir + "/config.json")); }
-
-template <class F>
-void expect_error(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one containing '" << needle << "'";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
 
 bool fs_exists(const std::string& p) { return std::filesystem::exists(p); }
 
@@ -162,7 +147,8 @@ TEST(Vae, SaveThenLoadGivesIdenticalOutputs) {
   auto io = load_safetensors(kVaeIo);
   auto model = load_vae(kVaeDir, torch::kCPU);
   model->set_scaling_factor(0.731);
-  auto dir = temp_dir("vae_save");
+  TempDir tmp;
+  auto dir = tmp.str();
   save_vae(model, dir + "/vae");
   auto again = load_vae(dir + "/vae", torch::kCPU);
   EXPECT_EQ(again->config(), model->config());
@@ -183,7 +169,8 @@ TEST(Vae, LoadErrorsNameTheProblem) {
   expect_error([] { load_vae("/nonexistent/vae", torch::kCPU); }, "config.json");
   // A UNet folder without _class_name: refused for its block types.
   expect_error([] { load_vae(kUnetDir, torch::kCPU); }, "DownEncoderBlock2D");
-  auto dir = temp_dir("vae_bad");
+  TempDir tmp;
+  auto dir = tmp.str();
   auto config = fixture_config();
   config.latent_channels = 8;  // the weights no longer fit
   write_file_atomic(dir + "/config.json", config.to_json().dump());

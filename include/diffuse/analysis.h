@@ -26,6 +26,7 @@ torch::Tensor image_brightness(const torch::Tensor& images);
 struct BrightnessReport {
   int64_t data_count = 0, sample_count = 0;
   double data_mean = 0, sample_mean = 0;
+  double data_std = 0, sample_std = 0;  ///< spread of the per-image brightness (population std, divisor N)
   double w1 = 0;                     ///< 1-Wasserstein distance between the two brightness distributions
   DecileCoverage share;              ///< samples below the data's 10% / above its 90% quantile (0.1 each ideally)
   double data_p10 = 0, data_p90 = 0; ///< those quantiles

@@ -189,6 +189,35 @@ void read_model_weights(torch::nn::Module& m, const std::string& folder);
 /// Creates `folder` if needed and writes the weights (float32) then config.json, each atomically.
 void write_model_folder(torch::nn::Module& m, const nlohmann::json& config, const std::string& folder);
 
+/// What a model folder must be: config.json's `_class_name` (`required`: diffusers' own files may lack it),
+/// what errors call it (with its article), and what to pass or do instead.
+struct ModelKind {
+  std::string class_name, what, hint;
+  bool required = false;
+};
+/// Throws std::runtime_error naming `path` when `config` names another class (or none, when required).
+void check_model_kind(const nlohmann::json& config, const std::string& path, const ModelKind& kind);
+
+/// Loads a model folder: config.json checked against `kind`, parsed and validated as Config (errors name the
+/// file), the module built from it, its weights read (read_model_weights), moved to `device`.
+template <class Module, class Config>
+Module load_model_folder(const std::string& folder, torch::Device device, const ModelKind& kind) {
+  auto json = read_model_config(folder);
+  const std::string path = folder + "/" + kConfigFile;
+  check_model_kind(json, path, kind);
+  Config config;
+  try {
+    config = Config::from_json(json);
+    config.validate();
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error("'" + path + "': " + e.what());
+  }
+  Module model(config);
+  read_model_weights(*model, folder);
+  model->to(device);
+  return model;
+}
+
 /// Number of scalar parameters of a module.
 int64_t parameter_count(torch::nn::Module& m);
 

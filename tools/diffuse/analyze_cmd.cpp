@@ -43,8 +43,12 @@ void run_brightness(const BrightnessCli& o) {
   spec.limit = o.limit;
   auto data = load_dataset(spec);
   auto r = compare_brightness(data.images, set.images, o.bins);
-  fs::path out = o.out.empty() ? (fs::is_directory(o.samples) ? fs::path(o.samples) : fs::path(o.samples).parent_path()) : fs::path(o.out);
-  if (out.empty()) out = ".";
+  // Default: an analysis/ folder beside the images, not among them (a PNG plot there would join the samples).
+  fs::path out = o.out;
+  if (out.empty()) {
+    out = fs::is_directory(o.samples) ? fs::path(o.samples) : fs::path(o.samples).parent_path();
+    out = (out.empty() ? fs::path(".") : out) / "analysis";
+  }
   fs::create_directories(out);
 
   std::ostringstream csv;
@@ -56,6 +60,7 @@ void run_brightness(const BrightnessCli& o) {
   nlohmann::json j = {{"samples", o.samples},           {"data", data.name},
                       {"data_count", r.data_count},     {"sample_count", r.sample_count},
                       {"data_mean", r.data_mean},       {"sample_mean", r.sample_mean},
+                      {"data_std", r.data_std},         {"sample_std", r.sample_std},
                       {"w1", r.w1},                     {"data_p10", r.data_p10},
                       {"data_p90", r.data_p90},         {"share_below_data_p10", r.share.darkest},
                       {"share_above_data_p90", r.share.brightest}};
@@ -77,6 +82,7 @@ void run_brightness(const BrightnessCli& o) {
   std::cout << std::fixed << std::setprecision(4) << "brightness of " << r.sample_count << " samples against "
             << r.data_count << " images of " << data.name << ":\n"
             << "  mean brightness   data " << r.data_mean << "   samples " << r.sample_mean << "\n"
+            << "  std               data " << r.data_std << "   samples " << r.sample_std << "\n"
             << "  W1                " << r.w1 << "\n"
             << "  below data's 10% quantile (" << r.data_p10 << "): " << r.share.darkest << " of samples (0.1 ideal)\n"
             << "  above data's 90% quantile (" << r.data_p90 << "): " << r.share.brightest << " of samples (0.1 ideal)\n"
@@ -286,7 +292,7 @@ void add_analyze_command(CLI::App& app) {
                                     "synthetic-brightness, a folder)")->capture_default_str();
   br->add_option("--limit", b->limit, "Use only the first N data images (0: all)")->capture_default_str();
   br->add_option("--bins", b->bins, "Histogram bins over [-1, 1]")->capture_default_str();
-  br->add_option("--out", b->out, "Output folder (default: the samples' folder)");
+  br->add_option("--out", b->out, "Output folder (default: analysis/ in the samples' folder)");
   br->callback([b] { run_brightness(*b); });
 
   auto l = std::make_shared<LossCli>();

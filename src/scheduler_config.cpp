@@ -75,7 +75,7 @@ const std::vector<std::string>& known_keys() {
   static const std::vector<std::string> keys = {
       "num_train_timesteps", "beta_schedule", "beta_start",     "beta_end",        "trained_betas",
       "rescale_betas_zero_snr", "prediction_type", "timestep_spacing", "steps_offset", "clip_sample",
-      "set_alpha_to_one", kEtsdmTilde, kEtsdmN};
+      "clip_sample_range", "set_alpha_to_one", kEtsdmTilde, kEtsdmN};
   return keys;
 }
 
@@ -95,6 +95,9 @@ SchedulerConfig SchedulerConfig::from_json(const nlohmann::json& j) {
   c.timestep_spacing = parse_spacing(get<std::string>(j, "timestep_spacing", "leading"));
   c.steps_offset = get<int64_t>(j, "steps_offset", 0);
   c.clip_sample = get<bool>(j, "clip_sample", false);
+  c.clip_sample_range = get<double>(j, "clip_sample_range", 1.0);
+  if (!(c.clip_sample_range > 0))
+    throw std::invalid_argument("clip_sample_range must be positive, got " + std::to_string(c.clip_sample_range));
   c.set_alpha_to_one = get<bool>(j, "set_alpha_to_one", true);
   c.etsdm.t_tilde = get<int64_t>(j, kEtsdmTilde, 0);
   c.etsdm.n = get<int64_t>(j, kEtsdmN, 0);
@@ -124,6 +127,7 @@ nlohmann::json SchedulerConfig::to_json() const {
   j["timestep_spacing"] = to_string(timestep_spacing);
   j["steps_offset"] = steps_offset;
   j["clip_sample"] = clip_sample;
+  j["clip_sample_range"] = clip_sample_range;
   j["set_alpha_to_one"] = set_alpha_to_one;
   if (etsdm.enabled()) {
     j[kEtsdmTilde] = etsdm.t_tilde;

@@ -35,6 +35,24 @@ TEST(CliSample, DiffusersFolderWithGuidance) {
   std::filesystem::remove_all(out);
 }
 
+// --clip-sample R clamps every x0 estimate to [-R, R]; with the final step landing on alpha_bar = 1
+// (set_alpha_to_one) the stored sample is the last (clamped) estimate, so it lies inside [-R, R].
+TEST(CliSample, ClipSampleBoundsTheEstimates) {
+  auto out = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_clipped";
+  std::filesystem::create_directories(out);
+  auto config = diffuse::SchedulerConfig::load(fixture("scheduler/fixed_scheduler_config.json"));
+  config.set_alpha_to_one = true;
+  config.save(out + "/scheduler_config.json");
+  auto r = run_cli("sample --model " + fixture("diffusers/unet") + " --scheduler " + out +
+                   "/scheduler_config.json --vae none --sampler ddim --steps 3 --n 2 --clip-sample 0.25 --quiet --out " +
+                   out + " --save-raw " + out + "/raw.safetensors");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("x0 clipped"), std::string::npos) << r.output;
+  auto raw = diffuse::load_safetensors(out + "/raw.safetensors").at("sample");
+  EXPECT_LE(raw.abs().max().item<double>(), 0.25 + 1e-6);
+  std::filesystem::remove_all(out);
+}
+
 TEST(CliSample, BadInputGetsOneErrorLine) {
   struct Case {
     std::string args, needle;
@@ -46,6 +64,7 @@ TEST(CliSample, BadInputGetsOneErrorLine) {
       {"sample " + model_args() + " --sampler nope", "nope"},
       {"sample " + model_args() + " --steps 0", "[1, T"},
       {"sample " + model_args() + " --classifier-scale 2", "--classifier"},
+      {"sample " + model_args() + " --clip-sample -1", "--clip-sample"},
   };
   for (auto& c : cases) {
     auto r = run_cli(c.args + " --quiet --n 1 --out " + ::testing::TempDir() + "/never");

@@ -242,3 +242,33 @@ TEST(ClassifierGuidance, RaisesTheTargetClassProbabilityAndComposesWithCfg) {
     EXPECT_EQ(net_calls, name == "heun" ? 39 : 20) << name;
   }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Clipping the x0 estimate (clip_sample)
+
+// An eps network that is off by 0.05 at t = 999 of the linear schedule: x0 = (x_t - s eps) / a turns that into
+// an x0 error of 0.05 s / a (about 7.9) per pixel; clip_x0 clamps x0 to [-1, 1] and recomputes eps from it.
+TEST(ClipX0, ClampsX0AndKeepsThePairConsistent) {
+  auto sch = linear(1000);
+  auto x0_true = torch::linspace(-0.9, 0.9, 8, torch::kFloat64).reshape({2, 1, 2, 2});
+  auto eps_true = torch::linspace(1.0, -1.0, 8, torch::kFloat64).reshape({2, 1, 2, 2});
+  Network off = [&](const torch::Tensor& x, const torch::Tensor&, const torch::Tensor&) {
+    return torch::Tensor(eps_true + 0.05);
+  };
+  auto plain = make_denoiser(off, Prediction::eps, sch);
+  auto clipped = clip_x0(plain, 1.0);
+  for (int64_t t : {0, 500, 999}) {
+    const double a = sch.a_at(t), s = sch.s_at(t);
+    auto x_t = a * x0_true + s * eps_true;
+    auto e = plain(x_t, t), c = clipped(x_t, t);
+    auto want_x0 = ((x_t - s * (eps_true + 0.05)) / a).clamp(-1.0, 1.0);
+    EXPECT_LT(max_abs(c.x0 - want_x0), 1e-9) << t;
+    EXPECT_LT(max_abs(a * c.x0 + s * c.eps - x_t), 1e-12) << t;  // consistent pair
+    EXPECT_LE(max_abs(c.x0), 1.0) << t;
+    if (t == 999) {
+      EXPECT_GT(max_abs(e.x0), 5.0);  // unclipped: the amplified error
+    }
+    if (max_abs(e.x0) <= 1.0) EXPECT_LT(max_abs(c.x0 - e.x0), 1e-12) << t;  // inside the range: unchanged
+  }
+  EXPECT_THROW(clip_x0(plain, 0.0), std::invalid_argument);
+}

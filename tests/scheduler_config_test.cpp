@@ -62,6 +62,16 @@ TEST(SchedulerConfig, TrainedBetasAndZeroSnr) {
   EXPECT_EQ(SchedulerConfig::from_json(c.to_json()).to_json(), c.to_json());
 }
 
+TEST(SchedulerConfig, ClipSampleAndItsRange) {
+  auto c = SchedulerConfig::from_json({{"clip_sample", true}, {"clip_sample_range", 2.5}});
+  EXPECT_TRUE(c.clip_sample);
+  EXPECT_EQ(c.clip_sample_range, 2.5);
+  EXPECT_EQ(c.to_json()["clip_sample_range"], 2.5);
+  EXPECT_TRUE(c.extra.empty());  // a known key, not kept as an unknown one
+  EXPECT_EQ(SchedulerConfig::from_json(nlohmann::json::object()).clip_sample_range, 1.0);  // diffusers' default
+  EXPECT_THROW(SchedulerConfig::from_json({{"clip_sample_range", 0.0}}), std::invalid_argument);
+}
+
 TEST(SchedulerConfig, BadInputNamesTheProblem) {
   auto expect_error = [](const nlohmann::json& j, const std::string& needle) {
     try {

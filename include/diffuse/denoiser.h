@@ -78,6 +78,13 @@ using Classifier = std::function<torch::Tensor(const torch::Tensor& x_t, const t
 torch::Tensor classifier_log_prob_grad(const Classifier& classifier, const torch::Tensor& x_t, int64_t t,
                                        const torch::Tensor& labels);
 
+/// The x0 estimate clamped to [-range, range] and eps recomputed from it, eps = (x_t - a_t x0) / s_t, so the
+/// pair stays consistent (guided-diffusion's clip_denoised, which ADM's DDIM uses; diffusers' DDIMScheduler with
+/// clip_sample clamps x0 but keeps the unclamped eps). What keeps an eps model usable where a_t is tiny: there
+/// x0 = (x_t - s_t eps) / a_t multiplies the network's eps error by s_t / a_t (157 at t = 999 of the linear
+/// schedule). Pixel data in [-1, 1] only; not for latents (their range is not [-1, 1]). range > 0.
+Denoiser clip_x0(Denoiser denoiser, double range);
+
 /// Classifier guidance (Dhariwal & Nichol 2021, section 4.2, eq. 14): the score is shifted by
 /// scale * grad_x log p(y | x_t), i.e. eps' = eps - scale * s_t * grad and, to keep the pair consistent,
 /// x0' = x0 + scale * (s_t^2 / a_t) * grad. Every sampler sees this shifted pair (for DDIM it is

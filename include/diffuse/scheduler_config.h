@@ -36,7 +36,8 @@ struct SchedulerConfig {
   Prediction prediction_type = Prediction::eps;
   Spacing timestep_spacing = Spacing::leading;
   int64_t steps_offset = 0;
-  bool clip_sample = false;
+  bool clip_sample = false;         ///< clamp the x0 estimate to [-clip_sample_range, clip_sample_range] (clip_x0)
+  double clip_sample_range = 1.0;
   bool set_alpha_to_one = true;
   EtsdmConfig etsdm;          ///< stored as diffuse_etsdm_t_tilde / diffuse_etsdm_n
   nlohmann::json extra = nlohmann::json::object();  ///< keys diffuse does not use, kept verbatim

@@ -1,5 +1,6 @@
 // diffuse sample: images from a trained model (a diffuse run folder or a diffusers UNet2DModel folder)
 // with any sampler, spacing, classifier-free guidance (with rescale) and classifier guidance.
+#include <cmath>
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
@@ -29,6 +30,7 @@ struct SampleOptions {
   std::string scheduler_path, weights = "auto", variance = "fixed_small";
   int64_t steps = 25, n = 16, batch = 64, class_id = -1, null_class = -1, grid_cols = 0;
   double cfg = 1.0, cfg_rescale = 0.0, classifier_scale = 0.0, eta = std::numeric_limits<double>::quiet_NaN();
+  double clip_sample = std::numeric_limits<double>::quiet_NaN();  ///< NaN: the scheduler config's; 0: off
   uint64_t seed = 0;
   bool no_images = false, quiet = false;
 };
@@ -117,6 +119,11 @@ void run_sample(const SampleOptions& o) {
                                   std::to_string(C) + ", " + std::to_string(H) + ", " + std::to_string(W) + "]");
   }
 
+  const double clip_range = std::isnan(o.clip_sample) ? (config.clip_sample ? config.clip_sample_range : 0.0) : o.clip_sample;
+  if (!(clip_range >= 0)) throw std::invalid_argument("--clip-sample must be >= 0 (0: off), got " + std::to_string(clip_range));
+  if (clip_range > 0 && !vae.is_empty())
+    throw std::invalid_argument("--clip-sample clamps pixel values, but this model samples latents (pass --clip-sample 0)");
+
   std::vector<int64_t> labels(o.n, -1);
   for (int64_t i = 0; i < o.n; ++i)
     if (num_embeds > 0) labels[i] = o.class_id >= 0 ? o.class_id : (classes > 0 ? i % classes : 0);
@@ -133,6 +140,7 @@ void run_sample(const SampleOptions& o) {
     if (num_embeds > 0)
       y = torch::tensor(std::vector<int64_t>(labels.begin() + first, labels.begin() + first + count), torch::kLong).to(device);
     auto denoiser = make_denoiser(net, config.prediction_type, schedule, config.etsdm, y);
+    if (clip_range > 0) denoiser = clip_x0(denoiser, clip_range);
     if (classifier) {
       Classifier clf = [classifier](const torch::Tensor& x_t, const torch::Tensor& t) mutable {
         return classifier->forward(x_t, t);
@@ -198,7 +206,8 @@ void run_sample(const SampleOptions& o) {
   }
   std::cout << "sampled " << o.n << " images (" << o.sampler << ", " << timesteps.size() << " steps, "
             << to_string(spacing) << ", first t " << timesteps.front() << (o.cfg != 1.0 ? ", cfg " : "")
-            << (o.cfg != 1.0 ? std::to_string(o.cfg) : "") << ") in " << std::fixed << std::setprecision(1) << secs
+            << (o.cfg != 1.0 ? std::to_string(o.cfg) : "")
+            << (clip_range > 0 ? ", x0 clipped to +-" + std::to_string(clip_range) : "") << ") in " << std::fixed << std::setprecision(1) << secs
             << " s: " << double(o.n) * double(timesteps.size()) / secs << " image-steps/s"
             << (o.no_images ? "" : "; wrote " + (fs::path(o.out) / "grid.png").string()) << "\n";
 }
@@ -214,6 +223,9 @@ void add_sample_command(CLI::App& app) {
   cmd->add_option("--sampler", o->sampler, "ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, dpmpp_2m_sde")->capture_default_str();
   cmd->add_option("--steps", o->steps, "Sampling steps S (1..T)")->capture_default_str();
   cmd->add_option("--spacing", o->spacing, "leading, linspace or trailing (default: the scheduler config's)");
+  cmd->add_option("--clip-sample", o->clip_sample, "Clamp the x0 estimate to [-R, R] at every step, R > 0 (0: off; default: "
+                                                   "clip_sample / clip_sample_range of the scheduler config). Keeps eps "
+                                                   "models usable near SNR 0; pixel models only");
   cmd->add_option("--eta", o->eta, "Noise of ddim / euler_ancestral / dpmpp_2m_sde (default: the sampler's)");
   cmd->add_option("--ddpm-variance", o->variance, "fixed_small or fixed_large")->capture_default_str();
   cmd->add_option("--n", o->n, "Number of images")->capture_default_str();

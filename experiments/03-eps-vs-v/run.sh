@@ -19,6 +19,12 @@ for name in eps v v-epsw; do
   eval_run "$out/samples-$name"
 done
 
+# The eps model once more with its x0 estimates clamped to [-1, 1] (clip_sample): at t = 999 of the linear
+# schedule x0 = (x_t - s eps) / a multiplies the eps error by s / a = 157, which clipping contains.
+sample_run "$runs/eps" "$out/samples-eps-clip" --sampler ddim --steps 25 --spacing linspace --n $samples --batch 250 --clip-sample 1
+eval_run "$out/samples-eps-clip"
+figure_grid "$runs/eps" eps-clip --sampler ddim --steps 25 --spacing linspace --batch 40 --clip-sample 1
+
 # For experiment 4: K(t) near t = 0 of an eps-prediction model (the 002 document's singularity is about eps).
 [ -f "$out/lipschitz-eps/lipschitz.csv" ] || "$diffuse" analyze lipschitz --model "$runs/eps" --out "$out/lipschitz-eps"
 
@@ -35,6 +41,13 @@ last_quarter_mean() { awk -F, -v from=$((steps * 3 / 4)) 'NR > 1 && $1 > from { 
   echo "v,v,uniform,$(last_quarter_mean "$runs/v")"
   echo "v-epsw,v,eps,$(last_quarter_mean "$runs/v-epsw")"
 } > "$out/training-loss.csv"
+{
+  echo "samples,fid_fmnist,fid_floor,precision,recall,class_accuracy"
+  for name in eps eps-clip v v-epsw; do
+    e="$out/samples-$name/eval.csv"
+    echo "$name,$(awk -F, '$1 == "FID-FMNIST" { print $2 "," $3 }' "$e"),$(awk -F, '$1 == "precision" || $1 == "recall" || $1 == "class_accuracy" { printf "%s%s", sep, $2; sep = "," }' "$e")"
+  done
+} > "$out/fid.csv"
 paste -d, "$out/loss-eps/loss_per_t.csv" "$out/loss-v/loss_per_t.csv" "$out/loss-v-epsw/loss_per_t.csv" |
   awk -F, 'NR == 1 { print "t,snr,predicted_ratio,measured_ratio_Lv_of_v_over_Leps_of_eps,Leps_eps_model,Leps_v_model,Leps_v_epsw_model,Lv_eps_model,Lv_v_model,Lv_v_epsw_model"; next }
            { printf "%s,%s,%s,%.6g,%s,%s,%s,%s,%s,%s\n", $1, $3, $9, ($5 + 0 == 0 ? 0 : $15 / $5), $5, $14, $23, $6, $15, $24 }' > "$out/loss-compare.csv"

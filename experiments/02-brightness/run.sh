@@ -37,6 +37,7 @@ small="--sampler ddim --steps 25 --batch 40 --cfg 3"
 figure_grid "$runs/bright-flawed" flawed $small
 figure_grid "$runs/bright-offset" offset $small
 figure_grid "$runs/bright-fixed" fixed $small --cfg-rescale 0.7
+figure_grid "$runs/bright-fixed" fixed-norescale $small
 
 # One table and one figure: W1 and extreme-decile shares per model (brightness.json), FID-FMNIST beside, and the
 # three sample histograms over the data's (all runs bin the same [-1, 1] range).
@@ -50,16 +51,20 @@ json() { sed -n "s/.*\"$2\": *\([-0-9.e]*\).*/\1/p" "$out/samples-$1/analysis/br
 } > "$out/brightness.csv"
 gnuplot <<GP
 set datafile separator ","
-set terminal pngcairo size 800,460 noenhanced
+set terminal pngcairo size 900,560 noenhanced
 set output "$out/brightness.png"
 set xlabel "per-image mean brightness"
 set ylabel "density"
-set key top left
+set key below
 set title "brightness of samples against the data (fashion-mnist-brightness, test split)"
 plot "$out/samples-flawed/analysis/brightness.csv" using (\$1+\$2)/2:3 with filledcurves y1=0 fs transparent solid 0.25 lc rgb "gray40" title "data", \\
      "$out/samples-flawed/analysis/brightness.csv" using (\$1+\$2)/2:4 with lines lw 2 title "flawed (SD schedule, eps, leading)", \\
      "$out/samples-offset/analysis/brightness.csv" using (\$1+\$2)/2:4 with lines lw 2 title "offset noise 0.1", \\
      "$out/samples-fixed/analysis/brightness.csv" using (\$1+\$2)/2:4 with lines lw 2 title "fixed (zero SNR, v loss, trailing, rescale)", \\
+     "$out/samples-fixed-norescale/analysis/brightness.csv" using (\$1+\$2)/2:4 with lines lw 2 lc rgb "dark-red" title "fixed, CFG without rescale", \\
      "$out/samples-fixed-minsnr/analysis/brightness.csv" using (\$1+\$2)/2:4 with lines lw 1 dt 2 title "fixed with min-SNR weights"
 GP
 echo "wrote $out/brightness.csv and $out/brightness.png"
+
+# The figures and tables RESULTS.md shows, beside it.
+cp "$out/brightness.png" "$out/brightness.csv" "$(dirname "$0")/"

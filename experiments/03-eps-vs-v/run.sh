@@ -5,7 +5,7 @@
 #   v:         v prediction, uniform weight (plain v MSE = eps MSE weighted by (SNR+1)/SNR)
 #   v-epsw:    v prediction weighted back to eps-equivalence (--loss-weight eps), which should train like `eps`
 # `diffuse analyze loss` measures each model's loss per timestep in every target.
-# Usage: experiments/03-eps-vs-v/run.sh [--full]    (reduced: about 45 minutes on 2 cores)
+# Usage: experiments/03-eps-vs-v/run.sh [--full]    (reduced: about 35 minutes on 2 idle cores)
 source "$(dirname "$0")/../common.sh"
 out=$root/out/experiments/03
 mkdir -p "$out"
@@ -71,3 +71,6 @@ plot "$out/loss-compare.csv" using 1:5 with linespoints title "eps model", \\
 unset multiplot
 GP
 echo "wrote $out/training-loss.csv, $out/loss-compare.csv, $out/loss-compare.png"
+
+# The figures and tables RESULTS.md shows, beside it.
+cp "$out/loss-compare.png" "$out/loss-compare.csv" "$out/training-loss.csv" "$out/fid.csv" "$(dirname "$0")/"

@@ -2,7 +2,7 @@
 # Experiment 4 (002 document, E-TSDM): the network's Lipschitz constant in t near t = 0, with and without
 # timestep-condition sharing (t~ = 100, n = 5), and FID-FMNIST with DDIM and DPM-Solver++ at 10 and 25 steps.
 # Both models use the demo's recipe (zero terminal SNR, v, min-SNR weights) on Fashion-MNIST.
-# Usage: experiments/04-etsdm/run.sh [--full]    (reduced: about 40 minutes on 2 cores)
+# Usage: experiments/04-etsdm/run.sh [--full]    (reduced: about 25 minutes on 2 idle cores)
 source "$(dirname "$0")/../common.sh"
 out=$root/out/experiments/04
 mkdir -p "$out"
@@ -65,3 +65,6 @@ plot "$out/lipschitz-base/lipschitz.csv" using 1:5 with lines title "base", \\
 unset multiplot
 GP
 echo "wrote $out/fid.csv, $out/lipschitz-summary.txt and $out/lipschitz.png"
+
+# The figures and tables RESULTS.md shows, beside it.
+cp "$out/lipschitz.png" "$out/fid.csv" "$out/lipschitz-summary.txt" "$(dirname "$0")/"

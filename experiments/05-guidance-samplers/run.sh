@@ -3,7 +3,7 @@
 #  - guidance: none, classifier guidance (a noisy classifier, scales 1 and 3), classifier-free guidance
 #    w = 1.5, 3, 5 with and without rescale 0.7: class accuracy and FID-FMNIST against the scale;
 #  - samplers: DDPM with all 1000 steps against DDIM and DPM-Solver++ 2M at 10, 25 and 50 steps.
-# Usage: experiments/05-guidance-samplers/run.sh [--full]    (reduced: about 60 minutes on 2 cores)
+# Usage: experiments/05-guidance-samplers/run.sh [--full]    (reduced: about 55 minutes on 2 idle cores, with experiment 4's base model trained)
 source "$(dirname "$0")/../common.sh"
 out=$root/out/experiments/05
 mkdir -p "$out"
@@ -31,7 +31,10 @@ for sampler in ddim dpmpp_2m; do
     sample_run "$runs/base" "$out/$sampler-$s" --sampler $sampler --steps $s --n $n_samplers --batch 256
   done
 done
-for dir in "$out"/*/; do eval_run "${dir%/}"; done
+for dir in "$out"/*/; do
+  case $(basename "$dir") in grid-* | series) continue ;; esac  # small figure grids and plot data, not sample sets
+  eval_run "${dir%/}"
+done
 
 small="--sampler ddim --steps 25 --batch 40"
 figure_grid "$runs/base" none $small
@@ -68,13 +71,14 @@ set datafile separator ","
 set terminal pngcairo size 1100,420 noenhanced
 set output "$out/guidance.png"
 set multiplot layout 1,2
-set key bottom right
+set key top right
 set xlabel "guidance scale (0: none)"
 set title "FID-FMNIST (N = $samples; floor $(awk -F, '$1 == "FID-FMNIST" { printf "%.1f", $3 }' "$out/none/eval.csv"))"
 plot "$series/cfg.csv" using 3:5 with linespoints title "CFG", \
      "$series/cfg-rescale.csv" using 3:5 with linespoints title "CFG, rescale 0.7", \
      "$series/classifier.csv" using 3:5 with linespoints title "classifier guidance"
 set title "class accuracy of the requested class"
+set key bottom right
 plot "$series/cfg.csv" using 3:7 with linespoints title "CFG", \
      "$series/cfg-rescale.csv" using 3:7 with linespoints title "CFG, rescale 0.7", \
      "$series/classifier.csv" using 3:7 with linespoints title "classifier guidance"
@@ -91,3 +95,6 @@ plot "$series/ddim.csv" using 2:3 with linespoints title "DDIM", \
      "$series/ddpm.csv" using 2:3 with points pt 7 ps 1.5 title "DDPM"
 GP
 echo "wrote $out/guidance.csv, $out/samplers.csv, $out/guidance.png, $out/samplers.png"
+
+# The figures and tables RESULTS.md shows, beside it.
+cp "$out/guidance.png" "$out/samplers.png" "$out/guidance.csv" "$out/samplers.csv" "$(dirname "$0")/"

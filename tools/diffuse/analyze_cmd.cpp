@@ -44,11 +44,7 @@ void run_brightness(const BrightnessCli& o) {
   auto data = load_dataset(spec);
   auto r = compare_brightness(data.images, set.images, o.bins);
   // Default: an analysis/ folder beside the images, not among them (a PNG plot there would join the samples).
-  fs::path out = o.out;
-  if (out.empty()) {
-    out = fs::is_directory(o.samples) ? fs::path(o.samples) : fs::path(o.samples).parent_path();
-    out = (out.empty() ? fs::path(".") : out) / "analysis";
-  }
+  fs::path out = o.out.empty() ? samples_folder(o.samples) / "analysis" : fs::path(o.out);
   fs::create_directories(out);
 
   std::ostringstream csv;

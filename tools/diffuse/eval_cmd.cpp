@@ -91,10 +91,7 @@ void run_eval(const EvalCliOptions& o) {
             << "floor: " << result.floor.count << " real test images against " << result.floor.reference_count
             << " others (disjoint halves)\n\n"
             << format_table(result);
-  fs::path out = !o.out.empty() ? fs::path(o.out)
-                 : fs::is_directory(o.samples) ? fs::path(o.samples)
-                                               : fs::path(o.samples).parent_path();
-  if (out.empty()) out = ".";
+  fs::path out = o.out.empty() ? samples_folder(o.samples) : fs::path(o.out);
   fs::create_directories(out);
   auto json = to_json(result);
   json["samples_path"] = o.samples;

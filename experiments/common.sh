@@ -55,3 +55,13 @@ figure_grid() {
   sample_run "$run" "$out/grid-$name" "$@" --n 40 --grid-cols 10
   cp "$out/grid-$name/grid.png" "$(dirname "${BASH_SOURCE[1]}")/grid-$name.png"
 }
+
+# eval_row DIR METRIC...: the samples' values of the METRICs (rows of DIR/eval.csv), comma-separated in the order
+# given; METRIC:floor stands for that metric's floor.
+eval_row() {
+  local csv=$1/eval.csv; shift
+  local keys; keys=$(IFS=,; echo "$*")
+  awk -F, -v keys="$keys" 'NR > 1 { value[$1] = $2; floor[$1] = $3 }
+    END { n = split(keys, k, ","); for (i = 1; i <= n; i++) { m = k[i]; v = sub(/:floor$/, "", m) ? floor[m] : value[m];
+          printf "%s%s", (i > 1 ? "," : ""), v } print "" }' "$csv"
+}

@@ -45,8 +45,7 @@ json() { sed -n "s/.*\"$2\": *\([-0-9.e]*\).*/\1/p" "$out/samples-$1/analysis/br
 {
   echo "model,w1,share_below_data_p10,share_above_data_p90,sample_mean,data_mean,sample_std,data_std,fid_fmnist,fid_floor,class_accuracy"
   for name in $names; do
-    e="$out/samples-$name/eval.csv"
-    echo "$name,$(json $name w1),$(json $name share_below_data_p10),$(json $name share_above_data_p90),$(json $name sample_mean),$(json $name data_mean),$(json $name sample_std),$(json $name data_std),$(awk -F, '$1 == "FID-FMNIST" { print $2 "," $3 }' "$e"),$(awk -F, '$1 == "class_accuracy" { print $2 }' "$e")"
+    echo "$name,$(json $name w1),$(json $name share_below_data_p10),$(json $name share_above_data_p90),$(json $name sample_mean),$(json $name data_mean),$(json $name sample_std),$(json $name data_std),$(eval_row "$out/samples-$name" FID-FMNIST FID-FMNIST:floor class_accuracy)"
   done
 } > "$out/brightness.csv"
 gnuplot <<GP

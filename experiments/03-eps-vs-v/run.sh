@@ -44,8 +44,7 @@ last_quarter_mean() { awk -F, -v from=$((steps * 3 / 4)) 'NR > 1 && $1 > from { 
 {
   echo "samples,fid_fmnist,fid_floor,precision,recall,class_accuracy"
   for name in eps eps-clip v v-epsw; do
-    e="$out/samples-$name/eval.csv"
-    echo "$name,$(awk -F, '$1 == "FID-FMNIST" { print $2 "," $3 }' "$e"),$(awk -F, '$1 == "precision" || $1 == "recall" || $1 == "class_accuracy" { printf "%s%s", sep, $2; sep = "," }' "$e")"
+    echo "$name,$(eval_row "$out/samples-$name" FID-FMNIST FID-FMNIST:floor precision recall class_accuracy)"
   done
 } > "$out/fid.csv"
 paste -d, "$out/loss-eps/loss_per_t.csv" "$out/loss-v/loss_per_t.csv" "$out/loss-v-epsw/loss_per_t.csv" |

@@ -37,9 +37,9 @@ for name in base etsdm; do figure_grid "$runs/$name" $name --sampler dpmpp_2m --
   for name in base etsdm; do
     for sampler in ddim dpmpp_2m; do
       for s in 10 25 25-seed1; do
-        e="$out/samples-$name-$sampler-$s/eval.csv"
-        [ -f "$e" ] || continue
-        echo "$name,$sampler,$s,$(awk -F, '$1 == "FID-FMNIST" { print $2 "," $3 }' "$e"),$(awk -F, '$1 == "precision" || $1 == "recall" || $1 == "class_accuracy" { printf "%s%s", sep, $2; sep = "," }' "$e")"
+        dir="$out/samples-$name-$sampler-$s"
+        [ -f "$dir/eval.csv" ] || continue
+        echo "$name,$sampler,$s,$(eval_row "$dir" FID-FMNIST FID-FMNIST:floor precision recall class_accuracy)"
       done
     done
   done

@@ -43,10 +43,10 @@ figure_grid "$runs/base" cfg-5 $small --cfg 5
 figure_grid "$runs/base" cfg-5-rescale $small --cfg 5 --cfg-rescale 0.7
 
 # Tables and plots: one row per folder, the metric columns of eval.csv.
-metric() { awk -F, -v m="$2" '$1 == m { print $2 }' "$out/$1/eval.csv"; }
+columns="FID-FMNIST FID-FMNIST:floor class_accuracy precision recall count"
 {
   echo "run,guidance,scale,rescale,fid_fmnist,fid_floor,class_accuracy,precision,recall,count"
-  row() { echo "$1,$2,$3,$4,$(metric $1 FID-FMNIST),$(awk -F, '$1 == "FID-FMNIST" { print $3 }' "$out/$1/eval.csv"),$(metric $1 class_accuracy),$(metric $1 precision),$(metric $1 recall),$(metric $1 count)"; }
+  row() { echo "$1,$2,$3,$4,$(eval_row "$out/$1" $columns)"; }
   row none none 0 0
   for scale in 1 3; do row classifier-$scale classifier $scale 0; done
   for w in 1.5 3 5; do row cfg-$w cfg $w 0; row cfg-$w-rescale cfg $w 0.7; done
@@ -55,10 +55,10 @@ metric() { awk -F, -v m="$2" '$1 == m { print $2 }' "$out/$1/eval.csv"; }
   echo "sampler,steps,fid_fmnist,fid_floor,class_accuracy,precision,recall,count"
   for sampler in ddim dpmpp_2m; do
     for s in 10 25 50; do
-      echo "$sampler,$s,$(metric $sampler-$s FID-FMNIST),$(awk -F, '$1 == "FID-FMNIST" { print $3 }' "$out/$sampler-$s/eval.csv"),$(metric $sampler-$s class_accuracy),$(metric $sampler-$s precision),$(metric $sampler-$s recall),$(metric $sampler-$s count)"
+      echo "$sampler,$s,$(eval_row "$out/$sampler-$s" $columns)"
     done
   done
-  echo "ddpm,1000,$(metric ddpm-1000 FID-FMNIST),$(awk -F, '$1 == "FID-FMNIST" { print $3 }' "$out/ddpm-1000/eval.csv"),$(metric ddpm-1000 class_accuracy),$(metric ddpm-1000 precision),$(metric ddpm-1000 recall),$(metric ddpm-1000 count)"
+  echo "ddpm,1000,$(eval_row "$out/ddpm-1000" $columns)"
 } > "$out/samplers.csv"
 # One file per curve (the guidance-free run starts each guidance curve at scale 0), then the plots.
 series=$out/series; mkdir -p "$series"
@@ -73,7 +73,7 @@ set output "$out/guidance.png"
 set multiplot layout 1,2
 set key top right
 set xlabel "guidance scale (0: none)"
-set title "FID-FMNIST (N = $samples; floor $(awk -F, '$1 == "FID-FMNIST" { printf "%.1f", $3 }' "$out/none/eval.csv"))"
+set title "FID-FMNIST (N = $samples; floor $(printf "%.1f" "$(eval_row "$out/none" FID-FMNIST:floor)"))"
 plot "$series/cfg.csv" using 3:5 with linespoints title "CFG", \
      "$series/cfg-rescale.csv" using 3:5 with linespoints title "CFG, rescale 0.7", \
      "$series/classifier.csv" using 3:5 with linespoints title "classifier guidance"

@@ -6,6 +6,7 @@
 //
 // usage: train_bench [--batch 64] [--steps 8] [--threads N] [--data fashion-mnist|synthetic-shapes]
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>

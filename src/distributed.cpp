@@ -18,6 +18,8 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/torch.h>
+
+#include "torch_compat.h"
 #ifdef DIFFUSE_WITH_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #endif
@@ -71,7 +73,7 @@ Distributed::Distributed(const DistEnv& env, torch::Device device, std::chrono::
   opts.waitWorkers = true;
   opts.timeout = timeout;
   try {
-    store_ = c10::make_intrusive<c10d::TCPStore>(env.master_addr, opts);
+    store_ = compat::make_tcp_store(env.master_addr, opts);
   } catch (const std::exception& e) {
     throw std::runtime_error("rank " + std::to_string(env.rank) + ": rendezvous at " + env.master_addr + ":" +
                              std::to_string(env.master_port) + " failed (" + e.what() +
@@ -84,7 +86,9 @@ Distributed::Distributed(const DistEnv& env, torch::Device device, std::chrono::
 #ifdef DIFFUSE_WITH_NCCL
     auto o = c10d::ProcessGroupNCCL::Options::create();
     o->timeout = timeout;
-    group_ = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, int(env.rank), int(env.world_size), o);
+    group_ = compat::process_group(
+        c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, int(env.rank), int(env.world_size), o), prefixed,
+        int(env.rank), int(env.world_size), c10::DeviceType::CUDA);
     return;
 #else
     throw std::invalid_argument("this LibTorch was built without NCCL: multi-process CUDA training is unavailable "
@@ -100,7 +104,9 @@ Distributed::Distributed(const DistEnv& env, torch::Device device, std::chrono::
   else
     o->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
   o->threads = 2;
-  group_ = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, int(env.rank), int(env.world_size), o);
+  group_ = compat::process_group(
+      c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, int(env.rank), int(env.world_size), o), prefixed,
+      int(env.rank), int(env.world_size), c10::DeviceType::CPU);
 #else
   throw std::invalid_argument("diffuse was built without Gloo: multi-process CPU training is unavailable "
                               "(install libgloo-dev and rebuild)");

@@ -17,7 +17,7 @@ torch::Tensor as_matrix(const torch::Tensor& x, const char* what) {
 
 // Symmetric PSD square root through eigh; tiny negative eigenvalues from rounding are clamped.
 torch::Tensor sqrtm_psd(const torch::Tensor& m) {
-  auto [w, v] = torch::linalg::eigh(m, "L");
+  auto [w, v] = at::linalg_eigh(m, "L");
   return (v * w.clamp_min(0).sqrt().unsqueeze(0)).matmul(v.transpose(0, 1));
 }
 
@@ -48,7 +48,7 @@ double frechet_distance(const FeatureStats& a, const FeatureStats& b) {
   auto root_a = sqrtm_psd(cov_a);
   auto m = root_a.matmul(cov_b).matmul(root_a);
   m = 0.5 * (m + m.transpose(0, 1));
-  auto tr_cross = torch::linalg::eigvalsh(m, "L").clamp_min(0).sqrt().sum();
+  auto tr_cross = at::linalg_eigvalsh(m, "L").clamp_min(0).sqrt().sum();
   auto d = (mean_a - mean_b.to(mean_a.device())).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2.0 * tr_cross;
   return d.item<double>();
 }

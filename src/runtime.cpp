@@ -75,14 +75,23 @@ std::string configure_cpu_runtime(char** argv, int threads) {
 namespace {
 // The path of the loaded libblas.so.3 (an update-alternatives choice: openblas-pthread/, blas/ for the
 // reference implementation, ...).
+// The BLAS library mapped into this process: Debian's LibTorch links libblas.so.3 (an alternative that points
+// to OpenBLAS or the reference BLAS, named first as the one to switch); PyTorch's own builds link MKL into
+// libtorch_cpu.so.
 std::string loaded_blas() {
   std::ifstream maps("/proc/self/maps");
-  std::string line;
+  std::string line, other, torch_cpu;
   while (std::getline(maps, line)) {
     auto pos = line.find('/');
-    if (pos != std::string::npos && line.find("libblas.so") != std::string::npos) return line.substr(pos);
+    if (pos == std::string::npos) continue;
+    const std::string path = line.substr(pos);
+    if (path.find("libblas.so") != std::string::npos) return path;
+    for (const char* name : {"libopenblas", "libmkl_rt", "libblis"})
+      if (other.empty() && path.find(name) != std::string::npos) other = path;
+    if (path.find("libtorch_cpu.so") != std::string::npos) torch_cpu = path;
   }
-  return "";
+  if (!other.empty()) return other;
+  return torch_cpu.empty() ? "" : "MKL built into " + torch_cpu;
 }
 }  // namespace
 
@@ -101,7 +110,8 @@ std::string slow_blas_warning(const BlasCheck& check) {
   os.precision(3);
   os << "warning: a 1024x1024 matrix product runs at " << check.gflops << " GFLOP/s";
   const bool openblas = check.library.find("openblas") != std::string::npos ||
-                        check.library.find("blis") != std::string::npos || check.library.find("mkl") != std::string::npos;
+                        check.library.find("blis") != std::string::npos || check.library.find("mkl") != std::string::npos ||
+                        check.library.find("MKL") != std::string::npos;
   if (openblas) {
     os << " although an optimised BLAS is loaded (" << check.library << "): the cores are busy (load average "
        << check.load << " on " << std::thread::hardware_concurrency() << " cores), so everything will run slower";

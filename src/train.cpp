@@ -1,7 +1,6 @@
 #include "diffuse/train.h"
 #include "diffuse/progress.h"
 
-#include <ATen/autocast_mode.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -18,6 +17,7 @@
 #include "diffuse/plot.h"
 #include "diffuse/runtime.h"
 #include "diffuse/safetensors.h"
+#include "torch_compat.h"
 
 namespace fs = std::filesystem;
 
@@ -623,12 +623,11 @@ struct ScopedAutocast {
   bool on;
   explicit ScopedAutocast(bool enable) : on(enable) {
     if (!on) return;
-    at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
-    at::autocast::set_enabled(true);
+    compat::set_cuda_autocast(true);
   }
   ~ScopedAutocast() {
     if (!on) return;
-    at::autocast::set_enabled(false);
+    compat::set_cuda_autocast(false);
     at::autocast::clear_cache();
   }
 };
@@ -975,9 +974,9 @@ class DiffusionTask : public Task {
  public:
   DiffusionTask(const TrainOptions& o, const Dataset& data, AutoencoderKL vae)
       : o_(o),
-        vae_(std::move(vae)),
         scheduler_(make_scheduler_config(o.schedule, o.prediction, o.spacing, o.etsdm)),
-        schedule_(scheduler_.schedule()) {
+        schedule_(scheduler_.schedule()),
+        vae_(std::move(vae)) {
     const auto& u = o.unet;
     if (u.sample_size.value_or(-1) != data.height() || data.height() != data.width() || u.in_channels != data.channels())
       throw std::invalid_argument("the data (" + std::to_string(data.channels()) + "x" + std::to_string(data.height()) +

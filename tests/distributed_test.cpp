@@ -12,6 +12,8 @@
 
 #include "cli_util.h"
 #include "diffuse/distributed.h"
+#include "test_util.h"
+#include "torch_compat.h"
 
 namespace {
 
@@ -52,6 +54,7 @@ TEST(Distributed, EnvironmentParsing) {
 }
 
 TEST(Distributed, AllReduceAndBroadcastOnLoopback) {
+  DIFFUSE_REQUIRE_GLOO();
   auto r = run_worker("--nproc 2 allreduce");
   EXPECT_EQ(r.code, 0) << r.output;
   EXPECT_NE(r.output.find("rank 0 ok"), std::string::npos) << r.output;
@@ -60,6 +63,7 @@ TEST(Distributed, AllReduceAndBroadcastOnLoopback) {
 
 // Bucketed, hook-driven averaging of shard gradients equals the full-batch gradient.
 TEST(Distributed, BucketedGradientsEqualFullBatch) {
+  DIFFUSE_REQUIRE_GLOO();
   auto r = run_worker("--nproc 2 average");
   EXPECT_EQ(r.code, 0) << r.output;
   EXPECT_NE(r.output.find("rank 1 buckets"), std::string::npos) << r.output;
@@ -67,6 +71,7 @@ TEST(Distributed, BucketedGradientsEqualFullBatch) {
 
 // A rank that dies or hangs stops every rank with an error within a bounded time.
 TEST(Distributed, DeadOrHungRankStopsEveryoneQuickly) {
+  DIFFUSE_REQUIRE_GLOO();
   for (std::string mode : {"die", "hang"}) {
     auto t0 = std::chrono::steady_clock::now();
     auto r = run_worker("--nproc 2 " + mode);
@@ -81,12 +86,13 @@ TEST(Distributed, DeadOrHungRankStopsEveryoneQuickly) {
 // torchrun's elastic agent can host the TCP store itself (TORCHELASTIC_USE_AGENT_STORE=True): then rank 0 must
 // connect as a client like the others. This test plays the agent: it hosts the store and starts the two ranks.
 TEST(Distributed, RanksUseTorchrunAgentStore) {
+  DIFFUSE_REQUIRE_GLOO();
   c10d::TCPStoreOptions opts;
   opts.port = 0;  // any free port
   opts.isServer = true;
   opts.waitWorkers = false;
   opts.timeout = std::chrono::seconds(20);
-  auto agent = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", opts);
+  auto agent = diffuse::compat::make_tcp_store("127.0.0.1", opts);
   const std::string env = "TORCHELASTIC_USE_AGENT_STORE=True TORCHELASTIC_RESTART_COUNT=0 WORLD_SIZE=2 "
                           "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(agent->getPort());
   const std::string log = "/tmp/diffuse-agent-store-" + std::to_string(getpid());

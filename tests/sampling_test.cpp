@@ -10,6 +10,7 @@
 #include "diffuse/sampling.h"
 #include "diffuse/scheduler_config.h"
 #include "diffuse/unet.h"
+#include "torch_compat.h"
 #include <torch/torch.h>
 
 using namespace diffuse;
@@ -470,7 +471,19 @@ TEST(DiffusersParity, FullSamplerLoops) {
     auto cfg = SchedulerConfig::from_json(c.at("scheduler_config"));
     auto alpha_bar = diffusers_alphas_cumprod(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start,
                                               cfg.beta_end, cfg.rescale_betas_zero_snr);
-    if (ddim) EXPECT_TRUE(torch::equal(alpha_bar, tensors.at(name + ".alphas_cumprod"))) << name;
+    if (ddim) {
+      // The fixture was made with PyTorch 1.13, whose float32 linspace (an FMA-vectorised kernel) rounds
+      // some betas differently from 2.x's in the last bit: bit for bit against 1.13; against 2.x to float32
+      // rounding accumulated over the running product (the zero-SNR rescale divides by a0 - aT, so the
+      // difference is stated in absolute terms: alpha_bar is at most 1).
+      const auto& want = tensors.at(name + ".alphas_cumprod");
+      const double diff = max_abs(alpha_bar - want);
+      std::cout << name << ": alphas_cumprod max |diffuse - diffusers| " << diff << "\n";
+      if (DIFFUSE_TORCH2)
+        EXPECT_LT(diff, 1e-6) << name;
+      else
+        EXPECT_TRUE(torch::equal(alpha_bar, want)) << name;
+    }
     const auto ts = c.at("timesteps").get<std::vector<int64_t>>();
     const int64_t S = c.at("num_inference_steps").get<int64_t>();
     if (ddim) {

@@ -138,6 +138,7 @@ pid_t start_and_wait(Background& job, const std::string& run, int64_t step, int 
 // Same seed, same global batch: 2 processes x 4 images == 1 process x 8 images, up to float rounding (the shard
 // means' average differs from the full mean in the last bits). Then each run resumes with the other process count.
 TEST(TrainDistributed, TwoProcessesMatchOneAndResumeAcrossCounts) {
+  DIFFUSE_REQUIRE_GLOO();
   TempDir dir;
   auto one = run_cli(common_options(dir / "one") + " --steps 4 --threads 1");
   ASSERT_EQ(one.code, 0) << one.output;
@@ -177,6 +178,7 @@ TEST(TrainDistributed, TwoProcessesMatchOneAndResumeAcrossCounts) {
 // A rank killed with SIGKILL, or stopped (hung): every process exits non-zero in bounded time with an error that
 // names the cause, and the last checkpoint loads and resumes.
 TEST(TrainDistributed, DeadOrHungRankStopsEveryoneAndCheckpointSurvives) {
+  DIFFUSE_REQUIRE_GLOO();
   for (std::string mode : {"kill", "hang"}) {
     TempDir dir;
     const std::string run = dir / "run";
@@ -211,6 +213,7 @@ TEST(TrainDistributed, DeadOrHungRankStopsEveryoneAndCheckpointSurvives) {
 // SIGTERM to one rank only: the ranks agree to stop, rank 0 writes the checkpoint of the step they stop at,
 // nobody deadlocks, the exit status says which signal.
 TEST(TrainDistributed, SignalToOneRankCheckpointsAndStopsAll) {
+  DIFFUSE_REQUIRE_GLOO();
   TempDir dir;
   const std::string run = dir / "run";
   Background job(common_options(run) + " --steps 100000 --checkpoint-every 1000 --log-every 1 --nproc 2",
@@ -269,6 +272,7 @@ TEST(TrainDistributed, ImpossibleOptionsAreRefused) {
 // A non-finite loss is seen by every rank at the same step (the per-example losses are shared): all stop, rank 0
 // reports once, the last good checkpoint stays.
 TEST(TrainDistributed, NanLossStopsEveryRankAtTheSameStep) {
+  DIFFUSE_REQUIRE_GLOO();
   TempDir dir;
   auto r = run_cli(common_options(dir / "run", "--batch 8 --lr 1e30 --grad-clip 0") +
                    " --steps 10 --checkpoint-every 1 --nproc 2");

@@ -1,0 +1,63 @@
+// The few places where LibTorch 1.13 (Debian 12) and 2.x (Debian 13's 2.6, PyTorch 2.x installs) differ.
+// Everything else in diffuse is written once against the API both versions share (at::linalg_eigh and
+// friends, not torch::linalg, which 2.x no longer ships as a header).
+#pragma once
+
+#include <ATen/autocast_mode.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/version.h>
+
+#include <string>
+
+#define DIFFUSE_TORCH2 (TORCH_VERSION_MAJOR >= 2)
+
+namespace diffuse::compat {
+
+// bf16 autocast of CUDA ops (1.13 only has the "GPU" spelling, deprecated in 2.x).
+inline void set_cuda_autocast(bool enabled) {
+#if DIFFUSE_TORCH2
+  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+  at::autocast::set_autocast_enabled(at::kCUDA, enabled);
+#else
+  at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+  at::autocast::set_enabled(enabled);
+#endif
+}
+
+// A TCPStore (server or client). 2.x asks for its libuv server by default, which a LibTorch built without
+// libuv (Debian 13's) refuses: then the classic server, which speaks the same protocol to every client.
+inline c10::intrusive_ptr<c10d::TCPStore> make_tcp_store(const std::string& host, c10d::TCPStoreOptions options) {
+#if DIFFUSE_TORCH2
+  try {
+    return c10::make_intrusive<c10d::TCPStore>(host, options);
+  } catch (const std::exception& e) {
+    if (!options.useLibUV || std::string(e.what()).find("libuv") == std::string::npos) throw;
+    options.useLibUV = false;
+  }
+#endif
+  return c10::make_intrusive<c10d::TCPStore>(host, options);
+}
+
+// A c10d process group over one backend (ProcessGroupGloo for CPU tensors, ProcessGroupNCCL for CUDA).
+// In 1.13 the backend is itself the ProcessGroup. In 2.x backends derive from c10d::Backend and a
+// ProcessGroup dispatches each collective to the backend registered for the tensors' device type, which is
+// how torch.distributed.init_process_group assembles it.
+template <class BackendImpl>
+c10::intrusive_ptr<c10d::ProcessGroup> process_group(c10::intrusive_ptr<BackendImpl> backend,
+                                                     const c10::intrusive_ptr<c10d::Store>& store, int rank,
+                                                     int size, c10::DeviceType device) {
+#if DIFFUSE_TORCH2
+  auto group = c10::make_intrusive<c10d::ProcessGroup>(store, rank, size);
+  const auto type = device == c10::DeviceType::CUDA ? c10d::ProcessGroup::BackendType::NCCL
+                                                    : c10d::ProcessGroup::BackendType::GLOO;
+  group->setDefaultBackend(type);
+  group->setBackend(device, type, c10::intrusive_ptr<c10d::Backend>(std::move(backend)));
+  return group;
+#else
+  (void)store, (void)rank, (void)size, (void)device;
+  return backend;
+#endif
+}
+
+}  // namespace diffuse::compat

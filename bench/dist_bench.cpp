@@ -24,6 +24,7 @@
 
 #include <torch/torch.h>
 
+#include "diffuse/model_folder.h"
 #include "diffuse/data.h"
 #include "diffuse/distributed.h"
 #include "diffuse/runtime.h"

@@ -15,6 +15,7 @@
 
 #include <torch/torch.h>
 
+#include "diffuse/model_folder.h"
 #include "diffuse/runtime.h"
 #include "diffuse/sampling.h"
 #include "diffuse/unet.h"

@@ -17,6 +17,7 @@
 
 #include <torch/torch.h>
 
+#include "diffuse/model_folder.h"
 #include "diffuse/data.h"
 #include "diffuse/runtime.h"
 #include "diffuse/train.h"

@@ -14,6 +14,7 @@
 
 #include <torch/torch.h>
 
+#include "diffuse/model_folder.h"
 #include "diffuse/runtime.h"
 #include "diffuse/unet.h"
 

@@ -11,6 +11,7 @@
 
 #include <torch/torch.h>
 
+#include "diffuse/model_folder.h"
 #include "diffuse/runtime.h"
 #include "diffuse/vae.h"
 

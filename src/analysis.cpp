@@ -5,7 +5,7 @@
 #include <set>
 #include <stdexcept>
 
-#include "diffuse/sampling.h"
+#include "diffuse/noise.h"
 
 namespace diffuse {
 
@@ -66,18 +66,8 @@ Noised noise_at(const torch::Tensor& x0_all, int64_t first, int64_t n, const Sch
   r.eps = make_noise(shape, n, seed, first).to(r.x0.device());
   r.a = torch::scalar_tensor(schedule.a_at(t), torch::kFloat64);
   r.s = torch::scalar_tensor(schedule.s_at(t), torch::kFloat64);
-  r.x_t = r.a.item<double>() * r.x0 + r.s.item<double>() * r.eps;
+  r.x_t = add_noise(r.x0, r.eps, r.a.item<double>(), r.s.item<double>());
   return r;
-}
-
-torch::Tensor call_net(const Network& net, const EtsdmConfig& etsdm, const torch::Tensor& x, int64_t t,
-                       const torch::Tensor& labels) {
-  auto cond = etsdm.condition(torch::full({x.size(0)}, t, torch::TensorOptions(torch::kLong).device(x.device())));
-  auto out = net(x, cond, labels.defined() ? labels.to(x.device()) : labels);
-  if (!out.defined() || out.sizes() != x.sizes())
-    throw std::runtime_error("the network returned shape " + (out.defined() ? c10::str(out.sizes()) : "none") +
-                             " for input " + c10::str(x.sizes()));
-  return out;
 }
 
 void check_inputs(const torch::Tensor& x0, const torch::Tensor& labels, const Schedule& schedule,
@@ -116,7 +106,7 @@ std::vector<LossRow> loss_per_timestep(const Network& net, Prediction prediction
       int64_t count = std::min(o.batch, n - first);
       auto b = noise_at(x0, first, count, schedule, t, o.seed);
       auto y = labels.defined() ? labels.slice(0, first, first + count) : labels;
-      auto out = call_net(net, etsdm, b.x_t, t, y);
+      auto out = call_network(net, etsdm, b.x_t, t, y);
       own += squared_sum(out - target(prediction, b.x0, b.eps, b.a, b.s));
       e_eps += squared_sum(to_eps(prediction, out, b.x_t, b.a, b.s) - b.eps);
       // An eps output at a_t = 0 carries nothing about x0 (and so v): convert() refuses it.
@@ -177,8 +167,8 @@ std::vector<LipschitzRow> lipschitz_per_timestep(const Network& net, Prediction 
       int64_t count = std::min(o.batch, n - first);
       auto b = noise_at(x0, first, count, schedule, t, o.seed);
       auto y = labels.defined() ? labels.slice(0, first, first + count) : labels;
-      auto e1 = to_eps(prediction, call_net(net, etsdm, b.x_t, t, y), b.x_t, b.a, b.s);
-      auto e2 = to_eps(prediction, call_net(net, etsdm, b.x_t, t2, y), b.x_t, a2, s2);
+      auto e1 = to_eps(prediction, call_network(net, etsdm, b.x_t, t, y), b.x_t, b.a, b.s);
+      auto e2 = to_eps(prediction, call_network(net, etsdm, b.x_t, t2, y), b.x_t, a2, s2);
       norm_sum += (e1 - e2).to(torch::kFloat64).flatten(1).norm(2, 1).sum().item<double>();
     }
     row.K = norm_sum / double(n) / double(std::llabs(t2 - t));

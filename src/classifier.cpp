@@ -1,4 +1,5 @@
 #include "diffuse/classifier.h"
+#include "diffuse/model_folder.h"
 
 #include <numeric>
 #include <stdexcept>

@@ -11,9 +11,9 @@
 #include <random>
 #include <stdexcept>
 
+#include "diffuse/files.h"
 #include "diffuse/image_io.h"
 #include "diffuse/runtime.h"
-#include "diffuse/scheduler_config.h"
 
 namespace fs = std::filesystem;
 

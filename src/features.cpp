@@ -11,12 +11,13 @@
 #include <sstream>
 
 #include "config_json.h"
+#include "diffuse/model_folder.h"
+#include "diffuse/files.h"
 #include "diffuse/blocks.h"
 #include "diffuse/image_io.h"
 #include "diffuse/progress.h"
 #include "diffuse/runtime.h"
 #include "diffuse/safetensors.h"
-#include "diffuse/scheduler_config.h"
 
 namespace fs = std::filesystem;
 

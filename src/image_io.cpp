@@ -14,7 +14,7 @@
 #include <stb_image_write.h>
 #pragma GCC diagnostic pop
 
-#include "diffuse/scheduler_config.h"  // write_file_atomic
+#include "diffuse/files.h"
 
 namespace diffuse {
 

@@ -9,7 +9,7 @@
 #include <sstream>
 #include <stdexcept>
 
-#include "diffuse/scheduler_config.h"  // write_file_atomic
+#include "diffuse/files.h"
 
 namespace diffuse {
 namespace {

@@ -123,4 +123,15 @@ torch::Tensor loss_weight(LossWeight w, Prediction target, const torch::Tensor& 
   return x0_weight(w, target, snr, gamma) / target_factor(target, snr);
 }
 
+torch::Tensor add_noise(const torch::Tensor& x0, const torch::Tensor& eps, double a, double s) {
+  return a * x0 + s * eps;
+}
+
+torch::Tensor add_noise(const torch::Tensor& x0, const torch::Tensor& eps, const torch::Tensor& a,
+                        const torch::Tensor& s) {
+  std::vector<int64_t> shape(size_t(x0.dim()), 1);
+  shape[0] = x0.size(0);
+  return a.view(shape) * x0 + s.view(shape) * eps;
+}
+
 }  // namespace diffuse

@@ -9,7 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
-#include "diffuse/scheduler_config.h"
+#include "diffuse/files.h"
 
 namespace diffuse {
 namespace {

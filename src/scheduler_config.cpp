@@ -1,58 +1,12 @@
 #include "diffuse/scheduler_config.h"
 
-#include <unistd.h>
+#include "diffuse/files.h"
 
-#include <cerrno>
-#include <cstdio>
-#include <cstring>
-#include <fstream>
-#include <sstream>
 #include <stdexcept>
 
 #include <torch/torch.h>
 
 namespace diffuse {
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("cannot read '" + path + "': " + std::strerror(errno));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-void write_file_atomic(const std::string& path, const std::string& contents) {
-  // A temporary name of this process's own: ranks of a data-parallel run may write the same file (a cache).
-  std::string tmp = path + ".tmp" + std::to_string(::getpid());
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw std::runtime_error("cannot write '" + tmp + "': " + std::strerror(errno));
-    out.write(contents.data(), std::streamsize(contents.size()));
-    out.flush();
-    if (!out) throw std::runtime_error("cannot write '" + tmp + "': " + std::strerror(errno));
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0)
-    throw std::runtime_error("cannot rename '" + tmp + "' to '" + path + "': " + std::strerror(errno));
-}
-
-nlohmann::json load_json(const std::string& path) {
-  std::string text = read_file(path);
-  try {
-    return nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
-    throw std::runtime_error("'" + path + "' is not valid JSON: " + e.what());
-  }
-}
-
-torch::Tensor EtsdmConfig::condition(const torch::Tensor& t) const {
-  auto tf = t.to(torch::kFloat32);
-  if (!enabled()) return tf;
-  // E-TSDM (Yang et al. 2024, section 4): one shared condition per interval of [0, t_tilde).
-  double width = double(t_tilde) / double(n);
-  auto td = t.to(torch::kFloat64);
-  auto edge = (td / width).floor() * width;
-  return torch::where(td < double(t_tilde), edge, td).to(torch::kFloat32);
-}
 
 namespace {
 

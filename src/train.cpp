@@ -1,4 +1,5 @@
 #include "diffuse/train.h"
+#include "diffuse/files.h"
 #include "diffuse/progress.h"
 
 #include <unistd.h>
@@ -1034,7 +1035,7 @@ class DiffusionTask : public Task {
                    .to(device_);
     auto td = t.to(device_);
     auto a = a_.index_select(0, td).view({B, 1, 1, 1}), s = s_.index_select(0, td).view({B, 1, 1, 1});
-    auto x_t = a * x0 + s * eps;
+    auto x_t = add_noise(x0, eps, a, s);
     torch::Tensor labels;
     if (null_class_ >= 0) {
       auto drop = shard.rows(torch::rand({shard.global}, gen) < o_.label_dropout).to(device_);
@@ -1114,7 +1115,7 @@ class ClassifierTask : public Task {
     auto t = shard.rows(torch::randint(0, schedule_.T(), {shard.global}, gen, torch::kInt64));
     auto eps = shard.rows(torch::randn(shard.global_shape(x0.sizes()), gen, torch::kFloat32)).to(device_);
     auto td = t.to(device_);
-    auto x_t = a_.index_select(0, td).view({B, 1, 1, 1}) * x0 + s_.index_select(0, td).view({B, 1, 1, 1}) * eps;
+    auto x_t = add_noise(x0, eps, a_.index_select(0, td), s_.index_select(0, td));
     auto logits = model_->forward(x_t, td.to(torch::kFloat32)).to(torch::kFloat32);
     return {torch::nn::functional::cross_entropy(
                 logits, batch.labels, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone)),
@@ -1243,7 +1244,7 @@ std::vector<AccuracyRow> noisy_accuracy(NoisyClassifier& model, const Schedule& 
       auto x0 = data.images.narrow(0, i, b);
       auto t = torch::randint(lo, hi, {b}, gen, torch::kInt64);
       auto eps = torch::randn(x0.sizes(), gen, torch::kFloat32);
-      auto x_t = a.index_select(0, t).view({b, 1, 1, 1}) * x0 + s.index_select(0, t).view({b, 1, 1, 1}) * eps;
+      auto x_t = add_noise(x0, eps, a.index_select(0, t), s.index_select(0, t));
       auto pred = model->forward(x_t.to(device), t.to(torch::kFloat32).to(device)).argmax(1).cpu();
       correct += (pred == data.labels.narrow(0, i, b)).sum().item<int64_t>();
     }

@@ -1,4 +1,5 @@
 #include "diffuse/unet.h"
+#include "diffuse/model_folder.h"
 
 #include <set>
 #include <stdexcept>

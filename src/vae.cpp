@@ -9,8 +9,9 @@
 #include <torch/torch.h>
 
 #include "config_json.h"
+#include "diffuse/model_folder.h"
 #include "diffuse/safetensors.h"
-#include "diffuse/sampling.h"
+#include "diffuse/noise.h"
 
 namespace diffuse {
 

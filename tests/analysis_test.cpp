@@ -6,6 +6,7 @@
 #include <filesystem>
 
 #include "cli_util.h"
+#include "diffuse/files.h"
 #include "diffuse/analysis.h"
 #include "diffuse/image_io.h"
 #include "diffuse/sampling.h"

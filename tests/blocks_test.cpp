@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include "diffuse/attention.h"
 #include "diffuse/blocks.h"
 
 using namespace diffuse;

@@ -4,6 +4,7 @@
 
 #include <torch/torch.h>
 
+#include "diffuse/model_folder.h"
 #include "diffuse/classifier.h"
 #include "diffuse/safetensors.h"
 #include "diffuse/scheduler_config.h"

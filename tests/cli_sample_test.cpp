@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "cli_util.h"
+#include "diffuse/files.h"
 #include "diffuse/safetensors.h"
 #include "diffuse/scheduler_config.h"
 #include <torch/torch.h>

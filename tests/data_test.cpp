@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "diffuse/files.h"
 #include "diffuse/data.h"
 #include "diffuse/image_io.h"
 #include "diffuse/scheduler_config.h"

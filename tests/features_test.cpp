@@ -6,6 +6,8 @@
 #include <fstream>
 
 #include "cli_util.h"
+#include "diffuse/model_folder.h"
+#include "diffuse/files.h"
 #include "diffuse/blocks.h"
 #include "diffuse/features.h"
 #include "diffuse/image_io.h"

@@ -11,6 +11,7 @@
 
 #include <torch/torch.h>
 
+#include "diffuse/files.h"
 #include "diffuse/data.h"
 #include "diffuse/safetensors.h"
 #include "diffuse/sampling.h"

@@ -6,6 +6,7 @@
 
 #include <torch/torch.h>
 
+#include "diffuse/files.h"
 #include "diffuse/safetensors.h"
 #include "diffuse/scheduler_config.h"
 #include "test_util.h"

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <set>
 
+#include "diffuse/files.h"
 #include "diffuse/safetensors.h"
 #include "diffuse/sampling.h"
 #include "diffuse/scheduler_config.h"

@@ -4,6 +4,7 @@
 #include <fstream>
 
 #include "cli_util.h"
+#include "diffuse/files.h"
 #include "diffuse/scheduler_config.h"
 #include <torch/torch.h>
 

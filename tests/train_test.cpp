@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "diffuse/files.h"
 #include "diffuse/data.h"
 #include "diffuse/runtime.h"
 #include "diffuse/safetensors.h"

@@ -5,6 +5,8 @@
 
 #include <torch/torch.h>
 
+#include "diffuse/model_folder.h"
+#include "diffuse/files.h"
 #include "diffuse/safetensors.h"
 #include "diffuse/scheduler_config.h"
 #include "diffuse/unet.h"

@@ -9,6 +9,8 @@
 
 #include <torch/torch.h>
 
+#include "diffuse/model_folder.h"
+#include "diffuse/files.h"
 #include "diffuse/safetensors.h"
 #include "diffuse/data.h"
 #include "diffuse/scheduler_config.h"

@@ -1,9 +1,7 @@
 // The building blocks of diffusers' UNet2DModel (diffusers 0.25: embeddings.py, resnet.py,
-// attention_processor.py, unet_2d_blocks.py), with diffusers' submodule names so state dicts interoperate,
-// and the model-folder I/O shared by every network (config.json + diffusion_pytorch_model.safetensors).
+// attention_processor.py, unet_2d_blocks.py), with diffusers' submodule names so state dicts interoperate.
 #pragma once
 
-#include <nlohmann/json.hpp>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/conv.h>
@@ -87,17 +85,6 @@ class SpatialAttentionImpl : public torch::nn::Module {
 };
 TORCH_MODULE(SpatialAttention);
 
-/// Multi-head scaled dot-product attention (Vaswani et al. 2017) on q [N, Lq, heads * d], k and v
-/// [N, Lk, heads * d]: softmax(Q K^T * scale) V per head, returned as [N, Lq, heads * d].
-/// float32 CPU tensors take a fused kernel (one pass per query row, scores never materialised for the batch,
-/// its own backward as in FlashAttention, Dao et al. 2022); other devices and dtypes take
-/// multi_head_attention_reference.
-torch::Tensor multi_head_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                   int64_t heads, double scale);
-/// The same with batched matrix products, in chunks of the batch so that the score matrices stay in cache.
-torch::Tensor multi_head_attention_reference(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                             int64_t heads, double scale);
-
 /// diffusers Downsample2D (use_conv): a 3x3 stride-2 conv; padding 0 pads right and bottom by one first.
 class Downsample2DImpl : public torch::nn::Module {
  public:
@@ -170,55 +157,5 @@ class MidBlockImpl : public torch::nn::Module {
   torch::nn::ModuleList resnets, attentions;
 };
 TORCH_MODULE(MidBlock);
-
-/// The parameters and buffers of a module under their dotted names (diffusers' state-dict names).
-std::map<std::string, torch::Tensor> state_dict(torch::nn::Module& m);
-
-/// Copies `tensors` into m's parameters and buffers (converting dtype and device). Throws
-/// std::runtime_error naming `source` and listing missing, unexpected and mis-shaped entries.
-void load_state_dict(torch::nn::Module& m, const std::map<std::string, torch::Tensor>& tensors,
-                     const std::string& source);
-
-/// A diffusers model folder: config.json + diffusion_pytorch_model.safetensors.
-constexpr const char* kConfigFile = "config.json";
-constexpr const char* kWeightsFile = "diffusion_pytorch_model.safetensors";
-/// Reads `folder`/config.json; the error names the file and what to pass instead.
-nlohmann::json read_model_config(const std::string& folder);
-/// Loads `folder`/diffusion_pytorch_model.safetensors into m (see load_state_dict).
-void read_model_weights(torch::nn::Module& m, const std::string& folder);
-/// Creates `folder` if needed and writes the weights (float32) then config.json, each atomically.
-void write_model_folder(torch::nn::Module& m, const nlohmann::json& config, const std::string& folder);
-
-/// What a model folder must be: config.json's `_class_name` (`required`: diffusers' own files may lack it),
-/// what errors call it (with its article), and what to pass or do instead.
-struct ModelKind {
-  std::string class_name, what, hint;
-  bool required = false;
-};
-/// Throws std::runtime_error naming `path` when `config` names another class (or none, when required).
-void check_model_kind(const nlohmann::json& config, const std::string& path, const ModelKind& kind);
-
-/// Loads a model folder: config.json checked against `kind`, parsed and validated as Config (errors name the
-/// file), the module built from it, its weights read (read_model_weights), moved to `device`.
-template <class Module, class Config>
-Module load_model_folder(const std::string& folder, torch::Device device, const ModelKind& kind) {
-  auto json = read_model_config(folder);
-  const std::string path = folder + "/" + kConfigFile;
-  check_model_kind(json, path, kind);
-  Config config;
-  try {
-    config = Config::from_json(json);
-    config.validate();
-  } catch (const std::invalid_argument& e) {
-    throw std::runtime_error("'" + path + "': " + e.what());
-  }
-  Module model(config);
-  read_model_weights(*model, folder);
-  model->to(device);
-  return model;
-}
-
-/// Number of scalar parameters of a module.
-int64_t parameter_count(torch::nn::Module& m);
 
 }  // namespace diffuse

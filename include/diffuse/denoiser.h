@@ -15,9 +15,9 @@
 #include <cstdint>
 #include <functional>
 
+#include "diffuse/etsdm.h"
 #include "diffuse/prediction.h"
 #include "diffuse/schedule.h"
-#include "diffuse/scheduler_config.h"
 
 namespace diffuse {
 
@@ -26,6 +26,11 @@ namespace diffuse {
 /// unconditional model. Returns a tensor shaped like x.
 using Network = std::function<torch::Tensor(const torch::Tensor& x, const torch::Tensor& t_condition,
                                             const torch::Tensor& labels)>;
+
+/// net(x_t, etsdm.condition(t), labels) for a batch at one timestep t (labels moved to x_t's device, or
+/// undefined), its output's shape checked against x_t's: the one place the network is conditioned.
+torch::Tensor call_network(const Network& net, const EtsdmConfig& etsdm, const torch::Tensor& x_t, int64_t t,
+                           const torch::Tensor& labels);
 
 /// A denoiser's answer at x_t. The pair is consistent: x_t = a_t x0 + s_t eps (to rounding).
 struct Estimate {

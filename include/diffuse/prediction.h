@@ -20,6 +20,12 @@ Prediction parse_prediction(const std::string& name);
 std::string to_string(Prediction p);        ///< eps, v, x0
 std::string diffusers_name(Prediction p);   ///< epsilon, v_prediction, sample
 
+/// The forward process x_t = a x0 + s eps: with one (a, s) for the batch, or with per-example a and s [N]
+/// (broadcast over the other axes of x0). The one place diffuse noises data (training, analyses).
+torch::Tensor add_noise(const torch::Tensor& x0, const torch::Tensor& eps, double a, double s);
+torch::Tensor add_noise(const torch::Tensor& x0, const torch::Tensor& eps, const torch::Tensor& a,
+                        const torch::Tensor& s);
+
 /// The training target of a prediction type for a given clean sample and noise.
 torch::Tensor target(Prediction p, const torch::Tensor& x0, const torch::Tensor& eps, const torch::Tensor& a,
                      const torch::Tensor& s);

@@ -8,23 +8,11 @@
 #include <string>
 #include <vector>
 
+#include "diffuse/etsdm.h"
 #include "diffuse/prediction.h"
 #include "diffuse/schedule.h"
 
 namespace diffuse {
-
-/// E-TSDM (Yang et al., ICLR 2024, "Lipschitz singularities in diffusion models"): the network's
-/// timestep condition is f(t) = the largest interval edge <= t on [0, t_tilde) split in n equal
-/// intervals, and f(t) = t from t_tilde on. n = 0 disables it.
-struct EtsdmConfig {
-  int64_t t_tilde = 0;
-  int64_t n = 0;
-  bool enabled() const { return n > 0 && t_tilde > 0; }
-  /// The network's timestep condition f(t) for true timesteps t (any device, integer or float):
-  /// edges t_i = i * t_tilde / n; f(t) = max{t_i <= t} for t < t_tilde, f(t) = t otherwise.
-  /// Returns float32 (edges may be fractional when n does not divide t_tilde); identity when disabled.
-  torch::Tensor condition(const torch::Tensor& t) const;
-};
 
 struct SchedulerConfig {
   int64_t num_train_timesteps = 1000;
@@ -54,12 +42,5 @@ struct SchedulerConfig {
   /// Atomic: writes path + ".tmp" and renames it over path.
   void save(const std::string& path) const;
 };
-
-/// Reads a whole file; throws std::runtime_error("cannot read '<path>': <reason>").
-std::string read_file(const std::string& path);
-/// Writes through a temporary file and a rename, so a reader never sees half a file.
-void write_file_atomic(const std::string& path, const std::string& contents);
-/// Parses JSON from a file with an error that names the file and the position.
-nlohmann::json load_json(const std::string& path);
 
 }  // namespace diffuse

@@ -5,15 +5,16 @@
 #include <sstream>
 
 #include "commands.h"
+#include "diffuse/files.h"
 #include "diffuse/analysis.h"
 #include "diffuse/data.h"
 #include "diffuse/features.h"
+#include "diffuse/pipeline.h"
 #include "diffuse/plot.h"
 #include "diffuse/runtime.h"
 #include "diffuse/train.h"
 #include "diffuse/unet.h"
 #include "diffuse/vae.h"
-#include "model_files.h"
 #include <torch/torch.h>
 
 namespace fs = std::filesystem;
@@ -108,19 +109,15 @@ LoadedModel load_model(const ModelCli& o) {
   auto device = parse_device(o.device);
   if (o.n < 1) throw std::invalid_argument("--n must be >= 1, got " + std::to_string(o.n));
   LoadedModel m;
-  auto folder = unet_folder(o.model, o.weights);
-  m.config = SchedulerConfig::load(scheduler_file(o.model, o.scheduler));
-  m.unet = load_unet(folder, device);
-  m.unet->eval();
+  LoadOptions lo;
+  lo.weights = o.weights;
+  lo.scheduler_file = o.scheduler;
+  lo.device = device;
+  auto run = load_run(o.model, lo);  // a latent run's vae/ too: the analyses run in the model's own space
+  m.unet = run.unet;
+  m.config = run.scheduler;
   const auto& uc = m.unet->config();
-  AutoencoderKL vae{nullptr};
-  if (const auto vae_dir = fs::path(o.model) / "vae"; fs::exists(vae_dir / "config.json")) {
-    vae = load_vae(vae_dir.string(), device);
-    vae->eval();
-    if (vae->config().latent_channels != uc.in_channels)
-      throw std::invalid_argument("'" + vae_dir.string() + "' makes " + std::to_string(vae->config().latent_channels) +
-                                  "-channel latents but the UNet takes " + std::to_string(uc.in_channels) + " channels");
-  }
+  AutoencoderKL vae = run.vae;
   DataSpec spec;
   bool from_run = false;
   if (!o.data.empty()) {
@@ -156,10 +153,7 @@ LoadedModel load_model(const ModelCli& o) {
                                       : torch::full({n}, embeds - 1, torch::kLong);  // the null class
     m.labels = m.labels.to(device);
   }
-  auto unet = m.unet;
-  m.net = [unet](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& y) mutable {
-    return unet->forward(x, t, y);
-  };
+  m.net = run.network();
   return m;
 }
 

@@ -8,10 +8,11 @@
 #include <sstream>
 
 #include "commands.h"
+#include "diffuse/model_folder.h"
+#include "diffuse/files.h"
 #include "diffuse/blocks.h"
 #include "diffuse/features.h"
 #include "diffuse/runtime.h"
-#include "diffuse/scheduler_config.h"
 #include <torch/torch.h>
 
 namespace fs = std::filesystem;

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "commands.h"
+#include "diffuse/files.h"
 #include "diffuse/plot.h"
 #include "diffuse/schedule.h"
 #include "diffuse/scheduler_config.h"

@@ -7,9 +7,10 @@
 #include <sstream>
 
 #include "commands.h"
+#include "diffuse/model_folder.h"
+#include "diffuse/files.h"
 #include "diffuse/distributed.h"
 #include "diffuse/runtime.h"
-#include "diffuse/scheduler_config.h"
 #include "diffuse/train.h"
 #include "diffuse/vae.h"
 

@@ -1,0 +1,128 @@
+// The library's generation pipeline (diffuse/pipeline.h): the same images as the samplers driven by hand, and
+// as `diffuse sample`; the model folder's layouts.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "cli_util.h"
+#include "diffuse/image_io.h"
+#include "diffuse/pipeline.h"
+#include "diffuse/safetensors.h"
+#include "test_util.h"
+#include <torch/torch.h>
+
+using namespace diffuse;
+using diffuse::testing::fixture;
+namespace fs = std::filesystem;
+
+namespace {
+LoadedRun fixture_run() {
+  LoadOptions lo;
+  lo.scheduler_file = fixture("scheduler/fixed_scheduler_config.json");
+  lo.vae = "none";  // the fixture folder's vae/ belongs to another model
+  return load_run(fixture("diffusers/unet"), lo);
+}
+}  // namespace
+
+// generate() is make_noise by image index -> CFG network -> denoiser -> sampler, batch by batch: the same
+// numbers as those parts called by hand, whatever the batch size.
+TEST(Pipeline, GenerateEqualsThePartsByHandForAnyBatchSize) {
+  auto run = fixture_run();
+  GenerateOptions g;
+  g.sampler = "dpmpp_2m";
+  g.steps = 4;
+  g.n = 3;
+  g.cfg = 3;
+  g.cfg_rescale = 0.7;
+  g.seed = 5;
+  g.batch = 2;
+  int64_t calls = 0, last_total = 0;
+  g.progress = [&](const GenerateProgress& p) {
+    ++calls;
+    last_total = p.total;
+    EXPECT_EQ(p.done, calls);
+  };
+  auto a = generate(run, g);
+  EXPECT_EQ(calls, 8);  // 2 batches x 4 steps
+  EXPECT_EQ(last_total, 8);
+  g.batch = 3;
+  g.progress = nullptr;
+  auto b = generate(run, g);
+  EXPECT_LT((a.images - b.images).abs().max().item<double>(), 1e-5);
+  EXPECT_EQ(a.labels, (std::vector<int64_t>{0, 1, 2}));
+
+  torch::NoGradGuard ng;
+  const auto& s = run.scheduler;
+  auto net = classifier_free_guidance(run.network(), {3.0, 0.7, run.class_embeds - 1});
+  auto d = make_denoiser(net, s.prediction_type, s.schedule(), s.etsdm, torch::tensor({0, 1, 2}, torch::kLong));
+  SamplerOptions so;
+  so.set_alpha_to_one = s.set_alpha_to_one;
+  so.seed = 5;
+  auto ts = spaced_timesteps(s.schedule().T(), 4, s.timestep_spacing,
+                             s.timestep_spacing == Spacing::leading ? s.steps_offset : 0);
+  EXPECT_EQ(b.timesteps, ts);
+  auto by_hand = sample_dpmpp_2m(d, ts, make_noise({run.channels, run.height, run.width}, 3, 5, 0), so);
+  EXPECT_TRUE(torch::equal(b.images, by_hand));
+}
+
+// The CLI is the pipeline plus files: its raw output equals generate()'s.
+TEST(Pipeline, SampleCommandWritesWhatGenerateReturns) {
+  diffuse::testing::TempDir dir;
+  auto r = diffuse::testing::run_cli("sample --model " + fixture("diffusers/unet") + " --scheduler " +
+                                     fixture("scheduler/fixed_scheduler_config.json") +
+                                     " --vae none --sampler ddim --steps 3 --n 2 --seed 9 --quiet --out " +
+                                     (dir / "s") + " --save-raw " + (dir / "raw.safetensors"));
+  ASSERT_EQ(r.code, 0) << r.output;
+  GenerateOptions g;
+  g.steps = 3;
+  g.n = 2;
+  g.seed = 9;
+  auto out = generate(fixture_run(), g);
+  EXPECT_TRUE(torch::equal(load_safetensors((dir / "raw.safetensors")).at("sample"), out.images));
+}
+
+// The documented example program loads a model folder and writes a grid.
+TEST(Pipeline, ExampleProgramWritesAGrid) {
+  diffuse::testing::TempDir dir;
+  fs::create_directories(dir / "model");
+  fs::copy(fixture("diffusers/unet"), dir / "model", fs::copy_options::recursive);
+  fs::copy_file(fixture("scheduler/fixed_scheduler_config.json"), dir / "model/scheduler_config.json");
+  const std::string png = (dir / "grid.png");
+  auto code = std::system((std::string(DIFFUSE_EXAMPLE_GENERATE_GRID) + " " + (dir / "model") + " " + png +
+                           " > /dev/null 2>&1").c_str());
+  EXPECT_EQ(code, 0);
+  EXPECT_GT(fs::file_size(png), 100u);
+}
+
+TEST(Pipeline, ModelFolderLayouts) {
+  diffuse::testing::TempDir dir;
+  auto touch = [](const fs::path& p) {
+    fs::create_directories(p.parent_path());
+    std::ofstream(p) << "{}";
+  };
+  // A diffuse run: EMA preferred, raw on request; scheduler/ and vae/ inside.
+  touch(dir / "run/unet/config.json");
+  touch(dir / "run/unet_ema/config.json");
+  touch(dir / "run/scheduler/scheduler_config.json");
+  ModelFolder run(dir / "run");
+  EXPECT_EQ(run.unet(), (dir / "run/unet_ema"));
+  EXPECT_EQ(run.unet("raw"), (dir / "run/unet"));
+  EXPECT_EQ(run.scheduler_config(), (dir / "run/scheduler/scheduler_config.json"));
+  EXPECT_EQ(run.vae(), "");
+  touch(dir / "run/vae/config.json");
+  EXPECT_EQ(run.vae(), (dir / "run/vae"));
+  diffuse::testing::expect_error([&] { run.unet("best"); }, "not one of auto, ema, raw");
+  // A diffusers pipeline's unet/: the scheduler and the VAE are its siblings, the VAE only with model_index.json.
+  touch(dir / "pipe/unet/config.json");
+  touch(dir / "pipe/scheduler/scheduler_config.json");
+  touch(dir / "pipe/vae/config.json");
+  ModelFolder unet(dir / "pipe/unet");
+  EXPECT_EQ(unet.unet(), (dir / "pipe/unet"));
+  EXPECT_EQ(unet.scheduler_config(), (dir / "pipe/scheduler/scheduler_config.json"));
+  EXPECT_EQ(unet.vae(), "");
+  touch(dir / "pipe/model_index.json");
+  EXPECT_EQ(unet.vae(), (dir / "pipe/vae"));
+  diffuse::testing::expect_error([&] { ModelFolder(dir / "nothing").unet(); }, "does not exist");
+  diffuse::testing::expect_error([&] { ModelFolder(dir / "run/vae").scheduler_config(); }, "no scheduler_config.json");
+}

@@ -138,9 +138,10 @@ Denoiser batch_denoiser(const LoadedRun& run, const GenerateOptions& o, const Ne
 }
 
 torch::Tensor decode(const LoadedRun& run, const torch::Tensor& latents, int64_t batch) {
+  auto vae = run.vae;  // a handle: decode_scaled is not const
   std::vector<torch::Tensor> decoded;
   for (int64_t i = 0; i < latents.size(0); i += batch)
-    decoded.push_back(run.vae->decode_scaled(latents.narrow(0, i, std::min(batch, latents.size(0) - i)).to(run.device))
+    decoded.push_back(vae->decode_scaled(latents.narrow(0, i, std::min(batch, latents.size(0) - i)).to(run.device))
                           .to(torch::kCPU, torch::kFloat32));
   return torch::cat(decoded);
 }

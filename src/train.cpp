@@ -243,7 +243,6 @@ class ClassifierTask : public Task {
 
   std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, const Shard& shard, at::Generator& gen) override {
     const auto& x0 = batch.images;
-    int64_t B = x0.size(0);
     auto t = shard.rows(torch::randint(0, schedule_.T(), {shard.global}, gen, torch::kInt64));
     auto eps = shard.rows(torch::randn(shard.global_shape(x0.sizes()), gen, torch::kFloat32)).to(device_);
     auto td = t.to(device_);

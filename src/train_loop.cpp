@@ -347,7 +347,7 @@ struct StepOutcome {
 
 // One optimisation step on this rank's rows of global batch `step`: loss, backward, gradient averaging and
 // clipping, AdamW, EMA. `nonfinite` is called (and must throw) before a NaN loss or gradient is applied.
-StepOutcome train_step(Session& s, Task& task, const LoopOptions& o, const Dataset& data, const BatchSampler& sampler,
+StepOutcome train_step(Session& s, Task& task, const LoopOptions& o, const Dataset& data, BatchSampler& sampler,
                        GradientAverager& averager, const std::vector<torch::Tensor>& params, int64_t step,
                        const std::function<void(const std::string&)>& nonfinite) {
   const double lr = lr_at(o, step);

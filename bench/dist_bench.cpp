@@ -90,7 +90,7 @@ int worker(const Config& c, int threads, const std::string& result) {
   std::vector<double> stamps;
   auto t0 = std::chrono::steady_clock::now();
   diffuse::TrainHooks hooks;
-  hooks.on_step = [&](const diffuse::StepInfo&) {
+  hooks.on_step = [&](const diffuse::TrainStepInfo&) {
     stamps.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   };
   const double allreduce_ms = gradient_allreduce_ms(o.unet);

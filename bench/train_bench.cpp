@@ -92,7 +92,7 @@ int main(int argc, char** argv) {
   }
   std::vector<double> stamps;
   diffuse::TrainHooks hooks;
-  hooks.on_step = [&](const diffuse::StepInfo&) { stamps.push_back(seconds_since(t0)); };
+  hooks.on_step = [&](const diffuse::TrainStepInfo&) { stamps.push_back(seconds_since(t0)); };
   t0 = Clock::now();
   diffuse::train(o, data, hooks);
   std::filesystem::remove_all(o.loop.out);

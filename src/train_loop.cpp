@@ -455,7 +455,7 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
     result.step = done;
     result.last_loss = out.loss;
     if (done % o.checkpoint_every == 0 || done == o.steps) checkpoint(done);
-    if (hooks.on_step) hooks.on_step(StepInfo{done, out.loss, lr, ips});
+    if (hooks.on_step) hooks.on_step(TrainStepInfo{done, out.loss, lr, ips});
     if (int sig = agreed_stop_signal(*s.dist)) {
       if (last_checkpoint != done) checkpoint(done);
       result.interrupted = true;

@@ -265,7 +265,7 @@ TEST(Train, ResumeEqualsUninterruptedBitForBit) {
   EXPECT_EQ(straight.step, 8);
 
   TrainHooks stop_at_4;
-  stop_at_4.on_step = [](const StepInfo& s) {
+  stop_at_4.on_step = [](const TrainStepInfo& s) {
     if (s.step == 4) std::raise(SIGINT);
   };
   auto first = train(make(dir / "b"), shapes16(), stop_at_4);

@@ -410,7 +410,7 @@ TEST(VaeTrain, ResumeEqualsUninterruptedBitForBit) {
   };
   train_vae(make(dir / "a"), shapes16(), {});
   TrainHooks stop_at_3;
-  stop_at_3.on_step = [](const StepInfo& s) {
+  stop_at_3.on_step = [](const TrainStepInfo& s) {
     if (s.step == 3) std::raise(SIGINT);
   };
   auto first = train_vae(make(dir / "b"), shapes16(), {}, nullptr, stop_at_3);

@@ -170,7 +170,8 @@ struct RankZeroFailed : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-struct StepInfo {
+/// What TrainHooks::on_step sees after each training step (StepInfo in sampling.h is a sampler step).
+struct TrainStepInfo {
   int64_t step = 0;        ///< steps completed
   double loss = 0;
   double lr = 0;
@@ -190,7 +191,7 @@ struct TrainResult {
 
 struct TrainHooks {
   /// Called after each optimizer step (after any checkpoint of that step).
-  std::function<void(const StepInfo&)> on_step;
+  std::function<void(const TrainStepInfo&)> on_step;
 };
 
 /// Trains a UNet on `data` (already fitted to the model: see load_dataset). Creates loop.out (refusing an

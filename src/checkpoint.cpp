@@ -38,6 +38,12 @@ void swap_in_checkpoint(const fs::path& run) {
 }  // namespace detail
 
 namespace {
+bool is_resumable(const std::string& key) {
+  for (const auto& r : resumable_options())
+    if (r.key == key) return true;
+  return false;
+}
+
 std::string join_keys(const std::vector<std::string>& keys) {
   std::string s;
   for (const auto& k : keys) s += (s.empty() ? "" : ", ") + k;
@@ -53,7 +59,7 @@ void diff_json(const nlohmann::json& a, const nlohmann::json& b, const std::stri
     for (auto it = b.begin(); it != b.end(); ++it)
       if (!a.contains(it.key())) keys.push_back(it.key());
     for (const auto& k : keys) {
-      if (prefix == "loop." && std::count(detail::resumable_keys().begin(), detail::resumable_keys().end(), k)) continue;
+      if (prefix == "loop." && is_resumable(k)) continue;
       diff_json(a.value(k, nlohmann::json()), b.value(k, nlohmann::json()), prefix + k + ".", out);
     }
   } else if (a != b) {

@@ -39,25 +39,33 @@ void NoisyClassifierConfig::validate() const {
   as_unet_config(*this).validate();
 }
 
+namespace {
+// Every key of NoisyClassifierConfig, once: read by from_json, written by to_json.
+template <class Config, class F>
+void classifier_fields(Config& c, F&& f) {
+  f("sample_size", c.sample_size);
+  f("in_channels", c.in_channels);
+  f("num_classes", c.num_classes);
+  f("down_block_types", c.down_block_types);
+  f("block_out_channels", c.block_out_channels);
+  f("layers_per_block", c.layers_per_block);
+  f("attention_head_dim", c.attention_head_dim);
+  f("norm_num_groups", c.norm_num_groups);
+  f("norm_eps", c.norm_eps);
+  f("resnet_time_scale_shift", c.resnet_time_scale_shift);
+  f("dropout", c.dropout);
+  f("downsample_padding", c.downsample_padding);
+  f("flip_sin_to_cos", c.flip_sin_to_cos);
+  f("freq_shift", c.freq_shift, json_config::Style::integral);
+  f("add_attention", c.add_attention);
+}
+}  // namespace
+
 NoisyClassifierConfig NoisyClassifierConfig::from_json(const nlohmann::json& j) {
   if (!j.is_object()) throw std::invalid_argument("a classifier config must be a JSON object, got " + j.dump());
   NoisyClassifierConfig c;
   json_config::Reader r(j);
-  r("sample_size", c.sample_size);
-  r("in_channels", c.in_channels);
-  r("num_classes", c.num_classes);
-  r("down_block_types", c.down_block_types);
-  r("block_out_channels", c.block_out_channels);
-  r("layers_per_block", c.layers_per_block);
-  r("attention_head_dim", c.attention_head_dim);
-  r("norm_num_groups", c.norm_num_groups);
-  r("norm_eps", c.norm_eps);
-  r("resnet_time_scale_shift", c.resnet_time_scale_shift);
-  r("dropout", c.dropout);
-  r("downsample_padding", c.downsample_padding);
-  r("flip_sin_to_cos", c.flip_sin_to_cos);
-  r("freq_shift", c.freq_shift);
-  r("add_attention", c.add_attention);
+  classifier_fields(c, r);
   c.extra = r.unread();
   return c;
 }
@@ -65,21 +73,8 @@ NoisyClassifierConfig NoisyClassifierConfig::from_json(const nlohmann::json& j) 
 nlohmann::json NoisyClassifierConfig::to_json() const {
   nlohmann::json j = extra;
   j["_class_name"] = kClassName;
-  j["sample_size"] = json_config::optional(sample_size);
-  j["in_channels"] = in_channels;
-  j["num_classes"] = num_classes;
-  j["down_block_types"] = down_block_types;
-  j["block_out_channels"] = block_out_channels;
-  j["layers_per_block"] = layers_per_block;
-  j["attention_head_dim"] = json_config::optional(attention_head_dim);
-  j["norm_num_groups"] = norm_num_groups;
-  j["norm_eps"] = norm_eps;
-  j["resnet_time_scale_shift"] = resnet_time_scale_shift;
-  j["dropout"] = dropout;
-  j["downsample_padding"] = downsample_padding;
-  j["flip_sin_to_cos"] = flip_sin_to_cos;
-  j["freq_shift"] = json_config::number(freq_shift);
-  j["add_attention"] = add_attention;
+  json_config::Writer w(j);
+  classifier_fields(*this, w);
   return j;
 }
 

@@ -86,11 +86,18 @@ void convert(const std::string& key, const nlohmann::json& v, std::optional<T>& 
 }
 
 /// Reads keys of a JSON object into typed fields and remembers which keys it read.
+/// How a field is written: as it is; a double as an integer when it is integral (as diffusers writes them);
+/// an empty optional left out instead of written as null.
+enum class Style { plain, integral, omit_empty };
+
+/// Reads the fields of a config: each key present is converted (errors name the key); unread() keeps the
+/// others. Fields are listed once per config type, by a function that calls f(key, field[, style]) for each,
+/// and that list drives both Reader and Writer.
 class Reader {
  public:
   explicit Reader(const nlohmann::json& j) : j_(j) {}
   template <class T>
-  void operator()(const std::string& key, T& out) {
+  void operator()(const std::string& key, T& out, Style = Style::plain) {
     read_.insert(key);
     if (j_.contains(key)) convert(key, j_.at(key), out);
   }
@@ -116,6 +123,26 @@ template <class T>
 nlohmann::json optional(const std::optional<T>& v) {
   return v ? nlohmann::json(*v) : nlohmann::json(nullptr);
 }
+
+/// Writes the fields of a config into a JSON object (see Reader and Style).
+class Writer {
+ public:
+  explicit Writer(nlohmann::json& j) : j_(j) {}
+  template <class T>
+  void operator()(const std::string& key, const T& value, Style = Style::plain) {
+    j_[key] = value;
+  }
+  void operator()(const std::string& key, const double& value, Style style = Style::plain) {
+    j_[key] = style == Style::integral ? number(value) : nlohmann::json(value);
+  }
+  template <class T>
+  void operator()(const std::string& key, const std::optional<T>& value, Style style = Style::plain) {
+    if (value || style != Style::omit_empty) j_[key] = optional(value);
+  }
+
+ private:
+  nlohmann::json& j_;
+};
 
 /// The options every block of a network shares, from config values.
 inline BlockOptions block_options(int64_t temb_channels, int64_t groups, double eps, double dropout,

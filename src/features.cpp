@@ -39,24 +39,32 @@ void FeatureNetConfig::validate() const {
   if (dropout < 0 || dropout >= 1) bad("dropout must lie in [0, 1)");
 }
 
+namespace {
+// Every key of FeatureNetConfig, once: read by from_json, written by to_json.
+template <class Config, class F>
+void feature_net_fields(Config& c, F&& f) {
+  f("in_channels", c.in_channels);
+  f("sample_size", c.sample_size);
+  f("num_classes", c.num_classes);
+  f("block_out_channels", c.block_out_channels);
+  f("feature_dim", c.feature_dim);
+  f("dropout", c.dropout);
+}
+}  // namespace
+
 FeatureNetConfig FeatureNetConfig::from_json(const nlohmann::json& j) {
   if (!j.is_object()) throw std::invalid_argument("a feature net config must be a JSON object, got " + j.dump());
   FeatureNetConfig c;
   json_config::Reader r(j);
-  r("in_channels", c.in_channels);
-  r("sample_size", c.sample_size);
-  r("num_classes", c.num_classes);
-  r("block_out_channels", c.block_out_channels);
-  r("feature_dim", c.feature_dim);
-  r("dropout", c.dropout);
+  feature_net_fields(c, r);
   return c;
 }
 
 nlohmann::json FeatureNetConfig::to_json() const {
-  return {{"_class_name", kClassName},   {"in_channels", in_channels},
-          {"sample_size", sample_size},  {"num_classes", num_classes},
-          {"block_out_channels", block_out_channels}, {"feature_dim", feature_dim},
-          {"dropout", dropout}};
+  nlohmann::json j = {{"_class_name", kClassName}};
+  json_config::Writer w(j);
+  feature_net_fields(*this, w);
+  return j;
 }
 
 // ---------------------------------------------------------------- network

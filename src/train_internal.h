@@ -51,9 +51,6 @@ class Task {
   virtual int64_t T() const = 0;
 };
 
-/// The loop options that may change on --resume (every other option must equal run.json's).
-const std::vector<std::string>& resumable_keys();
-
 /// Moves every component of a finished RUN/.checkpoint-new into RUN. Idempotent: a crash at any point
 /// leaves either the old or the new version of each component, and running it again completes the swap.
 void swap_in_checkpoint(const fs::path& run);

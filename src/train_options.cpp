@@ -200,13 +200,24 @@ VaeTrainOptions VaeTrainOptions::from_json(const nlohmann::json& j) {
   return o;
 }
 
-namespace detail {
-const std::vector<std::string>& resumable_keys() {
-  static const std::vector<std::string> keys = {"steps", "out", "resume", "overwrite", "device", "bf16",
-                                                "checkpoint_every", "log_every", "progress", "threads",
-                                                "dist_timeout"};
-  return keys;
+const std::vector<ResumableOption>& resumable_options() {
+  // out, resume, overwrite and progress describe this invocation, not the run; the others leave the weights
+  // and the data order alone.
+  static const std::vector<ResumableOption> table = {
+      {"out", "--out", [](LoopOptions& s, const LoopOptions& g) { s.out = g.out; }},
+      {"resume", "--resume", [](LoopOptions& s, const LoopOptions&) { s.resume = true; }},
+      {"overwrite", "", [](LoopOptions& s, const LoopOptions&) { s.overwrite = false; }},
+      {"progress", "--quiet", [](LoopOptions& s, const LoopOptions& g) { s.progress = g.progress; }},
+      {"steps", "--steps", [](LoopOptions& s, const LoopOptions& g) { s.steps = g.steps; }},
+      {"device", "--device", [](LoopOptions& s, const LoopOptions& g) { s.device = g.device; }},
+      {"bf16", "--bf16", [](LoopOptions& s, const LoopOptions& g) { s.bf16 = g.bf16; }},
+      {"checkpoint_every", "--checkpoint-every",
+       [](LoopOptions& s, const LoopOptions& g) { s.checkpoint_every = g.checkpoint_every; }},
+      {"log_every", "--log-every", [](LoopOptions& s, const LoopOptions& g) { s.log_every = g.log_every; }},
+      {"threads", "--threads", [](LoopOptions& s, const LoopOptions& g) { s.threads = g.threads; }},
+      {"dist_timeout", "--dist-timeout", [](LoopOptions& s, const LoopOptions& g) { s.dist_timeout = g.dist_timeout; }},
+  };
+  return table;
 }
-}  // namespace detail
 
 }  // namespace diffuse

@@ -47,73 +47,54 @@ void UNetConfig::validate() const {
            "null or a divisor of the last block_out_channels entry");
 }
 
+namespace {
+// Every key of UNetConfig, once: read by from_json, written by to_json.
+template <class Config, class F>
+void unet_fields(Config& c, F&& f) {
+  f("sample_size", c.sample_size);
+  f("in_channels", c.in_channels);
+  f("out_channels", c.out_channels);
+  f("center_input_sample", c.center_input_sample);
+  f("time_embedding_type", c.time_embedding_type);
+  f("freq_shift", c.freq_shift, json_config::Style::integral);
+  f("flip_sin_to_cos", c.flip_sin_to_cos);
+  f("down_block_types", c.down_block_types);
+  f("up_block_types", c.up_block_types);
+  f("block_out_channels", c.block_out_channels);
+  f("layers_per_block", c.layers_per_block);
+  f("mid_block_scale_factor", c.mid_block_scale_factor, json_config::Style::integral);
+  f("downsample_padding", c.downsample_padding);
+  f("downsample_type", c.downsample_type);
+  f("upsample_type", c.upsample_type);
+  f("dropout", c.dropout);
+  f("act_fn", c.act_fn);
+  f("attention_head_dim", c.attention_head_dim);
+  f("norm_num_groups", c.norm_num_groups);
+  f("attn_norm_num_groups", c.attn_norm_num_groups);
+  f("norm_eps", c.norm_eps);
+  f("resnet_time_scale_shift", c.resnet_time_scale_shift);
+  f("add_attention", c.add_attention);
+  f("class_embed_type", c.class_embed_type);
+  f("num_class_embeds", c.num_class_embeds);
+  f("num_train_timesteps", c.num_train_timesteps);
+}
+}  // namespace
+
 UNetConfig UNetConfig::from_json(const nlohmann::json& j) {
-  using namespace json_config;
   if (!j.is_object()) throw std::invalid_argument("a UNet config must be a JSON object, got " + j.dump());
   UNetConfig c;
-  Reader r(j);
-  r("sample_size", c.sample_size);
-  r("in_channels", c.in_channels);
-  r("out_channels", c.out_channels);
-  r("center_input_sample", c.center_input_sample);
-  r("time_embedding_type", c.time_embedding_type);
-  r("freq_shift", c.freq_shift);
-  r("flip_sin_to_cos", c.flip_sin_to_cos);
-  r("down_block_types", c.down_block_types);
-  r("up_block_types", c.up_block_types);
-  r("block_out_channels", c.block_out_channels);
-  r("layers_per_block", c.layers_per_block);
-  r("mid_block_scale_factor", c.mid_block_scale_factor);
-  r("downsample_padding", c.downsample_padding);
-  r("downsample_type", c.downsample_type);
-  r("upsample_type", c.upsample_type);
-  r("dropout", c.dropout);
-  r("act_fn", c.act_fn);
-  r("attention_head_dim", c.attention_head_dim);
-  r("norm_num_groups", c.norm_num_groups);
-  r("attn_norm_num_groups", c.attn_norm_num_groups);
-  r("norm_eps", c.norm_eps);
-  r("resnet_time_scale_shift", c.resnet_time_scale_shift);
-  r("add_attention", c.add_attention);
-  r("class_embed_type", c.class_embed_type);
-  r("num_class_embeds", c.num_class_embeds);
-  r("num_train_timesteps", c.num_train_timesteps);
+  json_config::Reader r(j);
+  unet_fields(c, r);
   c.extra = r.unread({"_use_default_values"});
   return c;
 }
 
 nlohmann::json UNetConfig::to_json() const {
-  using json_config::number;
-  using json_config::optional;
   nlohmann::json j = extra;
   if (!j.contains("_class_name")) j["_class_name"] = "UNet2DModel";
   if (!j.contains("_diffusers_version")) j["_diffusers_version"] = "0.25.0";
-  j["sample_size"] = optional(sample_size);
-  j["in_channels"] = in_channels;
-  j["out_channels"] = out_channels;
-  j["center_input_sample"] = center_input_sample;
-  j["time_embedding_type"] = time_embedding_type;
-  j["freq_shift"] = number(freq_shift);
-  j["flip_sin_to_cos"] = flip_sin_to_cos;
-  j["down_block_types"] = down_block_types;
-  j["up_block_types"] = up_block_types;
-  j["block_out_channels"] = block_out_channels;
-  j["layers_per_block"] = layers_per_block;
-  j["mid_block_scale_factor"] = number(mid_block_scale_factor);
-  j["downsample_padding"] = downsample_padding;
-  j["downsample_type"] = downsample_type;
-  j["upsample_type"] = upsample_type;
-  j["dropout"] = dropout;
-  j["act_fn"] = act_fn;
-  j["attention_head_dim"] = optional(attention_head_dim);
-  j["norm_num_groups"] = norm_num_groups;
-  j["attn_norm_num_groups"] = optional(attn_norm_num_groups);
-  j["norm_eps"] = norm_eps;
-  j["resnet_time_scale_shift"] = resnet_time_scale_shift;
-  j["add_attention"] = add_attention;
-  j["class_embed_type"] = optional(class_embed_type);
-  j["num_class_embeds"] = optional(num_class_embeds);
-  j["num_train_timesteps"] = optional(num_train_timesteps);
+  json_config::Writer w(j);
+  unet_fields(*this, w);
   return j;
 }
 

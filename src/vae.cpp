@@ -31,26 +31,33 @@ void AutoencoderKLConfig::validate() const {
     refuse("scaling_factor", std::to_string(scaling_factor), "a finite positive number");
 }
 
+namespace {
+// Every key of AutoencoderKLConfig, once: read by from_json, written by to_json.
+template <class Config, class F>
+void vae_fields(Config& c, F&& f) {
+  f("in_channels", c.in_channels);
+  f("out_channels", c.out_channels);
+  f("down_block_types", c.down_block_types);
+  f("up_block_types", c.up_block_types);
+  f("block_out_channels", c.block_out_channels);
+  f("layers_per_block", c.layers_per_block);
+  f("act_fn", c.act_fn);
+  f("latent_channels", c.latent_channels);
+  f("norm_num_groups", c.norm_num_groups);
+  f("sample_size", c.sample_size);
+  f("scaling_factor", c.scaling_factor);
+  f("force_upcast", c.force_upcast);
+  f("mid_block_add_attention", c.mid_block_add_attention, json_config::Style::omit_empty);
+  f("use_quant_conv", c.use_quant_conv, json_config::Style::omit_empty);
+  f("use_post_quant_conv", c.use_post_quant_conv, json_config::Style::omit_empty);
+}
+}  // namespace
+
 AutoencoderKLConfig AutoencoderKLConfig::from_json(const nlohmann::json& j) {
-  using namespace json_config;
   if (!j.is_object()) throw std::invalid_argument("an AutoencoderKL config must be a JSON object, got " + j.dump());
   AutoencoderKLConfig c;
-  Reader r(j);
-  r("in_channels", c.in_channels);
-  r("out_channels", c.out_channels);
-  r("down_block_types", c.down_block_types);
-  r("up_block_types", c.up_block_types);
-  r("block_out_channels", c.block_out_channels);
-  r("layers_per_block", c.layers_per_block);
-  r("act_fn", c.act_fn);
-  r("latent_channels", c.latent_channels);
-  r("norm_num_groups", c.norm_num_groups);
-  r("sample_size", c.sample_size);
-  r("scaling_factor", c.scaling_factor);
-  r("force_upcast", c.force_upcast);
-  r("mid_block_add_attention", c.mid_block_add_attention);
-  r("use_quant_conv", c.use_quant_conv);
-  r("use_post_quant_conv", c.use_post_quant_conv);
+  json_config::Reader r(j);
+  vae_fields(c, r);
   c.extra = r.unread({"_use_default_values"});
   return c;
 }
@@ -59,21 +66,8 @@ nlohmann::json AutoencoderKLConfig::to_json() const {
   nlohmann::json j = extra;
   if (!j.contains("_class_name")) j["_class_name"] = "AutoencoderKL";
   if (!j.contains("_diffusers_version")) j["_diffusers_version"] = "0.25.0";
-  j["in_channels"] = in_channels;
-  j["out_channels"] = out_channels;
-  j["down_block_types"] = down_block_types;
-  j["up_block_types"] = up_block_types;
-  j["block_out_channels"] = block_out_channels;
-  j["layers_per_block"] = layers_per_block;
-  j["act_fn"] = act_fn;
-  j["latent_channels"] = latent_channels;
-  j["norm_num_groups"] = norm_num_groups;
-  j["sample_size"] = sample_size;
-  j["scaling_factor"] = scaling_factor;
-  j["force_upcast"] = force_upcast;
-  if (mid_block_add_attention) j["mid_block_add_attention"] = *mid_block_add_attention;
-  if (use_quant_conv) j["use_quant_conv"] = *use_quant_conv;
-  if (use_post_quant_conv) j["use_post_quant_conv"] = *use_post_quant_conv;
+  json_config::Writer w(j);
+  vae_fields(*this, w);
   return j;
 }
 

@@ -493,3 +493,28 @@ TEST(TrainCli, TrainsRefusesAndResumes) {
                           "--zero-snr", "--resume", "--overwrite", "--channels", "--attention-levels", "--bf16"})
     EXPECT_NE(out.find(opt), std::string::npos) << opt;
 }
+
+// One table (resumable_options) says what may change on --resume: run.json's check, the CLI's check of the
+// flags given with --resume and the help text all follow it.
+TEST(TrainCli, ResumableOptionsTableDrivesTheHelpAndTheChecks) {
+  std::string help;
+  ASSERT_EQ(run_cli("train --help", &help), 0);
+  const auto from = help.find("Continue the run in --out");
+  ASSERT_NE(from, std::string::npos) << help;
+  const std::string resume_line = help.substr(from, help.find("--overwrite", from) - from);
+  for (const auto& r : diffuse::resumable_options()) {
+    if (r.flag.empty() || r.flag == "--out" || r.flag == "--resume") continue;
+    EXPECT_NE(resume_line.find(r.flag), std::string::npos) << r.flag << " missing from: " << resume_line;
+  }
+  // Every resumable key may differ from run.json; another loop key (lr) may not.
+  diffuse::LoopOptions stored, given;
+  given.steps = stored.steps + 5;
+  given.threads = 3;
+  given.device = "cuda";
+  for (const auto& r : diffuse::resumable_options()) r.take(stored, given);
+  EXPECT_EQ(stored.steps, given.steps);
+  EXPECT_EQ(stored.threads, 3);
+  EXPECT_EQ(stored.device, "cuda");
+  EXPECT_TRUE(stored.resume);
+  EXPECT_FALSE(stored.overwrite);
+}

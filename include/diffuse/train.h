@@ -104,6 +104,15 @@ struct LoopOptions {
   static LoopOptions from_json(const nlohmann::json& j);
 };
 
+/// A loop option that may change when a run resumes (every other option must equal run.json's): its key in
+/// run.json, its command-line flag, and how it is taken from the new options. The one list behind the
+/// resume check of run.json, the CLI's check of the flags given with --resume and its help text.
+struct ResumableOption {
+  std::string key, flag;
+  std::function<void(LoopOptions& stored, const LoopOptions& given)> take;
+};
+const std::vector<ResumableOption>& resumable_options();
+
 struct TrainOptions {
   DataSpec data;
   UNetConfig unet = reference_unet_config();

@@ -19,6 +19,26 @@ namespace fs = std::filesystem;
 namespace diffuse::cli {
 namespace {
 
+// Flags that may accompany --resume besides the resumable options: where the latent cache lives, how many
+// processes train, help. None of them is stored in run.json.
+const std::vector<std::string> kResumeLauncherFlags = {"--latent-cache", "--nproc", "--help"};
+
+std::vector<std::string> flags_allowed_with_resume() {
+  std::vector<std::string> flags;
+  for (const auto& r : resumable_options())
+    if (!r.flag.empty()) flags.push_back(r.flag);
+  flags.insert(flags.end(), kResumeLauncherFlags.begin(), kResumeLauncherFlags.end());
+  return flags;
+}
+
+std::string resume_help() {
+  std::string flags;
+  for (const auto& f : flags_allowed_with_resume())
+    if (f != "--out" && f != "--resume" && f != "--help") flags += (flags.empty() ? "" : ", ") + f;
+  return "Continue the run in --out from its last checkpoint (its run.json options are used; only " + flags +
+         " may be given)";
+}
+
 // Options shared by the commands, bound to a LoopOptions / DataSpec / ScheduleSpec.
 struct CommonOptions {
   LoopOptions loop;
@@ -54,9 +74,7 @@ void add_common_options(CLI::App* cmd, CommonOptions& c, bool noised = true) {
 
   cmd->add_option("--out", l.out, "Run folder (diffusers layout; refused if it exists, see --resume/--overwrite)")
       ->required();
-  cmd->add_flag("--resume", l.resume, "Continue the run in --out from its last checkpoint (its run.json options are "
-                                      "used; only --steps, --device, --bf16, --checkpoint-every, --log-every, "
-                                      "--quiet and --threads may be given)");
+  cmd->add_flag("--resume", l.resume, resume_help());
   cmd->add_flag("--overwrite", l.overwrite, "Delete an existing run folder in --out first");
   cmd->add_option("--steps", l.steps, "Optimizer steps in all")->capture_default_str();
   cmd->add_option("--batch", l.batch, "Images per step")->capture_default_str();
@@ -134,10 +152,7 @@ UNetShape shape_of(const CommonOptions& c) {
 
 // With --resume only options that leave the weights alone may be given.
 void check_resume_options(const CLI::App* cmd) {
-  static const std::vector<std::string> allowed = {"--out",      "--resume",  "--steps", "--device", "--latent-cache",
-                                                   "--bf16",     "--checkpoint-every", "--log-every",
-                                                   "--quiet",    "--threads", "--nproc",
-                                                   "--dist-timeout", "--help"};
+  const auto allowed = flags_allowed_with_resume();
   for (const auto* opt : cmd->get_options()) {
     if (opt->count() == 0) continue;
     std::string name = opt->get_name();
@@ -147,19 +162,13 @@ void check_resume_options(const CLI::App* cmd) {
   }
 }
 
-void apply_resumable(LoopOptions& stored, const LoopOptions& given, const CLI::App* cmd, bool quiet) {
-  auto given_opt = [&](const char* name) { return cmd->get_option(name)->count() > 0; };
-  stored.resume = true;
-  stored.overwrite = false;
-  stored.out = given.out;
-  if (given_opt("--steps")) stored.steps = given.steps;
-  if (given_opt("--device")) stored.device = given.device;
-  if (given_opt("--bf16")) stored.bf16 = given.bf16;
-  if (given_opt("--checkpoint-every")) stored.checkpoint_every = given.checkpoint_every;
-  if (given_opt("--log-every")) stored.log_every = given.log_every;
-  if (given_opt("--threads")) stored.threads = given.threads;
-  if (given_opt("--dist-timeout")) stored.dist_timeout = given.dist_timeout;
-  stored.progress = !quiet;
+// The stored options with what this invocation may change (resumable_options), taken where its flag was given.
+void apply_resumable(LoopOptions& stored, LoopOptions given, const CLI::App* cmd, bool quiet) {
+  given.progress = !quiet;
+  for (const auto& r : resumable_options())
+    if (r.flag.empty() || r.flag == "--out" || r.flag == "--resume" || r.flag == "--quiet" ||
+        cmd->get_option(r.flag)->count() > 0)
+      r.take(stored, given);
 }
 
 nlohmann::json stored_options(const std::string& run) {

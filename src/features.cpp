@@ -13,6 +13,7 @@
 #include "config_json.h"
 #include "diffuse/model_folder.h"
 #include "diffuse/files.h"
+#include "diffuse/hash.h"
 #include "diffuse/blocks.h"
 #include "diffuse/image_io.h"
 #include "diffuse/progress.h"
@@ -251,14 +252,9 @@ FeatureTrainResult train_feature_net(const FeatureTrainOptions& o, const Feature
 
 std::string file_hash(const std::string& path) {
   auto bytes = read_file(path);
-  uint64_t h = 1469598103934665603ull;  // FNV-1a 64 offset basis
-  for (unsigned char c : bytes) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  std::ostringstream s;
-  s << std::hex << std::setw(16) << std::setfill('0') << h;
-  return s.str();
+  Fnv1a h;
+  h.add(bytes.data(), bytes.size());
+  return h.hex();
 }
 
 std::string feature_weights_hash(const std::string& folder) {

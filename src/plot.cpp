@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -61,13 +62,15 @@ void plot_png(const std::string& path, const std::vector<Panel>& panels, int wid
   if (rc != 0) {
     std::ifstream err(dir + "/err.txt");
     std::string msg((std::istreambuf_iterator<char>(err)), std::istreambuf_iterator<char>());
-    std::system(("rm -rf " + quote(dir)).c_str());
+    std::error_code ignored;
+    std::filesystem::remove_all(dir, ignored);
     throw std::runtime_error("gnuplot failed while drawing '" + path + "'" +
                              (msg.empty() ? std::string(" (is gnuplot installed? apt-get install gnuplot-nox)")
                                           : ": " + msg));
   }
   write_file_atomic(path, read_file(png));
-  std::system(("rm -rf " + quote(dir)).c_str());
+  std::error_code ignored;
+  std::filesystem::remove_all(dir, ignored);
 }
 
 }  // namespace diffuse

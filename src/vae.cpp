@@ -11,6 +11,7 @@
 #include "config_json.h"
 #include "diffuse/model_folder.h"
 #include "diffuse/safetensors.h"
+#include "diffuse/hash.h"
 #include "diffuse/noise.h"
 
 namespace diffuse {
@@ -353,40 +354,29 @@ ReconstructionStats reconstruction_stats(AutoencoderKL& model, const torch::Tens
 namespace diffuse {
 namespace {
 
-struct Fnv1a {
-  uint64_t h = 0xcbf29ce484222325ull;
-  void add(const void* data, size_t n) {
-    const auto* p = static_cast<const unsigned char*>(data);
-    for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 0x100000001b3ull;
-  }
-  void add(const std::string& s) {
-    add(s.data(), s.size());
-    add("\0", 1);
-  }
-  void add(const torch::Tensor& t) {
-    auto c = t.detach().to(torch::kCPU).contiguous();
-    add(c10::str(c.scalar_type(), c.sizes()));
-    add(c.data_ptr(), c.numel() * c.element_size());
-  }
-  std::string hex() const {
-    char buf[17];
-    std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
-    return buf;
-  }
-};
+// A model's fingerprint: strings end with a NUL; tensors add their dtype and shape, then their bytes.
+void add(Fnv1a& f, const std::string& s) {
+  f.add(s.data(), s.size());
+  f.add("\0", 1);
+}
+void add(Fnv1a& f, const torch::Tensor& t) {
+  auto c = t.detach().to(torch::kCPU).contiguous();
+  add(f, c10::str(c.scalar_type(), c.sizes()));
+  f.add(c.data_ptr(), c.numel() * c.element_size());
+}
 
 }  // namespace
 
 std::string vae_fingerprint(AutoencoderKL& model) {
   Fnv1a f;
-  f.add(model->config().to_json().dump());
+  add(f, model->config().to_json().dump());
   for (const auto& p : model->named_parameters()) {
-    f.add(p.key());
-    f.add(p.value());
+    add(f, p.key());
+    add(f, p.value());
   }
   for (const auto& b : model->named_buffers()) {
-    f.add(b.key());
-    f.add(b.value());
+    add(f, b.key());
+    add(f, b.value());
   }
   return f.hex();
 }

@@ -1,7 +1,7 @@
 // Prints the machine's float32 matrix-product rate: the yardstick the other benchmarks report against.
 #include <iostream>
 
-#include "diffuse/runtime.h"
+#include "diffuse/util/runtime.h"
 #include <torch/torch.h>
 
 int main(int argc, char** argv) {

@@ -15,10 +15,10 @@
 
 #include <torch/torch.h>
 
-#include "diffuse/model_folder.h"
-#include "diffuse/runtime.h"
-#include "diffuse/sampling.h"
-#include "diffuse/unet.h"
+#include "diffuse/models/model_folder.h"
+#include "diffuse/util/runtime.h"
+#include "diffuse/sample/sampling.h"
+#include "diffuse/models/unet.h"
 
 namespace {
 

@@ -17,11 +17,11 @@
 
 #include <torch/torch.h>
 
-#include "diffuse/model_folder.h"
-#include "diffuse/data.h"
-#include "diffuse/runtime.h"
-#include "diffuse/train.h"
-#include "diffuse/unet.h"
+#include "diffuse/models/model_folder.h"
+#include "diffuse/data/data.h"
+#include "diffuse/util/runtime.h"
+#include "diffuse/train/train.h"
+#include "diffuse/models/unet.h"
 
 namespace {
 

@@ -14,9 +14,9 @@
 
 #include <torch/torch.h>
 
-#include "diffuse/model_folder.h"
-#include "diffuse/runtime.h"
-#include "diffuse/unet.h"
+#include "diffuse/models/model_folder.h"
+#include "diffuse/util/runtime.h"
+#include "diffuse/models/unet.h"
 
 namespace {
 

@@ -11,9 +11,9 @@
 
 #include <torch/torch.h>
 
-#include "diffuse/model_folder.h"
-#include "diffuse/runtime.h"
-#include "diffuse/vae.h"
+#include "diffuse/models/model_folder.h"
+#include "diffuse/util/runtime.h"
+#include "diffuse/models/vae.h"
 
 namespace {
 

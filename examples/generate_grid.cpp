@@ -2,8 +2,8 @@
 // pipeline without the CLI (docs/library.md). usage: generate_grid RUN_FOLDER OUT.png
 #include <iostream>
 
-#include "diffuse/image_io.h"
-#include "diffuse/pipeline.h"
+#include "diffuse/io/image_io.h"
+#include "diffuse/sample/pipeline.h"
 
 int main(int argc, char** argv) {
   if (argc != 3) {

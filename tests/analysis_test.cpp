@@ -6,11 +6,11 @@
 #include <filesystem>
 
 #include "cli_util.h"
-#include "diffuse/files.h"
-#include "diffuse/analysis.h"
-#include "diffuse/image_io.h"
-#include "diffuse/sampling.h"
-#include "diffuse/scheduler_config.h"
+#include "diffuse/io/files.h"
+#include "diffuse/eval/analysis.h"
+#include "diffuse/io/image_io.h"
+#include "diffuse/sample/sampling.h"
+#include "diffuse/core/scheduler_config.h"
 #include "test_util.h"
 #include <torch/torch.h>
 

@@ -2,8 +2,8 @@
 
 #include <torch/torch.h>
 
-#include "diffuse/attention.h"
-#include "diffuse/blocks.h"
+#include "diffuse/models/attention.h"
+#include "diffuse/models/blocks.h"
 
 using namespace diffuse;
 

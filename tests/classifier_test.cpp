@@ -4,10 +4,10 @@
 
 #include <torch/torch.h>
 
-#include "diffuse/model_folder.h"
-#include "diffuse/classifier.h"
-#include "diffuse/safetensors.h"
-#include "diffuse/scheduler_config.h"
+#include "diffuse/models/model_folder.h"
+#include "diffuse/models/classifier.h"
+#include "diffuse/io/safetensors.h"
+#include "diffuse/core/scheduler_config.h"
 #include "test_util.h"
 
 using namespace diffuse;

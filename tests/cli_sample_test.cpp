@@ -3,9 +3,9 @@
 #include <filesystem>
 
 #include "cli_util.h"
-#include "diffuse/files.h"
-#include "diffuse/safetensors.h"
-#include "diffuse/scheduler_config.h"
+#include "diffuse/io/files.h"
+#include "diffuse/io/safetensors.h"
+#include "diffuse/core/scheduler_config.h"
 #include <torch/torch.h>
 
 using diffuse::testing::fixture;

@@ -4,10 +4,10 @@
 #include <filesystem>
 #include <fstream>
 
-#include "diffuse/files.h"
-#include "diffuse/data.h"
-#include "diffuse/image_io.h"
-#include "diffuse/scheduler_config.h"
+#include "diffuse/io/files.h"
+#include "diffuse/data/data.h"
+#include "diffuse/io/image_io.h"
+#include "diffuse/core/scheduler_config.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;

@@ -5,7 +5,7 @@
 #include <iostream>
 #include <thread>
 
-#include "diffuse/distributed.h"
+#include "diffuse/train/distributed.h"
 #include <torch/torch.h>
 
 using namespace diffuse;

@@ -11,9 +11,9 @@
 #include <unistd.h>
 
 #include "cli_util.h"
-#include "diffuse/distributed.h"
+#include "diffuse/train/distributed.h"
 #include "test_util.h"
-#include "torch_compat.h"
+#include "util/torch_compat.h"
 
 namespace {
 

@@ -6,13 +6,13 @@
 #include <fstream>
 
 #include "cli_util.h"
-#include "diffuse/model_folder.h"
-#include "diffuse/files.h"
-#include "diffuse/blocks.h"
-#include "diffuse/features.h"
-#include "diffuse/image_io.h"
-#include "diffuse/safetensors.h"
-#include "diffuse/scheduler_config.h"
+#include "diffuse/models/model_folder.h"
+#include "diffuse/io/files.h"
+#include "diffuse/models/blocks.h"
+#include "diffuse/eval/features.h"
+#include "diffuse/io/image_io.h"
+#include "diffuse/io/safetensors.h"
+#include "diffuse/core/scheduler_config.h"
 #include "test_util.h"
 #include <torch/torch.h>
 

@@ -5,8 +5,8 @@
 
 #include <cmath>
 
-#include "diffuse/denoiser.h"
-#include "diffuse/sampling.h"
+#include "diffuse/sample/denoiser.h"
+#include "diffuse/sample/sampling.h"
 #include <torch/torch.h>
 
 using namespace diffuse;

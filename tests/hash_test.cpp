@@ -5,8 +5,8 @@
 #include <fstream>
 #include <string>
 
-#include "diffuse/features.h"
-#include "diffuse/hash.h"
+#include "diffuse/eval/features.h"
+#include "diffuse/io/hash.h"
 #include "test_util.h"
 
 using diffuse::Fnv1a;

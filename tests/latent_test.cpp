@@ -11,12 +11,12 @@
 
 #include <torch/torch.h>
 
-#include "diffuse/files.h"
-#include "diffuse/data.h"
-#include "diffuse/safetensors.h"
-#include "diffuse/sampling.h"
-#include "diffuse/scheduler_config.h"
-#include "diffuse/vae.h"
+#include "diffuse/io/files.h"
+#include "diffuse/data/data.h"
+#include "diffuse/io/safetensors.h"
+#include "diffuse/sample/sampling.h"
+#include "diffuse/core/scheduler_config.h"
+#include "diffuse/models/vae.h"
 #include "cli_util.h"
 #include "test_util.h"
 

@@ -1,6 +1,6 @@
 #include <gtest/gtest.h>
 
-#include "diffuse/metrics.h"
+#include "diffuse/eval/metrics.h"
 #include <torch/torch.h>
 
 using namespace diffuse;

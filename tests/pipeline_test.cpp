@@ -1,4 +1,4 @@
-// The library's generation pipeline (diffuse/pipeline.h): the same images as the samplers driven by hand, and
+// The library's generation pipeline (diffuse/sample/pipeline.h): the same images as the samplers driven by hand, and
 // as `diffuse sample`; the model folder's layouts.
 #include <gtest/gtest.h>
 
@@ -6,9 +6,9 @@
 #include <fstream>
 
 #include "cli_util.h"
-#include "diffuse/image_io.h"
-#include "diffuse/pipeline.h"
-#include "diffuse/safetensors.h"
+#include "diffuse/io/image_io.h"
+#include "diffuse/sample/pipeline.h"
+#include "diffuse/io/safetensors.h"
 #include "test_util.h"
 #include <torch/torch.h>
 

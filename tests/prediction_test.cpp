@@ -1,7 +1,7 @@
 #include <gtest/gtest.h>
 
-#include "diffuse/prediction.h"
-#include "diffuse/schedule.h"
+#include "diffuse/core/prediction.h"
+#include "diffuse/core/schedule.h"
 #include <torch/torch.h>
 
 using namespace diffuse;

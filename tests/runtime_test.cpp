@@ -2,7 +2,7 @@
 
 #include <stdexcept>
 
-#include "diffuse/runtime.h"
+#include "diffuse/util/runtime.h"
 
 using namespace diffuse;
 

@@ -6,9 +6,9 @@
 
 #include <torch/torch.h>
 
-#include "diffuse/files.h"
-#include "diffuse/safetensors.h"
-#include "diffuse/scheduler_config.h"
+#include "diffuse/io/files.h"
+#include "diffuse/io/safetensors.h"
+#include "diffuse/core/scheduler_config.h"
 #include "test_util.h"
 
 using namespace diffuse;

@@ -6,12 +6,12 @@
 #include <cmath>
 #include <set>
 
-#include "diffuse/files.h"
-#include "diffuse/safetensors.h"
-#include "diffuse/sampling.h"
-#include "diffuse/scheduler_config.h"
-#include "diffuse/unet.h"
-#include "torch_compat.h"
+#include "diffuse/io/files.h"
+#include "diffuse/io/safetensors.h"
+#include "diffuse/sample/sampling.h"
+#include "diffuse/core/scheduler_config.h"
+#include "diffuse/models/unet.h"
+#include "util/torch_compat.h"
 #include <torch/torch.h>
 
 using namespace diffuse;

@@ -1,6 +1,6 @@
 #include <gtest/gtest.h>
 
-#include "diffuse/schedule.h"
+#include "diffuse/core/schedule.h"
 #include <torch/torch.h>
 
 using namespace diffuse;

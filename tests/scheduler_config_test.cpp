@@ -4,8 +4,8 @@
 #include <fstream>
 
 #include "cli_util.h"
-#include "diffuse/files.h"
-#include "diffuse/scheduler_config.h"
+#include "diffuse/io/files.h"
+#include "diffuse/core/scheduler_config.h"
 #include <torch/torch.h>
 
 using namespace diffuse;

@@ -14,9 +14,9 @@
 #include <thread>
 
 #include "cli_util.h"
-#include "diffuse/safetensors.h"
-#include "diffuse/train.h"
-#include "diffuse/unet.h"
+#include "diffuse/io/safetensors.h"
+#include "diffuse/train/train.h"
+#include "diffuse/models/unet.h"
 #include "test_util.h"
 
 using namespace diffuse;

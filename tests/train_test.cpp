@@ -6,11 +6,11 @@
 #include <filesystem>
 #include <fstream>
 
-#include "diffuse/files.h"
-#include "diffuse/data.h"
-#include "diffuse/runtime.h"
-#include "diffuse/safetensors.h"
-#include "diffuse/train.h"
+#include "diffuse/io/files.h"
+#include "diffuse/data/data.h"
+#include "diffuse/util/runtime.h"
+#include "diffuse/io/safetensors.h"
+#include "diffuse/train/train.h"
 #include "cli_util.h"
 #include "test_util.h"
 

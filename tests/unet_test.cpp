@@ -5,11 +5,11 @@
 
 #include <torch/torch.h>
 
-#include "diffuse/model_folder.h"
-#include "diffuse/files.h"
-#include "diffuse/safetensors.h"
-#include "diffuse/scheduler_config.h"
-#include "diffuse/unet.h"
+#include "diffuse/models/model_folder.h"
+#include "diffuse/io/files.h"
+#include "diffuse/io/safetensors.h"
+#include "diffuse/core/scheduler_config.h"
+#include "diffuse/models/unet.h"
 #include "test_util.h"
 
 using namespace diffuse;

@@ -9,13 +9,13 @@
 
 #include <torch/torch.h>
 
-#include "diffuse/model_folder.h"
-#include "diffuse/files.h"
-#include "diffuse/safetensors.h"
-#include "diffuse/data.h"
-#include "diffuse/scheduler_config.h"
-#include "diffuse/train.h"
-#include "diffuse/vae.h"
+#include "diffuse/models/model_folder.h"
+#include "diffuse/io/files.h"
+#include "diffuse/io/safetensors.h"
+#include "diffuse/data/data.h"
+#include "diffuse/core/scheduler_config.h"
+#include "diffuse/train/train.h"
+#include "diffuse/models/vae.h"
 #include "cli_util.h"
 #include "test_util.h"
 

@@ -1,20 +1,20 @@
-// diffuse analyze brightness|loss|lipschitz: CSV + PNG of the analyses in diffuse/analysis.h.
+// diffuse analyze brightness|loss|lipschitz: CSV + PNG of the analyses in diffuse/eval/analysis.h.
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
 #include <sstream>
 
 #include "commands.h"
-#include "diffuse/files.h"
-#include "diffuse/analysis.h"
-#include "diffuse/data.h"
-#include "diffuse/features.h"
-#include "diffuse/pipeline.h"
-#include "diffuse/plot.h"
-#include "diffuse/runtime.h"
-#include "diffuse/train.h"
-#include "diffuse/unet.h"
-#include "diffuse/vae.h"
+#include "diffuse/io/files.h"
+#include "diffuse/eval/analysis.h"
+#include "diffuse/data/data.h"
+#include "diffuse/eval/features.h"
+#include "diffuse/sample/pipeline.h"
+#include "diffuse/io/plot.h"
+#include "diffuse/util/runtime.h"
+#include "diffuse/train/train.h"
+#include "diffuse/models/unet.h"
+#include "diffuse/models/vae.h"
 #include <torch/torch.h>
 
 namespace fs = std::filesystem;

@@ -8,11 +8,11 @@
 #include <sstream>
 
 #include "commands.h"
-#include "diffuse/model_folder.h"
-#include "diffuse/files.h"
-#include "diffuse/blocks.h"
-#include "diffuse/features.h"
-#include "diffuse/runtime.h"
+#include "diffuse/models/model_folder.h"
+#include "diffuse/io/files.h"
+#include "diffuse/models/blocks.h"
+#include "diffuse/eval/features.h"
+#include "diffuse/util/runtime.h"
 #include <torch/torch.h>
 
 namespace fs = std::filesystem;

@@ -6,7 +6,7 @@
 #include <string>
 
 #include "commands.h"
-#include "diffuse/runtime.h"
+#include "diffuse/util/runtime.h"
 
 namespace {
 std::vector<std::string> g_arguments;

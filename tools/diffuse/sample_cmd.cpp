@@ -7,17 +7,17 @@
 #include <sstream>
 
 #include "commands.h"
-#include "diffuse/files.h"
-#include "diffuse/classifier.h"
-#include "diffuse/denoiser.h"
-#include "diffuse/image_io.h"
-#include "diffuse/pipeline.h"
-#include "diffuse/progress.h"
-#include "diffuse/runtime.h"
-#include "diffuse/safetensors.h"
-#include "diffuse/sampling.h"
-#include "diffuse/unet.h"
-#include "diffuse/vae.h"
+#include "diffuse/io/files.h"
+#include "diffuse/models/classifier.h"
+#include "diffuse/sample/denoiser.h"
+#include "diffuse/io/image_io.h"
+#include "diffuse/sample/pipeline.h"
+#include "diffuse/util/progress.h"
+#include "diffuse/util/runtime.h"
+#include "diffuse/io/safetensors.h"
+#include "diffuse/sample/sampling.h"
+#include "diffuse/models/unet.h"
+#include "diffuse/models/vae.h"
 #include <torch/torch.h>
 
 namespace fs = std::filesystem;

@@ -6,10 +6,10 @@
 #include <sstream>
 
 #include "commands.h"
-#include "diffuse/files.h"
-#include "diffuse/plot.h"
-#include "diffuse/schedule.h"
-#include "diffuse/scheduler_config.h"
+#include "diffuse/io/files.h"
+#include "diffuse/io/plot.h"
+#include "diffuse/core/schedule.h"
+#include "diffuse/core/scheduler_config.h"
 #include <torch/torch.h>
 
 namespace diffuse::cli {

@@ -7,12 +7,12 @@
 #include <sstream>
 
 #include "commands.h"
-#include "diffuse/model_folder.h"
-#include "diffuse/files.h"
-#include "diffuse/distributed.h"
-#include "diffuse/runtime.h"
-#include "diffuse/train.h"
-#include "diffuse/vae.h"
+#include "diffuse/models/model_folder.h"
+#include "diffuse/io/files.h"
+#include "diffuse/train/distributed.h"
+#include "diffuse/util/runtime.h"
+#include "diffuse/train/train.h"
+#include "diffuse/models/vae.h"
 
 namespace fs = std::filesystem;
 

@@ -1,0 +1,102 @@
+// Denoisers: a network, its prediction type and its timestep condition map, seen by samplers as
+// estimates of x0 and eps; guidance wraps them.
+//
+// Notation as in schedule.h: x_t = a_t x0 + s_t eps with a_t = sqrt(alpha_bar[t]), s_t = sqrt(1 - alpha_bar[t]).
+//
+//   Network     the model in its own prediction space: (x_t, t_condition, labels) -> eps, v or x0.
+//   Denoiser    (x_t, t) -> Estimate {x0, eps} at an integer training timestep t. Samplers call only this.
+//   guidance    classifier-free guidance wraps a Network (it acts on the model output, in prediction
+//               space); classifier guidance wraps a Denoiser (it acts on the score). They compose:
+//                 classifier_guidance(make_denoiser(classifier_free_guidance(net, cfg), ...), ...)
+#pragma once
+
+#include <torch/types.h>
+
+#include <cstdint>
+#include <functional>
+
+#include "diffuse/core/etsdm.h"
+#include "diffuse/core/prediction.h"
+#include "diffuse/core/schedule.h"
+
+namespace diffuse {
+
+/// A network in its own prediction space. x: [N, ...]; t_condition: float32 [N], the timestep the
+/// network is conditioned on (t itself, or its E-TSDM map); labels: int64 [N], or undefined for an
+/// unconditional model. Returns a tensor shaped like x.
+using Network = std::function<torch::Tensor(const torch::Tensor& x, const torch::Tensor& t_condition,
+                                            const torch::Tensor& labels)>;
+
+/// net(x_t, etsdm.condition(t), labels) for a batch at one timestep t (labels moved to x_t's device, or
+/// undefined), its output's shape checked against x_t's: the one place the network is conditioned.
+torch::Tensor call_network(const Network& net, const EtsdmConfig& etsdm, const torch::Tensor& x_t, int64_t t,
+                           const torch::Tensor& labels);
+
+/// A denoiser's answer at x_t. The pair is consistent: x_t = a_t x0 + s_t eps (to rounding).
+struct Estimate {
+  torch::Tensor x0, eps;
+};
+
+/// A callable (x_t, t) -> Estimate, where t is an integer training timestep of `schedule` shared by the
+/// whole batch. Samplers read a_t and s_t from `schedule`, so the schedule travels with the denoiser.
+struct Denoiser {
+  Schedule schedule;
+  std::function<Estimate(const torch::Tensor& x_t, int64_t t)> fn;
+
+  /// Checks t against the schedule, then calls fn.
+  Estimate operator()(const torch::Tensor& x_t, int64_t t) const;
+};
+
+/// The model as a denoiser: calls net(x_t, etsdm.condition(t), labels) and converts its output with
+/// the exact (a, s) forms of prediction.h: v -> x0 = a x_t - s v, eps = s x_t + a v; x0 -> eps =
+/// (x_t - a x0) / s; eps -> x0 = (x_t - s eps) / a. Nothing divides by a_t except that last one, so an
+/// eps model at SNR 0 (a_t = 0, where eps carries no information about x0) throws std::domain_error
+/// naming the fix (Lin et al. 2023, section 3.2). `labels`: int64 [N] (moved to x_t's device), or
+/// undefined for an unconditional model.
+Denoiser make_denoiser(Network net, Prediction prediction, Schedule schedule, EtsdmConfig etsdm = {},
+                       torch::Tensor labels = {});
+
+/// Classifier-free guidance (Ho & Salimans 2022) with the rescale of Lin et al. 2023, Algorithm 2.
+struct CfgOptions {
+  double scale = 1.0;        ///< w: 0 unconditional, 1 conditional, > 1 guided
+  double rescale = 0.0;      ///< phi in [0, 1]: 0 plain CFG, Lin et al. use 0.7
+  int64_t null_label = -1;   ///< the unconditional class; by convention num_class_embeds - 1. Required.
+};
+
+/// Lin et al. 2023, Algorithm 2 on model outputs: cfg = uncond + w (cond - uncond);
+/// factor = std(cond) / std(cfg), the standard deviations taken per sample over all but the batch
+/// axis; returns cfg * (phi * factor + 1 - phi).
+torch::Tensor cfg_combine(const torch::Tensor& cond, const torch::Tensor& uncond, double scale, double rescale);
+
+/// Wraps a class-conditional network: one call of `net` on the batch [x; x] with labels
+/// [labels; null_label], combined by cfg_combine. The combination acts on the model output in its own
+/// prediction space, as diffusers' pipelines and Lin et al. do; without rescale this is the same in
+/// every space (the conversions are affine in the output at fixed x_t), with rescale the std ratio is
+/// that of the network's target (v for a v model). The wrapped network refuses undefined labels.
+Network classifier_free_guidance(Network net, CfgOptions options);
+
+/// A noisy classifier: (x_t [N, ...], t int64 [N]) -> logits [N, C]. Differentiable in x_t.
+using Classifier = std::function<torch::Tensor(const torch::Tensor& x_t, const torch::Tensor& t)>;
+
+/// grad_x log p(y | x_t, t) = d/dx_t log_softmax(classifier(x_t, t))[y], per sample, shaped like x_t.
+/// Runs with autograd enabled whatever the caller's grad mode; returns a tensor without history.
+torch::Tensor classifier_log_prob_grad(const Classifier& classifier, const torch::Tensor& x_t, int64_t t,
+                                       const torch::Tensor& labels);
+
+/// The x0 estimate clamped to [-range, range] and eps recomputed from it, eps = (x_t - a_t x0) / s_t, so the
+/// pair stays consistent (guided-diffusion's clip_denoised, which ADM's DDIM uses; diffusers' DDIMScheduler with
+/// clip_sample clamps x0 but keeps the unclamped eps). What keeps an eps model usable where a_t is tiny: there
+/// x0 = (x_t - s_t eps) / a_t multiplies the network's eps error by s_t / a_t (157 at t = 999 of the linear
+/// schedule). Pixel data in [-1, 1] only; not for latents (their range is not [-1, 1]). range > 0.
+Denoiser clip_x0(Denoiser denoiser, double range);
+
+/// Classifier guidance (Dhariwal & Nichol 2021, section 4.2, eq. 14): the score is shifted by
+/// scale * grad_x log p(y | x_t), i.e. eps' = eps - scale * s_t * grad and, to keep the pair consistent,
+/// x0' = x0 + scale * (s_t^2 / a_t) * grad. Every sampler sees this shifted pair (for DDIM it is
+/// Algorithm 2 of that paper; for DDPM it shifts the posterior mean by (a_prev beta_t / a_t) * scale * grad,
+/// the x0 form of the same score shift). At SNR 0 (a_t = 0) x_t is independent of y, so the exact
+/// gradient is zero: the classifier is not evaluated there and the estimate passes through unchanged.
+/// `labels`: the target class of each image, int64 [N].
+Denoiser classifier_guidance(Denoiser denoiser, Classifier classifier, torch::Tensor labels, double scale);
+
+}  // namespace diffuse

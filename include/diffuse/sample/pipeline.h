@@ -1,0 +1,113 @@
+// Generation as a library call: a trained model's parts (load_run) and images from them (generate). This is
+// what `diffuse sample` does; the CLI only parses options, calls these and writes files.
+//
+//   auto run = diffuse::load_run("runs/fm");                 // UNet, scheduler config, VAE of a latent run
+//   diffuse::GenerateOptions g;
+//   g.sampler = "dpmpp_2m"; g.steps = 25; g.n = 16; g.cfg = 3;
+//   auto out = diffuse::generate(run, g);                    // out.images: [16, C, H, W] in [-1, 1]
+#pragma once
+
+#include <torch/types.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <limits>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "diffuse/models/classifier.h"
+#include "diffuse/sample/denoiser.h"
+#include "diffuse/sample/sampling.h"
+#include "diffuse/core/schedule.h"
+#include "diffuse/core/scheduler_config.h"
+#include "diffuse/models/unet.h"
+#include "diffuse/models/vae.h"
+
+namespace diffuse {
+
+/// Where the parts of a model folder live, in one place: a diffuse run folder (unet_ema/, unet/, scheduler/,
+/// vae/ of a latent run), a diffusers pipeline's unet/ folder (scheduler/ and, beside model_index.json, vae/
+/// in the parent), or a bare diffusers UNet2DModel folder (config.json + weights, scheduler_config.json
+/// beside it).
+struct ModelFolder {
+  std::filesystem::path root;
+
+  explicit ModelFolder(std::filesystem::path folder) : root(std::move(folder)) {}
+  /// root/unet_ema (weights "auto" or "ema"), root/unet, or root itself. Throws naming the folder and the fix.
+  std::string unet(const std::string& weights = "auto") const;
+  /// scheduler/scheduler_config.json of the run, scheduler_config.json beside the model, or the parent's
+  /// scheduler/. Throws when none exists.
+  std::string scheduler_config() const;
+  /// The autoencoder a latent model decodes through: the run's vae/, or a pipeline's vae/ beside
+  /// model_index.json. Empty for a pixel model.
+  std::string vae() const;
+  std::filesystem::path run_json() const { return root / "run.json"; }
+};
+
+struct LoadOptions {
+  std::string weights = "auto";  ///< auto (EMA when present), ema or raw
+  std::string scheduler_file;    ///< empty: ModelFolder::scheduler_config()
+  std::string vae;               ///< empty: ModelFolder::vae(); "none": treat as a pixel model; else a folder
+  torch::Device device = torch::kCPU;
+};
+
+/// A model ready to sample from. x_t has shape [channels, height, width] (latents for a latent model).
+struct LoadedRun {
+  UNet2DModel unet{nullptr};
+  SchedulerConfig scheduler;
+  AutoencoderKL vae{nullptr};  ///< empty for a pixel model
+  std::string unet_folder, vae_folder;
+  int64_t channels = 0, height = 0, width = 0;
+  int64_t class_embeds = 0;    ///< 0: unconditional; else classes 0..class_embeds-2 and the null class last
+  torch::Device device = torch::kCPU;
+
+  /// The UNet as a Network (eval mode, no gradient bookkeeping by the caller's guard).
+  Network network() const;
+};
+
+/// Loads the UNet, its scheduler config and, for a latent model, its autoencoder, checking that they fit.
+LoadedRun load_run(const std::string& model, const LoadOptions& options = {});
+
+/// What generate() reports while it runs: after each sampler step of each batch.
+struct GenerateProgress {
+  int64_t done = 0, total = 0;  ///< sampler steps over all batches
+  int64_t t = 0;                ///< the timestep just left
+  int64_t images_in_batch = 0;
+};
+
+struct GenerateOptions {
+  std::string sampler = "ddim";
+  int64_t steps = 25;
+  std::optional<Spacing> spacing;  ///< default: the scheduler config's timestep_spacing
+  int64_t n = 16, batch = 64;
+  int64_t class_id = -1;           ///< -1: image i asks for class i mod (class_embeds - 1)
+  int64_t null_class = -1;         ///< -1: class_embeds - 1
+  double cfg = 1.0, cfg_rescale = 0.0;
+  NoisyClassifier classifier{nullptr};
+  double classifier_scale = 0.0;
+  double eta = std::numeric_limits<double>::quiet_NaN();          ///< NaN: the sampler's default
+  DdpmVariance variance = DdpmVariance::fixed_small;
+  double clip_sample = std::numeric_limits<double>::quiet_NaN();  ///< NaN: the scheduler config's; 0: off
+  uint64_t seed = 0;               ///< image i starts from make_noise(..., seed, i) unless init_noise is given
+  torch::Tensor init_noise;        ///< [>= n, C, H, W] float32: x_T of each image, instead of the seeded noise
+  std::function<void(const GenerateProgress&)> progress;
+};
+
+struct Generated {
+  torch::Tensor images;    ///< [n, C, H, W] float32 on the CPU, the model's range ([-1, 1] for images)
+  torch::Tensor latents;   ///< for a latent model: what the sampler produced, before decoding
+  std::vector<int64_t> labels;     ///< the class image i asked for (-1 for an unconditional model)
+  std::vector<int64_t> timesteps;  ///< the steps walked, from noise to data
+  Spacing spacing = Spacing::leading;
+  double clip_range = 0;           ///< the x0 clamp used (0: none)
+  double seconds = 0;              ///< sampling and decoding
+};
+
+/// Samples `options.n` images in batches: seeded noise by image index (so an image does not depend on the
+/// batch size), classifier-free guidance on the network, classifier guidance on the denoiser, the sampler,
+/// then decoding through the VAE of a latent model. Throws std::invalid_argument naming a bad option.
+Generated generate(const LoadedRun& run, const GenerateOptions& options);
+
+}  // namespace diffuse

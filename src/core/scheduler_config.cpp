@@ -1,0 +1,129 @@
+#include "diffuse/core/scheduler_config.h"
+
+#include "diffuse/io/files.h"
+
+#include <stdexcept>
+
+#include <torch/torch.h>
+
+namespace diffuse {
+
+namespace {
+
+const char* kEtsdmTilde = "diffuse_etsdm_t_tilde";
+const char* kEtsdmN = "diffuse_etsdm_n";
+
+template <class T>
+T get(const nlohmann::json& j, const char* key, T fallback) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return fallback;
+  try {
+    return it->get<T>();
+  } catch (const nlohmann::json::exception&) {
+    throw std::invalid_argument(std::string("scheduler config key '") + key + "' has the wrong type: " +
+                                it->dump());
+  }
+}
+
+const std::vector<std::string>& known_keys() {
+  static const std::vector<std::string> keys = {
+      "num_train_timesteps", "beta_schedule", "beta_start",     "beta_end",        "trained_betas",
+      "rescale_betas_zero_snr", "prediction_type", "timestep_spacing", "steps_offset", "clip_sample",
+      "clip_sample_range", "set_alpha_to_one", kEtsdmTilde, kEtsdmN};
+  return keys;
+}
+
+}  // namespace
+
+SchedulerConfig SchedulerConfig::from_json(const nlohmann::json& j) {
+  if (!j.is_object()) throw std::invalid_argument("a scheduler config must be a JSON object");
+  SchedulerConfig c;
+  c.num_train_timesteps = get<int64_t>(j, "num_train_timesteps", c.num_train_timesteps);
+  c.beta_schedule = get<std::string>(j, "beta_schedule", c.beta_schedule);
+  c.beta_start = get<double>(j, "beta_start", c.beta_start);
+  c.beta_end = get<double>(j, "beta_end", c.beta_end);
+  if (j.contains("trained_betas") && !j["trained_betas"].is_null())
+    c.trained_betas = get<std::vector<double>>(j, "trained_betas", {});
+  c.rescale_betas_zero_snr = get<bool>(j, "rescale_betas_zero_snr", false);
+  c.prediction_type = parse_prediction(get<std::string>(j, "prediction_type", "epsilon"));
+  c.timestep_spacing = parse_spacing(get<std::string>(j, "timestep_spacing", "leading"));
+  c.steps_offset = get<int64_t>(j, "steps_offset", 0);
+  c.clip_sample = get<bool>(j, "clip_sample", false);
+  c.clip_sample_range = get<double>(j, "clip_sample_range", 1.0);
+  if (!(c.clip_sample_range > 0))
+    throw std::invalid_argument("clip_sample_range must be positive, got " + std::to_string(c.clip_sample_range));
+  c.set_alpha_to_one = get<bool>(j, "set_alpha_to_one", true);
+  c.etsdm.t_tilde = get<int64_t>(j, kEtsdmTilde, 0);
+  c.etsdm.n = get<int64_t>(j, kEtsdmN, 0);
+  if (c.num_train_timesteps < 2)
+    throw std::invalid_argument("num_train_timesteps must be at least 2, got " +
+                                std::to_string(c.num_train_timesteps));
+  if (c.steps_offset < 0) throw std::invalid_argument("steps_offset must be >= 0");
+  if (c.etsdm.enabled() && (c.etsdm.t_tilde >= c.num_train_timesteps || c.etsdm.t_tilde < c.etsdm.n))
+    throw std::invalid_argument("E-TSDM needs n <= t_tilde < num_train_timesteps, got t_tilde = " +
+                                std::to_string(c.etsdm.t_tilde) + ", n = " + std::to_string(c.etsdm.n));
+  for (auto it = j.begin(); it != j.end(); ++it)
+    if (std::find(known_keys().begin(), known_keys().end(), it.key()) == known_keys().end())
+      c.extra[it.key()] = it.value();
+  c.schedule();  // validates beta_schedule and the betas now, not at first use
+  return c;
+}
+
+nlohmann::json SchedulerConfig::to_json() const {
+  nlohmann::json j = extra;
+  j["num_train_timesteps"] = num_train_timesteps;
+  j["beta_schedule"] = beta_schedule;
+  j["beta_start"] = beta_start;
+  j["beta_end"] = beta_end;
+  j["trained_betas"] = trained_betas ? nlohmann::json(*trained_betas) : nlohmann::json(nullptr);
+  j["rescale_betas_zero_snr"] = rescale_betas_zero_snr;
+  j["prediction_type"] = diffusers_name(prediction_type);
+  j["timestep_spacing"] = to_string(timestep_spacing);
+  j["steps_offset"] = steps_offset;
+  j["clip_sample"] = clip_sample;
+  j["clip_sample_range"] = clip_sample_range;
+  j["set_alpha_to_one"] = set_alpha_to_one;
+  if (etsdm.enabled()) {
+    j[kEtsdmTilde] = etsdm.t_tilde;
+    j[kEtsdmN] = etsdm.n;
+  }
+  return j;
+}
+
+Schedule SchedulerConfig::schedule() const {
+  Schedule s;
+  if (trained_betas) {
+    if (int64_t(trained_betas->size()) != num_train_timesteps)
+      throw std::invalid_argument("trained_betas has " + std::to_string(trained_betas->size()) +
+                                  " values but num_train_timesteps is " + std::to_string(num_train_timesteps));
+    s = from_betas(*trained_betas);
+  } else {
+    ScheduleSpec spec;
+    spec.name = beta_schedule;
+    spec.T = num_train_timesteps;
+    spec.beta_start = beta_start;
+    spec.beta_end = beta_end;
+    s = make_schedule(spec);
+  }
+  return rescale_betas_zero_snr ? rescale_zero_terminal_snr(s) : s;
+}
+
+std::vector<std::string> SchedulerConfig::ignored_keys() const {
+  std::vector<std::string> out;
+  for (auto it = extra.begin(); it != extra.end(); ++it)
+    if (it.key().empty() || it.key()[0] != '_') out.push_back(it.key());
+  return out;
+}
+
+SchedulerConfig SchedulerConfig::load(const std::string& path) {
+  auto j = load_json(path);
+  try {
+    return from_json(j);
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error("'" + path + "': " + e.what());
+  }
+}
+
+void SchedulerConfig::save(const std::string& path) const { write_file_atomic(path, to_json().dump(2) + "\n"); }
+
+}  // namespace diffuse

@@ -1,0 +1,98 @@
+#include "diffuse/models/model_folder.h"
+
+#include <filesystem>
+#include <sstream>
+#include <stdexcept>
+
+#include <torch/torch.h>
+
+#include "diffuse/io/files.h"
+#include "diffuse/io/safetensors.h"
+
+namespace diffuse {
+
+std::map<std::string, torch::Tensor> state_dict(torch::nn::Module& m) {
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& p : m.named_parameters(true)) out[p.key()] = p.value();
+  for (const auto& b : m.named_buffers(true)) out[b.key()] = b.value();
+  return out;
+}
+
+void load_state_dict(torch::nn::Module& m, const std::map<std::string, torch::Tensor>& tensors,
+                     const std::string& source) {
+  auto own = state_dict(m);
+  std::vector<std::string> missing, unexpected, misshaped;
+  for (const auto& [name, t] : own) {
+    auto it = tensors.find(name);
+    if (it == tensors.end())
+      missing.push_back(name);
+    else if (it->second.sizes() != t.sizes()) {
+      std::ostringstream os;
+      os << name << " (file " << it->second.sizes() << ", model " << t.sizes() << ")";
+      misshaped.push_back(os.str());
+    }
+  }
+  for (const auto& kv : tensors)
+    if (!own.count(kv.first)) unexpected.push_back(kv.first);
+  if (!missing.empty() || !unexpected.empty() || !misshaped.empty()) {
+    std::ostringstream os;
+    os << "'" << source << "' does not match the model built from its config:";
+    auto list = [&](const char* what, const std::vector<std::string>& names) {
+      if (names.empty()) return;
+      os << " " << names.size() << " " << what << ":";
+      for (size_t i = 0; i < names.size() && i < 8; ++i) os << " " << names[i];
+      if (names.size() > 8) os << " ...";
+      os << ";";
+    };
+    list("missing", missing);
+    list("unexpected", unexpected);
+    list("mis-shaped", misshaped);
+    os << " (config.json and the weights must come from the same model)";
+    throw std::runtime_error(os.str());
+  }
+  torch::NoGradGuard no_grad;
+  for (auto& [name, t] : own) t.copy_(tensors.at(name));
+}
+
+nlohmann::json read_model_config(const std::string& folder) {
+  auto path = (std::filesystem::path(folder) / kConfigFile).string();
+  if (!std::filesystem::exists(path))
+    throw std::runtime_error("cannot read '" + path + "': no such file (pass a model folder holding " +
+                             kConfigFile + " and " + kWeightsFile + ")");
+  return load_json(path);
+}
+
+void read_model_weights(torch::nn::Module& m, const std::string& folder) {
+  auto path = (std::filesystem::path(folder) / kWeightsFile).string();
+  if (!std::filesystem::exists(path))
+    throw std::runtime_error("cannot read '" + path + "': no such file (the model folder needs " +
+                             std::string(kWeightsFile) + " next to " + kConfigFile + ")");
+  load_state_dict(m, load_safetensors(path), path);
+}
+
+void check_model_kind(const nlohmann::json& config, const std::string& path, const ModelKind& kind) {
+  const bool named = config.is_object() && config.contains("_class_name");
+  if (named ? config["_class_name"] == kind.class_name : !kind.required) return;
+  throw std::runtime_error("'" + path + "' describes " +
+                           (named ? "a " + config["_class_name"].dump() : std::string("a model without _class_name")) +
+                           ", not " + kind.what + " (" + kind.hint + ")");
+}
+
+void write_model_folder(torch::nn::Module& m, const nlohmann::json& config, const std::string& folder) {
+  std::error_code ec;
+  std::filesystem::create_directories(folder, ec);
+  if (ec) throw std::runtime_error("cannot create folder '" + folder + "': " + ec.message());
+  std::map<std::string, torch::Tensor> weights;
+  for (const auto& [name, t] : state_dict(m)) weights[name] = t.detach().to(torch::kCPU, torch::kFloat32);
+  // diffusers writes the same metadata.
+  save_safetensors((std::filesystem::path(folder) / kWeightsFile).string(), weights, {{"format", "pt"}});
+  write_file_atomic((std::filesystem::path(folder) / kConfigFile).string(), config.dump(2) + "\n");
+}
+
+int64_t parameter_count(torch::nn::Module& m) {
+  int64_t n = 0;
+  for (const auto& p : m.parameters()) n += p.numel();
+  return n;
+}
+
+}  // namespace diffuse

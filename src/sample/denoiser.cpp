@@ -1,0 +1,144 @@
+// Denoisers and guidance (include/diffuse/sample/denoiser.h).
+#include "diffuse/sample/denoiser.h"
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+
+namespace diffuse {
+
+Estimate Denoiser::operator()(const torch::Tensor& x_t, int64_t t) const {
+  if (!fn) throw std::logic_error("denoiser called without a function");
+  if (t < 0 || t >= schedule.T())
+    throw std::invalid_argument("denoiser called at timestep " + std::to_string(t) + ", outside the schedule's [0, " +
+                                std::to_string(schedule.T() - 1) + "]");
+  return fn(x_t, t);
+}
+
+namespace {
+void check_labels(const torch::Tensor& labels, int64_t n, const char* what) {
+  if (!labels.defined()) return;
+  if (labels.dim() != 1 || labels.size(0) != n)
+    throw std::invalid_argument(std::string(what) + ": expected one class label per image (" + std::to_string(n) +
+                                "), got labels of shape " + c10::str(labels.sizes()));
+  if (labels.scalar_type() != torch::kLong)
+    throw std::invalid_argument(std::string(what) + ": class labels must be int64, got " +
+                                std::string(c10::toString(labels.scalar_type())));
+}
+}  // namespace
+
+torch::Tensor call_network(const Network& net, const EtsdmConfig& etsdm, const torch::Tensor& x_t, int64_t t,
+                           const torch::Tensor& labels) {
+  auto condition = etsdm.condition(torch::full({x_t.size(0)}, t, torch::TensorOptions(torch::kLong).device(x_t.device())));
+  auto out = net(x_t, condition, labels.defined() ? labels.to(x_t.device()) : labels);
+  if (!out.defined() || out.sizes() != x_t.sizes())
+    throw std::runtime_error("the network returned shape " + (out.defined() ? c10::str(out.sizes()) : "none") +
+                             " for input " + c10::str(x_t.sizes()) + " (expected the input's shape)");
+  return out;
+}
+
+Denoiser make_denoiser(Network net, Prediction prediction, Schedule schedule, EtsdmConfig etsdm,
+                       torch::Tensor labels) {
+  if (!net) throw std::invalid_argument("make_denoiser: no network given");
+  if (labels.defined()) check_labels(labels, labels.numel(), "make_denoiser");
+  Denoiser d;
+  d.schedule = schedule;
+  d.fn = [net, prediction, schedule, etsdm, labels](const torch::Tensor& x, int64_t t) {
+    const int64_t n = x.size(0);
+    check_labels(labels, n, "denoiser");
+    auto a = torch::scalar_tensor(schedule.a_at(t), torch::kFloat64);
+    auto s = torch::scalar_tensor(schedule.s_at(t), torch::kFloat64);
+    // An eps model at SNR 0: convert() throws the std::domain_error that names the fix, before the network runs.
+    if (prediction == Prediction::eps && schedule.a_at(t) == 0.0) to_x0(prediction, x, x, a, s);
+    auto out = call_network(net, etsdm, x, t, labels);
+    return Estimate{to_x0(prediction, out, x, a, s), to_eps(prediction, out, x, a, s)};
+  };
+  return d;
+}
+
+torch::Tensor cfg_combine(const torch::Tensor& cond, const torch::Tensor& uncond, double scale, double rescale) {
+  auto cfg = uncond + scale * (cond - uncond);
+  if (rescale == 0.0) return cfg;
+  std::vector<int64_t> dims;
+  for (int64_t i = 1; i < cond.dim(); ++i) dims.push_back(i);
+  auto std_cond = cond.std(dims, /*unbiased=*/true, /*keepdim=*/true);
+  auto std_cfg = cfg.std(dims, /*unbiased=*/true, /*keepdim=*/true);
+  // A constant guided output has no spread to rescale: leave it (factor 1) instead of dividing by 0.
+  auto factor = torch::where(std_cfg > 0, std_cond / std_cfg, torch::ones_like(std_cfg));
+  return cfg * (rescale * factor + (1.0 - rescale));
+}
+
+Network classifier_free_guidance(Network net, CfgOptions o) {
+  if (!net) throw std::invalid_argument("classifier_free_guidance: no network given");
+  if (!std::isfinite(o.scale))
+    throw std::invalid_argument("classifier-free guidance scale must be finite, got " + std::to_string(o.scale));
+  if (!(o.rescale >= 0.0 && o.rescale <= 1.0))
+    throw std::invalid_argument("classifier-free guidance rescale (phi) must lie in [0, 1], got " +
+                                std::to_string(o.rescale));
+  if (o.null_label < 0)
+    throw std::invalid_argument("classifier-free guidance needs the null (unconditional) class label, got " +
+                                std::to_string(o.null_label) + " (by convention num_class_embeds - 1)");
+  return [net, o](const torch::Tensor& x, const torch::Tensor& t_condition, const torch::Tensor& labels) {
+    if (!labels.defined())
+      throw std::invalid_argument("classifier-free guidance needs class labels (pass --class) on a class-conditional model");
+    if (o.scale == 1.0) return net(x, t_condition, labels);  // cfg_combine(c, u, 1, phi) == c
+    const int64_t n = x.size(0);
+    auto out = net(torch::cat({x, x}), torch::cat({t_condition, t_condition}),
+                   torch::cat({labels, torch::full_like(labels, o.null_label)}));
+    return cfg_combine(out.narrow(0, 0, n), out.narrow(0, n, n), o.scale, o.rescale);
+  };
+}
+
+torch::Tensor classifier_log_prob_grad(const Classifier& classifier, const torch::Tensor& x_t, int64_t t,
+                                       const torch::Tensor& labels) {
+  const int64_t n = x_t.size(0);
+  check_labels(labels, n, "classifier guidance");
+  if (!labels.defined()) throw std::invalid_argument("classifier guidance needs the target class of each image");
+  torch::AutoGradMode grad_on(true);
+  auto x = x_t.detach().requires_grad_(true);
+  auto logits = classifier(x, torch::full({n}, t, torch::TensorOptions(torch::kLong).device(x.device())));
+  if (logits.dim() != 2 || logits.size(0) != n)
+    throw std::runtime_error("the classifier returned shape " + c10::str(logits.sizes()) + ", expected logits [" +
+                             std::to_string(n) + ", classes]");
+  auto y = labels.to(logits.device()).view({-1, 1});
+  if ((y < 0).any().item<bool>() || (y >= logits.size(1)).any().item<bool>())
+    throw std::invalid_argument("classifier guidance: a target class lies outside the classifier's " +
+                                std::to_string(logits.size(1)) + " classes");
+  auto log_p = torch::log_softmax(logits, 1).gather(1, y).sum();
+  auto grad = torch::autograd::grad({log_p}, {x}, {}, /*retain_graph=*/false, /*create_graph=*/false,
+                                    /*allow_unused=*/true)[0];
+  return grad.defined() ? grad.detach() : torch::zeros_like(x_t);
+}
+
+Denoiser clip_x0(Denoiser denoiser, double range) {
+  if (!(range > 0)) throw std::invalid_argument("clip_x0: the range must be positive, got " + std::to_string(range));
+  Denoiser d;
+  d.schedule = denoiser.schedule;
+  d.fn = [denoiser, range](const torch::Tensor& x, int64_t t) {
+    auto e = denoiser(x, t);
+    auto x0 = e.x0.clamp(-range, range);
+    const double a = denoiser.schedule.a_at(t), s = denoiser.schedule.s_at(t);
+    return Estimate{x0, (x - a * x0) / s};  // s_t > 0 at every t of a schedule (alpha_bar < 1)
+  };
+  return d;
+}
+
+Denoiser classifier_guidance(Denoiser denoiser, Classifier classifier, torch::Tensor labels, double scale) {
+  if (!classifier) throw std::invalid_argument("classifier_guidance: no classifier given");
+  if (!std::isfinite(scale))
+    throw std::invalid_argument("classifier guidance scale must be finite, got " + std::to_string(scale));
+  Denoiser g;
+  g.schedule = denoiser.schedule;
+  g.fn = [denoiser, classifier, labels, scale](const torch::Tensor& x, int64_t t) {
+    Estimate e = denoiser(x, t);
+    const double a = denoiser.schedule.a_at(t), s = denoiser.schedule.s_at(t);
+    if (a == 0.0 || scale == 0.0) return e;
+    auto grad = classifier_log_prob_grad(classifier, x, t, labels);
+    return Estimate{e.x0 + (scale * s * s / a) * grad, e.eps - (scale * s) * grad};
+  };
+  return g;
+}
+
+}  // namespace diffuse

@@ -1,0 +1,199 @@
+#include "diffuse/sample/pipeline.h"
+
+#include <chrono>
+#include <cmath>
+#include <stdexcept>
+
+#include "diffuse/sample/sampling.h"
+
+namespace fs = std::filesystem;
+
+namespace diffuse {
+
+// ---------------------------------------------------------------- the model folder
+
+std::string ModelFolder::unet(const std::string& weights) const {
+  if (!fs::exists(root))
+    throw std::invalid_argument("model folder '" + root.string() + "' does not exist (train first: diffuse train --out RUN)");
+  if (weights != "auto" && weights != "ema" && weights != "raw")
+    throw std::invalid_argument("weights '" + weights + "' is not one of auto, ema, raw");
+  if (weights == "ema" || weights == "auto") {
+    if (fs::exists(root / "unet_ema" / "config.json")) return (root / "unet_ema").string();
+    if (weights == "ema") throw std::invalid_argument("'" + root.string() + "' has no unet_ema/ (use --weights raw)");
+  }
+  if (fs::exists(root / "unet" / "config.json")) return (root / "unet").string();
+  if (fs::exists(root / "config.json")) return root.string();
+  throw std::invalid_argument("'" + root.string() + "' holds no UNet: expected unet_ema/, unet/ or config.json + "
+                              "diffusion_pytorch_model.safetensors");
+}
+
+std::string ModelFolder::scheduler_config() const {
+  for (auto p : {root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json",
+                 root.parent_path() / "scheduler" / "scheduler_config.json"})
+    if (fs::exists(p)) return p.string();
+  throw std::invalid_argument("no scheduler_config.json found for '" + root.string() +
+                              "' (looked in scheduler/ and beside the model; pass --scheduler FILE)");
+}
+
+std::string ModelFolder::vae() const {
+  if (fs::exists(root / "vae" / "config.json")) return (root / "vae").string();  // a diffuse run
+  // A diffusers pipeline folder's unet/ (model_index.json beside it): its vae/.
+  const auto parent = root.parent_path();
+  if (fs::exists(parent / "model_index.json") && fs::exists(parent / "vae" / "config.json"))
+    return (parent / "vae").string();
+  return "";
+}
+
+// ---------------------------------------------------------------- loading
+
+Network LoadedRun::network() const {
+  auto u = unet;
+  return [u](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& labels) mutable {
+    return u->forward(x, t, labels);
+  };
+}
+
+LoadedRun load_run(const std::string& model, const LoadOptions& o) {
+  ModelFolder folder(model);
+  LoadedRun r;
+  r.device = o.device;
+  r.unet_folder = folder.unet(o.weights);  // first: a missing model is the error to report
+  r.scheduler = SchedulerConfig::load(o.scheduler_file.empty() ? folder.scheduler_config() : o.scheduler_file);
+  r.unet = load_unet(r.unet_folder, o.device);
+  r.unet->eval();
+  const auto& uc = r.unet->config();
+  if (!uc.sample_size) throw std::invalid_argument("the UNet config has no sample_size: cannot tell the image size");
+  r.channels = uc.in_channels;
+  r.height = r.width = *uc.sample_size;
+  r.class_embeds = uc.num_class_embeds.value_or(0);
+  r.vae_folder = o.vae == "none" ? "" : o.vae.empty() ? folder.vae() : resolve_vae_folder(o.vae);
+  if (!r.vae_folder.empty()) {
+    r.vae = load_vae(r.vae_folder, o.device);
+    r.vae->eval();
+    if (r.vae->config().latent_channels != r.channels)
+      throw std::invalid_argument("the autoencoder '" + r.vae_folder + "' has " +
+                                  std::to_string(r.vae->config().latent_channels) + " latent channels but the UNet takes " +
+                                  std::to_string(r.channels) + " (pass the --vae the model was trained with, or --vae none)");
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------- generation
+
+namespace {
+
+void check_options(const LoadedRun& run, const GenerateOptions& o) {
+  if (o.n < 1) throw std::invalid_argument("--n must be >= 1, got " + std::to_string(o.n));
+  if (o.batch < 1) throw std::invalid_argument("--batch must be >= 1, got " + std::to_string(o.batch));
+  if (o.cfg_rescale < 0 || o.cfg_rescale > 1)
+    throw std::invalid_argument("--cfg-rescale must lie in [0, 1], got " + std::to_string(o.cfg_rescale));
+  if (o.class_id >= 0 && (run.class_embeds == 0 || o.class_id >= run.class_embeds))
+    throw std::invalid_argument("--class " + std::to_string(o.class_id) + " but the model has " +
+                                std::to_string(run.class_embeds) + " class embeddings");
+  if (o.cfg != 1.0 && run.class_embeds == 0)
+    throw std::invalid_argument("--cfg needs a class-conditional model; this one has no class embeddings");
+  if (o.classifier_scale != 0 && !o.classifier)
+    throw std::invalid_argument("--classifier-scale needs --classifier RUN");
+  if (o.classifier && o.classifier->config().in_channels != run.channels)
+    throw std::invalid_argument("the classifier takes " + std::to_string(o.classifier->config().in_channels) +
+                                " channels but the UNet's x_t has " + std::to_string(run.channels) +
+                                (run.vae.is_empty() ? "" : " (a latent model needs a classifier trained on the same latents)"));
+  const auto& x = o.init_noise;
+  if (x.defined() && (x.dim() != 4 || x.size(0) < o.n || x.size(1) != run.channels || x.size(2) != run.height ||
+                      x.size(3) != run.width))
+    throw std::invalid_argument("the initial noise (--init-noise) must be [>= " + std::to_string(o.n) + ", " + std::to_string(run.channels) +
+                                ", " + std::to_string(run.height) + ", " + std::to_string(run.width) + "]");
+}
+
+double clip_range_of(const LoadedRun& run, const GenerateOptions& o) {
+  const double range = std::isnan(o.clip_sample) ? (run.scheduler.clip_sample ? run.scheduler.clip_sample_range : 0.0)
+                                                 : o.clip_sample;
+  if (!(range >= 0)) throw std::invalid_argument("--clip-sample must be >= 0 (0: off), got " + std::to_string(range));
+  if (range > 0 && !run.vae.is_empty())
+    throw std::invalid_argument("--clip-sample clamps pixel values, but this model samples latents (pass --clip-sample 0)");
+  return range;
+}
+
+std::vector<int64_t> image_labels(const LoadedRun& run, const GenerateOptions& o) {
+  const int64_t classes = run.class_embeds > 0 ? run.class_embeds - 1 : 0;  // the last embedding is the null class
+  std::vector<int64_t> labels(o.n, -1);
+  for (int64_t i = 0; i < o.n; ++i)
+    if (run.class_embeds > 0) labels[i] = o.class_id >= 0 ? o.class_id : (classes > 0 ? i % classes : 0);
+  return labels;
+}
+
+// The denoiser of one batch: the (guided) network, its prediction and schedule, the batch's labels.
+Denoiser batch_denoiser(const LoadedRun& run, const GenerateOptions& o, const Network& net, const Schedule& schedule,
+                        const torch::Tensor& y, double clip_range) {
+  auto denoiser = make_denoiser(net, run.scheduler.prediction_type, schedule, run.scheduler.etsdm, y);
+  if (clip_range > 0) denoiser = clip_x0(denoiser, clip_range);
+  if (o.classifier) {
+    auto classifier = o.classifier;
+    Classifier clf = [classifier](const torch::Tensor& x_t, const torch::Tensor& t) mutable {
+      return classifier->forward(x_t, t);
+    };
+    denoiser = classifier_guidance(denoiser, clf, y, o.classifier_scale);
+  }
+  return denoiser;
+}
+
+torch::Tensor decode(const LoadedRun& run, const torch::Tensor& latents, int64_t batch) {
+  auto vae = run.vae;  // a handle: decode_scaled is not const
+  std::vector<torch::Tensor> decoded;
+  for (int64_t i = 0; i < latents.size(0); i += batch)
+    decoded.push_back(vae->decode_scaled(latents.narrow(0, i, std::min(batch, latents.size(0) - i)).to(run.device))
+                          .to(torch::kCPU, torch::kFloat32));
+  return torch::cat(decoded);
+}
+
+}  // namespace
+
+Generated generate(const LoadedRun& run, const GenerateOptions& o) {
+  torch::NoGradGuard no_grad;
+  check_options(run, o);
+  Generated g;
+  g.clip_range = clip_range_of(run, o);
+  g.spacing = o.spacing.value_or(run.scheduler.timestep_spacing);
+  const Schedule schedule = run.scheduler.schedule();
+  g.timesteps = spaced_timesteps(schedule.T(), o.steps, g.spacing,
+                                 g.spacing == Spacing::leading ? run.scheduler.steps_offset : 0);
+  g.labels = image_labels(run, o);
+  auto sampler = get_sampler(o.sampler);
+  Network net = run.network();
+  const int64_t null_class = o.null_class >= 0 ? o.null_class : run.class_embeds - 1;
+  if (o.cfg != 1.0) net = classifier_free_guidance(net, {o.cfg, o.cfg_rescale, null_class});
+
+  const int64_t batches = (o.n + o.batch - 1) / o.batch, steps = int64_t(g.timesteps.size());
+  auto t0 = std::chrono::steady_clock::now();
+  std::vector<torch::Tensor> outputs;
+  for (int64_t b = 0; b < batches; ++b) {
+    const int64_t first = b * o.batch, count = std::min(o.batch, o.n - first);
+    auto x = o.init_noise.defined() ? o.init_noise.slice(0, first, first + count).to(torch::kFloat32)
+                                    : make_noise({run.channels, run.height, run.width}, count, o.seed, first);
+    torch::Tensor y;
+    if (run.class_embeds > 0)
+      y = torch::tensor(std::vector<int64_t>(g.labels.begin() + first, g.labels.begin() + first + count), torch::kLong)
+              .to(run.device);
+    SamplerOptions so;
+    so.eta = o.eta;
+    so.variance = o.variance;
+    so.set_alpha_to_one = run.scheduler.set_alpha_to_one;
+    so.seed = o.seed;
+    so.first_image = first;
+    if (o.progress)
+      so.callback = [&](const StepInfo& info) {
+        o.progress({b * steps + info.step + 1, batches * steps, info.t, count});
+      };
+    outputs.push_back(sampler(batch_denoiser(run, o, net, schedule, y, g.clip_range), g.timesteps, x.to(run.device), so)
+                          .to(torch::kCPU, torch::kFloat32));
+  }
+  g.images = torch::cat(outputs);
+  if (!run.vae.is_empty()) {
+    g.latents = g.images;
+    g.images = decode(run, g.latents, o.batch);
+  }
+  g.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return g;
+}
+
+}  // namespace diffuse

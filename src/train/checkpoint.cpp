@@ -1,0 +1,132 @@
+// The run folder: what may be resumed or overwritten, and the checkpoint swap that a kill at any moment
+// leaves completable.
+#include <algorithm>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "diffuse/io/files.h"
+#include "diffuse/train/train.h"
+#include "train/train_internal.h"
+
+namespace fs = std::filesystem;
+
+namespace diffuse {
+
+namespace {
+const char* kOldCheckpoint = ".checkpoint-old";
+}  // namespace
+
+namespace detail {
+
+void swap_in_checkpoint(const fs::path& run) {
+  fs::path fresh = run / detail::kNewCheckpoint, old = run / kOldCheckpoint;
+  fs::create_directories(old);
+  for (const auto& e : fs::directory_iterator(fresh)) {
+    std::string name = e.path().filename().string();
+    if (name == kComplete) continue;
+    fs::path target = run / name;
+    if (fs::exists(target)) {
+      fs::remove_all(old / name);
+      fs::rename(target, old / name);
+    }
+    fs::rename(e.path(), target);
+  }
+  fs::remove_all(fresh);  // the COMPLETE marker goes last
+  fs::remove_all(old);
+}
+}  // namespace detail
+
+namespace {
+bool is_resumable(const std::string& key) {
+  for (const auto& r : resumable_options())
+    if (r.key == key) return true;
+  return false;
+}
+
+std::string join_keys(const std::vector<std::string>& keys) {
+  std::string s;
+  for (const auto& k : keys) s += (s.empty() ? "" : ", ") + k;
+  return s;
+}
+
+// Keys (dotted paths) whose values differ between two option objects, ignoring resumable ones.
+void diff_json(const nlohmann::json& a, const nlohmann::json& b, const std::string& prefix,
+               std::vector<std::string>& out) {
+  if (a.is_object() && b.is_object()) {
+    std::vector<std::string> keys;
+    for (auto it = a.begin(); it != a.end(); ++it) keys.push_back(it.key());
+    for (auto it = b.begin(); it != b.end(); ++it)
+      if (!a.contains(it.key())) keys.push_back(it.key());
+    for (const auto& k : keys) {
+      if (prefix == "loop." && is_resumable(k)) continue;
+      diff_json(a.value(k, nlohmann::json()), b.value(k, nlohmann::json()), prefix + k + ".", out);
+    }
+  } else if (a != b) {
+    out.push_back(prefix.substr(0, prefix.size() - 1) + " (" + a.dump() + " in the run, " + b.dump() + " now)");
+  }
+}
+
+}  // namespace
+
+void check_run_folder(const LoopOptions& o) {
+  if (o.out.empty()) throw std::invalid_argument("no run folder given (--out RUN)");
+  if (o.resume && o.overwrite) throw std::invalid_argument("--resume and --overwrite exclude each other");
+  fs::path run(o.out);
+  if (o.resume) {
+    if (!fs::exists(run / "run.json"))
+      throw std::invalid_argument("cannot resume '" + o.out + "': no run.json there (not a diffuse run folder)");
+    return;
+  }
+  bool exists = fs::exists(run) && !(fs::is_directory(run) && fs::is_empty(run));
+  if (!exists) return;
+  if (!o.overwrite)
+    throw std::invalid_argument("run folder '" + o.out +
+                                "' already exists (pass --resume to continue it or --overwrite to replace it)");
+  if (!fs::is_directory(run) || !fs::exists(run / "run.json"))
+    throw std::invalid_argument("--overwrite refused: '" + o.out +
+                                "' exists but is not a diffuse run folder (no run.json); remove it yourself");
+}
+
+void finish_interrupted_checkpoint(const std::string& run_dir) {
+  fs::path run(run_dir), fresh = run / detail::kNewCheckpoint;
+  if (fs::exists(fresh)) {
+    if (fs::exists(fresh / detail::kComplete))
+      detail::swap_in_checkpoint(run);
+    else
+      fs::remove_all(fresh);  // cut short while writing: the previous checkpoint is intact
+  }
+  fs::remove_all(run / kOldCheckpoint);
+}
+
+int64_t checkpoint_step(const std::string& run_dir) {
+  std::string path = (fs::path(run_dir) / "train_state" / "state.json").string();
+  auto j = load_json(path);
+  if (!j.contains("step") || !j["step"].is_number_integer())
+    throw std::runtime_error("'" + path + "' has no integer 'step': corrupt train state");
+  return j["step"].get<int64_t>();
+}
+
+// Creates, replaces or reopens the run folder. Returns true when resuming.
+bool detail::prepare_run_folder(const LoopOptions& o, const nlohmann::json& options_json) {
+  check_run_folder(o);
+  fs::path run(o.out);
+  if (o.resume) {
+    finish_interrupted_checkpoint(o.out);
+    if (!fs::exists(run / "train_state" / "state.json"))
+      throw std::invalid_argument("cannot resume '" + o.out +
+                                  "': it has no checkpoint yet (train_state/state.json missing); start it again with --overwrite");
+    auto stored = load_json((run / "run.json").string());
+    std::vector<std::string> diffs;
+    diff_json(stored, options_json, "", diffs);
+    if (!diffs.empty())
+      throw std::invalid_argument("cannot resume '" + o.out + "' with different options: " + join_keys(diffs) +
+                                  " (resume without them, or start a new run)");
+    return true;
+  }
+  if (fs::exists(run)) fs::remove_all(run);  // empty, or a run folder with --overwrite (checked above)
+  fs::create_directories(run);
+  return false;
+}
+
+}  // namespace diffuse

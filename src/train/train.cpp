@@ -1,0 +1,453 @@
+// The three training tasks (diffusion UNet, noisy classifier, autoencoder), their losses, and the public
+// entry points train(), train_classifier(), train_vae(). The loop itself is in train_loop.cpp.
+#include "diffuse/train/train.h"
+
+#include <filesystem>
+#include <iomanip>
+#include <sstream>
+
+#include "diffuse/io/files.h"
+#include "diffuse/util/runtime.h"
+#include "train/train_internal.h"
+
+namespace fs = std::filesystem;
+
+namespace diffuse {
+
+// ================================================================ losses
+
+torch::Tensor per_example_loss(Prediction prediction, const torch::Tensor& pred, const torch::Tensor& x0,
+                               const torch::Tensor& eps, const torch::Tensor& a, const torch::Tensor& s,
+                               const torch::Tensor& weight) {
+  TORCH_CHECK(pred.sizes() == x0.sizes(), "model output ", pred.sizes(), " does not match the images ", x0.sizes());
+  auto err = (pred - target(prediction, x0, eps, a, s)).pow(2).flatten(1).mean(1);
+  return weight.to(err.dtype()) * err;
+}
+
+torch::Tensor offset_noise(const torch::Tensor& eps, double strength, at::Generator& gen) {
+  if (strength == 0) return eps;
+  auto delta = torch::randn({eps.size(0), eps.size(1), 1, 1}, gen, torch::TensorOptions().dtype(eps.dtype()));
+  return eps + strength * delta.to(eps.device());
+}
+
+SchedulerConfig make_scheduler_config(const ScheduleSpec& spec, Prediction prediction, Spacing spacing,
+                                      const EtsdmConfig& etsdm) {
+  Schedule schedule = make_schedule(spec);  // validates the name and values
+  SchedulerConfig c;
+  c.num_train_timesteps = spec.T;
+  c.prediction_type = prediction;
+  c.timestep_spacing = spacing;
+  c.etsdm = etsdm;
+  c.extra["_class_name"] = "DDIMScheduler";
+  c.extra["_diffusers_version"] = "0.25.0";
+  bool cosine_family = spec.name == "cosine" || spec.name == "squaredcos_cap_v2" || spec.name == "cosine_noclip";
+  if (cosine_family && (spec.zero_snr || spec.name == "cosine_noclip")) {
+    // Zero-SNR cosine drops the 0.999 clip (Lin et al. 2023, section 3.1): no diffusers name, so explicit betas.
+    auto betas = schedule.betas().contiguous();
+    c.trained_betas = std::vector<double>(betas.data_ptr<double>(), betas.data_ptr<double>() + betas.numel());
+    c.beta_schedule = "linear";
+  } else {
+    c.beta_schedule = cosine_family ? "squaredcos_cap_v2" : spec.name;
+    auto pick = [](double v, double dflt) { return v < 0 ? dflt : v; };
+    bool scaled = spec.name == "scaled_linear";
+    c.beta_start = pick(spec.beta_start, scaled ? 0.00085 : 1e-4);
+    c.beta_end = pick(spec.beta_end, scaled ? 0.012 : 0.02);
+    c.rescale_betas_zero_snr = spec.zero_snr;
+  }
+  if (etsdm.enabled() && (etsdm.t_tilde >= spec.T || etsdm.n > etsdm.t_tilde))
+    throw std::invalid_argument("E-TSDM needs 1 <= n <= t_tilde < T, got t_tilde = " + std::to_string(etsdm.t_tilde) +
+                                ", n = " + std::to_string(etsdm.n) + ", T = " + std::to_string(spec.T));
+  return c;
+}
+
+UNetConfig make_unet_config(const UNetShape& shape, int64_t size, int64_t channels, int64_t num_classes) {
+  if (shape.channels.empty()) throw std::invalid_argument("--channels needs at least one level");
+  int64_t levels = int64_t(shape.channels.size());
+  for (auto l : shape.attention_levels)
+    if (l < 0 || l >= levels)
+      throw std::invalid_argument("attention level " + std::to_string(l) + " does not exist (levels 0.." +
+                                  std::to_string(levels - 1) + " for --channels with " + std::to_string(levels) +
+                                  " values)");
+  if (size % (int64_t(1) << (levels - 1)) != 0)
+    throw std::invalid_argument("image size " + std::to_string(size) + " is not divisible by 2^" +
+                                std::to_string(levels - 1) + " (one downsampling per level after the first)");
+  UNetConfig c;
+  c.sample_size = size;
+  c.in_channels = channels;
+  c.out_channels = channels;
+  c.block_out_channels = shape.channels;
+  c.layers_per_block = shape.layers_per_block;
+  c.down_block_types.assign(size_t(levels), "DownBlock2D");
+  c.up_block_types.assign(size_t(levels), "UpBlock2D");
+  for (auto l : shape.attention_levels) {
+    c.down_block_types[size_t(l)] = "AttnDownBlock2D";
+    c.up_block_types[size_t(levels - 1 - l)] = "AttnUpBlock2D";
+  }
+  c.add_attention = shape.mid_attention;
+  c.attention_head_dim = shape.attention_head_dim;
+  c.norm_num_groups = shape.norm_groups;
+  c.dropout = shape.dropout;
+  c.resnet_time_scale_shift = shape.time_scale_shift;
+  if (num_classes > 0) c.num_class_embeds = num_classes + 1;
+  c.validate();
+  return c;
+}
+
+// ================================================================ the tasks
+
+namespace {
+
+using detail::copy_weights;
+using detail::Shard;
+using detail::Task;
+
+// ---------------------------------------------------------------- the diffusion task
+
+class DiffusionTask : public Task {
+ public:
+  DiffusionTask(const TrainOptions& o, const Dataset& data, AutoencoderKL vae)
+      : o_(o),
+        scheduler_(make_scheduler_config(o.schedule, o.prediction, o.spacing, o.etsdm)),
+        schedule_(scheduler_.schedule()),
+        vae_(std::move(vae)) {
+    const auto& u = o.unet;
+    if (u.sample_size.value_or(-1) != data.height() || data.height() != data.width() || u.in_channels != data.channels())
+      throw std::invalid_argument("the data (" + std::to_string(data.channels()) + "x" + std::to_string(data.height()) +
+                                  "x" + std::to_string(data.width()) + ") does not fit the UNet (" +
+                                  std::to_string(u.in_channels) + "x" + std::to_string(u.sample_size.value_or(0)) +
+                                  "x" + std::to_string(u.sample_size.value_or(0)) + ")");
+    if (o.vae.empty() != vae_.is_empty())
+      throw std::invalid_argument(o.vae.empty() ? "an autoencoder was given but the options name none (set TrainOptions::vae)"
+                                                : "the options train on the latents of '" + o.vae +
+                                                      "' but no autoencoder was given");
+    if (u.out_channels != u.in_channels)
+      throw std::invalid_argument("the UNet must output as many channels as it reads (out_channels " +
+                                  std::to_string(u.out_channels) + ", in_channels " + std::to_string(u.in_channels) + ")");
+    if (u.num_class_embeds) {
+      if (data.num_classes < 1)
+        throw std::invalid_argument("the UNet is class-conditional but the data '" + data.name +
+                                    "' has no classes (pass --unconditional)");
+      if (*u.num_class_embeds < data.num_classes + 1)
+        throw std::invalid_argument("num_class_embeds " + std::to_string(*u.num_class_embeds) + " leaves no null class for " +
+                                    std::to_string(data.num_classes) + " classes (needs " +
+                                    std::to_string(data.num_classes + 1) + ")");
+      null_class_ = *u.num_class_embeds - 1;
+    }
+    if (!(o.label_dropout >= 0 && o.label_dropout < 1))
+      throw std::invalid_argument("--label-dropout must be in [0, 1), got " + std::to_string(o.label_dropout));
+    if (!(o.offset_noise >= 0)) throw std::invalid_argument("--offset-noise must be >= 0");
+    // Refuses eps prediction on a zero-terminal-SNR schedule now rather than at the first t = T - 1.
+    weight_ = loss_weight(o.loss_weight, o.prediction, schedule_.snr(), o.min_snr_gamma).to(torch::kFloat32);
+  }
+
+  std::string kind() const override { return "unet"; }
+  void create(torch::Device device) override {
+    unet_ = UNet2DModel(o_.unet);
+    ema_ = UNet2DModel(o_.unet);
+    to(device);
+    copy_weights(*ema_, *unet_);
+  }
+  void load(const fs::path& run, torch::Device device) override {
+    unet_ = load_unet((run / "unet").string(), device);
+    ema_ = load_unet((run / "unet_ema").string(), device);
+    if (!(unet_->config() == o_.unet))
+      throw std::invalid_argument("'" + (run / "unet" / "config.json").string() + "' differs from run.json's UNet");
+    to(device);
+  }
+  torch::nn::Module& model() override { return *unet_; }
+  torch::nn::Module& ema() override { return *ema_; }
+  int64_t T() const override { return schedule_.T(); }
+
+  std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, const Shard& shard, at::Generator& gen) override {
+    const auto& x0 = batch.images;
+    int64_t B = x0.size(0);
+    auto t = shard.rows(torch::randint(0, schedule_.T(), {shard.global}, gen, torch::kInt64));
+    auto eps = shard.rows(offset_noise(torch::randn(shard.global_shape(x0.sizes()), gen, torch::kFloat32),
+                                       o_.offset_noise, gen))
+                   .to(device_);
+    auto td = t.to(device_);
+    auto a = a_.index_select(0, td).view({B, 1, 1, 1}), s = s_.index_select(0, td).view({B, 1, 1, 1});
+    auto x_t = add_noise(x0, eps, a, s);
+    torch::Tensor labels;
+    if (null_class_ >= 0) {
+      auto drop = shard.rows(torch::rand({shard.global}, gen) < o_.label_dropout).to(device_);
+      labels = torch::where(drop, torch::full_like(batch.labels, null_class_), batch.labels);
+    }
+    auto cond = o_.etsdm.condition(t).to(device_);  // E-TSDM: the network sees f(t), the noise uses t
+    auto pred = unet_->forward(x_t, cond, labels).to(torch::kFloat32);
+    return {per_example_loss(o_.prediction, pred, x0, eps, a, s, weight_d_.index_select(0, td)), t};
+  }
+
+  void save(const fs::path& dir) override {
+    save_unet(unet_, (dir / "unet").string());
+    save_unet(ema_, (dir / "unet_ema").string());
+    fs::create_directories(dir / "scheduler");
+    scheduler_.save((dir / "scheduler" / "scheduler_config.json").string());
+    if (!vae_.is_empty()) save_vae(vae_, (dir / "vae").string());  // latent diffusion: samples decode through it
+  }
+
+ private:
+  void to(torch::Device device) {
+    device_ = device;
+    unet_->to(device);
+    ema_->to(device);
+    a_ = schedule_.a().to(torch::kFloat32).to(device);
+    s_ = schedule_.s().to(torch::kFloat32).to(device);
+    weight_d_ = weight_.to(device);
+  }
+  TrainOptions o_;
+  SchedulerConfig scheduler_;
+  Schedule schedule_;
+  torch::Tensor weight_, weight_d_, a_, s_;
+  int64_t null_class_ = -1;
+  torch::Device device_ = torch::kCPU;
+  UNet2DModel unet_{nullptr}, ema_{nullptr};
+  AutoencoderKL vae_{nullptr};
+};
+
+// ---------------------------------------------------------------- the classifier task
+
+class ClassifierTask : public Task {
+ public:
+  ClassifierTask(const ClassifierTrainOptions& o, const Dataset& data)
+      : o_(o),
+        scheduler_(make_scheduler_config(o.schedule, Prediction::v, Spacing::trailing, {})),
+        schedule_(scheduler_.schedule()) {
+    const auto& c = o.classifier;
+    if (data.num_classes < 1) throw std::invalid_argument("a noisy classifier needs labelled data; '" + data.name + "' has no classes");
+    if (c.num_classes != data.num_classes)
+      throw std::invalid_argument("the classifier has " + std::to_string(c.num_classes) + " classes, the data " +
+                                  std::to_string(data.num_classes));
+    if (c.sample_size.value_or(-1) != data.height() || data.height() != data.width() || c.in_channels != data.channels())
+      throw std::invalid_argument("the data (" + std::to_string(data.channels()) + "x" + std::to_string(data.height()) +
+                                  "x" + std::to_string(data.width()) + ") does not fit the classifier's input");
+  }
+  std::string kind() const override { return "classifier"; }
+  void create(torch::Device device) override {
+    model_ = NoisyClassifier(o_.classifier);
+    ema_ = NoisyClassifier(o_.classifier);
+    to(device);
+    copy_weights(*ema_, *model_);
+  }
+  void load(const fs::path& run, torch::Device device) override {
+    model_ = load_classifier((run / "classifier").string(), device);
+    ema_ = load_classifier((run / "classifier_ema").string(), device);
+    to(device);
+  }
+  torch::nn::Module& model() override { return *model_; }
+  torch::nn::Module& ema() override { return *ema_; }
+  int64_t T() const override { return schedule_.T(); }
+  NoisyClassifier& ema_model() { return ema_; }
+  NoisyClassifier& raw_model() { return model_; }
+  const Schedule& schedule() const { return schedule_; }
+
+  std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, const Shard& shard, at::Generator& gen) override {
+    const auto& x0 = batch.images;
+    auto t = shard.rows(torch::randint(0, schedule_.T(), {shard.global}, gen, torch::kInt64));
+    auto eps = shard.rows(torch::randn(shard.global_shape(x0.sizes()), gen, torch::kFloat32)).to(device_);
+    auto td = t.to(device_);
+    auto x_t = add_noise(x0, eps, a_.index_select(0, td), s_.index_select(0, td));
+    auto logits = model_->forward(x_t, td.to(torch::kFloat32)).to(torch::kFloat32);
+    return {torch::nn::functional::cross_entropy(
+                logits, batch.labels, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone)),
+            t};
+  }
+  void save(const fs::path& dir) override {
+    save_classifier(model_, (dir / "classifier").string());
+    save_classifier(ema_, (dir / "classifier_ema").string());
+    fs::create_directories(dir / "scheduler");
+    scheduler_.save((dir / "scheduler" / "scheduler_config.json").string());
+  }
+
+ private:
+  void to(torch::Device device) {
+    device_ = device;
+    model_->to(device);
+    ema_->to(device);
+    a_ = schedule_.a().to(torch::kFloat32).to(device);
+    s_ = schedule_.s().to(torch::kFloat32).to(device);
+  }
+  ClassifierTrainOptions o_;
+  SchedulerConfig scheduler_;
+  Schedule schedule_;
+  torch::Tensor a_, s_;
+  torch::Device device_ = torch::kCPU;
+  NoisyClassifier model_{nullptr}, ema_{nullptr};
+};
+
+// ---------------------------------------------------------------- the autoencoder task
+
+class VaeTask : public Task {
+ public:
+  VaeTask(const VaeTrainOptions& o, const Dataset& data) : o_(o) {
+    const auto& v = o.vae;
+    v.validate();
+    if (v.sample_size != data.height() || data.height() != data.width() || v.in_channels != data.channels() ||
+        v.out_channels != v.in_channels)
+      throw std::invalid_argument("the data (" + std::to_string(data.channels()) + "x" + std::to_string(data.height()) +
+                                  "x" + std::to_string(data.width()) + ") does not fit the autoencoder (" +
+                                  std::to_string(v.in_channels) + " -> " + std::to_string(v.out_channels) +
+                                  " channels, sample_size " + std::to_string(v.sample_size) + ")");
+    if (data.height() % v.downsample_factor() != 0)
+      throw std::invalid_argument("image size " + std::to_string(data.height()) + " is not divisible by " +
+                                  std::to_string(v.downsample_factor()) + " (2^(levels - 1)); change --size or --channels");
+    if (o.reconstruction != "l1" && o.reconstruction != "l2")
+      throw std::invalid_argument("--reconstruction '" + o.reconstruction + "' is not supported (l1 or l2)");
+    if (!(o.kl_weight >= 0) || !std::isfinite(o.kl_weight))
+      throw std::invalid_argument("--kl-weight must be >= 0, got " + std::to_string(o.kl_weight));
+    if (o.scale_images < 2) throw std::invalid_argument("--scale-images must be at least 2");
+    const int64_t k = std::min(o.scale_images, data.size());
+    scale_sample_ = data.images.index_select(
+        0, torch::linspace(0, double(data.size() - 1), k, torch::kFloat64).round().to(torch::kInt64));
+  }
+  std::string kind() const override { return "vae"; }
+  void create(torch::Device device) override {
+    vae_ = AutoencoderKL(o_.vae);
+    ema_ = AutoencoderKL(o_.vae);
+    to(device);
+    copy_weights(*ema_, *vae_);
+  }
+  void load(const fs::path& run, torch::Device device) override {
+    vae_ = load_vae((run / "vae").string(), device);
+    ema_ = load_vae((run / "vae_ema").string(), device);
+    auto stored = vae_->config();
+    stored.scaling_factor = o_.vae.scaling_factor;
+    if (!(stored == o_.vae))
+      throw std::invalid_argument("'" + (run / "vae" / "config.json").string() + "' differs from run.json's autoencoder");
+    to(device);
+  }
+  torch::nn::Module& model() override { return *vae_; }
+  torch::nn::Module& ema() override { return *ema_; }
+  int64_t T() const override { return 0; }  // no timesteps
+  AutoencoderKL& raw_model() { return vae_; }
+  AutoencoderKL& ema_model() { return ema_; }
+
+  std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, const Shard& shard, at::Generator& gen) override {
+    const auto& x = batch.images;
+    auto posterior = vae_->encode(x);
+    auto noise = shard.rows(torch::randn(shard.global_shape(posterior.mean.sizes()), gen, torch::kFloat32));
+    auto diff = vae_->decode(posterior.sample_from(noise)).to(torch::kFloat32) - x;
+    auto rec = (o_.reconstruction == "l1" ? diff.abs() : diff.square()).flatten(1).mean(1);
+    auto kl = posterior.kl().to(torch::kFloat32) / double(x[0].numel());
+    return {rec + o_.kl_weight * kl, torch::zeros({x.size(0)}, torch::kInt64)};
+  }
+
+  // Each saved model carries the scaling factor of its own weights.
+  void save(const fs::path& dir) override {
+    const std::pair<AutoencoderKL*, const char*> models[] = {{&vae_, "vae"}, {&ema_, "vae_ema"}};
+    for (const auto& [model, name] : models) {
+      (*model)->set_scaling_factor(measure_scaling_factor(*model, scale_sample_, o_.loop.batch, o_.loop.seed));
+      save_vae(*model, (dir / name).string());
+    }
+  }
+
+ private:
+  void to(torch::Device device) {
+    vae_->to(device);
+    ema_->to(device);
+  }
+  VaeTrainOptions o_;
+  torch::Tensor scale_sample_;
+  AutoencoderKL vae_{nullptr}, ema_{nullptr};
+};
+
+}  // namespace
+
+TrainResult train(const TrainOptions& options, const Dataset& data, const TrainHooks& hooks, AutoencoderKL vae) {
+  DiffusionTask task(options, data, std::move(vae));
+  return detail::run_loop(task, options.loop, options.to_json(), data, hooks);
+}
+
+std::vector<AccuracyRow> noisy_accuracy(NoisyClassifier& model, const Schedule& schedule, const Dataset& data,
+                                        int64_t bins, uint64_t seed, torch::Device device, int64_t batch) {
+  torch::NoGradGuard ng;
+  bool was_training = model->is_training();
+  model->eval();
+  int64_t T = schedule.T(), n = data.size();
+  auto a = schedule.a().to(torch::kFloat32), s = schedule.s().to(torch::kFloat32);
+  std::vector<AccuracyRow> rows;
+  for (int64_t k = 0; k < bins; ++k) {
+    int64_t lo = k * T / bins, hi = (k + 1) * T / bins;
+    auto gen = cpu_generator(mix_seed(seed, 0xacc, uint64_t(k)));
+    int64_t correct = 0;
+    for (int64_t i = 0; i < n; i += batch) {
+      int64_t b = std::min(batch, n - i);
+      auto x0 = data.images.narrow(0, i, b);
+      auto t = torch::randint(lo, hi, {b}, gen, torch::kInt64);
+      auto eps = torch::randn(x0.sizes(), gen, torch::kFloat32);
+      auto x_t = add_noise(x0, eps, a.index_select(0, t), s.index_select(0, t));
+      auto pred = model->forward(x_t.to(device), t.to(torch::kFloat32).to(device)).argmax(1).cpu();
+      correct += (pred == data.labels.narrow(0, i, b)).sum().item<int64_t>();
+    }
+    rows.push_back({lo, hi, double(correct) / double(n), n});
+  }
+  model->train(was_training);
+  return rows;
+}
+
+TrainResult train_classifier(const ClassifierTrainOptions& options, const Dataset& data, const Dataset& heldout,
+                             std::ostream* report, const TrainHooks& hooks) {
+  ClassifierTask task(options, data);
+  auto result = detail::run_loop(task, options.loop, options.to_json(), data, hooks);
+  if (result.rank == 0 && heldout.images.defined() && heldout.size() > 0) {
+    torch::Device device = parse_device(options.loop.device);
+    auto raw = noisy_accuracy(task.raw_model(), task.schedule(), heldout, 10, options.loop.seed, device);
+    auto ema = noisy_accuracy(task.ema_model(), task.schedule(), heldout, 10, options.loop.seed, device);
+    std::ostringstream csv;
+    csv << "t_begin,t_end,accuracy,accuracy_ema,count\n";
+    for (size_t k = 0; k < raw.size(); ++k)
+      csv << raw[k].t_begin << "," << raw[k].t_end << "," << raw[k].accuracy << "," << ema[k].accuracy << ","
+          << raw[k].count << "\n";
+    write_file_atomic((fs::path(options.loop.out) / "accuracy.csv").string(), csv.str());
+    if (report) {
+      *report << "held-out accuracy on " << heldout.size() << " images of " << heldout.name
+              << " noised at t in each range (step " << result.step << "):\n"
+              << "  t range      raw     EMA\n";
+      for (size_t k = 0; k < raw.size(); ++k)
+        *report << "  " << std::left << std::setw(11)
+                << (std::to_string(raw[k].t_begin) + "-" + std::to_string(raw[k].t_end - 1)) << std::right << std::fixed
+                << std::setprecision(3) << std::setw(6) << raw[k].accuracy << "  " << std::setw(6) << ema[k].accuracy
+                << "\n";
+      *report << "  (chance: " << std::setprecision(3) << 1.0 / double(options.classifier.num_classes) << ")\n";
+    }
+  }
+  return result;
+}
+
+TrainResult train_vae(const VaeTrainOptions& options, const Dataset& data, const Dataset& heldout, std::ostream* report,
+                      const TrainHooks& hooks) {
+  VaeTask task(options, data);
+  auto result = detail::run_loop(task, options.loop, options.to_json(), data, hooks);
+  if (result.interrupted || result.rank != 0 || !heldout.images.defined() || heldout.size() == 0) return result;
+  const int64_t batch = options.loop.batch;
+  // Posterior noise for the held-out latents from another stream than the checkpoint's measurement.
+  const uint64_t seed = mix_seed(options.loop.seed, 0x7ae);
+  std::ostringstream csv;
+  csv << "model,psnr,mse,l1,latent_mean,latent_std,scaling_factor,scaled_latent_mean,scaled_latent_std,images\n";
+  csv << std::setprecision(7);
+  if (report)
+    *report << "held-out reconstruction of " << heldout.size() << " images of " << heldout.name << " (step "
+            << result.step << "; posterior mean, PSNR for the range [-1, 1]):\n"
+            << "  model     PSNR dB    MSE        latent std  factor     scaled std\n";
+  const std::pair<AutoencoderKL*, const char*> models[] = {{&task.raw_model(), "vae"}, {&task.ema_model(), "vae_ema"}};
+  for (const auto& [model, name] : models) {
+    auto r = reconstruction_stats(*model, heldout.images, batch);
+    const double factor = (*model)->config().scaling_factor;
+    auto before = latent_stats(*model, heldout.images, batch, 1.0, seed);
+    auto after = latent_stats(*model, heldout.images, batch, factor, seed);
+    csv << name << "," << r.psnr << "," << r.mse << "," << r.l1 << "," << before.mean << "," << before.std << ","
+        << factor << "," << after.mean << "," << after.std << "," << r.count << "\n";
+    if (report)
+      *report << "  " << std::left << std::setw(9) << name << std::right << std::fixed << std::setprecision(2)
+              << std::setw(7) << r.psnr << "    " << std::scientific << std::setprecision(3) << r.mse << "  "
+              << std::fixed << std::setprecision(4) << std::setw(10) << before.std << "  " << std::setw(9) << factor
+              << "  " << std::setw(9) << after.std << "\n";
+  }
+  write_file_atomic((fs::path(options.loop.out) / "reconstruction.csv").string(), csv.str());
+  if (report)
+    *report << "  (latent std over posterior samples; factor = 1 / std on " << std::min(options.scale_images, data.size())
+            << " training images, stored in vae*/config.json as scaling_factor)\n";
+  return result;
+}
+
+}  // namespace diffuse

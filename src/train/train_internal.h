@@ -1,0 +1,67 @@
+// The trainer's parts shared by its translation units (train.cpp: the tasks; train_loop.cpp: the loop;
+// checkpoint.cpp: the run folder; train_options.cpp: run.json). Not part of the public API.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "diffuse/data/data.h"
+#include "diffuse/train/train.h"
+
+namespace diffuse::detail {
+
+namespace fs = std::filesystem;
+
+// A checkpoint is written into RUN/.checkpoint-new, marked complete, then swapped in.
+inline constexpr const char* kNewCheckpoint = ".checkpoint-new";
+inline constexpr const char* kComplete = "COMPLETE";
+
+// The rows [begin, begin + size) of a global batch of `global` examples that one rank trains on.
+struct Shard {
+  int64_t begin = 0, size = 0, global = 0;
+  torch::Tensor rows(const torch::Tensor& t) const { return size == global ? t : t.narrow(0, begin, size); }
+  /// `shard_shape` with its first dimension widened to the global batch.
+  std::vector<int64_t> global_shape(torch::IntArrayRef shard_shape) const {
+    auto s = shard_shape.vec();
+    s[0] = global;
+    return s;
+  }
+};
+
+// What the loop trains: a model, its EMA copy, a loss and the folders a checkpoint holds.
+class Task {
+ public:
+  virtual ~Task() = default;
+  virtual std::string kind() const = 0;
+  virtual void create(torch::Device device) = 0;
+  virtual void load(const fs::path& run, torch::Device device) = 0;
+  virtual torch::nn::Module& model() = 0;
+  virtual torch::nn::Module& ema() = 0;
+  /// Per-example loss [n] (float32, on the device) and the timesteps [n] (int64, CPU) of `batch`: this rank's
+  /// n = shard.size rows of the global batch. Random draws are made for the whole global batch from `gen`
+  /// (as one process would) and then cut to the shard's rows, so sharding changes no number.
+  virtual std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, const Shard& shard, at::Generator& gen) = 0;
+  /// Writes the model folders (and scheduler/) of a checkpoint into `dir`.
+  virtual void save(const fs::path& dir) = 0;
+  virtual int64_t T() const = 0;
+};
+
+/// Moves every component of a finished RUN/.checkpoint-new into RUN. Idempotent: a crash at any point
+/// leaves either the old or the new version of each component, and running it again completes the swap.
+void swap_in_checkpoint(const fs::path& run);
+/// Creates, replaces or reopens the run folder. Returns true when resuming.
+bool prepare_run_folder(const LoopOptions& o, const nlohmann::json& options_json);
+
+/// Copies `from`'s parameters and buffers into `to` (same architecture).
+void copy_weights(torch::nn::Module& to, torch::nn::Module& from);
+
+/// Trains `task` as `o` says: the run folder, resuming, data parallelism, checkpoints, the log.
+TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& options_json, const Dataset& data,
+                     const TrainHooks& hooks);
+
+}  // namespace diffuse::detail

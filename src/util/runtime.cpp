@@ -1,0 +1,144 @@
+#include "diffuse/util/runtime.h"
+
+#include <malloc.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <climits>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <thread>
+#include <stdexcept>
+
+#include <torch/torch.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+namespace diffuse {
+
+torch::Device parse_device(const std::string& name) {
+  torch::Device device(torch::kCPU);
+  try {
+    device = torch::Device(name);
+  } catch (const c10::Error&) {
+    throw std::invalid_argument("unknown device '" + name + "' (expected cpu, cuda or cuda:N)");
+  }
+  if (device.is_cuda() && !torch::cuda::is_available())
+    throw std::invalid_argument("device '" + name +
+                                "' requested but this LibTorch has no usable CUDA (build against a CUDA "
+                                "LibTorch, see docs/cuda.md, or pass --device cpu)");
+  return device;
+}
+
+double matmul_gflops(int64_t n, torch::Device device, int reps) {
+  torch::NoGradGuard no_grad;
+  auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(device);
+  auto a = torch::randn({n, n}, opts), b = torch::randn({n, n}, opts);
+  auto sync = [&] {
+    if (device.is_cuda()) torch::cuda::synchronize();
+  };
+  torch::mm(a, b);  // warm up threads and caches
+  sync();
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    auto t0 = std::chrono::steady_clock::now();
+    auto c = torch::mm(a, b);
+    sync();
+    double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::min(best, dt);
+  }
+  return 2.0 * double(n) * double(n) * double(n) / best / 1e9;
+}
+
+std::string configure_cpu_runtime(char** argv, int threads) {
+  if (!std::getenv("OMP_WAIT_POLICY") && !std::getenv("DIFFUSE_NO_REEXEC") && argv && argv[0]) {
+    setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+    execv("/proc/self/exe", argv);  // returns only on failure: go on with the policy in effect
+  }
+  if (threads <= 0) {
+    cpu_set_t set;
+    threads = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 0;
+    if (threads <= 0) threads = int(std::max(1L, sysconf(_SC_NPROCESSORS_ONLN)));
+  }
+  torch::set_num_threads(threads);
+#ifdef M_MMAP_MAX
+  mallopt(M_MMAP_MAX, 0);
+  mallopt(M_TRIM_THRESHOLD, INT_MAX);
+#endif
+  std::ostringstream os;
+  os << torch::get_num_threads() << " threads, OMP_WAIT_POLICY="
+     << (std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "(unset)");
+  return os.str();
+}
+
+namespace {
+// The path of the loaded libblas.so.3 (an update-alternatives choice: openblas-pthread/, blas/ for the
+// reference implementation, ...).
+// The BLAS library mapped into this process: Debian's LibTorch links libblas.so.3 (an alternative that points
+// to OpenBLAS or the reference BLAS, named first as the one to switch); PyTorch's own builds link MKL into
+// libtorch_cpu.so.
+std::string loaded_blas() {
+  std::ifstream maps("/proc/self/maps");
+  std::string line, other, torch_cpu;
+  while (std::getline(maps, line)) {
+    auto pos = line.find('/');
+    if (pos == std::string::npos) continue;
+    const std::string path = line.substr(pos);
+    if (path.find("libblas.so") != std::string::npos) return path;
+    for (const char* name : {"libopenblas", "libmkl_rt", "libblis"})
+      if (other.empty() && path.find(name) != std::string::npos) other = path;
+    if (path.find("libtorch_cpu.so") != std::string::npos) torch_cpu = path;
+  }
+  if (!other.empty()) return other;
+  return torch_cpu.empty() ? "" : "MKL built into " + torch_cpu;
+}
+}  // namespace
+
+BlasCheck check_blas() {
+  BlasCheck c;
+  c.gflops = matmul_gflops(1024, torch::kCPU, 3);
+  c.slow = c.gflops < kSlowBlasGflops;
+  c.library = loaded_blas();
+  double load[1] = {0};
+  if (getloadavg(load, 1) == 1) c.load = load[0];
+  return c;
+}
+
+std::string slow_blas_warning(const BlasCheck& check) {
+  std::ostringstream os;
+  os.precision(3);
+  os << "warning: a 1024x1024 matrix product runs at " << check.gflops << " GFLOP/s";
+  const bool openblas = check.library.find("openblas") != std::string::npos ||
+                        check.library.find("blis") != std::string::npos || check.library.find("mkl") != std::string::npos ||
+                        check.library.find("MKL") != std::string::npos;
+  if (openblas) {
+    os << " although an optimised BLAS is loaded (" << check.library << "): the cores are busy (load average "
+       << check.load << " on " << std::thread::hardware_concurrency() << " cores), so everything will run slower";
+  } else {
+    os << (check.library.empty() ? "" : " with " + check.library)
+       << ": the reference BLAS is probably selected and training will be ~30x slower than it should. Fix: "
+          "sudo apt-get install libopenblas0-pthread (or: sudo update-alternatives --config "
+          "libblas.so.3-x86_64-linux-gnu and pick openblas)";
+  }
+  return os.str();
+}
+
+}  // namespace diffuse
+
+namespace diffuse {
+
+uint64_t mix_seed(uint64_t seed, uint64_t a, uint64_t b) {
+  // splitmix64 (Steele, Lea & Flood 2014) applied to each input in turn.
+  auto mix = [](uint64_t z) {
+    z += 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+  };
+  return mix(mix(mix(seed) ^ a) ^ b);
+}
+
+at::Generator cpu_generator(uint64_t seed) { return at::detail::createCPUGenerator(seed); }
+
+}  // namespace diffuse

@@ -69,6 +69,7 @@ for p in "${packages[@]}"; do
 done
 if ((${#missing[@]})); then
   echo "libtorch2 lane: installing ${missing[*]} in the Debian 13 root"
+  in_root env DEBIAN_FRONTEND=noninteractive dpkg --configure -a  # finishes an install that was cut short
   in_root apt-get update -qq
   in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
     > "$root.apt.log" 2>&1 || { tail -20 "$root.apt.log"; echo "error: apt-get install failed in $root" >&2; exit 1; }

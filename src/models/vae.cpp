@@ -416,8 +416,8 @@ std::string default_latent_cache_dir() {
 
 LatentCache cached_latents(AutoencoderKL& model, const Dataset& data, const std::string& dir, int64_t batch) {
   Fnv1a key;
-  key.add(data.images);
-  key.add(data.labels);
+  add(key, data.images);
+  add(key, data.labels);
   const std::string fingerprint = vae_fingerprint(model);
   LatentCache r;
   r.path = dir + "/" + key.hex() + ".safetensors";

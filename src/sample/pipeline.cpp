@@ -182,7 +182,7 @@ Generated generate(const LoadedRun& run, const GenerateOptions& o) {
     so.first_image = first;
     if (o.progress)
       so.callback = [&](const StepInfo& info) {
-        o.progress({b * steps + info.step + 1, batches * steps, info.t, count});
+        o.progress({b * steps + info.step + 1, batches * steps, info.t});
       };
     outputs.push_back(sampler(batch_denoiser(run, o, net, schedule, y, g.clip_range), g.timesteps, x.to(run.device), so)
                           .to(torch::kCPU, torch::kFloat32));

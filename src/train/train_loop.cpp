@@ -341,7 +341,7 @@ void write_checkpoint(Session& s, Task& task, const LoopOptions& o, const Datase
 
 // What one optimisation step reports.
 struct StepOutcome {
-  double loss = 0, grad_norm = 0;
+  double loss = 0, grad_norm = 0, lr = 0;
   torch::Tensor per_example, t;  ///< of the whole global batch (for the log)
 };
 
@@ -350,13 +350,13 @@ struct StepOutcome {
 StepOutcome train_step(Session& s, Task& task, const LoopOptions& o, const Dataset& data, BatchSampler& sampler,
                        GradientAverager& averager, const std::vector<torch::Tensor>& params, int64_t step,
                        const std::function<void(const std::string&)>& nonfinite) {
-  const double lr = lr_at(o, step);
-  for (auto& group : s.optimizer->param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+  StepOutcome r;
+  r.lr = lr_at(o, step);
+  for (auto& group : s.optimizer->param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(r.lr);
   auto batch = make_batch(data, sampler.indices(step), o.hflip, mix_seed(o.seed, uint64_t(step), 1), s.device);
   batch.images = s.shard.rows(batch.images);
   batch.labels = s.shard.rows(batch.labels);
   auto gen = cpu_generator(mix_seed(o.seed, uint64_t(step), 2));
-  StepOutcome r;
   {
     ScopedAutocast autocast(o.bf16);
     std::tie(r.per_example, r.t) = task.loss(batch, s.shard, gen);
@@ -440,7 +440,7 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
     };
     const auto out = train_step(s, task, o, data, sampler, averager, params, step, nonfinite);
     const int64_t done = step + 1;
-    const double lr = lr_at(o, step);
+    const double lr = out.lr;
     auto now = std::chrono::steady_clock::now();
     const double ips = double(o.batch) / std::max(1e-9, std::chrono::duration<double>(now - t_last).count());
     t_last = now;

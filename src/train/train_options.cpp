@@ -49,9 +49,6 @@ ScheduleSpec schedule_from_json(const nlohmann::json& j) {
   s.zero_snr = get_or(j, "zero_snr", s.zero_snr);
   return s;
 }
-
-// Options that may differ between a run and its resumption: they do not change the trained weights
-// (steps and device aside, which the user changes knowingly).
 }  // namespace
 
 nlohmann::json LoopOptions::to_json() const {
@@ -204,10 +201,10 @@ const std::vector<ResumableOption>& resumable_options() {
   // out, resume, overwrite and progress describe this invocation, not the run; the others leave the weights
   // and the data order alone.
   static const std::vector<ResumableOption> table = {
-      {"out", "--out", [](LoopOptions& s, const LoopOptions& g) { s.out = g.out; }},
-      {"resume", "--resume", [](LoopOptions& s, const LoopOptions&) { s.resume = true; }},
-      {"overwrite", "", [](LoopOptions& s, const LoopOptions&) { s.overwrite = false; }},
-      {"progress", "--quiet", [](LoopOptions& s, const LoopOptions& g) { s.progress = g.progress; }},
+      {"out", "--out", [](LoopOptions& s, const LoopOptions& g) { s.out = g.out; }, true},
+      {"resume", "--resume", [](LoopOptions& s, const LoopOptions&) { s.resume = true; }, true},
+      {"overwrite", "", [](LoopOptions& s, const LoopOptions&) { s.overwrite = false; }, true},
+      {"progress", "--quiet", [](LoopOptions& s, const LoopOptions& g) { s.progress = g.progress; }, true},
       {"steps", "--steps", [](LoopOptions& s, const LoopOptions& g) { s.steps = g.steps; }},
       {"device", "--device", [](LoopOptions& s, const LoopOptions& g) { s.device = g.device; }},
       {"bf16", "--bf16", [](LoopOptions& s, const LoopOptions& g) { s.bf16 = g.bf16; }},

@@ -122,8 +122,8 @@ LoadedModel load_model(const ModelCli& o) {
   bool from_run = false;
   if (!o.data.empty()) {
     spec.source = o.data;
-  } else if (fs::exists(fs::path(o.model) / "run.json")) {
-    spec = TrainOptions::from_json(load_json((fs::path(o.model) / "run.json").string())).data;
+  } else if (const auto run_json = ModelFolder(o.model).run_json(); fs::exists(run_json)) {
+    spec = TrainOptions::from_json(load_json(run_json.string())).data;
     from_run = true;
   } else {
     throw std::invalid_argument("'" + o.model + "' has no run.json naming its data: pass --data SOURCE");

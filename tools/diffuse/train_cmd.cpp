@@ -166,9 +166,7 @@ void check_resume_options(const CLI::App* cmd) {
 void apply_resumable(LoopOptions& stored, LoopOptions given, const CLI::App* cmd, bool quiet) {
   given.progress = !quiet;
   for (const auto& r : resumable_options())
-    if (r.flag.empty() || r.flag == "--out" || r.flag == "--resume" || r.flag == "--quiet" ||
-        cmd->get_option(r.flag)->count() > 0)
-      r.take(stored, given);
+    if (r.every_resume || cmd->get_option(r.flag)->count() > 0) r.take(stored, given);
 }
 
 nlohmann::json stored_options(const std::string& run) {

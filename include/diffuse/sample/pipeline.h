@@ -74,7 +74,6 @@ LoadedRun load_run(const std::string& model, const LoadOptions& options = {});
 struct GenerateProgress {
   int64_t done = 0, total = 0;  ///< sampler steps over all batches
   int64_t t = 0;                ///< the timestep just left
-  int64_t images_in_batch = 0;
 };
 
 struct GenerateOptions {

@@ -110,6 +110,7 @@ struct LoopOptions {
 struct ResumableOption {
   std::string key, flag;
   std::function<void(LoopOptions& stored, const LoopOptions& given)> take;
+  bool every_resume = false;  ///< taken on every resume (it describes the invocation), given or not
 };
 const std::vector<ResumableOption>& resumable_options();
 

@@ -105,6 +105,30 @@ TEST(Noise, ImageDependsOnlyOnSeedAndIndex) {
   EXPECT_FALSE(torch::equal(big[0], big[1]));
 }
 
+// The recipe GPUs run (integer tensor operations) against the element-by-element one, on the CPU: the same
+// float32 numbers (an odd last-bit difference of float64 log/cos could move one across a rounding boundary).
+TEST(Noise, TensorRecipeMatchesTheScalarOne) {
+  for (auto [first, stream] : {std::pair<int64_t, uint32_t>{0, 0}, {5, 3}, {(int64_t(1) << 32) + 7, 11}}) {
+    auto scalar = make_noise({3, 5, 7}, 6, 0x0123456789abcdefULL, first, stream);  // 105 values: not a multiple of 4
+    auto tensor = make_noise_by_tensor_ops({3, 5, 7}, 6, 0x0123456789abcdefULL, first, stream, torch::kCPU);
+    ASSERT_EQ(tensor.sizes(), scalar.sizes());
+    EXPECT_LE((tensor - scalar).abs().max().item<double>(), 1e-6) << "first " << first;
+    EXPECT_GE((tensor == scalar).to(torch::kFloat64).mean().item<double>(), 0.999) << "first " << first;
+  }
+  auto big = make_noise({1, 32, 32}, 64, 9, 0, 2);
+  EXPECT_TRUE(torch::equal(make_noise_by_tensor_ops({1, 32, 32}, 64, 9, 0, 2, torch::kCPU), big));
+}
+
+// Where CUDA exists: image i's noise on the GPU is the CPU's.
+TEST(Noise, SameOnTheGpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  auto cpu = make_noise({4, 16, 16}, 32, 77, 3, 1);
+  auto gpu = make_noise({4, 16, 16}, 32, 77, 3, 1, torch::kCUDA);
+  EXPECT_TRUE(gpu.is_cuda());
+  EXPECT_LE((gpu.cpu() - cpu).abs().max().item<double>(), 1e-6);
+  EXPECT_GE((gpu.cpu() == cpu).to(torch::kFloat64).mean().item<double>(), 0.999);
+}
+
 TEST(Noise, StandardNormal) {
   auto z = make_noise({1000}, 200, 5).to(torch::kFloat64).flatten();  // 2e5 draws
   const double n = double(z.numel());

@@ -490,24 +490,34 @@ BatchSampler::BatchSampler(int64_t dataset_size, int64_t batch_size, uint64_t se
   steps_per_epoch_ = n_ / batch_;
 }
 
-torch::Tensor BatchSampler::indices(int64_t step) {
-  if (step < 0) throw std::invalid_argument("negative step");
-  int64_t epoch = step / steps_per_epoch_;
+const torch::Tensor& BatchSampler::permutation(int64_t epoch) {
+  if (epoch < 0) throw std::invalid_argument("negative epoch");
   if (epoch != epoch_) {
     perm_ = torch::randperm(n_, cpu_generator(mix_seed(seed_, 0xe9, uint64_t(epoch))), torch::kInt64);
     epoch_ = epoch;
   }
-  return perm_.narrow(0, (step % steps_per_epoch_) * batch_, batch_);
+  return perm_;
+}
+
+torch::Tensor BatchSampler::indices(int64_t step) {
+  if (step < 0) throw std::invalid_argument("negative step");
+  return permutation(step / steps_per_epoch_).narrow(0, (step % steps_per_epoch_) * batch_, batch_);
 }
 
 Batch make_batch(const Dataset& data, const torch::Tensor& indices, bool hflip, uint64_t flip_seed,
+                 torch::Device device) {
+  auto gen = cpu_generator(flip_seed);
+  return make_batch(data, indices, hflip, gen, device);
+}
+
+Batch make_batch(const Dataset& data, const torch::Tensor& indices, bool hflip, at::Generator& flip_gen,
                  torch::Device device) {
   Batch b;
   b.images = data.images.index_select(0, indices);
   b.labels = data.labels.index_select(0, indices);
   if (hflip) {
-    auto flip = torch::rand({indices.size(0), 1, 1, 1}, cpu_generator(flip_seed)) < 0.5;
-    b.images = torch::where(flip, b.images.flip({3}), b.images);
+    auto flip = torch::rand({indices.size(0), 1, 1, 1}, flip_gen, b.images.options().device(flip_gen.device())) < 0.5;
+    b.images = torch::where(flip.to(b.images.device()), b.images.flip({3}), b.images);
   }
   b.images = b.images.to(device);
   b.labels = b.labels.to(device);

@@ -7,6 +7,8 @@
 
 #include <torch/torch.h>
 
+#include "util/torch_compat.h"
+
 namespace diffuse {
 namespace {
 // The attention scores of one chunk take at most this many bytes (they should stay in the L2/L3 cache).
@@ -16,7 +18,10 @@ constexpr int64_t kAttentionChunkBytes = 4 << 20;
 torch::Tensor multi_head_attention_reference(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                              int64_t heads, double scale) {
   const int64_t n = q.size(0), lq = q.size(1), lk = k.size(1), c = q.size(2), d = c / heads;
-  const int64_t chunk = std::max<int64_t>(1, kAttentionChunkBytes / (heads * lq * lk * int64_t(sizeof(float))));
+  // Chunks keep the CPU's caches warm; a GPU wants the whole batch in one launch.
+  const int64_t chunk = q.device().is_cpu()
+                            ? std::max<int64_t>(1, kAttentionChunkBytes / (heads * lq * lk * int64_t(sizeof(float))))
+                            : n;
   auto split_heads = [&](const torch::Tensor& t, int64_t b) {
     return t.reshape({b, t.size(1), heads, d}).permute({0, 2, 1, 3}).reshape({b * heads, t.size(1), d});
   };
@@ -299,8 +304,15 @@ torch::Tensor multi_head_attention(const torch::Tensor& q, const torch::Tensor& 
   const bool fused = q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() &&
                      q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
                      v.scalar_type() == torch::kFloat32 && k.size(1) > 0;
-  if (!fused) return multi_head_attention_reference(q, k, v, heads, scale);
-  return FusedAttention::apply(q, k, v, heads, scale);
+  if (fused) return FusedAttention::apply(q, k, v, heads, scale);
+  if (!q.device().is_cpu() && k.size(1) > 0) {
+    const int64_t n = q.size(0), c = q.size(2), d = c / heads;
+    // The fused kernels want the last dimension contiguous.
+    auto split = [&](const torch::Tensor& t) { return t.contiguous().view({n, t.size(1), heads, d}).transpose(1, 2); };
+    auto out = compat::fused_attention(split(q), split(k), split(v), scale);
+    if (out.defined()) return out.transpose(1, 2).reshape({n, q.size(1), c});
+  }
+  return multi_head_attention_reference(q, k, v, heads, scale);
 }
 
 }  // namespace diffuse

@@ -182,10 +182,12 @@ torch::Tensor UNet2DModelImpl::forward(const torch::Tensor& x_in, const torch::T
                 *config_.num_class_embeds, "): pass class labels");
     TORCH_CHECK(class_labels.dim() == 1 && class_labels.size(0) == n, "class_labels must have shape [", n,
                 "], got ", class_labels.sizes());
-    auto labels = class_labels.to(x.device(), torch::kLong);
-    TORCH_CHECK(labels.numel() == 0 || (labels.min().item<int64_t>() >= 0 &&
-                                        labels.max().item<int64_t>() < *config_.num_class_embeds),
+    // Checked where it costs no wait: labels already on a GPU are checked by the embedding's own device assert.
+    TORCH_CHECK(!class_labels.device().is_cpu() || class_labels.numel() == 0 ||
+                    (class_labels.min().item<int64_t>() >= 0 &&
+                     class_labels.max().item<int64_t>() < *config_.num_class_embeds),
                 "class labels must lie in [0, ", *config_.num_class_embeds, ")");
+    auto labels = class_labels.to(x.device(), torch::kLong);
     emb = emb + class_embedding(labels).to(emb.scalar_type());
   } else {
     TORCH_CHECK(!class_labels.defined(), "class labels were passed to a UNet without class embedding "

@@ -48,8 +48,13 @@ std::string ModelFolder::vae() const {
 
 Network LoadedRun::network() const {
   auto u = unet;
-  return [u](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& labels) mutable {
-    return u->forward(x, t, labels);
+  const auto dtype_ = dtype;
+  if (dtype_ == torch::kFloat32)
+    return [u](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& labels) mutable {
+      return u->forward(x, t, labels);
+    };
+  return [u, dtype_](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& labels) mutable {
+    return u->forward(x.to(dtype_), t, labels).to(x.scalar_type());
   };
 }
 
@@ -57,10 +62,15 @@ LoadedRun load_run(const std::string& model, const LoadOptions& o) {
   ModelFolder folder(model);
   LoadedRun r;
   r.device = o.device;
+  r.dtype = o.dtype;
+  if (o.dtype != torch::kFloat32 && o.dtype != torch::kBFloat16 && o.dtype != torch::kFloat16)
+    throw std::invalid_argument("the UNet runs in float32, bfloat16 or float16, not " +
+                                std::string(c10::toString(o.dtype)));
   r.unet_folder = folder.unet(o.weights);  // first: a missing model is the error to report
   r.scheduler = SchedulerConfig::load(o.scheduler_file.empty() ? folder.scheduler_config() : o.scheduler_file);
   r.unet = load_unet(r.unet_folder, o.device);
   r.unet->eval();
+  if (o.dtype != torch::kFloat32) r.unet->to(o.dtype);
   const auto& uc = r.unet->config();
   if (!uc.sample_size) throw std::invalid_argument("the UNet config has no sample_size: cannot tell the image size");
   r.channels = uc.in_channels;
@@ -169,7 +179,7 @@ Generated generate(const LoadedRun& run, const GenerateOptions& o) {
   for (int64_t b = 0; b < batches; ++b) {
     const int64_t first = b * o.batch, count = std::min(o.batch, o.n - first);
     auto x = o.init_noise.defined() ? o.init_noise.slice(0, first, first + count).to(torch::kFloat32)
-                                    : make_noise({run.channels, run.height, run.width}, count, o.seed, first);
+                                    : make_noise({run.channels, run.height, run.width}, count, o.seed, first, 0, run.device);
     torch::Tensor y;
     if (run.class_embeds > 0)
       y = torch::tensor(std::vector<int64_t>(g.labels.begin() + first, g.labels.begin() + first + count), torch::kLong)

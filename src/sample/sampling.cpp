@@ -75,8 +75,8 @@ std::vector<Step> make_steps(const Schedule& schedule, const std::vector<int64_t
 }
 
 torch::Tensor step_noise(const torch::Tensor& x, const SamplerOptions& o, int64_t step) {
-  return make_noise(x.sizes().slice(1), x.size(0), o.seed, o.first_image, uint32_t(step + 1))
-      .to(x.device(), x.scalar_type());
+  return make_noise(x.sizes().slice(1), x.size(0), o.seed, o.first_image, uint32_t(step + 1), x.device())
+      .to(x.scalar_type());
 }
 
 void notify(const SamplerOptions& o, const Step& st, int64_t n_steps, const torch::Tensor& x,

@@ -26,7 +26,7 @@ torch::Tensor per_example_loss(Prediction prediction, const torch::Tensor& pred,
 
 torch::Tensor offset_noise(const torch::Tensor& eps, double strength, at::Generator& gen) {
   if (strength == 0) return eps;
-  auto delta = torch::randn({eps.size(0), eps.size(1), 1, 1}, gen, torch::TensorOptions().dtype(eps.dtype()));
+  auto delta = torch::randn({eps.size(0), eps.size(1), 1, 1}, gen, eps.options().device(gen.device()));
   return eps + strength * delta.to(eps.device());
 }
 
@@ -98,6 +98,11 @@ UNetConfig make_unet_config(const UNetShape& shape, int64_t size, int64_t channe
 namespace {
 
 using detail::copy_weights;
+
+// The options of a draw from `gen`: made on the generator's device (the CPU, or the GPU the step runs on).
+torch::TensorOptions drawn_on(const at::Generator& gen, torch::ScalarType dtype) {
+  return torch::TensorOptions(dtype).device(gen.device());
+}
 using detail::Shard;
 using detail::Task;
 
@@ -161,8 +166,8 @@ class DiffusionTask : public Task {
   std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, const Shard& shard, at::Generator& gen) override {
     const auto& x0 = batch.images;
     int64_t B = x0.size(0);
-    auto t = shard.rows(torch::randint(0, schedule_.T(), {shard.global}, gen, torch::kInt64));
-    auto eps = shard.rows(offset_noise(torch::randn(shard.global_shape(x0.sizes()), gen, torch::kFloat32),
+    auto t = shard.rows(torch::randint(0, schedule_.T(), {shard.global}, gen, drawn_on(gen, torch::kInt64)));
+    auto eps = shard.rows(offset_noise(torch::randn(shard.global_shape(x0.sizes()), gen, drawn_on(gen, torch::kFloat32)),
                                        o_.offset_noise, gen))
                    .to(device_);
     auto td = t.to(device_);
@@ -170,7 +175,7 @@ class DiffusionTask : public Task {
     auto x_t = add_noise(x0, eps, a, s);
     torch::Tensor labels;
     if (null_class_ >= 0) {
-      auto drop = shard.rows(torch::rand({shard.global}, gen) < o_.label_dropout).to(device_);
+      auto drop = shard.rows(torch::rand({shard.global}, gen, drawn_on(gen, torch::kFloat32)) < o_.label_dropout).to(device_);
       labels = torch::where(drop, torch::full_like(batch.labels, null_class_), batch.labels);
     }
     auto cond = o_.etsdm.condition(t).to(device_);  // E-TSDM: the network sees f(t), the noise uses t
@@ -243,8 +248,8 @@ class ClassifierTask : public Task {
 
   std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, const Shard& shard, at::Generator& gen) override {
     const auto& x0 = batch.images;
-    auto t = shard.rows(torch::randint(0, schedule_.T(), {shard.global}, gen, torch::kInt64));
-    auto eps = shard.rows(torch::randn(shard.global_shape(x0.sizes()), gen, torch::kFloat32)).to(device_);
+    auto t = shard.rows(torch::randint(0, schedule_.T(), {shard.global}, gen, drawn_on(gen, torch::kInt64)));
+    auto eps = shard.rows(torch::randn(shard.global_shape(x0.sizes()), gen, drawn_on(gen, torch::kFloat32))).to(device_);
     auto td = t.to(device_);
     auto x_t = add_noise(x0, eps, a_.index_select(0, td), s_.index_select(0, td));
     auto logits = model_->forward(x_t, td.to(torch::kFloat32)).to(torch::kFloat32);
@@ -325,7 +330,7 @@ class VaeTask : public Task {
   std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, const Shard& shard, at::Generator& gen) override {
     const auto& x = batch.images;
     auto posterior = vae_->encode(x);
-    auto noise = shard.rows(torch::randn(shard.global_shape(posterior.mean.sizes()), gen, torch::kFloat32));
+    auto noise = shard.rows(torch::randn(shard.global_shape(posterior.mean.sizes()), gen, drawn_on(gen, torch::kFloat32)));
     auto diff = vae_->decode(posterior.sample_from(noise)).to(torch::kFloat32) - x;
     auto rec = (o_.reconstruction == "l1" ? diff.abs() : diff.square()).flatten(1).mean(1);
     auto kl = posterior.kl().to(torch::kFloat32) / double(x[0].numel());

@@ -42,9 +42,9 @@ class Task {
   virtual void load(const fs::path& run, torch::Device device) = 0;
   virtual torch::nn::Module& model() = 0;
   virtual torch::nn::Module& ema() = 0;
-  /// Per-example loss [n] (float32, on the device) and the timesteps [n] (int64, CPU) of `batch`: this rank's
-  /// n = shard.size rows of the global batch. Random draws are made for the whole global batch from `gen`
-  /// (as one process would) and then cut to the shard's rows, so sharding changes no number.
+  /// Per-example loss [n] (float32, on the device) and the timesteps [n] (int64) of `batch`: this rank's
+  /// n = shard.size rows of the global batch. Random draws are made for the whole global batch from `gen`, on its
+  /// device (as one process would), and then cut to the shard's rows, so sharding changes no number.
   virtual std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, const Shard& shard, at::Generator& gen) = 0;
   /// Writes the model folders (and scheduler/) of a checkpoint into `dir`.
   virtual void save(const fs::path& dir) = 0;

@@ -18,6 +18,7 @@
 #include "diffuse/io/safetensors.h"
 #include "diffuse/train/train.h"
 #include "train/loss_log.h"
+#include "train/optimizer_step.h"
 #include "util/torch_compat.h"
 #include "train/train_internal.h"
 
@@ -78,19 +79,6 @@ void validate_loop(const LoopOptions& o) {
     bad("--dist-timeout must be a positive number of seconds, got " + std::to_string(o.dist_timeout));
 }
 
-struct ScopedAutocast {
-  bool on;
-  explicit ScopedAutocast(bool enable) : on(enable) {
-    if (!on) return;
-    compat::set_cuda_autocast(true);
-  }
-  ~ScopedAutocast() {
-    if (!on) return;
-    compat::set_cuda_autocast(false);
-    at::autocast::clear_cache();
-  }
-};
-
 bool all_finite(torch::nn::Module& m) {
   torch::NoGradGuard ng;
   for (const auto& p : m.parameters())
@@ -98,16 +86,18 @@ bool all_finite(torch::nn::Module& m) {
   return true;
 }
 
-// EMA of the weights (Polyak averaging) with the warmup of Tarvainen & Valpola / diffusers' EMAModel:
-// decay_k = min(decay, (1 + k) / (10 + k)).
-void update_ema(torch::nn::Module& ema, torch::nn::Module& model, double decay, int64_t step) {
-  torch::NoGradGuard ng;
-  double d = std::min(decay, (1.0 + double(step)) / (10.0 + double(step)));
-  auto e = ema.parameters(), m = model.parameters();
-  for (size_t i = 0; i < e.size(); ++i) e[i].mul_(d).add_(m[i].detach(), 1.0 - d);
-}
-
 at::Generator device_generator(torch::Device device) { return at::globalContext().defaultGenerator(device); }
+
+// The generator of one of a step's draws, seeded from (run seed, step, use): on the CPU a fresh one; on a GPU
+// the device's default generator, reseeded (host-side only), so the draws happen there without a copy. (On a
+// GPU the model's dropout draws from it next: every rank's dropout stream then starts from the step's seed.)
+at::Generator step_generator(torch::Device device, uint64_t seed) {
+  if (device.is_cpu()) return cpu_generator(seed);
+  auto g = device_generator(device);
+  std::lock_guard<std::mutex> lock(g.mutex());
+  g.set_current_seed(seed);
+  return g;
+}
 
 std::map<std::string, torch::Tensor> rng_states(torch::Device device) {
   std::map<std::string, torch::Tensor> out;
@@ -175,15 +165,17 @@ void on_main_rank(Distributed& dist, const std::string& what, F&& body) {
   throw RankZeroFailed("rank " + std::to_string(dist.rank()) + ": rank 0 failed to " + what + " (see its error)");
 }
 
-// Per-example losses and timesteps of the whole global batch, gathered from every rank's rows (for the log).
+// Per-example losses and timesteps [k, shard] of k steps, widened to the global batch's rows [k, global] from
+// every rank's (for the log).
 std::pair<torch::Tensor, torch::Tensor> gather_rows(Distributed& dist, const Shard& shard, const torch::Tensor& per_example,
                                                     const torch::Tensor& t) {
-  auto all = torch::zeros({2, shard.global}, torch::TensorOptions().dtype(torch::kFloat64).device(dist.collective_device()));
-  all[0].narrow(0, shard.begin, shard.size).copy_(per_example.detach());
-  all[1].narrow(0, shard.begin, shard.size).copy_(t);
+  const int64_t k = per_example.size(0);
+  auto all = torch::zeros({2, k, shard.global}, torch::TensorOptions().dtype(torch::kFloat64).device(dist.collective_device()));
+  all[0].narrow(1, shard.begin, shard.size).copy_(per_example);
+  all[1].narrow(1, shard.begin, shard.size).copy_(t);
   std::vector<torch::Tensor> v = {all};
   dist.all_reduce_sum(v);
-  return {all[0].to(torch::kFloat32), all[1].to(torch::kInt64).cpu()};
+  return {all[0].to(torch::kFloat32), all[1].to(torch::kInt64)};
 }
 
 // The signal that stops the run: any rank's SIGINT/SIGTERM, the lowest rank's winning, seen by all at once.
@@ -339,46 +331,124 @@ void write_checkpoint(Session& s, Task& task, const LoopOptions& o, const Datase
   swap_in_checkpoint(s.run);
 }
 
-// What one optimisation step reports.
+// The data where the steps run. On a GPU it is copied there once when it fits (kResidentBytes) and each epoch's
+// order is uploaded once, so a step gathers and flips its batch there without the host.
+class StepBatches {
+ public:
+  static constexpr int64_t kResidentBytes = int64_t(4) << 30;
+  StepBatches(const Dataset& data, BatchSampler& sampler, torch::Device device)
+      : data_(data), sampler_(sampler), device_(device) {
+    resident_ = !device.is_cpu() && data.images.numel() * int64_t(data.images.element_size()) <= kResidentBytes;
+    if (!resident_) return;
+    data_.images = data.images.to(device);
+    data_.labels = data.labels.to(device);
+  }
+  Batch batch(int64_t step, const LoopOptions& o) {
+    const uint64_t flip_seed = mix_seed(o.seed, uint64_t(step), 1);
+    if (!resident_) return make_batch(data_, sampler_.indices(step), o.hflip, flip_seed, device_);
+    const int64_t epoch = step / sampler_.steps_per_epoch();
+    if (epoch != epoch_) {
+      order_ = sampler_.permutation(epoch).to(device_);
+      epoch_ = epoch;
+    }
+    auto gen = step_generator(device_, flip_seed);
+    return make_batch(data_, order_.narrow(0, (step % sampler_.steps_per_epoch()) * o.batch, o.batch), o.hflip, gen,
+                      device_);
+  }
+
+ private:
+  Dataset data_;
+  BatchSampler& sampler_;
+  torch::Device device_;
+  bool resident_ = false;
+  int64_t epoch_ = -1;
+  torch::Tensor order_;
+};
+
+// What one optimisation step leaves on the device until it is read back.
 struct StepOutcome {
-  double loss = 0, grad_norm = 0, lr = 0;
-  torch::Tensor per_example, t;  ///< of the whole global batch (for the log)
+  int64_t step = 0;  ///< 1-based
+  double lr = 0;
+  torch::Tensor grad_norm;         ///< 0-dim
+  torch::Tensor per_example, t;    ///< this rank's rows
 };
 
 // One optimisation step on this rank's rows of global batch `step`: loss, backward, gradient averaging and
-// clipping, AdamW, EMA. `nonfinite` is called (and must throw) before a NaN loss or gradient is applied.
-StepOutcome train_step(Session& s, Task& task, const LoopOptions& o, const Dataset& data, BatchSampler& sampler,
-                       GradientAverager& averager, const std::vector<torch::Tensor>& params, int64_t step,
-                       const std::function<void(const std::string&)>& nonfinite) {
+// clipping, AdamW, EMA. Nothing waits for the device: a NaN is found when the outcome is read back.
+StepOutcome train_step(Session& s, Task& task, const LoopOptions& o, StepBatches& batches, GradientAverager& averager,
+                       const std::vector<torch::Tensor>& params, int64_t step) {
   StepOutcome r;
+  r.step = step + 1;
   r.lr = lr_at(o, step);
-  for (auto& group : s.optimizer->param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(r.lr);
-  auto batch = make_batch(data, sampler.indices(step), o.hflip, mix_seed(o.seed, uint64_t(step), 1), s.device);
+  auto batch = batches.batch(step, o);
   batch.images = s.shard.rows(batch.images);
   batch.labels = s.shard.rows(batch.labels);
-  auto gen = cpu_generator(mix_seed(o.seed, uint64_t(step), 2));
+  auto gen = step_generator(s.device, mix_seed(o.seed, uint64_t(step), 2));
   {
-    ScopedAutocast autocast(o.bf16);
+    CudaBf16Autocast autocast(o.bf16);
     std::tie(r.per_example, r.t) = task.loss(batch, s.shard, gen);
   }
   auto loss = r.per_example.mean();  // of the shard: the mean over ranks of its gradient is the global batch's
-  if (s.dist->enabled()) {
-    std::tie(r.per_example, r.t) = gather_rows(*s.dist, s.shard, r.per_example, r.t);
-    r.loss = r.per_example.mean().item<double>();
-  } else {
-    r.loss = loss.item<double>();
-  }
-  if (!std::isfinite(r.loss)) nonfinite("the loss is " + std::to_string(r.loss));
   s.optimizer->zero_grad();
   loss.backward();
   averager.finish();
-  const double max_norm = o.grad_clip > 0 ? o.grad_clip : std::numeric_limits<double>::infinity();
-  r.grad_norm = torch::nn::utils::clip_grad_norm_(params, max_norm);
-  if (!std::isfinite(r.grad_norm)) nonfinite("the gradient norm is " + std::to_string(r.grad_norm));
-  s.optimizer->step();
+  r.grad_norm = clip_gradients(params, o.grad_clip > 0 ? o.grad_clip : std::numeric_limits<double>::infinity());
+  adamw_step(*s.optimizer, r.lr);
   update_ema(task.ema(), task.model(), o.ema_decay, step);
+  r.per_example = r.per_example.detach();
   return r;
 }
+
+// Steps whose numbers are still on the device. read_back() fetches them together (one wait) when the log, a
+// checkpoint, a stop or the end needs them, stops the run at the first step whose loss or gradient norm is not
+// finite (`nonfinite` throws), and has rank 0 append them to the log.
+class PendingSteps {
+ public:
+  using NonFinite = std::function<void(int64_t step, const std::string& what)>;
+  PendingSteps(Session& s, LossLog& log, const LoopOptions& o, NonFinite nonfinite)
+      : s_(s), log_(log), o_(o), nonfinite_(std::move(nonfinite)), since_(std::chrono::steady_clock::now()) {}
+  void add(StepOutcome out) { pending_.push_back(std::move(out)); }
+  void read_back() {
+    if (pending_.empty()) return;
+    const int64_t k = int64_t(pending_.size());
+    std::vector<torch::Tensor> norms, rows, ts;
+    for (const auto& p : pending_) {
+      norms.push_back(p.grad_norm.to(torch::kFloat64).reshape({1}));
+      rows.push_back(p.per_example.to(torch::kFloat32));
+      ts.push_back(p.t.to(rows.back().device()));
+    }
+    auto per_example = torch::stack(rows), t = torch::stack(ts);
+    if (s_.dist->enabled()) std::tie(per_example, t) = gather_rows(*s_.dist, s_.shard, per_example, t);
+    auto numbers = torch::cat({per_example.mean(1).to(torch::kFloat64), torch::cat(norms).to(per_example.device())}).cpu();
+    per_example = per_example.cpu();
+    t = t.cpu();
+    const double* v = numbers.data_ptr<double>();
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t step = pending_[size_t(i)].step;
+      if (!std::isfinite(v[i])) nonfinite_(step, "the loss is " + std::to_string(v[i]));
+      if (!std::isfinite(v[k + i])) nonfinite_(step, "the gradient norm is " + std::to_string(v[k + i]));
+      if (!s_.main) continue;
+      log_.add(v[i], per_example[i], t[i], v[k + i], o_.batch);
+      if (log_.due(step) || step == o_.steps) log_.write(step, pending_[size_t(i)].lr);
+    }
+    last_loss_ = v[k - 1];
+    auto now = std::chrono::steady_clock::now();
+    rate_ = double(k * o_.batch) / std::max(1e-9, std::chrono::duration<double>(now - since_).count());
+    since_ = now;
+    pending_.clear();
+  }
+  double last_loss() const { return last_loss_; }   ///< of the latest step read back (NaN before the first)
+  double images_per_s() const { return rate_; }     ///< over the steps of the latest read-back
+
+ private:
+  Session& s_;
+  LossLog& log_;
+  const LoopOptions& o_;
+  NonFinite nonfinite_;
+  std::vector<StepOutcome> pending_;
+  std::chrono::steady_clock::time_point since_;
+  double last_loss_ = std::numeric_limits<double>::quiet_NaN(), rate_ = 0;
+};
 
 void announce(const Session& s, const LoopOptions& o, Progress& progress) {
   if (s.resumed)
@@ -408,7 +478,17 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
   Progress progress(o.progress && s.main, s.start, o.steps, o.log_every);
   announce(s, o, progress);
   int64_t last_checkpoint = s.resumed ? s.start : -1;
+  PendingSteps pending(s, log, o, [&](int64_t step, const std::string& what) {
+    progress.finish();
+    std::string kept = last_checkpoint >= 0 ? "the last good checkpoint (step " + std::to_string(last_checkpoint) +
+                                                  ") is kept in '" + o.out + "'"
+                                            : "no checkpoint was written yet";
+    throw NonFiniteLoss(what + " at step " + std::to_string(step) + "; stopped without saving, " + kept +
+                            " (lower --lr, check the data, or raise --grad-clip's strictness)",
+                        step);
+  });
   auto checkpoint = [&](int64_t step) {
+    pending.read_back();
     write_checkpoint(s, task, o, data, sampler, step, last_checkpoint);
     last_checkpoint = step;
     if (!s.main) return;
@@ -427,35 +507,19 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
   result.world_size = s.env.world_size;
   auto params = task.model().parameters();
   GradientAverager averager(s.dist, params);  // no-op for one process
-  auto t_begin = std::chrono::steady_clock::now(), t_last = t_begin;
+  StepBatches batches(data, sampler, s.device);
+  auto t_begin = std::chrono::steady_clock::now();
   for (int64_t step = s.start; step < o.steps; ++step) {
-    auto nonfinite = [&](const std::string& what) {
-      progress.finish();
-      std::string kept = last_checkpoint >= 0 ? "the last good checkpoint (step " + std::to_string(last_checkpoint) +
-                                                    ") is kept in '" + o.out + "'"
-                                              : "no checkpoint was written yet";
-      throw NonFiniteLoss(what + " at step " + std::to_string(step + 1) + "; stopped without saving, " + kept +
-                              " (lower --lr, check the data, or raise --grad-clip's strictness)",
-                          step + 1);
-    };
-    const auto out = train_step(s, task, o, data, sampler, averager, params, step, nonfinite);
-    const int64_t done = step + 1;
-    const double lr = out.lr;
-    auto now = std::chrono::steady_clock::now();
-    const double ips = double(o.batch) / std::max(1e-9, std::chrono::duration<double>(now - t_last).count());
-    t_last = now;
-    if (s.main) {
-      log.add(out.loss, out.per_example, out.t, out.grad_norm, o.batch);
-      if (log.due(done) || done == o.steps) log.write(done, lr);
-    }
+    const double lr = lr_at(o, step);
+    pending.add(train_step(s, task, o, batches, averager, params, step));
+    const int64_t done = result.step = step + 1;
+    if (log.due(done) || done == o.steps) pending.read_back();
     std::ostringstream fields;
-    fields << "loss " << std::setprecision(4) << out.loss << "  " << std::fixed << std::setprecision(1) << ips
-           << " img/s  lr " << std::scientific << std::setprecision(2) << lr;
+    fields << "loss " << std::setprecision(4) << pending.last_loss() << "  " << std::fixed << std::setprecision(1)
+           << pending.images_per_s() << " img/s  lr " << std::scientific << std::setprecision(2) << lr;
     progress.update(done, fields.str());
-    result.step = done;
-    result.last_loss = out.loss;
     if (done % o.checkpoint_every == 0 || done == o.steps) checkpoint(done);
-    if (hooks.on_step) hooks.on_step(TrainStepInfo{done, out.loss, lr, ips});
+    if (hooks.on_step) hooks.on_step(TrainStepInfo{done, pending.last_loss(), lr, pending.images_per_s()});
     if (int sig = agreed_stop_signal(*s.dist)) {
       if (last_checkpoint != done) checkpoint(done);
       result.interrupted = true;
@@ -465,8 +529,10 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
       break;
     }
   }
+  pending.read_back();
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_begin).count();
   result.images_per_s = double(result.step - s.start) * double(o.batch) / std::max(seconds, 1e-9);
+  result.last_loss = pending.last_loss();
   if (last_checkpoint != result.step) checkpoint(result.step);
   s.dist->barrier();  // the run ends when rank 0's last checkpoint is written
   progress.finish();

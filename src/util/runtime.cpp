@@ -15,6 +15,8 @@
 #include <torch/torch.h>
 #include <ATen/CPUGeneratorImpl.h>
 
+#include "util/torch_compat.h"
+
 namespace diffuse {
 
 torch::Device parse_device(const std::string& name) {
@@ -28,7 +30,30 @@ torch::Device parse_device(const std::string& name) {
     throw std::invalid_argument("device '" + name +
                                 "' requested but this LibTorch has no usable CUDA (build against a CUDA "
                                 "LibTorch, see docs/cuda.md, or pass --device cpu)");
+  // float32 means float32: no TF32 convolutions (LibTorch's default for cuDNN; matrix products are off already).
+  if (device.is_cuda()) at::globalContext().setAllowTF32CuDNN(false);
   return device;
+}
+
+CudaBf16Autocast::CudaBf16Autocast(bool enable) : on_(enable) {
+  if (on_) compat::set_cuda_autocast(true);
+}
+
+CudaBf16Autocast::~CudaBf16Autocast() {
+  if (!on_) return;
+  compat::set_cuda_autocast(false);
+  at::autocast::clear_cache();
+}
+
+torch::ScalarType parse_network_dtype(const std::string& name, torch::Device device) {
+  torch::ScalarType dtype;
+  if (name == "fp32" || name == "float32") dtype = torch::kFloat32;
+  else if (name == "bf16" || name == "bfloat16") dtype = torch::kBFloat16;
+  else if (name == "fp16" || name == "float16") dtype = torch::kFloat16;
+  else throw std::invalid_argument("unknown --dtype '" + name + "' (expected fp32, bf16 or fp16)");
+  if (dtype == torch::kFloat16 && device.is_cpu())
+    throw std::invalid_argument("--dtype fp16 needs a GPU (LibTorch's CPU convolutions have no float16; use bf16 or fp32)");
+  return dtype;
 }
 
 double matmul_gflops(int64_t n, torch::Device device, int reps) {

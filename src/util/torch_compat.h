@@ -3,12 +3,14 @@
 // friends, not torch::linalg, which 2.x no longer ships as a header).
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/version.h>
 
 #include <string>
+#include <vector>
 
 #define DIFFUSE_TORCH2 (TORCH_VERSION_MAJOR >= 2)
 
@@ -22,6 +24,27 @@ inline void set_cuda_autocast(bool enabled) {
 #else
   at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
   at::autocast::set_enabled(enabled);
+#endif
+}
+
+// Fused attention (FlashAttention / memory-efficient kernels) on q, k, v [N, heads, L, d], where the LibTorch
+// has at::scaled_dot_product_attention with a scale argument (2.1 on); an undefined tensor where it has not.
+inline at::Tensor fused_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
+  return at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, scale);
+#else
+  (void)q, (void)k, (void)v, (void)scale;
+  return {};
+#endif
+}
+
+// tensors[i] *= scale for a 0-dim tensor `scale` on their device, without reading it back (2.1 on: one
+// multi-tensor launch; 1.13: one multiplication per tensor).
+inline void foreach_mul_(std::vector<at::Tensor>& tensors, const at::Tensor& scale) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
+  at::_foreach_mul_(tensors, scale);
+#else
+  for (auto& t : tensors) t.mul_(scale);
 #endif
 }
 

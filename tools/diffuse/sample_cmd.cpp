@@ -26,7 +26,7 @@ namespace diffuse::cli {
 namespace {
 
 struct SampleOptions {
-  std::string model, out = "samples", sampler = "ddim", spacing, device = "cpu", classifier, init_noise, save_raw, vae;
+  std::string model, out = "samples", sampler = "ddim", spacing, device = "cpu", dtype = "fp32", classifier, init_noise, save_raw, vae;
   std::string scheduler_path, weights = "auto", variance = "fixed_small";
   int64_t steps = 25, n = 16, batch = 64, class_id = -1, null_class = -1, grid_cols = 0;
   double cfg = 1.0, cfg_rescale = 0.0, classifier_scale = 0.0, eta = std::numeric_limits<double>::quiet_NaN();
@@ -104,6 +104,7 @@ void run_sample(const SampleOptions& o) {
   lo.scheduler_file = o.scheduler_path;
   lo.vae = o.vae;
   lo.device = device;
+  lo.dtype = parse_network_dtype(o.dtype, device);
   auto run = load_run(o.model, lo);
   if (!run.vae.is_empty() && !o.quiet)
     std::cerr << "latent diffusion: decoding " << run.channels << "x" << run.height << "x" << run.width
@@ -166,6 +167,8 @@ void add_sample_command(CLI::App& app) {
   cmd->add_flag("--no-images", o->no_images, "Write no PNGs (with --save-raw)");
   cmd->add_flag("--quiet", o->quiet, "No progress line");
   cmd->add_option("--device", o->device, "cpu, cuda or cuda:N")->capture_default_str();
+  cmd->add_option("--dtype", o->dtype, "The UNet's precision: fp32, bf16 or fp16 (GPU); the sampler stays float32")
+      ->capture_default_str();
   cmd->callback([o] { run_sample(*o); });
 }
 

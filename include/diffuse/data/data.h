@@ -109,6 +109,9 @@ class BatchSampler {
   int64_t steps_per_epoch() const { return steps_per_epoch_; }
   /// int64 [batch_size] indices for global step `step` (epoch = step / steps_per_epoch).
   torch::Tensor indices(int64_t step);
+  /// The epoch's order of the whole data set (CPU int64 [N]); step's indices are rows
+  /// [(step % steps_per_epoch) * batch_size, + batch_size) of its epoch's order.
+  const torch::Tensor& permutation(int64_t epoch);
 
  private:
   int64_t n_, batch_, steps_per_epoch_;
@@ -124,6 +127,10 @@ struct Batch {
 /// Gathers `indices` of `data`; with `hflip`, each image is mirrored with probability 1/2 drawn from
 /// `flip_seed`. The result is moved to `device`.
 Batch make_batch(const Dataset& data, const torch::Tensor& indices, bool hflip, uint64_t flip_seed,
+                 torch::Device device);
+/// The same with the flips drawn from `flip_gen` on its device (data, indices and generator all on a GPU:
+/// no host work).
+Batch make_batch(const Dataset& data, const torch::Tensor& indices, bool hflip, at::Generator& flip_gen,
                  torch::Device device);
 
 }  // namespace diffuse

@@ -51,6 +51,10 @@ struct LoadOptions {
   std::string scheduler_file;    ///< empty: ModelFolder::scheduler_config()
   std::string vae;               ///< empty: ModelFolder::vae(); "none": treat as a pixel model; else a folder
   torch::Device device = torch::kCPU;
+  /// The UNet's weights and activations: float32, bfloat16 or float16 (parse_network_dtype). The sampler's
+  /// arithmetic, the noise, guidance and the autoencoder stay float32: the network's input is cast down and its
+  /// output back up.
+  torch::ScalarType dtype = torch::kFloat32;
 };
 
 /// A model ready to sample from. x_t has shape [channels, height, width] (latents for a latent model).
@@ -62,6 +66,7 @@ struct LoadedRun {
   int64_t channels = 0, height = 0, width = 0;
   int64_t class_embeds = 0;    ///< 0: unconditional; else classes 0..class_embeds-2 and the null class last
   torch::Device device = torch::kCPU;
+  torch::ScalarType dtype = torch::kFloat32;  ///< the UNet's (LoadOptions::dtype)
 
   /// The UNet as a Network (eval mode, no gradient bookkeeping by the caller's guard).
   Network network() const;

@@ -181,10 +181,12 @@ struct RankZeroFailed : std::runtime_error {
 };
 
 /// What TrainHooks::on_step sees after each training step (StepInfo in sampling.h is a sampler step).
+/// The loop waits for the device only when it reads the steps back (log rows, checkpoints, the end), so `loss`
+/// is that of the latest step read back (NaN before the first) and `images_per_s` its window's rate.
 struct TrainStepInfo {
   int64_t step = 0;        ///< steps completed
   double loss = 0;
-  double lr = 0;
+  double lr = 0;           ///< of this step
   double images_per_s = 0;
 };
 

@@ -8,7 +8,10 @@
 namespace diffuse {
 
 /// "cpu", "cuda", "cuda:1"; throws std::invalid_argument with the fix when CUDA is asked for and absent.
+/// On CUDA it also turns off TF32 convolutions: float32 stays float32 (bf16 is the fast path, asked for by name).
 torch::Device parse_device(const std::string& name);
+/// "fp32", "bf16" or "fp16": the dtype a network runs in; throws with the fix for an unknown name or fp16 on the CPU.
+torch::ScalarType parse_network_dtype(const std::string& name, torch::Device device);
 
 struct BlasCheck {
   double gflops = 0;   ///< measured rate of a 1024x1024 float32 product on the CPU
@@ -33,6 +36,18 @@ std::string slow_blas_warning(const BlasCheck& check);
 ///    activation on every pass).
 /// Returns a one-line description of the settings for logs.
 std::string configure_cpu_runtime(char** argv, int threads = 0);
+
+/// bf16 autocast of CUDA operations for the guard's scope (when `enable`): the mixed precision of --bf16 training.
+class CudaBf16Autocast {
+ public:
+  explicit CudaBf16Autocast(bool enable);
+  ~CudaBf16Autocast();
+  CudaBf16Autocast(const CudaBf16Autocast&) = delete;
+  CudaBf16Autocast& operator=(const CudaBf16Autocast&) = delete;
+
+ private:
+  bool on_;
+};
 
 /// GFLOP/s of an n x n float32 product on `device` (best of `reps`): the machine's matrix-product rate
 /// that benchmarks report their fraction of.

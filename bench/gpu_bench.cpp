@@ -52,8 +52,10 @@ struct Bench {
     }
     return best;
   }
+  std::string json_path;  // rewritten after each figure, so a crash keeps what was measured
   void report(const std::string& what, double rate, const std::string& unit, const std::string& diffusers_key) {
     results[what + " " + unit] = rate;
+    if (!json_path.empty()) std::ofstream(json_path) << results.dump(1) << "\n";
     std::cout << std::left << std::setw(46) << what << std::right << std::fixed << std::setprecision(0) << std::setw(9)
               << rate << " " << unit;
     auto it = diffusers.find(diffusers_key);
@@ -153,7 +155,7 @@ void trainer_rates(Bench& b, int64_t batch, int64_t steps) {
                     ? "fashion-mnist"
                     : "synthetic-shapes";
   auto data = diffuse::load_dataset(spec);
-  for (bool bf16 : {false, true}) {
+  for (auto [bf16, graphs] : {std::pair{false, false}, {true, false}, {false, true}, {true, true}}) try {
     diffuse::TrainOptions o;
     o.data = spec;
     o.prediction = diffuse::Prediction::v;
@@ -161,6 +163,7 @@ void trainer_rates(Bench& b, int64_t batch, int64_t steps) {
     o.loop.batch = batch;
     o.loop.device = b.device.str();
     o.loop.bf16 = bf16;
+    o.loop.cuda_graphs = graphs;
     o.loop.hflip = true;
     o.loop.progress = false;
     o.loop.checkpoint_every = 1 << 30;
@@ -179,8 +182,10 @@ void trainer_rates(Bench& b, int64_t batch, int64_t steps) {
     fs::remove_all(o.loop.out);
     const double rate = double((steps - 1 - warm) * batch) / std::chrono::duration<double>(t_last - t_warm).count();
     const std::string name = bf16 ? "bf16" : "fp32";
-    b.report("trainer (diffuse::train) " + name + " batch " + std::to_string(batch), rate, "images/s",
+    b.report("trainer (diffuse::train) " + name + " batch " + std::to_string(batch) + (graphs ? " graph" : " eager"), rate, "images/s",
              "diffusers eager train batch " + std::to_string(batch) + " " + name + " images/s");
+  } catch (const std::exception& e) {
+    std::cout << "trainer " << (bf16 ? "bf16" : "fp32") << (graphs ? " graph" : " eager") << " failed: " << e.what() << "\n";
   }
 }
 
@@ -218,7 +223,7 @@ void sample_rates(Bench& b) {
 
 int main(int argc, char** argv) {
   Bench b;
-  std::string figures, only = "checks,forward,step,trainer,sample", out_json;
+  std::string figures, only = "checks,forward,step,trainer,sample";
   int64_t trainer_steps = 120, train_batch = 128;
   bool channels_last = false;
   std::string device_name = "cuda";
@@ -230,7 +235,7 @@ int main(int argc, char** argv) {
     else if (key == "--train-batch") train_batch = std::stoll(value);
     else if (key == "--channels-last") channels_last = value == "1";
     else if (key == "--only") only = value;
-    else if (key == "--json") out_json = value;
+    else if (key == "--json") b.json_path = value;
     else {
       std::cerr << "unknown option " << key << "\n";
       return 2;
@@ -244,7 +249,8 @@ int main(int argc, char** argv) {
       std::cerr << "cannot read --diffusers-figures '" << figures << "'\n";
       return 2;
     }
-    for (auto& [k, v] : nlohmann::json::parse(in).items()) b.diffusers[k] = v.get<double>();
+    const auto given = nlohmann::json::parse(in);
+    for (auto& [k, v] : given.items()) b.diffusers[k] = v.get<double>();
   }
   std::cout << "device " << b.device << ", matmul 4096x4096 float32 " << diffuse::matmul_gflops(4096, b.device)
             << " GFLOP/s (TF32 off)\n";
@@ -252,7 +258,6 @@ int main(int argc, char** argv) {
   if (wants("checks")) checks(b);
   if (wants("forward")) forward_rates(b, channels_last);
   if (wants("step")) step_rates(b, train_batch);
-  if (wants("trainer")) trainer_rates(b, train_batch, trainer_steps);
   if (wants("sample")) sample_rates(b);
-  if (!out_json.empty()) std::ofstream(out_json) << b.results.dump(1) << "\n";
+  if (wants("trainer")) trainer_rates(b, train_batch, trainer_steps);
 }

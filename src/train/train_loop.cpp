@@ -18,6 +18,7 @@
 #include "diffuse/io/safetensors.h"
 #include "diffuse/train/train.h"
 #include "train/loss_log.h"
+#include "train/cuda_graph.h"
 #include "train/optimizer_step.h"
 #include "util/torch_compat.h"
 #include "train/train_internal.h"
@@ -331,29 +332,37 @@ void write_checkpoint(Session& s, Task& task, const LoopOptions& o, const Datase
   swap_in_checkpoint(s.run);
 }
 
-// The data where the steps run. On a GPU it is copied there once when it fits (kResidentBytes) and each epoch's
-// order is uploaded once, so a step gathers and flips its batch there without the host.
+// The data where the steps run. On a GPU it is copied there once when it fits (kResidentBytes), each epoch's
+// order is uploaded once and a step's indices are copied into a fixed tensor: a step gathers and flips its
+// batch there without the host, and a CUDA graph can hold the gather.
 class StepBatches {
  public:
   static constexpr int64_t kResidentBytes = int64_t(4) << 30;
-  StepBatches(const Dataset& data, BatchSampler& sampler, torch::Device device)
+  StepBatches(const Dataset& data, BatchSampler& sampler, torch::Device device, int64_t batch)
       : data_(data), sampler_(sampler), device_(device) {
     resident_ = !device.is_cpu() && data.images.numel() * int64_t(data.images.element_size()) <= kResidentBytes;
     if (!resident_) return;
     data_.images = data.images.to(device);
     data_.labels = data.labels.to(device);
+    indices_ = torch::zeros({batch}, torch::TensorOptions(torch::kInt64).device(device));
   }
-  Batch batch(int64_t step, const LoopOptions& o) {
-    const uint64_t flip_seed = mix_seed(o.seed, uint64_t(step), 1);
-    if (!resident_) return make_batch(data_, sampler_.indices(step), o.hflip, flip_seed, device_);
-    const int64_t epoch = step / sampler_.steps_per_epoch();
+  bool resident() const { return resident_; }
+  /// Makes global step `step`'s rows the batch that gather() returns.
+  void stage(int64_t step) {
+    step_ = step;
+    if (!resident_) return;
+    const int64_t per_epoch = sampler_.steps_per_epoch(), epoch = step / per_epoch;
     if (epoch != epoch_) {
       order_ = sampler_.permutation(epoch).to(device_);
       epoch_ = epoch;
     }
-    auto gen = step_generator(device_, flip_seed);
-    return make_batch(data_, order_.narrow(0, (step % sampler_.steps_per_epoch()) * o.batch, o.batch), o.hflip, gen,
-                      device_);
+    indices_.copy_(order_.narrow(0, (step % per_epoch) * indices_.size(0), indices_.size(0)));
+  }
+  /// The staged batch. Resident on a GPU, its flips are drawn from `gen` (the step's generator); otherwise from
+  /// a CPU generator of their own seed (mix_seed(seed, step, 1)).
+  Batch gather(const LoopOptions& o, at::Generator& gen) {
+    if (!resident_) return make_batch(data_, sampler_.indices(step_), o.hflip, mix_seed(o.seed, uint64_t(step_), 1), device_);
+    return make_batch(data_, indices_, o.hflip, gen, device_);
   }
 
  private:
@@ -361,8 +370,8 @@ class StepBatches {
   BatchSampler& sampler_;
   torch::Device device_;
   bool resident_ = false;
-  int64_t epoch_ = -1;
-  torch::Tensor order_;
+  int64_t epoch_ = -1, step_ = 0;
+  torch::Tensor order_, indices_;
 };
 
 // What one optimisation step leaves on the device until it is read back.
@@ -373,31 +382,76 @@ struct StepOutcome {
   torch::Tensor per_example, t;    ///< this rank's rows
 };
 
-// One optimisation step on this rank's rows of global batch `step`: loss, backward, gradient averaging and
-// clipping, AdamW, EMA. Nothing waits for the device: a NaN is found when the outcome is read back.
-StepOutcome train_step(Session& s, Task& task, const LoopOptions& o, StepBatches& batches, GradientAverager& averager,
-                       const std::vector<torch::Tensor>& params, int64_t step) {
-  StepOutcome r;
-  r.step = step + 1;
-  r.lr = lr_at(o, step);
-  auto batch = batches.batch(step, o);
-  batch.images = s.shard.rows(batch.images);
-  batch.labels = s.shard.rows(batch.labels);
-  auto gen = step_generator(s.device, mix_seed(o.seed, uint64_t(step), 2));
-  {
-    CudaBf16Autocast autocast(o.bf16);
-    std::tie(r.per_example, r.t) = task.loss(batch, s.shard, gen);
+// Runs the optimisation steps on this rank's rows of each global batch: loss, backward, gradient averaging and
+// clipping, AdamW, EMA. Nothing waits for the device (a NaN is found when the outcome is read back). On one GPU
+// with the data resident, the loss-and-gradients part (fixed shapes, inputs in fixed tensors, draws from the
+// device's generator) is captured once as a CUDA graph and replayed (LoopOptions::cuda_graphs).
+class StepRunner {
+ public:
+  static constexpr int kGraphWarmup = 3;  // eager steps before the capture (cuDNN algorithms, autograd state)
+  StepRunner(Session& s, Task& task, const LoopOptions& o, const Dataset& data, BatchSampler& sampler,
+             GradientAverager& averager, std::vector<torch::Tensor> params)
+      : s_(s), task_(task), o_(o), averager_(averager), params_(std::move(params)),
+        batches_(data, sampler, s.device, o.batch), gen_(step_generator(s.device, o.seed)) {
+    if (o.cuda_graphs && s.device.is_cuda() && !s.dist->enabled() && batches_.resident() && GraphedWork::available())
+      graph_ = std::make_unique<GraphedWork>(s.device, kGraphWarmup, [this] { last_ = loss_and_gradients(); });
   }
-  auto loss = r.per_example.mean();  // of the shard: the mean over ranks of its gradient is the global batch's
-  s.optimizer->zero_grad();
-  loss.backward();
-  averager.finish();
-  r.grad_norm = clip_gradients(params, o.grad_clip > 0 ? o.grad_clip : std::numeric_limits<double>::infinity());
-  adamw_step(*s.optimizer, r.lr);
-  update_ema(task.ema(), task.model(), o.ema_decay, step);
-  r.per_example = r.per_example.detach();
-  return r;
-}
+  bool graphed() const { return graph_ != nullptr; }
+
+  StepOutcome step(int64_t step) {
+    StepOutcome r;
+    r.step = step + 1;
+    r.lr = lr_at(o_, step);
+    batches_.stage(step);
+    gen_ = step_generator(s_.device, mix_seed(o_.seed, uint64_t(step), 2));
+    if (graph_) {
+      graph_->run();  // the graph's outputs are overwritten by the next replay: keep copies
+      r.per_example = last_.per_example.clone();
+      r.t = last_.t.clone();
+      r.grad_norm = last_.grad_norm.clone();
+    } else {
+      last_ = loss_and_gradients();
+      r.per_example = last_.per_example;
+      r.t = last_.t;
+      r.grad_norm = last_.grad_norm;
+    }
+    adamw_step(*s_.optimizer, r.lr);
+    update_ema(task_.ema(), task_.model(), o_.ema_decay, step);
+    return r;
+  }
+
+ private:
+  struct Gradients {
+    torch::Tensor per_example, t, grad_norm;
+  };
+  Gradients loss_and_gradients() {
+    auto batch = batches_.gather(o_, gen_);
+    batch.images = s_.shard.rows(batch.images);
+    batch.labels = s_.shard.rows(batch.labels);
+    Gradients g;
+    {
+      CudaBf16Autocast autocast(o_.bf16);
+      std::tie(g.per_example, g.t) = task_.loss(batch, s_.shard, gen_);
+    }
+    auto loss = g.per_example.mean();  // of the shard: the mean over ranks of its gradient is the global batch's
+    compat::zero_grads(params_);       // in place: a graph's gradients stay where it captured them
+    loss.backward();
+    averager_.finish();
+    g.grad_norm = clip_gradients(params_, o_.grad_clip > 0 ? o_.grad_clip : std::numeric_limits<double>::infinity());
+    g.per_example = g.per_example.detach();
+    return g;
+  }
+
+  Session& s_;
+  Task& task_;
+  const LoopOptions& o_;
+  GradientAverager& averager_;
+  std::vector<torch::Tensor> params_;
+  StepBatches batches_;
+  at::Generator gen_;
+  Gradients last_;
+  std::unique_ptr<GraphedWork> graph_;
+};
 
 // Steps whose numbers are still on the device. read_back() fetches them together (one wait) when the log, a
 // checkpoint, a stop or the end needs them, stops the run at the first step whose loss or gradient norm is not
@@ -507,11 +561,13 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
   result.world_size = s.env.world_size;
   auto params = task.model().parameters();
   GradientAverager averager(s.dist, params);  // no-op for one process
-  StepBatches batches(data, sampler, s.device);
+  StepRunner runner(s, task, o, data, sampler, averager, params);
+  if (runner.graphed()) progress.message("CUDA graph: steps after the first " + std::to_string(StepRunner::kGraphWarmup) +
+                                         " replay one captured graph (--cuda-graphs false: eager)");
   auto t_begin = std::chrono::steady_clock::now();
   for (int64_t step = s.start; step < o.steps; ++step) {
     const double lr = lr_at(o, step);
-    pending.add(train_step(s, task, o, batches, averager, params, step));
+    pending.add(runner.step(step));
     const int64_t done = result.step = step + 1;
     if (log.due(done) || done == o.steps) pending.read_back();
     std::ostringstream fields;

@@ -71,6 +71,7 @@ nlohmann::json LoopOptions::to_json() const {
           {"overwrite", overwrite},
           {"device", device},
           {"bf16", bf16},
+          {"cuda_graphs", cuda_graphs},
           {"checkpoint_every", checkpoint_every},
           {"log_every", log_every},
           {"progress", progress},
@@ -99,6 +100,7 @@ LoopOptions LoopOptions::from_json(const nlohmann::json& j) {
   o.overwrite = get_or(j, "overwrite", o.overwrite);
   o.device = get_or(j, "device", o.device);
   o.bf16 = get_or(j, "bf16", o.bf16);
+  o.cuda_graphs = get_or(j, "cuda_graphs", o.cuda_graphs);
   o.checkpoint_every = get_or(j, "checkpoint_every", o.checkpoint_every);
   o.log_every = get_or(j, "log_every", o.log_every);
   o.progress = get_or(j, "progress", o.progress);
@@ -208,6 +210,7 @@ const std::vector<ResumableOption>& resumable_options() {
       {"steps", "--steps", [](LoopOptions& s, const LoopOptions& g) { s.steps = g.steps; }},
       {"device", "--device", [](LoopOptions& s, const LoopOptions& g) { s.device = g.device; }},
       {"bf16", "--bf16", [](LoopOptions& s, const LoopOptions& g) { s.bf16 = g.bf16; }},
+      {"cuda_graphs", "--cuda-graphs", [](LoopOptions& s, const LoopOptions& g) { s.cuda_graphs = g.cuda_graphs; }},
       {"checkpoint_every", "--checkpoint-every",
        [](LoopOptions& s, const LoopOptions& g) { s.checkpoint_every = g.checkpoint_every; }},
       {"log_every", "--log-every", [](LoopOptions& s, const LoopOptions& g) { s.log_every = g.log_every; }},

@@ -31,7 +31,11 @@ torch::Device parse_device(const std::string& name) {
                                 "' requested but this LibTorch has no usable CUDA (build against a CUDA "
                                 "LibTorch, see docs/cuda.md, or pass --device cpu)");
   // float32 means float32: no TF32 convolutions (LibTorch's default for cuDNN; matrix products are off already).
-  if (device.is_cuda()) at::globalContext().setAllowTF32CuDNN(false);
+  // cuDNN times its algorithms on the first call of each shape and keeps the fastest (the shapes are fixed).
+  if (device.is_cuda()) {
+    at::globalContext().setAllowTF32CuDNN(false);
+    at::globalContext().setBenchmarkCuDNN(true);
+  }
   return device;
 }
 

@@ -48,6 +48,19 @@ inline void foreach_mul_(std::vector<at::Tensor>& tensors, const at::Tensor& sca
 #endif
 }
 
+// Zeroes the gradients of `params` in place (those that have one), as 1.13's Optimizer::zero_grad() does; 2.x's
+// sets them to None instead, which would move them between steps.
+inline void zero_grads(const std::vector<at::Tensor>& params) {
+  std::vector<at::Tensor> grads;
+  for (const auto& p : params)
+    if (p.grad().defined()) grads.push_back(p.grad());
+#if DIFFUSE_TORCH2
+  if (!grads.empty()) at::_foreach_zero_(grads);
+#else
+  for (auto& g : grads) g.zero_();
+#endif
+}
+
 // A TCPStore (server or client). 2.x asks for its libuv server by default, which a LibTorch built without
 // libuv (Debian 13's) refuses: then the classic server, which speaks the same protocol to every client.
 inline c10::intrusive_ptr<c10d::TCPStore> make_tcp_store(const std::string& host, c10d::TCPStoreOptions options) {

@@ -89,6 +89,8 @@ void add_common_options(CLI::App* cmd, CommonOptions& c, bool noised = true) {
   cmd->add_option("--seed", l.seed, "Seed of initialisation, batches, timesteps and noise")->capture_default_str();
   cmd->add_option("--device", l.device, "cpu, cuda or cuda:N")->capture_default_str();
   cmd->add_flag("--bf16", l.bf16, "bf16 autocast of the forward pass (CUDA only)");
+  cmd->add_option("--cuda-graphs", l.cuda_graphs, "One process on a GPU: replay each step as a captured CUDA graph")
+      ->capture_default_str();
   cmd->add_option("--checkpoint-every", l.checkpoint_every, "Checkpoint every N steps (also at the end and on "
                                                             "Ctrl-C/SIGTERM)")
       ->capture_default_str();

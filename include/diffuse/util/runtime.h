@@ -8,7 +8,8 @@
 namespace diffuse {
 
 /// "cpu", "cuda", "cuda:1"; throws std::invalid_argument with the fix when CUDA is asked for and absent.
-/// On CUDA it also turns off TF32 convolutions: float32 stays float32 (bf16 is the fast path, asked for by name).
+/// On CUDA it also turns off TF32 convolutions (float32 stays float32; bf16 is the fast path, asked for by name)
+/// and lets cuDNN time its algorithms for each shape (cudnn.benchmark).
 torch::Device parse_device(const std::string& name);
 /// "fp32", "bf16" or "fp16": the dtype a network runs in; throws with the fix for an unknown name or fp16 on the CPU.
 torch::ScalarType parse_network_dtype(const std::string& name, torch::Device device);

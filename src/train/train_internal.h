@@ -1,5 +1,5 @@
 // The trainer's parts shared by its translation units (train.cpp: the tasks; train_loop.cpp: the loop;
-// checkpoint.cpp: the run folder; train_options.cpp: run.json). Not part of the public API.
+// train_step.cpp: a step on the device; checkpoint.cpp: the run folder; train_options.cpp: run.json). Not part of the public API.
 #pragma once
 
 #include <torch/torch.h>
@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "diffuse/data/data.h"
+#include "diffuse/train/distributed.h"
 #include "diffuse/train/train.h"
 
 namespace diffuse::detail {
@@ -50,6 +51,21 @@ class Task {
   virtual void save(const fs::path& dir) = 0;
   virtual int64_t T() const = 0;
 };
+
+// What the loop holds from start to end: the process group, this rank's rows, the optimizer, where it starts.
+struct Session {
+  DistEnv env;
+  torch::Device device = torch::kCPU;
+  std::shared_ptr<Distributed> dist;
+  Shard shard;
+  fs::path run;
+  bool main = true, resumed = false;
+  int64_t start = 0;
+  std::unique_ptr<torch::optim::AdamW> optimizer;
+};
+
+/// The learning rate of 0-based step `step`: linear warmup, then constant or a half cosine to min_lr.
+double lr_at(const LoopOptions& o, int64_t step);
 
 /// Moves every component of a finished RUN/.checkpoint-new into RUN. Idempotent: a crash at any point
 /// leaves either the old or the new version of each component, and running it again completes the swap.

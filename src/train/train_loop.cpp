@@ -18,9 +18,7 @@
 #include "diffuse/io/safetensors.h"
 #include "diffuse/train/train.h"
 #include "train/loss_log.h"
-#include "train/cuda_graph.h"
-#include "train/optimizer_step.h"
-#include "util/torch_compat.h"
+#include "train/train_step.h"
 #include "train/train_internal.h"
 
 namespace diffuse::detail {
@@ -53,6 +51,8 @@ class StopSignals {
 };
 
 
+}  // namespace
+
 double lr_at(const LoopOptions& o, int64_t step) {
   // Linear warmup over `warmup` steps, then constant or a half cosine to min_lr at the last step.
   if (o.warmup > 0 && step < o.warmup) return o.lr * double(step + 1) / double(o.warmup);
@@ -61,6 +61,8 @@ double lr_at(const LoopOptions& o, int64_t step) {
   double progress = std::min(1.0, double(step - o.warmup) / span);
   return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + std::cos(M_PI * progress));
 }
+
+namespace {
 
 void validate_loop(const LoopOptions& o) {
   auto bad = [](const std::string& what) { throw std::invalid_argument(what); };
@@ -88,17 +90,6 @@ bool all_finite(torch::nn::Module& m) {
 }
 
 at::Generator device_generator(torch::Device device) { return at::globalContext().defaultGenerator(device); }
-
-// The generator of one of a step's draws, seeded from (run seed, step, use): on the CPU a fresh one; on a GPU
-// the device's default generator, reseeded (host-side only), so the draws happen there without a copy. (On a
-// GPU the model's dropout draws from it next: every rank's dropout stream then starts from the step's seed.)
-at::Generator step_generator(torch::Device device, uint64_t seed) {
-  if (device.is_cpu()) return cpu_generator(seed);
-  auto g = device_generator(device);
-  std::lock_guard<std::mutex> lock(g.mutex());
-  g.set_current_seed(seed);
-  return g;
-}
 
 std::map<std::string, torch::Tensor> rng_states(torch::Device device) {
   std::map<std::string, torch::Tensor> out;
@@ -166,19 +157,6 @@ void on_main_rank(Distributed& dist, const std::string& what, F&& body) {
   throw RankZeroFailed("rank " + std::to_string(dist.rank()) + ": rank 0 failed to " + what + " (see its error)");
 }
 
-// Per-example losses and timesteps [k, shard] of k steps, widened to the global batch's rows [k, global] from
-// every rank's (for the log).
-std::pair<torch::Tensor, torch::Tensor> gather_rows(Distributed& dist, const Shard& shard, const torch::Tensor& per_example,
-                                                    const torch::Tensor& t) {
-  const int64_t k = per_example.size(0);
-  auto all = torch::zeros({2, k, shard.global}, torch::TensorOptions().dtype(torch::kFloat64).device(dist.collective_device()));
-  all[0].narrow(1, shard.begin, shard.size).copy_(per_example);
-  all[1].narrow(1, shard.begin, shard.size).copy_(t);
-  std::vector<torch::Tensor> v = {all};
-  dist.all_reduce_sum(v);
-  return {all[0].to(torch::kFloat32), all[1].to(torch::kInt64)};
-}
-
 // The signal that stops the run: any rank's SIGINT/SIGTERM, the lowest rank's winning, seen by all at once.
 int agreed_stop_signal(Distributed& dist) {
   if (!dist.enabled()) return StopSignals::caught();
@@ -205,18 +183,6 @@ void check_replicas(Distributed& dist, Task& task, int64_t step) {
     throw std::runtime_error("rank " + std::to_string(dist.rank()) + ": the model replicas differ at step " +
                              std::to_string(step) + " (a bug: the ranks applied different updates); nothing written");
 }
-
-// What the loop holds from start to end: the process group, this rank's rows, the optimizer, where it starts.
-struct Session {
-  DistEnv env;
-  torch::Device device = torch::kCPU;
-  std::shared_ptr<Distributed> dist;
-  Shard shard;
-  fs::path run;
-  bool main = true, resumed = false;
-  int64_t start = 0;
-  std::unique_ptr<torch::optim::AdamW> optimizer;
-};
 
 // Checks the options against the processes and picks this rank's device and threads.
 Session start_session(const LoopOptions& o) {
@@ -332,178 +298,6 @@ void write_checkpoint(Session& s, Task& task, const LoopOptions& o, const Datase
   swap_in_checkpoint(s.run);
 }
 
-// The data where the steps run. On a GPU it is copied there once when it fits (kResidentBytes), each epoch's
-// order is uploaded once and a step's indices are copied into a fixed tensor: a step gathers and flips its
-// batch there without the host, and a CUDA graph can hold the gather.
-class StepBatches {
- public:
-  static constexpr int64_t kResidentBytes = int64_t(4) << 30;
-  StepBatches(const Dataset& data, BatchSampler& sampler, torch::Device device, int64_t batch)
-      : data_(data), sampler_(sampler), device_(device) {
-    resident_ = !device.is_cpu() && data.images.numel() * int64_t(data.images.element_size()) <= kResidentBytes;
-    if (!resident_) return;
-    data_.images = data.images.to(device);
-    data_.labels = data.labels.to(device);
-    indices_ = torch::zeros({batch}, torch::TensorOptions(torch::kInt64).device(device));
-  }
-  bool resident() const { return resident_; }
-  /// Makes global step `step`'s rows the batch that gather() returns.
-  void stage(int64_t step) {
-    step_ = step;
-    if (!resident_) return;
-    const int64_t per_epoch = sampler_.steps_per_epoch(), epoch = step / per_epoch;
-    if (epoch != epoch_) {
-      order_ = sampler_.permutation(epoch).to(device_);
-      epoch_ = epoch;
-    }
-    indices_.copy_(order_.narrow(0, (step % per_epoch) * indices_.size(0), indices_.size(0)));
-  }
-  /// The staged batch. Resident on a GPU, its flips are drawn from `gen` (the step's generator); otherwise from
-  /// a CPU generator of their own seed (mix_seed(seed, step, 1)).
-  Batch gather(const LoopOptions& o, at::Generator& gen) {
-    if (!resident_) return make_batch(data_, sampler_.indices(step_), o.hflip, mix_seed(o.seed, uint64_t(step_), 1), device_);
-    return make_batch(data_, indices_, o.hflip, gen, device_);
-  }
-
- private:
-  Dataset data_;
-  BatchSampler& sampler_;
-  torch::Device device_;
-  bool resident_ = false;
-  int64_t epoch_ = -1, step_ = 0;
-  torch::Tensor order_, indices_;
-};
-
-// What one optimisation step leaves on the device until it is read back.
-struct StepOutcome {
-  int64_t step = 0;  ///< 1-based
-  double lr = 0;
-  torch::Tensor grad_norm;         ///< 0-dim
-  torch::Tensor per_example, t;    ///< this rank's rows
-};
-
-// Runs the optimisation steps on this rank's rows of each global batch: loss, backward, gradient averaging and
-// clipping, AdamW, EMA. Nothing waits for the device (a NaN is found when the outcome is read back). On one GPU
-// with the data resident, the loss-and-gradients part (fixed shapes, inputs in fixed tensors, draws from the
-// device's generator) is captured once as a CUDA graph and replayed (LoopOptions::cuda_graphs).
-class StepRunner {
- public:
-  static constexpr int kGraphWarmup = 3;  // eager steps before the capture (cuDNN algorithms, autograd state)
-  StepRunner(Session& s, Task& task, const LoopOptions& o, const Dataset& data, BatchSampler& sampler,
-             GradientAverager& averager, std::vector<torch::Tensor> params)
-      : s_(s), task_(task), o_(o), averager_(averager), params_(std::move(params)),
-        batches_(data, sampler, s.device, o.batch), gen_(step_generator(s.device, o.seed)) {
-    if (o.cuda_graphs && s.device.is_cuda() && !s.dist->enabled() && batches_.resident() && GraphedWork::available())
-      graph_ = std::make_unique<GraphedWork>(s.device, kGraphWarmup, [this] { last_ = loss_and_gradients(); });
-  }
-  bool graphed() const { return graph_ != nullptr; }
-
-  StepOutcome step(int64_t step) {
-    StepOutcome r;
-    r.step = step + 1;
-    r.lr = lr_at(o_, step);
-    batches_.stage(step);
-    gen_ = step_generator(s_.device, mix_seed(o_.seed, uint64_t(step), 2));
-    if (graph_) {
-      graph_->run();  // the graph's outputs are overwritten by the next replay: keep copies
-      r.per_example = last_.per_example.clone();
-      r.t = last_.t.clone();
-      r.grad_norm = last_.grad_norm.clone();
-    } else {
-      last_ = loss_and_gradients();
-      r.per_example = last_.per_example;
-      r.t = last_.t;
-      r.grad_norm = last_.grad_norm;
-    }
-    adamw_step(*s_.optimizer, r.lr);
-    update_ema(task_.ema(), task_.model(), o_.ema_decay, step);
-    return r;
-  }
-
- private:
-  struct Gradients {
-    torch::Tensor per_example, t, grad_norm;
-  };
-  Gradients loss_and_gradients() {
-    auto batch = batches_.gather(o_, gen_);
-    batch.images = s_.shard.rows(batch.images);
-    batch.labels = s_.shard.rows(batch.labels);
-    Gradients g;
-    {
-      CudaBf16Autocast autocast(o_.bf16);
-      std::tie(g.per_example, g.t) = task_.loss(batch, s_.shard, gen_);
-    }
-    auto loss = g.per_example.mean();  // of the shard: the mean over ranks of its gradient is the global batch's
-    compat::zero_grads(params_);       // in place: a graph's gradients stay where it captured them
-    loss.backward();
-    averager_.finish();
-    g.grad_norm = clip_gradients(params_, o_.grad_clip > 0 ? o_.grad_clip : std::numeric_limits<double>::infinity());
-    g.per_example = g.per_example.detach();
-    return g;
-  }
-
-  Session& s_;
-  Task& task_;
-  const LoopOptions& o_;
-  GradientAverager& averager_;
-  std::vector<torch::Tensor> params_;
-  StepBatches batches_;
-  at::Generator gen_;
-  Gradients last_;
-  std::unique_ptr<GraphedWork> graph_;
-};
-
-// Steps whose numbers are still on the device. read_back() fetches them together (one wait) when the log, a
-// checkpoint, a stop or the end needs them, stops the run at the first step whose loss or gradient norm is not
-// finite (`nonfinite` throws), and has rank 0 append them to the log.
-class PendingSteps {
- public:
-  using NonFinite = std::function<void(int64_t step, const std::string& what)>;
-  PendingSteps(Session& s, LossLog& log, const LoopOptions& o, NonFinite nonfinite)
-      : s_(s), log_(log), o_(o), nonfinite_(std::move(nonfinite)), since_(std::chrono::steady_clock::now()) {}
-  void add(StepOutcome out) { pending_.push_back(std::move(out)); }
-  void read_back() {
-    if (pending_.empty()) return;
-    const int64_t k = int64_t(pending_.size());
-    std::vector<torch::Tensor> norms, rows, ts;
-    for (const auto& p : pending_) {
-      norms.push_back(p.grad_norm.to(torch::kFloat64).reshape({1}));
-      rows.push_back(p.per_example.to(torch::kFloat32));
-      ts.push_back(p.t.to(rows.back().device()));
-    }
-    auto per_example = torch::stack(rows), t = torch::stack(ts);
-    if (s_.dist->enabled()) std::tie(per_example, t) = gather_rows(*s_.dist, s_.shard, per_example, t);
-    auto numbers = torch::cat({per_example.mean(1).to(torch::kFloat64), torch::cat(norms).to(per_example.device())}).cpu();
-    per_example = per_example.cpu();
-    t = t.cpu();
-    const double* v = numbers.data_ptr<double>();
-    for (int64_t i = 0; i < k; ++i) {
-      const int64_t step = pending_[size_t(i)].step;
-      if (!std::isfinite(v[i])) nonfinite_(step, "the loss is " + std::to_string(v[i]));
-      if (!std::isfinite(v[k + i])) nonfinite_(step, "the gradient norm is " + std::to_string(v[k + i]));
-      if (!s_.main) continue;
-      log_.add(v[i], per_example[i], t[i], v[k + i], o_.batch);
-      if (log_.due(step) || step == o_.steps) log_.write(step, pending_[size_t(i)].lr);
-    }
-    last_loss_ = v[k - 1];
-    auto now = std::chrono::steady_clock::now();
-    rate_ = double(k * o_.batch) / std::max(1e-9, std::chrono::duration<double>(now - since_).count());
-    since_ = now;
-    pending_.clear();
-  }
-  double last_loss() const { return last_loss_; }   ///< of the latest step read back (NaN before the first)
-  double images_per_s() const { return rate_; }     ///< over the steps of the latest read-back
-
- private:
-  Session& s_;
-  LossLog& log_;
-  const LoopOptions& o_;
-  NonFinite nonfinite_;
-  std::vector<StepOutcome> pending_;
-  std::chrono::steady_clock::time_point since_;
-  double last_loss_ = std::numeric_limits<double>::quiet_NaN(), rate_ = 0;
-};
-
 void announce(const Session& s, const LoopOptions& o, Progress& progress) {
   if (s.resumed)
     progress.message("resuming '" + o.out + "' at step " + std::to_string(s.start) +
@@ -566,8 +360,9 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
                                          " replay one captured graph (--cuda-graphs false: eager)");
   auto t_begin = std::chrono::steady_clock::now();
   for (int64_t step = s.start; step < o.steps; ++step) {
-    const double lr = lr_at(o, step);
-    pending.add(runner.step(step));
+    auto outcome = runner.step(step);
+    const double lr = outcome.lr;
+    pending.add(std::move(outcome));
     const int64_t done = result.step = step + 1;
     if (log.due(done) || done == o.steps) pending.read_back();
     std::ostringstream fields;

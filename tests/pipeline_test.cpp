@@ -57,7 +57,7 @@ TEST(Pipeline, GenerateEqualsThePartsByHandForAnyBatchSize) {
   auto net = classifier_free_guidance(run.network(), {3.0, 0.7, run.class_embeds - 1});
   auto d = make_denoiser(net, s.prediction_type, s.schedule(), s.etsdm, torch::tensor({0, 1, 2}, torch::kLong));
   SamplerOptions so;
-  so.set_alpha_to_one = s.set_alpha_to_one;
+  so.set_alpha_to_one = false;  // DPMSolverMultistepScheduler without final_sigmas_type ends at alpha_bar[0]
   so.seed = 5;
   auto ts = spaced_timesteps(s.schedule().T(), 4, s.timestep_spacing,
                              s.timestep_spacing == Spacing::leading ? s.steps_offset : 0);
@@ -127,4 +127,42 @@ TEST(Pipeline, ModelFolderLayouts) {
   EXPECT_EQ(unet.vae(), (dir / "pipe/vae"));
   diffuse::testing::expect_error([&] { ModelFolder(dir / "nothing").unet(); }, "does not exist");
   diffuse::testing::expect_error([&] { ModelFolder(dir / "nothing").scheduler_config(); }, "no scheduler_config.json");
+}
+
+// Where the last step ends is the sampler's diffusers class's business, not set_alpha_to_one's alone (issue:
+// SDXL's config with --sampler euler was 0.084 off diffusers).
+TEST(Pipeline, FinalStepFollowsTheSamplersDiffusersClass) {
+  SchedulerConfig c;
+  c.set_alpha_to_one = false;
+  EXPECT_FALSE(final_step_to_clean_data("ddim", c));
+  for (const char* s : {"ddpm", "euler", "euler_a", "euler_ancestral", "heun"}) EXPECT_TRUE(final_step_to_clean_data(s, c)) << s;
+  EXPECT_FALSE(final_step_to_clean_data("dpmpp_2m", c));
+  c.set_alpha_to_one = true;
+  EXPECT_TRUE(final_step_to_clean_data("ddim", c));
+  EXPECT_FALSE(final_step_to_clean_data("dpmpp_2m_sde", c));  // diffusers 0.25: alpha_bar[0] whatever the key
+  c.extra["final_sigmas_type"] = "zero";                       // diffusers 0.26 on write it
+  EXPECT_TRUE(final_step_to_clean_data("dpmpp_2m", c));
+  c.extra["final_sigmas_type"] = "sigma_min";
+  EXPECT_FALSE(final_step_to_clean_data("dpmpp_2m", c));
+  c.extra["final_sigmas_type"] = "denoised";
+  diffuse::testing::expect_error([&] { final_step_to_clean_data("dpmpp_2m", c); }, "final_sigmas_type");
+
+  // generate() uses it: Euler on a config with set_alpha_to_one false still ends at the clean data.
+  auto run = fixture_run();
+  run.scheduler.set_alpha_to_one = false;
+  GenerateOptions g;
+  g.sampler = "euler";
+  g.steps = 3;
+  g.n = 2;
+  g.seed = 4;
+  auto out = generate(run, g);
+  torch::NoGradGuard ng;
+  const auto& s = run.scheduler;
+  auto labels = run.class_embeds > 0 ? torch::tensor(out.labels, torch::kLong) : torch::Tensor();
+  auto d = make_denoiser(run.network(), s.prediction_type, s.schedule(), s.etsdm, labels);
+  SamplerOptions so;
+  so.set_alpha_to_one = true;
+  so.seed = 4;
+  auto by_hand = sample_euler(d, out.timesteps, make_noise({run.channels, run.height, run.width}, 2, 4, 0), so);
+  EXPECT_TRUE(torch::equal(out.images, by_hand));
 }

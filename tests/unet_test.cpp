@@ -145,6 +145,26 @@ TEST(UNet, RefusesUnsupportedConfigs) {
   bad("dropout", 1.5);
 }
 
+// diffusers uses attention_head_dim only where it builds attention: 24 divides neither 64 nor 128 of a level
+// without attention, but a config with attention only at a 48-channel level is fine.
+TEST(UNet, HeadDimensionCheckedOnlyWhereAttentionIs) {
+  UNetConfig c;
+  c.sample_size = 8;
+  c.in_channels = c.out_channels = 1;
+  c.block_out_channels = {32, 48};
+  c.layers_per_block = 1;
+  c.down_block_types = {"DownBlock2D", "AttnDownBlock2D"};
+  c.up_block_types = {"AttnUpBlock2D", "UpBlock2D"};
+  c.norm_num_groups = 8;
+  c.attention_head_dim = 24;
+  c.add_attention = true;  // the mid block sits at the last level (48 channels)
+  UNet2DModel model(c);
+  EXPECT_EQ(model->forward(torch::randn({1, 1, 8, 8}), torch::tensor({3L})).sizes(), (std::vector<int64_t>{1, 1, 8, 8}));
+  c.down_block_types = {"AttnDownBlock2D", "DownBlock2D"};  // now attention at 32 channels: 24 does not divide them
+  c.up_block_types = {"UpBlock2D", "AttnUpBlock2D"};
+  expect_error([&] { UNet2DModel bad(c); }, "attention_head_dim");
+}
+
 TEST(UNet, ScaleShiftAndMidBlockVariants) {
   auto config = fixture_config();
   config.resnet_time_scale_shift = "scale_shift";

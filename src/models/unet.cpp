@@ -38,10 +38,16 @@ void UNetConfig::validate() const {
   if (block_out_channels[0] % 2 != 0 || freq_shift == double(block_out_channels[0] / 2))
     refuse("block_out_channels[0]", std::to_string(block_out_channels[0]),
            "an even count, not 2 * freq_shift (it sizes the timestep embedding)");
-  for (auto c : block_out_channels)
-    if (attention_head_dim && (*attention_head_dim <= 0 || c % *attention_head_dim != 0))
+  // Only levels with attention use the head dimension (diffusers builds no attention elsewhere).
+  const size_t levels = block_out_channels.size();
+  for (size_t i = 0; i < levels; ++i) {
+    const bool attention = down_block_types[i] == "AttnDownBlock2D" || up_block_types[levels - 1 - i] == "AttnUpBlock2D" ||
+                           (add_attention && i + 1 == levels);
+    const int64_t c = block_out_channels[i];
+    if (attention && attention_head_dim && (*attention_head_dim <= 0 || c % *attention_head_dim != 0))
       refuse("attention_head_dim", std::to_string(*attention_head_dim),
-             "a divisor of every block_out_channels entry (" + std::to_string(c) + ")");
+             "a divisor of the channels of every level with attention (" + std::to_string(c) + ")");
+  }
   if (attn_norm_num_groups && (*attn_norm_num_groups <= 0 || block_out_channels.back() % *attn_norm_num_groups))
     refuse("attn_norm_num_groups", std::to_string(*attn_norm_num_groups),
            "null or a divisor of the last block_out_channels entry");

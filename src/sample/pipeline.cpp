@@ -90,6 +90,22 @@ LoadedRun load_run(const std::string& model, const LoadOptions& o) {
 
 // ---------------------------------------------------------------- generation
 
+bool final_step_to_clean_data(const std::string& sampler, const SchedulerConfig& config) {
+  get_sampler(sampler);  // validates the name
+  const std::string name = canonical_sampler_name(sampler);
+  if (name == "ddim") return config.set_alpha_to_one;
+  if (name == "dpmpp_2m" || name == "dpmpp_2m_sde") {
+    const auto it = config.extra.find("final_sigmas_type");
+    if (it == config.extra.end() || it->is_null()) return false;
+    const std::string type = it->is_string() ? it->get<std::string>() : it->dump();
+    if (type == "zero") return true;
+    if (type == "sigma_min") return false;
+    throw std::invalid_argument("scheduler config key final_sigmas_type '" + type +
+                                "' is not one of zero, sigma_min");
+  }
+  return true;
+}
+
 namespace {
 
 void check_options(const LoadedRun& run, const GenerateOptions& o) {
@@ -187,7 +203,7 @@ Generated generate(const LoadedRun& run, const GenerateOptions& o) {
     SamplerOptions so;
     so.eta = o.eta;
     so.variance = o.variance;
-    so.set_alpha_to_one = run.scheduler.set_alpha_to_one;
+    so.set_alpha_to_one = final_step_to_clean_data(o.sampler, run.scheduler);
     so.seed = o.seed;
     so.first_image = first;
     if (o.progress)

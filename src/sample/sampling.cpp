@@ -248,17 +248,15 @@ const std::vector<std::string>& sampler_names() {
   return names;
 }
 
-namespace {
-std::string canonical_sampler(const std::string& name) {
+std::string canonical_sampler_name(const std::string& name) {
   if (name == "euler_a") return "euler_ancestral";
   if (name == "dpmpp2m" || name == "dpm++2m" || name == "dpm++_2m") return "dpmpp_2m";
   if (name == "dpmpp2m_sde" || name == "dpm++2m_sde" || name == "dpm++_2m_sde") return "dpmpp_2m_sde";
   return name;
 }
-}  // namespace
 
 Sampler get_sampler(const std::string& name_in) {
-  const std::string name = canonical_sampler(name_in);
+  const std::string name = canonical_sampler_name(name_in);
   if (name == "ddpm") return sample_ddpm;
   if (name == "ddim") return sample_ddim;
   if (name == "euler") return sample_euler;
@@ -273,7 +271,7 @@ Sampler get_sampler(const std::string& name_in) {
 
 bool is_stochastic(const std::string& name_in) {
   get_sampler(name_in);  // validates
-  const std::string name = canonical_sampler(name_in);
+  const std::string name = canonical_sampler_name(name_in);
   return name == "ddpm" || name == "euler_ancestral" || name == "dpmpp_2m_sde";
 }
 

@@ -99,6 +99,13 @@ struct GenerateOptions {
   std::function<void(const GenerateProgress&)> progress;
 };
 
+/// Whether `sampler`'s last step, driven by `config`, ends at the clean data (alpha_bar = 1) or at alpha_bar[0],
+/// as the diffusers class of that sampler does: DDIM follows set_alpha_to_one (DDIMScheduler's key alone);
+/// DDPM, Euler, Euler ancestral and Heun end at sigma 0 (DDPMScheduler's "one", the others' final sigma 0);
+/// DPM-Solver++ (DPMSolverMultistepScheduler) ends where final_sigmas_type says ("zero": clean data;
+/// "sigma_min"), and without that key at alpha_bar[0] as diffusers 0.25 did.
+bool final_step_to_clean_data(const std::string& sampler, const SchedulerConfig& config);
+
 struct Generated {
   torch::Tensor images;    ///< [n, C, H, W] float32 on the CPU, the model's range ([-1, 1] for images)
   torch::Tensor latents;   ///< for a latent model: what the sampler produced, before decoding

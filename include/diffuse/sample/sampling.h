@@ -91,6 +91,8 @@ const std::vector<std::string>& sampler_names();
 /// The sampler of that name (also accepts euler_a, dpmpp2m, dpmpp2m_sde, dpm++2m, dpm++2m_sde);
 /// throws std::invalid_argument listing the names.
 Sampler get_sampler(const std::string& name);
+/// The sampler's own name for one of its accepted spellings (euler_a, dpm++2m, ...); others unchanged.
+std::string canonical_sampler_name(const std::string& name);
 /// Whether the named sampler draws noise after the initial x_T (for its default eta).
 bool is_stochastic(const std::string& name);
 

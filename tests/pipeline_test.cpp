@@ -166,3 +166,31 @@ TEST(Pipeline, FinalStepFollowsTheSamplersDiffusersClass) {
   auto by_hand = sample_euler(d, out.timesteps, make_noise({run.channels, run.height, run.width}, 2, 4, 0), so);
   EXPECT_TRUE(torch::equal(out.images, by_hand));
 }
+
+// A scheduler config's clip_sample means what DDIMScheduler.step does with it: x0 clamped, the network's eps kept
+// (use_clipped_model_output = False, scheduling_ddim.py); --clip-sample recomputes eps from the clamped x0.
+TEST(Pipeline, ConfigClipSampleKeepsTheModelsEps) {
+  auto run = fixture_run();
+  run.scheduler.clip_sample = true;
+  run.scheduler.clip_sample_range = 0.05;
+  run.scheduler.set_alpha_to_one = false;
+  GenerateOptions g;
+  g.sampler = "ddim";
+  g.steps = 3;
+  g.n = 2;
+  g.seed = 6;
+  auto from_config = generate(run, g);
+  g.clip_sample = 0.05;
+  auto from_option = generate(run, g);
+  torch::NoGradGuard ng;
+  const auto& s = run.scheduler;
+  auto labels = run.class_embeds > 0 ? torch::tensor(from_config.labels, torch::kLong) : torch::Tensor();
+  auto d = make_denoiser(run.network(), s.prediction_type, s.schedule(), s.etsdm, labels);
+  SamplerOptions so;
+  so.set_alpha_to_one = false;
+  so.seed = 6;
+  auto x_T = make_noise({run.channels, run.height, run.width}, 2, 6, 0);
+  EXPECT_TRUE(torch::equal(from_config.images, sample_ddim(clip_x0(d, 0.05, true), from_config.timesteps, x_T, so)));
+  EXPECT_TRUE(torch::equal(from_option.images, sample_ddim(clip_x0(d, 0.05, false), from_option.timesteps, x_T, so)));
+  EXPECT_GT((from_config.images - from_option.images).abs().max().item<double>(), 1e-3);
+}

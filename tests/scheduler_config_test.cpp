@@ -115,3 +115,27 @@ TEST(SchedulerConfig, EtsdmConditionMap) {
   EXPECT_THROW(SchedulerConfig::from_json({{"diffuse_etsdm_t_tilde", 1000}, {"diffuse_etsdm_n", 5}}),
                std::invalid_argument);
 }
+
+// Keys whose default depends on the class (diffusers/schedulers/scheduling_*.py __init__): a config without them
+// means what that class means (issue: Euler and DPM-Solver configs without timestep_spacing were read as
+// leading, 0.12 to 0.82 off; DDIM configs without clip_sample as unclipped, 355.6 off).
+TEST(SchedulerConfig, ClassDefaultsOfAbsentKeys) {
+  auto of = [](const char* cls) { return SchedulerConfig::from_json({{"_class_name", cls}}); };
+  for (const char* cls : {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                          "DPMSolverMultistepScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler"}) {
+    EXPECT_EQ(of(cls).timestep_spacing, Spacing::linspace) << cls;
+    EXPECT_FALSE(of(cls).clip_sample) << cls;
+  }
+  for (const char* cls : {"DDIMScheduler", "DDPMScheduler"}) {
+    EXPECT_EQ(of(cls).timestep_spacing, Spacing::leading) << cls;
+    EXPECT_TRUE(of(cls).clip_sample) << cls;
+  }
+  EXPECT_EQ(of("PNDMScheduler").timestep_spacing, Spacing::leading);
+  EXPECT_FALSE(of("PNDMScheduler").clip_sample);
+  // Present keys win; the class name survives the round trip, so a written config means the same again.
+  auto c = SchedulerConfig::from_json({{"_class_name", "DDIMScheduler"}, {"clip_sample", false}, {"timestep_spacing", "trailing"}});
+  EXPECT_FALSE(c.clip_sample);
+  EXPECT_EQ(c.timestep_spacing, Spacing::trailing);
+  auto again = SchedulerConfig::from_json(of("EulerDiscreteScheduler").to_json());
+  EXPECT_EQ(again.timestep_spacing, Spacing::linspace);
+}

@@ -2,6 +2,7 @@
 
 #include "diffuse/io/files.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 #include <torch/torch.h>
@@ -33,11 +34,29 @@ const std::vector<std::string>& known_keys() {
   return keys;
 }
 
+// diffusers' defaults of the keys whose default depends on the scheduler class (the __init__ signatures in
+// diffusers/schedulers/scheduling_*.py): DDIM, DDPM and PNDM space "leading", the others "linspace"; DDIM and
+// DDPM clip x0 by default.
+struct ClassDefaults {
+  const char* spacing = "leading";
+  bool clip_sample = false;
+};
+ClassDefaults class_defaults(const std::string& class_name) {
+  if (class_name == "DDIMScheduler" || class_name == "DDPMScheduler") return {"leading", true};
+  static const std::vector<std::string> linspace = {
+      "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+      "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler",
+      "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"};
+  if (std::find(linspace.begin(), linspace.end(), class_name) != linspace.end()) return {"linspace", false};
+  return {};
+}
+
 }  // namespace
 
 SchedulerConfig SchedulerConfig::from_json(const nlohmann::json& j) {
   if (!j.is_object()) throw std::invalid_argument("a scheduler config must be a JSON object");
   SchedulerConfig c;
+  const ClassDefaults defaults = class_defaults(get<std::string>(j, "_class_name", ""));
   c.num_train_timesteps = get<int64_t>(j, "num_train_timesteps", c.num_train_timesteps);
   c.beta_schedule = get<std::string>(j, "beta_schedule", c.beta_schedule);
   c.beta_start = get<double>(j, "beta_start", c.beta_start);
@@ -46,9 +65,9 @@ SchedulerConfig SchedulerConfig::from_json(const nlohmann::json& j) {
     c.trained_betas = get<std::vector<double>>(j, "trained_betas", {});
   c.rescale_betas_zero_snr = get<bool>(j, "rescale_betas_zero_snr", false);
   c.prediction_type = parse_prediction(get<std::string>(j, "prediction_type", "epsilon"));
-  c.timestep_spacing = parse_spacing(get<std::string>(j, "timestep_spacing", "leading"));
+  c.timestep_spacing = parse_spacing(get<std::string>(j, "timestep_spacing", defaults.spacing));
   c.steps_offset = get<int64_t>(j, "steps_offset", 0);
-  c.clip_sample = get<bool>(j, "clip_sample", false);
+  c.clip_sample = get<bool>(j, "clip_sample", defaults.clip_sample);
   c.clip_sample_range = get<double>(j, "clip_sample_range", 1.0);
   if (!(c.clip_sample_range > 0))
     throw std::invalid_argument("clip_sample_range must be positive, got " + std::to_string(c.clip_sample_range));

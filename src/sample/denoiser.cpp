@@ -112,13 +112,14 @@ torch::Tensor classifier_log_prob_grad(const Classifier& classifier, const torch
   return grad.defined() ? grad.detach() : torch::zeros_like(x_t);
 }
 
-Denoiser clip_x0(Denoiser denoiser, double range) {
+Denoiser clip_x0(Denoiser denoiser, double range, bool keep_model_eps) {
   if (!(range > 0)) throw std::invalid_argument("clip_x0: the range must be positive, got " + std::to_string(range));
   Denoiser d;
   d.schedule = denoiser.schedule;
-  d.fn = [denoiser, range](const torch::Tensor& x, int64_t t) {
+  d.fn = [denoiser, range, keep_model_eps](const torch::Tensor& x, int64_t t) {
     auto e = denoiser(x, t);
     auto x0 = e.x0.clamp(-range, range);
+    if (keep_model_eps) return Estimate{x0, e.eps};
     const double a = denoiser.schedule.a_at(t), s = denoiser.schedule.s_at(t);
     return Estimate{x0, (x - a * x0) / s};  // s_t > 0 at every t of a schedule (alpha_bar < 1)
   };

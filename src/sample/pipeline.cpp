@@ -131,9 +131,11 @@ void check_options(const LoadedRun& run, const GenerateOptions& o) {
                                 ", " + std::to_string(run.height) + ", " + std::to_string(run.width) + "]");
 }
 
+bool clip_from_config(const GenerateOptions& o) { return std::isnan(o.clip_sample); }
+
 double clip_range_of(const LoadedRun& run, const GenerateOptions& o) {
-  const double range = std::isnan(o.clip_sample) ? (run.scheduler.clip_sample ? run.scheduler.clip_sample_range : 0.0)
-                                                 : o.clip_sample;
+  const double range = clip_from_config(o) ? (run.scheduler.clip_sample ? run.scheduler.clip_sample_range : 0.0)
+                                           : o.clip_sample;
   if (!(range >= 0)) throw std::invalid_argument("--clip-sample must be >= 0 (0: off), got " + std::to_string(range));
   if (range > 0 && !run.vae.is_empty())
     throw std::invalid_argument("--clip-sample clamps pixel values, but this model samples latents (pass --clip-sample 0)");
@@ -152,7 +154,8 @@ std::vector<int64_t> image_labels(const LoadedRun& run, const GenerateOptions& o
 Denoiser batch_denoiser(const LoadedRun& run, const GenerateOptions& o, const Network& net, const Schedule& schedule,
                         const torch::Tensor& y, double clip_range) {
   auto denoiser = make_denoiser(net, run.scheduler.prediction_type, schedule, run.scheduler.etsdm, y);
-  if (clip_range > 0) denoiser = clip_x0(denoiser, clip_range);
+  // The scheduler config's clip_sample keeps diffusers' meaning (the network's eps); --clip-sample recomputes eps.
+  if (clip_range > 0) denoiser = clip_x0(denoiser, clip_range, clip_from_config(o));
   if (o.classifier) {
     auto classifier = o.classifier;
     Classifier clf = [classifier](const torch::Tensor& x_t, const torch::Tensor& t) mutable {

@@ -143,9 +143,10 @@ void add_sample_command(CLI::App& app) {
   cmd->add_option("--sampler", o->sampler, "ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, dpmpp_2m_sde")->capture_default_str();
   cmd->add_option("--steps", o->steps, "Sampling steps S (1..T)")->capture_default_str();
   cmd->add_option("--spacing", o->spacing, "leading, linspace or trailing (default: the scheduler config's)");
-  cmd->add_option("--clip-sample", o->clip_sample, "Clamp the x0 estimate to [-R, R] at every step, R > 0 (0: off; default: "
-                                                   "clip_sample / clip_sample_range of the scheduler config). Keeps eps "
-                                                   "models usable near SNR 0; pixel models only");
+  cmd->add_option("--clip-sample", o->clip_sample, "Clamp the x0 estimate to [-R, R] at every step and recompute eps, R > 0 "
+                                                   "(0: off; default: clip_sample / clip_sample_range of the scheduler "
+                                                   "config, with diffusers' meaning: eps kept). Keeps eps models usable "
+                                                   "near SNR 0; pixel models only");
   cmd->add_option("--eta", o->eta, "Noise of ddim / euler_ancestral / dpmpp_2m_sde (default: the sampler's)");
   cmd->add_option("--ddpm-variance", o->variance, "fixed_small or fixed_large")->capture_default_str();
   cmd->add_option("--n", o->n, "Number of images")->capture_default_str();

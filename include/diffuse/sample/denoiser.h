@@ -88,7 +88,9 @@ torch::Tensor classifier_log_prob_grad(const Classifier& classifier, const torch
 /// clip_sample clamps x0 but keeps the unclamped eps). What keeps an eps model usable where a_t is tiny: there
 /// x0 = (x_t - s_t eps) / a_t multiplies the network's eps error by s_t / a_t (157 at t = 999 of the linear
 /// schedule). Pixel data in [-1, 1] only; not for latents (their range is not [-1, 1]). range > 0.
-Denoiser clip_x0(Denoiser denoiser, double range);
+/// With keep_model_eps, eps stays the network's (diffusers' DDIMScheduler.step with clip_sample and
+/// use_clipped_model_output = False, scheduling_ddim.py: pred_epsilon is recomputed only when that flag is set).
+Denoiser clip_x0(Denoiser denoiser, double range, bool keep_model_eps = false);
 
 /// Classifier guidance (Dhariwal & Nichol 2021, section 4.2, eq. 14): the score is shifted by
 /// scale * grad_x log p(y | x_t), i.e. eps' = eps - scale * s_t * grad and, to keep the pair consistent,

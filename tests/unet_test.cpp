@@ -221,6 +221,32 @@ TEST(UNet, SaveThenLoadGivesIdenticalOutputs) {
   std::filesystem::remove_all(dir);
 }
 
+// Older diffusers wrote attention weights as query/key/value/proj_attn; diffusers renames them on load
+// (modeling_utils._convert_deprecated_attention_blocks), and so does diffuse.
+TEST(UNet, LoadsDeprecatedAttentionNames) {
+  auto reference = load_safetensors(kUnetDir + "/diffusion_pytorch_model.safetensors");
+  std::map<std::string, torch::Tensor> old_names;
+  int64_t renamed = 0;
+  for (const auto& [name, t] : reference) {
+    std::string n = name;
+    for (auto [now, before] : {std::pair<std::string, std::string>{".to_q.", ".query."}, {".to_k.", ".key."},
+                               {".to_v.", ".value."}, {".to_out.0.", ".proj_attn."}}) {
+      auto at = n.find(now);
+      if (at != std::string::npos) {
+        n = n.substr(0, at) + before + n.substr(at + now.size());
+        ++renamed;
+        break;
+      }
+    }
+    old_names[n] = t;
+  }
+  ASSERT_GT(renamed, 0);
+  UNet2DModel model(fixture_config());
+  load_state_dict(*model, old_names, "old-names.safetensors");
+  auto loaded = state_dict(*model);
+  for (const auto& [name, t] : reference) EXPECT_TRUE(torch::equal(loaded.at(name), t)) << name;
+}
+
 TEST(UNet, LoadErrorsNameTheProblem) {
   TempDir tmp;
   auto dir = tmp.str();

@@ -18,9 +18,37 @@ std::map<std::string, torch::Tensor> state_dict(torch::nn::Module& m) {
   return out;
 }
 
-void load_state_dict(torch::nn::Module& m, const std::map<std::string, torch::Tensor>& tensors,
+namespace {
+
+// Attention weights under the names older diffusers versions wrote (query, key, value, proj_attn; google/ddpm-*
+// and Stable Diffusion 1.x autoencoders): renamed as diffusers' _convert_deprecated_attention_blocks does, where
+// the new name is the model's and the file lacks it.
+std::map<std::string, torch::Tensor> with_current_attention_names(const std::map<std::string, torch::Tensor>& tensors,
+                                                                  const std::map<std::string, torch::Tensor>& own) {
+  static const std::vector<std::pair<std::string, std::string>> renames = {
+      {".query.", ".to_q."}, {".key.", ".to_k."}, {".value.", ".to_v."}, {".proj_attn.", ".to_out.0."}};
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& [name, t] : tensors) {
+    std::string mapped = name;
+    if (!own.count(name))
+      for (const auto& [old_part, new_part] : renames) {
+        const auto at = name.find(old_part);
+        if (at == std::string::npos) continue;
+        std::string candidate = name.substr(0, at) + new_part + name.substr(at + old_part.size());
+        if (own.count(candidate) && !tensors.count(candidate)) mapped = candidate;
+        break;
+      }
+    out[mapped] = t;
+  }
+  return out;
+}
+
+}  // namespace
+
+void load_state_dict(torch::nn::Module& m, const std::map<std::string, torch::Tensor>& tensors_in,
                      const std::string& source) {
   auto own = state_dict(m);
+  const auto tensors = with_current_attention_names(tensors_in, own);
   std::vector<std::string> missing, unexpected, misshaped;
   for (const auto& [name, t] : own) {
     auto it = tensors.find(name);

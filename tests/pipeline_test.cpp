@@ -194,3 +194,31 @@ TEST(Pipeline, ConfigClipSampleKeepsTheModelsEps) {
   EXPECT_TRUE(torch::equal(from_option.images, sample_ddim(clip_x0(d, 0.05, false), from_option.timesteps, x_T, so)));
   EXPECT_GT((from_config.images - from_option.images).abs().max().item<double>(), 1e-3);
 }
+
+// A config whose class or keys ask for sampling diffuse does not do is refused by name, with the edit that
+// samples without it (issue: thresholding gave 941, use_karras_sigmas 0.80, a flow-matching config 108).
+TEST(Pipeline, RefusesSchedulerKeysAndClassesItCannotHonour) {
+  SchedulerConfig c;
+  EXPECT_NO_THROW(check_samplable(c));
+  c.extra["thresholding"] = false;  // neutral values pass
+  c.extra["use_karras_sigmas"] = false;
+  c.extra["timestep_type"] = "discrete";
+  c.extra["skip_prk_steps"] = true;  // changes nothing here
+  EXPECT_NO_THROW(check_samplable(c));
+  for (auto [key, value] : {std::pair<const char*, nlohmann::json>{"thresholding", true}, {"use_karras_sigmas", true},
+                            {"timestep_type", "continuous"}, {"sigma_max", 80.0}}) {
+    auto bad = c;
+    bad.extra[key] = value;
+    diffuse::testing::expect_error([&] { check_samplable(bad); }, key);
+  }
+  auto flow = c;
+  flow.extra["_class_name"] = "FlowMatchEulerDiscreteScheduler";
+  diffuse::testing::expect_error([&] { check_samplable(flow); }, "FlowMatchEulerDiscreteScheduler");
+  // generate() checks before sampling.
+  auto run = fixture_run();
+  run.scheduler.extra["thresholding"] = true;
+  GenerateOptions g;
+  g.steps = 2;
+  g.n = 1;
+  diffuse::testing::expect_error([&] { generate(run, g); }, "thresholding");
+}

@@ -189,6 +189,11 @@ TEST(Train, SchedulerConfigDescribesTheTrainedSchedule) {
     }
   EXPECT_THROW(make_scheduler_config({"linear"}, Prediction::eps, Spacing::leading, EtsdmConfig{1000, 5}),
                std::invalid_argument);
+  // diffusers' DDIMScheduler refuses beta_schedule "sigmoid" (NotImplementedError): the betas are stored instead.
+  auto sigmoid = make_scheduler_config({"sigmoid"}, Prediction::eps, Spacing::leading, {}).to_json();
+  EXPECT_EQ(sigmoid["_class_name"], "DDIMScheduler");
+  EXPECT_NE(sigmoid["beta_schedule"], "sigmoid");
+  EXPECT_EQ(sigmoid["trained_betas"].size(), 1000u);
 }
 
 TEST(Train, DefaultShapeIsTheReferenceUNet) {

@@ -1,5 +1,6 @@
 #include "diffuse/sample/pipeline.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <stdexcept>
@@ -90,6 +91,33 @@ LoadedRun load_run(const std::string& model, const LoadOptions& o) {
 
 // ---------------------------------------------------------------- generation
 
+void check_samplable(const SchedulerConfig& config) {
+  // Classes of another noise process: flow matching, EDM's sigmas, variance-exploding SDEs, consistency models.
+  static const std::vector<std::string> other_processes = {
+      "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler",
+      "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "ScoreSdeVeScheduler", "KarrasVeScheduler",
+      "CMStochasticIterativeScheduler", "VQDiffusionScheduler"};
+  const auto cls = config.extra.value("_class_name", std::string());
+  if (std::find(other_processes.begin(), other_processes.end(), cls) != other_processes.end())
+    throw std::invalid_argument("the scheduler config names " + cls +
+                                ", whose noise process is not the discrete alpha_bar schedule diffuse samples; "
+                                "pass --scheduler with a DDPM-family config (DDIM, DDPM, Euler, DPM-Solver, ...)");
+  // Keys that change the samples, at the value that leaves them alone.
+  static const std::vector<std::pair<std::string, nlohmann::json>> neutral = {
+      {"thresholding", false},        {"use_karras_sigmas", false}, {"use_exponential_sigmas", false},
+      {"use_beta_sigmas", false},     {"use_flow_sigmas", false},   {"use_lu_lambdas", false},
+      {"euler_at_final", false},      {"timestep_type", "discrete"}, {"interpolation_type", "linear"},
+      {"sigma_min", nullptr},         {"sigma_max", nullptr}};
+  for (const auto& [key, value] : neutral) {
+    const auto it = config.extra.find(key);
+    if (it == config.extra.end() || it->is_null() || *it == value) continue;
+    throw std::invalid_argument("scheduler config key " + key + " = " + it->dump() +
+                                " changes sampling in diffusers and diffuse does not implement it; set it to " +
+                                value.dump() + " in the scheduler_config.json (or pass --scheduler with another "
+                                "config) to sample without it");
+  }
+}
+
 bool final_step_to_clean_data(const std::string& sampler, const SchedulerConfig& config) {
   get_sampler(sampler);  // validates the name
   const std::string name = canonical_sampler_name(sampler);
@@ -109,6 +137,7 @@ bool final_step_to_clean_data(const std::string& sampler, const SchedulerConfig&
 namespace {
 
 void check_options(const LoadedRun& run, const GenerateOptions& o) {
+  check_samplable(run.scheduler);
   if (o.n < 1) throw std::invalid_argument("--n must be >= 1, got " + std::to_string(o.n));
   if (o.batch < 1) throw std::invalid_argument("--batch must be >= 1, got " + std::to_string(o.batch));
   if (o.cfg_rescale < 0 || o.cfg_rescale > 1)

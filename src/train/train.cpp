@@ -41,8 +41,9 @@ SchedulerConfig make_scheduler_config(const ScheduleSpec& spec, Prediction predi
   c.extra["_class_name"] = "DDIMScheduler";
   c.extra["_diffusers_version"] = "0.25.0";
   bool cosine_family = spec.name == "cosine" || spec.name == "squaredcos_cap_v2" || spec.name == "cosine_noclip";
-  if (cosine_family && (spec.zero_snr || spec.name == "cosine_noclip")) {
+  if ((cosine_family && (spec.zero_snr || spec.name == "cosine_noclip")) || spec.name == "sigmoid") {
     // Zero-SNR cosine drops the 0.999 clip (Lin et al. 2023, section 3.1): no diffusers name, so explicit betas.
+    // Sigmoid has a name, but DDIMScheduler refuses it (only DDPMScheduler implements it): explicit betas too.
     auto betas = schedule.betas().contiguous();
     c.trained_betas = std::vector<double>(betas.data_ptr<double>(), betas.data_ptr<double>() + betas.numel());
     c.beta_schedule = "linear";

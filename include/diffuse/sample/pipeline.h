@@ -99,6 +99,11 @@ struct GenerateOptions {
   std::function<void(const GenerateProgress&)> progress;
 };
 
+/// Throws std::invalid_argument naming the class or key when `config` asks for sampling diffuse does not do
+/// (flow-matching, EDM, VE-SDE and consistency classes; thresholding, Karras / exponential / beta sigmas and the
+/// like set to anything but their neutral value), with the edit that samples without it. generate() checks.
+void check_samplable(const SchedulerConfig& config);
+
 /// Whether `sampler`'s last step, driven by `config`, ends at the clean data (alpha_bar = 1) or at alpha_bar[0],
 /// as the diffusers class of that sampler does: DDIM follows set_alpha_to_one (DDIMScheduler's key alone);
 /// DDPM, Euler, Euler ancestral and Heun end at sigma 0 (DDPMScheduler's "one", the others' final sigma 0);

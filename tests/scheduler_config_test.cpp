@@ -139,3 +139,25 @@ TEST(SchedulerConfig, ClassDefaultsOfAbsentKeys) {
   auto again = SchedulerConfig::from_json(of("EulerDiscreteScheduler").to_json());
   EXPECT_EQ(again.timestep_spacing, Spacing::linspace);
 }
+
+// diffusers (Python's json module) writes non-finite floats as bare NaN / Infinity / -Infinity, e.g.
+// DPMSolverMultistepScheduler's "lambda_min_clipped": -Infinity; they are read, kept and written back so.
+TEST(SchedulerConfig, ReadsAndWritesPythonsNonFiniteNumbers) {
+  auto path = temp_path("nonfinite.json");
+  write(path, R"({"_class_name": "DPMSolverMultistepScheduler", "lambda_min_clipped": -Infinity,
+                  "odd": [NaN, Infinity, 1.5], "text": "NaN and -Infinity stay text", "beta_end": 0.012})");
+  auto c = SchedulerConfig::load(path);
+  EXPECT_EQ(c.extra["lambda_min_clipped"].get<double>(), -std::numeric_limits<double>::infinity());
+  EXPECT_TRUE(std::isnan(c.extra["odd"][0].get<double>()));
+  EXPECT_EQ(c.extra["odd"][1].get<double>(), std::numeric_limits<double>::infinity());
+  EXPECT_EQ(c.extra["text"], "NaN and -Infinity stay text");
+  EXPECT_EQ(c.beta_end, 0.012);
+  c.save(path);
+  const auto text = read_file(path);
+  EXPECT_NE(text.find("\"lambda_min_clipped\": -Infinity"), std::string::npos) << text;
+  EXPECT_NE(text.find("NaN,"), std::string::npos) << text;
+  EXPECT_NE(text.find("\"NaN and -Infinity stay text\""), std::string::npos) << text;
+  EXPECT_EQ(SchedulerConfig::load(path).extra["lambda_min_clipped"].get<double>(),
+            -std::numeric_limits<double>::infinity());
+  std::remove(path.c_str());
+}

@@ -143,6 +143,6 @@ SchedulerConfig SchedulerConfig::load(const std::string& path) {
   }
 }
 
-void SchedulerConfig::save(const std::string& path) const { write_file_atomic(path, to_json().dump(2) + "\n"); }
+void SchedulerConfig::save(const std::string& path) const { write_file_atomic(path, dump_json(to_json()) + "\n"); }
 
 }  // namespace diffuse

@@ -2,9 +2,12 @@
 
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -33,10 +36,88 @@ void write_file_atomic(const std::string& path, const std::string& contents) {
     throw std::runtime_error("cannot rename '" + tmp + "' to '" + path + "': " + std::strerror(errno));
 }
 
+namespace {
+
+// Non-finite numbers travel through nlohmann::json as strings with this prefix.
+const std::string kNonFinite = "__diffuse_nonfinite__:";
+
+// The bare token of a non-finite number starting at text[i] (outside a string), or null.
+const char* nonfinite_token_at(const std::string& text, size_t i) {
+  for (const char* token : {"NaN", "Infinity", "-Infinity"}) {
+    const size_t n = std::strlen(token), end = i + n;
+    if (text.compare(i, n, token) == 0 && (end == text.size() || !std::isalnum(static_cast<unsigned char>(text[end]))))
+      return token;
+  }
+  return nullptr;
+}
+
+void restore_nonfinite(nlohmann::json& j) {
+  if (j.is_structured()) {
+    for (auto& v : j) restore_nonfinite(v);
+  } else if (j.is_string()) {
+    const auto& s = j.get_ref<const std::string&>();
+    if (s.compare(0, kNonFinite.size(), kNonFinite) != 0) return;
+    const std::string token = s.substr(kNonFinite.size());
+    j = token == "NaN" ? std::numeric_limits<double>::quiet_NaN()
+                       : (token[0] == '-' ? -1.0 : 1.0) * std::numeric_limits<double>::infinity();
+  }
+}
+
+void mark_nonfinite(nlohmann::json& j) {
+  if (j.is_structured()) {
+    for (auto& v : j) mark_nonfinite(v);
+  } else if (j.is_number_float() && !std::isfinite(j.get<double>())) {
+    const double v = j.get<double>();
+    j = kNonFinite + (std::isnan(v) ? "NaN" : v > 0 ? "Infinity" : "-Infinity");
+  }
+}
+
+}  // namespace
+
+nlohmann::json parse_json(const std::string& text) {
+  std::string marked;
+  marked.reserve(text.size());
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      marked += c;
+      if (c == '\\' && i + 1 < text.size()) marked += text[++i];
+      else if (c == '"') in_string = false;
+      continue;
+    }
+    if (c == '"') in_string = true;
+    const char* token = nonfinite_token_at(text, i);
+    if (!token) {
+      marked += c;
+      continue;
+    }
+    marked += "\"" + kNonFinite + token + "\"";
+    i += std::strlen(token) - 1;
+  }
+  auto j = nlohmann::json::parse(marked);
+  restore_nonfinite(j);
+  return j;
+}
+
+std::string dump_json(const nlohmann::json& j, int indent) {
+  nlohmann::json marked = j;
+  mark_nonfinite(marked);
+  std::string text = marked.dump(indent), out;
+  const std::string quoted = "\"" + kNonFinite;
+  size_t from = 0;
+  for (size_t at; (at = text.find(quoted, from)) != std::string::npos;) {
+    const size_t end = text.find('"', at + quoted.size());
+    out += text.substr(from, at - from) + text.substr(at + quoted.size(), end - at - quoted.size());
+    from = end + 1;
+  }
+  return out + text.substr(from);
+}
+
 nlohmann::json load_json(const std::string& path) {
   std::string text = read_file(path);
   try {
-    return nlohmann::json::parse(text);
+    return parse_json(text);
   } catch (const nlohmann::json::parse_error& e) {
     throw std::runtime_error("'" + path + "' is not valid JSON: " + e.what());
   }

@@ -2,6 +2,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <csignal>
 #include <filesystem>
 #include <functional>
@@ -366,8 +367,12 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
     const int64_t done = result.step = step + 1;
     if (log.due(done) || done == o.steps) pending.read_back();
     std::ostringstream fields;
-    fields << "loss " << std::setprecision(4) << pending.last_loss() << "  " << std::fixed << std::setprecision(1)
-           << pending.images_per_s() << " img/s  lr " << std::scientific << std::setprecision(2) << lr;
+    if (std::isnan(pending.last_loss()))
+      fields << "loss -  img/s -";  // nothing read back yet (the first log row)
+    else
+      fields << "loss " << std::setprecision(4) << pending.last_loss() << "  " << std::fixed << std::setprecision(1)
+             << pending.images_per_s() << " img/s";
+    fields << "  lr " << std::scientific << std::setprecision(2) << lr;
     progress.update(done, fields.str());
     if (done % o.checkpoint_every == 0 || done == o.steps) checkpoint(done);
     if (hooks.on_step) hooks.on_step(TrainStepInfo{done, pending.last_loss(), lr, pending.images_per_s()});

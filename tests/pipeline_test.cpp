@@ -23,6 +23,13 @@ LoadedRun fixture_run() {
   lo.vae = "none";  // the fixture folder's vae/ belongs to another model
   return load_run(fixture("diffusers/unet"), lo);
 }
+
+// The plain denoiser generate() wraps for `out` (its labels), for sampling the same images by hand.
+Denoiser plain_denoiser(const LoadedRun& run, const Generated& out) {
+  const auto& s = run.scheduler;
+  auto labels = run.class_embeds > 0 ? torch::tensor(out.labels, torch::kLong) : torch::Tensor();
+  return make_denoiser(run.network(), s.prediction_type, s.schedule(), s.etsdm, labels);
+}
 }  // namespace
 
 // generate() is make_noise by image index -> CFG network -> denoiser -> sampler, batch by batch: the same
@@ -157,9 +164,7 @@ TEST(Pipeline, FinalStepFollowsTheSamplersDiffusersClass) {
   g.seed = 4;
   auto out = generate(run, g);
   torch::NoGradGuard ng;
-  const auto& s = run.scheduler;
-  auto labels = run.class_embeds > 0 ? torch::tensor(out.labels, torch::kLong) : torch::Tensor();
-  auto d = make_denoiser(run.network(), s.prediction_type, s.schedule(), s.etsdm, labels);
+  auto d = plain_denoiser(run, out);
   SamplerOptions so;
   so.set_alpha_to_one = true;
   so.seed = 4;
@@ -183,9 +188,7 @@ TEST(Pipeline, ConfigClipSampleKeepsTheModelsEps) {
   g.clip_sample = 0.05;
   auto from_option = generate(run, g);
   torch::NoGradGuard ng;
-  const auto& s = run.scheduler;
-  auto labels = run.class_embeds > 0 ? torch::tensor(from_config.labels, torch::kLong) : torch::Tensor();
-  auto d = make_denoiser(run.network(), s.prediction_type, s.schedule(), s.etsdm, labels);
+  auto d = plain_denoiser(run, from_config);
   SamplerOptions so;
   so.set_alpha_to_one = false;
   so.seed = 6;

@@ -54,6 +54,21 @@ TEST(CliSample, ClipSampleBoundsTheEstimates) {
   std::filesystem::remove_all(out);
 }
 
+// A second `sample` into the same folder leaves no image of the first behind for `eval` to count.
+TEST(CliSample, EarlierSamplesInTheFolderAreRemoved) {
+  auto out = ::testing::TempDir() + "/" + std::to_string(::getpid()) + "_again";
+  std::filesystem::create_directories(out);
+  for (const char* name : {"/000002.png", "/000005.png", "/labels.csv"}) diffuse::write_file_atomic(out + name, "old");
+  diffuse::write_file_atomic(out + "/notes.txt", "mine");
+  auto r = run_cli("sample " + model_args() + " --sampler ddim --steps 2 --n 2 --quiet --out " + out);
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_TRUE(std::filesystem::exists(out + "/000001.png"));
+  EXPECT_FALSE(std::filesystem::exists(out + "/000002.png"));
+  EXPECT_FALSE(std::filesystem::exists(out + "/000005.png"));
+  EXPECT_TRUE(std::filesystem::exists(out + "/notes.txt"));  // not ours: kept
+  std::filesystem::remove_all(out);
+}
+
 TEST(CliSample, BadInputGetsOneErrorLine) {
   struct Case {
     std::string args, needle;

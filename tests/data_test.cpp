@@ -1,5 +1,6 @@
 // Datasets (IDX, image folders, generated), fitting, batching; PNG files and image grids.
 #include <gtest/gtest.h>
+#include <zlib.h>
 
 #include <filesystem>
 #include <fstream>
@@ -169,6 +170,32 @@ TEST(ImageIo, BadFilesNameTheFile) {
   msg = error_of([&] { read_image(dir / "none.png"); });
   EXPECT_NE(msg.find("none.png"), std::string::npos) << msg;
   EXPECT_THROW(write_png(dir / "y.png", torch::zeros({2, 4, 4})), std::invalid_argument);
+}
+
+// A PNG whose deflate stream uses the reserved block type 3: stb fails without a reason (it crashed the
+// error message, a NULL string); after an earlier failure it used to show that one's stale reason.
+TEST(ImageIo, ReservedDeflateBlockIsAnErrorNotACrash) {
+  auto chunk = [](const std::string& type, const std::string& data) {
+    std::string out;
+    for (int shift : {24, 16, 8, 0}) out += char((data.size() >> shift) & 0xff);
+    std::string body = type + data;
+    out += body;
+    const uLong crc = crc32(0, reinterpret_cast<const Bytef*>(body.data()), uInt(body.size()));
+    for (int shift : {24, 16, 8, 0}) out += char((crc >> shift) & 0xff);
+    return out;
+  };
+  const std::string ihdr("\0\0\0\1\0\0\0\1\x08\0\0\0\0", 13);   // 1x1, 8-bit grey
+  const std::string idat("\x78\x01\x07\0\0\0\0\0", 8);             // zlib header, BFINAL=1 BTYPE=3
+  TempDir dir;
+  write_file_atomic(dir / "reserved.png", std::string("\x89PNG\r\n\x1a\n", 8) + chunk("IHDR", ihdr) +
+                                              chunk("IDAT", idat) + chunk("IEND", ""));
+  write_file_atomic(dir / "bad.jpg", "\xff\xd8\xff\xe0 not really a JPEG");
+  EXPECT_THROW(read_image(dir / "bad.jpg"), std::runtime_error);  // leaves a reason behind in stb
+  for (int64_t channels : {0, 1, 3}) {
+    auto msg = error_of([&] { read_image(dir / "reserved.png", channels); });
+    EXPECT_NE(msg.find("reserved.png"), std::string::npos) << msg;
+    EXPECT_EQ(msg.find("JPEG"), std::string::npos) << msg;
+  }
 }
 
 TEST(Data, ImageFolderClassesAreSubfolders) {

@@ -189,3 +189,23 @@ TEST(Safetensors, ErrorsNameTheFile) {
   EXPECT_THROW(load_safetensors(dir + "/missing.safetensors"), std::runtime_error);
   std::filesystem::remove_all(dir);
 }
+
+// JSON nested 10^5 deep overflowed the stack in nlohmann's parser: refused at a depth limit with the file named.
+TEST(Safetensors, DeepJsonIsRefusedNotACrash) {
+  TempDir dir;
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  write_file_atomic(dir / "deep.json", "{\"a\": " + deep + "}");
+  auto msg = diffuse::testing::error_of([&] { load_json(dir / "deep.json"); });
+  EXPECT_NE(msg.find("deep.json"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("nested deeper"), std::string::npos) << msg;
+  // Brackets inside strings do not count.
+  write_file_atomic(dir / "text.json", "{\"a\": \"" + std::string(1000, '[') + "\"}");
+  EXPECT_EQ(load_json(dir / "text.json")["a"].get<std::string>().size(), 1000u);
+  // A safetensors header.
+  const std::string header = "{\"__metadata__\": {\"x\": " + deep + "}}";
+  std::string file(8, '\0');
+  for (int i = 0; i < 8; ++i) file[size_t(i)] = char((uint64_t(header.size()) >> (8 * i)) & 0xff);
+  write_file_atomic(dir / "deep.safetensors", file + header);
+  msg = diffuse::testing::error_of([&] { load_safetensors(dir / "deep.safetensors"); });
+  EXPECT_NE(msg.find("nested deeper"), std::string::npos) << msg;
+}

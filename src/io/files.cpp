@@ -74,7 +74,27 @@ void mark_nonfinite(nlohmann::json& j) {
 
 }  // namespace
 
+void check_json_depth(const char* begin, const char* end) {
+  int64_t depth = 0;
+  bool in_string = false;
+  for (const char* p = begin; p < end; ++p) {
+    if (in_string) {
+      if (*p == '\\') ++p;
+      else if (*p == '"') in_string = false;
+    } else if (*p == '"') {
+      in_string = true;
+    } else if (*p == '[' || *p == '{') {
+      if (++depth > kMaxJsonDepth)
+        throw std::invalid_argument("JSON nested deeper than " + std::to_string(kMaxJsonDepth) +
+                                    " levels (no diffusers or diffuse file is; the file is corrupt or hostile)");
+    } else if (*p == ']' || *p == '}') {
+      --depth;
+    }
+  }
+}
+
 nlohmann::json parse_json(const std::string& text) {
+  check_json_depth(text.data(), text.data() + text.size());
   std::string marked;
   marked.reserve(text.size());
   bool in_string = false;
@@ -120,6 +140,8 @@ nlohmann::json load_json(const std::string& path) {
     return parse_json(text);
   } catch (const nlohmann::json::parse_error& e) {
     throw std::runtime_error("'" + path + "' is not valid JSON: " + e.what());
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error("'" + path + "': " + e.what());
   }
 }
 

@@ -30,16 +30,28 @@ struct StbiImage {
   ~StbiImage() { stbi_image_free(pixels); }
 };
 
+// stb keeps its last failure reason until the next failure sets one, and some failures (a deflate block of the
+// reserved type 3) set none: cleared before each call, so an error never shows a stale or null reason.
+void clear_stb_reason() { stbi__g_failure_reason = nullptr; }
+std::string stb_reason() {
+  const char* r = stbi_failure_reason();
+  return r && *r ? r : "corrupt or unsupported image data";
+}
+
+// The error for a file stb could not read or decode (an unreadable file names its system error instead).
+[[noreturn]] void throw_undecodable(const std::string& path) {
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) throw std::runtime_error("cannot read '" + path + "': " + std::strerror(errno));
+  std::fclose(f);
+  throw std::runtime_error("cannot decode image '" + path + "': " + stb_reason());
+}
+
 }  // namespace
 
 int64_t image_file_channels(const std::string& path) {
   int w = 0, h = 0, comp = 0;
-  if (!stbi_info(path.c_str(), &w, &h, &comp)) {
-    FILE* f = std::fopen(path.c_str(), "rb");
-    if (!f) throw std::runtime_error("cannot read '" + path + "': " + std::strerror(errno));
-    std::fclose(f);
-    throw std::runtime_error("cannot decode image '" + path + "': " + stbi_failure_reason());
-  }
+  clear_stb_reason();
+  if (!stbi_info(path.c_str(), &w, &h, &comp)) throw_undecodable(path);
   return comp;
 }
 
@@ -49,13 +61,9 @@ torch::Tensor read_image(const std::string& path, int64_t channels) {
   if (channels == 0) channels = image_file_channels(path) >= 3 ? 3 : 1;
   int w = 0, h = 0, comp = 0;
   StbiImage img;
+  clear_stb_reason();
   img.pixels = stbi_load(path.c_str(), &w, &h, &comp, int(channels));
-  if (!img.pixels) {
-    FILE* f = std::fopen(path.c_str(), "rb");
-    if (!f) throw std::runtime_error("cannot read '" + path + "': " + std::strerror(errno));
-    std::fclose(f);
-    throw std::runtime_error("cannot decode image '" + path + "': " + stbi_failure_reason());
-  }
+  if (!img.pixels) throw_undecodable(path);
   auto hwc = torch::from_blob(img.pixels, {h, w, channels}, torch::kUInt8);
   return (hwc.permute({2, 0, 1}).to(torch::kFloat32) / 127.5 - 1.0).contiguous();
 }

@@ -113,6 +113,11 @@ std::vector<Entry> parse_header(const std::string& bytes, const std::string& fil
   std::string duplicate_name;
   nlohmann::json header;
   try {
+    check_json_depth(bytes.data() + 8, bytes.data() + 8 + n);
+  } catch (const std::invalid_argument& e) {
+    bad(file, std::string("header: ") + e.what());
+  }
+  try {
     header = nlohmann::json::parse(bytes.begin() + 8, bytes.begin() + 8 + long(n),
                                    [&](int depth, nlohmann::json::parse_event_t ev, nlohmann::json& v) {
                                      if (depth == 1 && ev == nlohmann::json::parse_event_t::key &&

@@ -1,5 +1,6 @@
 // diffuse sample: images from a trained model (a diffuse run folder or a diffusers UNet2DModel folder)
 // with any sampler, spacing, classifier-free guidance (with rescale) and classifier guidance.
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <iomanip>
@@ -68,8 +69,20 @@ GenerateOptions generate_options(const SampleOptions& o, torch::Device device) {
   return g;
 }
 
+// An earlier `diffuse sample` into the same folder may have left more numbered images (and a labels.csv) than
+// this one writes: removed, so that `diffuse eval` never counts another run's images.
+void remove_earlier_samples(const fs::path& out) {
+  for (const auto& entry : fs::directory_iterator(out)) {
+    const std::string name = entry.path().filename().string();
+    const bool numbered = name.size() == 10 && name.compare(6, 4, ".png") == 0 &&
+                          std::all_of(name.begin(), name.begin() + 6, [](char c) { return c >= '0' && c <= '9'; });
+    if ((numbered || name == "labels.csv") && entry.is_regular_file()) fs::remove(entry.path());
+  }
+}
+
 void write_outputs(const SampleOptions& o, const LoadedRun& run, const Generated& g) {
   fs::create_directories(o.out);
+  if (!o.no_images) remove_earlier_samples(o.out);
   if (!o.save_raw.empty()) {
     std::map<std::string, torch::Tensor> raw = {{"sample", g.images.contiguous()}};
     if (run.class_embeds > 0) raw["labels"] = torch::tensor(g.labels, torch::kLong);  // the class asked for (diffuse eval)

@@ -16,7 +16,11 @@ void write_file_atomic(const std::string& path, const std::string& contents);
 nlohmann::json load_json(const std::string& path);
 /// parse_json / dump_json: JSON text with the bare NaN, Infinity and -Infinity of Python's json module, read as
 /// and written from non-finite numbers (nlohmann::json alone refuses them and writes null).
+/// Both refuse (std::invalid_argument) text nested deeper than kMaxJsonDepth, before nlohmann's recursion does.
 nlohmann::json parse_json(const std::string& text);
+constexpr int64_t kMaxJsonDepth = 256;
+/// Throws std::invalid_argument when [begin, end) nests arrays and objects deeper than kMaxJsonDepth.
+void check_json_depth(const char* begin, const char* end);
 std::string dump_json(const nlohmann::json& j, int indent = 2);
 
 }  // namespace diffuse

@@ -329,6 +329,11 @@ TEST(Train, ExistingRunFolderIsNeverSilentlyOverwritten) {
   msg = error_of([&] { train(o, shapes16()); });
   EXPECT_NE(msg.find("not a diffuse run folder"), std::string::npos) << msg;
   EXPECT_TRUE(fs::exists(dir / "precious/thesis.tex"));
+  // ... nor one that holds a run.json beside files a run does not write (a stray run.json used to cost them all).
+  std::ofstream(dir / "precious/run.json") << "{}";
+  msg = error_of([&] { train(o, shapes16()); });
+  EXPECT_NE(msg.find("thesis.tex"), std::string::npos) << msg;
+  EXPECT_TRUE(fs::exists(dir / "precious/thesis.tex"));
   // Nothing to resume.
   o.loop.out = dir / "none";
   o.loop.overwrite = false;

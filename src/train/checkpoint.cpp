@@ -69,6 +69,15 @@ void diff_json(const nlohmann::json& a, const nlohmann::json& b, const std::stri
 
 }  // namespace
 
+// What a run folder of diffuse holds at its top level: the only entries --overwrite may delete.
+const std::vector<std::string>& run_folder_entries() {
+  static const std::vector<std::string> names = {
+      "run.json", "log.csv",  "loss.png",       "accuracy.csv", "reconstruction.csv", "train_state",
+      "unet",     "unet_ema", "vae",            "vae_ema",      "classifier",         "classifier_ema",
+      "scheduler", detail::kNewCheckpoint, kOldCheckpoint};
+  return names;
+}
+
 void check_run_folder(const LoopOptions& o) {
   if (o.out.empty()) throw std::invalid_argument("no run folder given (--out RUN)");
   if (o.resume && o.overwrite) throw std::invalid_argument("--resume and --overwrite exclude each other");
@@ -86,6 +95,21 @@ void check_run_folder(const LoopOptions& o) {
   if (!fs::is_directory(run) || !fs::exists(run / "run.json"))
     throw std::invalid_argument("--overwrite refused: '" + o.out +
                                 "' exists but is not a diffuse run folder (no run.json); remove it yourself");
+  std::vector<std::string> foreign;
+  for (const auto& entry : fs::directory_iterator(run)) {
+    const std::string name = entry.path().filename().string();
+    const auto& ours = run_folder_entries();
+    if (std::find(ours.begin(), ours.end(), name) == ours.end()) foreign.push_back(name);
+  }
+  if (!foreign.empty()) {
+    std::sort(foreign.begin(), foreign.end());
+    std::string list;
+    for (size_t i = 0; i < foreign.size() && i < 5; ++i) list += (i ? ", " : "") + foreign[i];
+    if (foreign.size() > 5) list += ", ...";
+    throw std::invalid_argument("--overwrite refused: '" + o.out + "' holds " + std::to_string(foreign.size()) +
+                                " entr" + (foreign.size() == 1 ? "y" : "ies") + " a diffuse run does not write (" +
+                                list + "); move them away or choose another --out");
+  }
 }
 
 void finish_interrupted_checkpoint(const std::string& run_dir) {

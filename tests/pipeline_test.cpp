@@ -30,6 +30,25 @@ Denoiser plain_denoiser(const LoadedRun& run, const Generated& out) {
   auto labels = run.class_embeds > 0 ? torch::tensor(out.labels, torch::kLong) : torch::Tensor();
   return make_denoiser(run.network(), s.prediction_type, s.schedule(), s.etsdm, labels);
 }
+
+// Two images in three steps of `sampler` from `seed`, and the sampler options and x_T that redo them by hand.
+GenerateOptions two_images(const std::string& sampler, uint64_t seed) {
+  GenerateOptions g;
+  g.sampler = sampler;
+  g.steps = 3;
+  g.n = 2;
+  g.seed = seed;
+  return g;
+}
+SamplerOptions by_hand_options(const GenerateOptions& g, bool to_clean_data) {
+  SamplerOptions so;
+  so.set_alpha_to_one = to_clean_data;
+  so.seed = g.seed;
+  return so;
+}
+torch::Tensor initial_noise(const LoadedRun& run, const GenerateOptions& g) {
+  return make_noise({run.channels, run.height, run.width}, g.n, g.seed, 0);
+}
 }  // namespace
 
 // generate() is make_noise by image index -> CFG network -> denoiser -> sampler, batch by batch: the same
@@ -157,18 +176,10 @@ TEST(Pipeline, FinalStepFollowsTheSamplersDiffusersClass) {
   // generate() uses it: Euler on a config with set_alpha_to_one false still ends at the clean data.
   auto run = fixture_run();
   run.scheduler.set_alpha_to_one = false;
-  GenerateOptions g;
-  g.sampler = "euler";
-  g.steps = 3;
-  g.n = 2;
-  g.seed = 4;
+  const auto g = two_images("euler", 4);
   auto out = generate(run, g);
   torch::NoGradGuard ng;
-  auto d = plain_denoiser(run, out);
-  SamplerOptions so;
-  so.set_alpha_to_one = true;
-  so.seed = 4;
-  auto by_hand = sample_euler(d, out.timesteps, make_noise({run.channels, run.height, run.width}, 2, 4, 0), so);
+  auto by_hand = sample_euler(plain_denoiser(run, out), out.timesteps, initial_noise(run, g), by_hand_options(g, true));
   EXPECT_TRUE(torch::equal(out.images, by_hand));
 }
 
@@ -179,20 +190,14 @@ TEST(Pipeline, ConfigClipSampleKeepsTheModelsEps) {
   run.scheduler.clip_sample = true;
   run.scheduler.clip_sample_range = 0.05;
   run.scheduler.set_alpha_to_one = false;
-  GenerateOptions g;
-  g.sampler = "ddim";
-  g.steps = 3;
-  g.n = 2;
-  g.seed = 6;
+  auto g = two_images("ddim", 6);
   auto from_config = generate(run, g);
   g.clip_sample = 0.05;
   auto from_option = generate(run, g);
   torch::NoGradGuard ng;
   auto d = plain_denoiser(run, from_config);
-  SamplerOptions so;
-  so.set_alpha_to_one = false;
-  so.seed = 6;
-  auto x_T = make_noise({run.channels, run.height, run.width}, 2, 6, 0);
+  const auto so = by_hand_options(g, false);
+  const auto x_T = initial_noise(run, g);
   EXPECT_TRUE(torch::equal(from_config.images, sample_ddim(clip_x0(d, 0.05, true), from_config.timesteps, x_T, so)));
   EXPECT_TRUE(torch::equal(from_option.images, sample_ddim(clip_x0(d, 0.05, false), from_option.timesteps, x_T, so)));
   EXPECT_GT((from_config.images - from_option.images).abs().max().item<double>(), 1e-3);

@@ -51,6 +51,23 @@ const char* nonfinite_token_at(const std::string& text, size_t i) {
   return nullptr;
 }
 
+// Calls f(i) at each index i of text[0, n) outside JSON strings (the quotes and everything between them, escapes
+// included, are skipped); f returns how many more characters it consumed.
+template <class F>
+void for_each_outside_strings(const char* text, size_t n, F&& f) {
+  bool in_string = false;
+  for (size_t i = 0; i < n; ++i) {
+    if (in_string) {
+      if (text[i] == '\\') ++i;
+      else if (text[i] == '"') in_string = false;
+    } else if (text[i] == '"') {
+      in_string = true;
+    } else {
+      i += f(i);
+    }
+  }
+}
+
 void restore_nonfinite(nlohmann::json& j) {
   if (j.is_structured()) {
     for (auto& v : j) restore_nonfinite(v);
@@ -76,45 +93,33 @@ void mark_nonfinite(nlohmann::json& j) {
 
 void check_json_depth(const char* begin, const char* end) {
   int64_t depth = 0;
-  bool in_string = false;
-  for (const char* p = begin; p < end; ++p) {
-    if (in_string) {
-      if (*p == '\\') ++p;
-      else if (*p == '"') in_string = false;
-    } else if (*p == '"') {
-      in_string = true;
-    } else if (*p == '[' || *p == '{') {
+  for_each_outside_strings(begin, size_t(end - begin), [&](size_t i) -> size_t {
+    if (begin[i] == '[' || begin[i] == '{') {
       if (++depth > kMaxJsonDepth)
         throw std::invalid_argument("JSON nested deeper than " + std::to_string(kMaxJsonDepth) +
                                     " levels (no diffusers or diffuse file is; the file is corrupt or hostile)");
-    } else if (*p == ']' || *p == '}') {
+    } else if (begin[i] == ']' || begin[i] == '}') {
       --depth;
     }
-  }
+    return 0;
+  });
 }
 
 nlohmann::json parse_json(const std::string& text) {
   check_json_depth(text.data(), text.data() + text.size());
   std::string marked;
   marked.reserve(text.size());
-  bool in_string = false;
-  for (size_t i = 0; i < text.size(); ++i) {
-    const char c = text[i];
-    if (in_string) {
-      marked += c;
-      if (c == '\\' && i + 1 < text.size()) marked += text[++i];
-      else if (c == '"') in_string = false;
-      continue;
-    }
-    if (c == '"') in_string = true;
+  size_t copied = 0;  // text[0, copied) is in `marked`
+  for_each_outside_strings(text.data(), text.size(), [&](size_t i) -> size_t {
     const char* token = nonfinite_token_at(text, i);
-    if (!token) {
-      marked += c;
-      continue;
-    }
+    if (!token) return 0;
+    const size_t n = std::strlen(token);
+    marked.append(text, copied, i - copied);
     marked += "\"" + kNonFinite + token + "\"";
-    i += std::strlen(token) - 1;
-  }
+    copied = i + n;
+    return n - 1;
+  });
+  marked.append(text, copied, std::string::npos);
   auto j = nlohmann::json::parse(marked);
   restore_nonfinite(j);
   return j;

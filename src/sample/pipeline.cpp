@@ -49,13 +49,12 @@ std::string ModelFolder::vae() const {
 
 Network LoadedRun::network() const {
   auto u = unet;
-  const auto dtype_ = dtype;
-  if (dtype_ == torch::kFloat32)
+  if (dtype == torch::kFloat32)
     return [u](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& labels) mutable {
       return u->forward(x, t, labels);
     };
-  return [u, dtype_](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& labels) mutable {
-    return u->forward(x.to(dtype_), t, labels).to(x.scalar_type());
+  return [u, net_dtype = dtype](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& labels) mutable {
+    return u->forward(x.to(net_dtype), t, labels).to(x.scalar_type());
   };
 }
 

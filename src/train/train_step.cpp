@@ -87,10 +87,10 @@ StepOutcome StepRunner::step(int64_t step) {
     r.t = last_.t.clone();
     r.grad_norm = last_.grad_norm.clone();
   } else {
-    last_ = loss_and_gradients();
-    r.per_example = last_.per_example;
-    r.t = last_.t;
-    r.grad_norm = last_.grad_norm;
+    auto g = loss_and_gradients();
+    r.per_example = g.per_example;
+    r.t = g.t;
+    r.grad_norm = g.grad_norm;
   }
   adamw_step(*s_.optimizer, r.lr);
   update_ema(task_.ema(), task_.model(), o_.ema_decay, step);

@@ -80,7 +80,7 @@ class StepRunner {
   std::vector<torch::Tensor> params_;
   StepBatches batches_;
   at::Generator gen_;
-  Gradients last_;
+  Gradients last_;  ///< the graph's outputs (written by its capture, overwritten by each replay)
   std::unique_ptr<GraphedWork> graph_;
 };
 

@@ -10,7 +10,8 @@ Prediction parse_prediction(const std::string& name) {
   if (name == "eps" || name == "epsilon") return Prediction::eps;
   if (name == "v" || name == "v_prediction") return Prediction::v;
   if (name == "x0" || name == "sample") return Prediction::x0;
-  throw std::invalid_argument("unknown prediction type '" + name + "' (expected eps, v or x0)");
+  if (name == "flow" || name == "flow_prediction") return Prediction::flow;
+  throw std::invalid_argument("unknown prediction type '" + name + "' (expected eps, v, x0 or flow)");
 }
 
 std::string to_string(Prediction p) {
@@ -18,6 +19,7 @@ std::string to_string(Prediction p) {
     case Prediction::eps: return "eps";
     case Prediction::v: return "v";
     case Prediction::x0: return "x0";
+    case Prediction::flow: return "flow";
   }
   return "?";
 }
@@ -27,6 +29,7 @@ std::string diffusers_name(Prediction p) {
     case Prediction::eps: return "epsilon";
     case Prediction::v: return "v_prediction";
     case Prediction::x0: return "sample";
+    case Prediction::flow: return "flow_prediction";
   }
   return "?";
 }
@@ -37,6 +40,7 @@ torch::Tensor target(Prediction p, const torch::Tensor& x0, const torch::Tensor&
     case Prediction::eps: return eps;
     case Prediction::x0: return x0;
     case Prediction::v: return a * eps - s * x0;
+    case Prediction::flow: return eps - x0;
   }
   throw std::logic_error("bad prediction type");
 }
@@ -50,20 +54,41 @@ void require_signal(const torch::Tensor& a) {
 }
 }  // namespace
 
+// Every conversion solves x_t = a x0 + s eps together with the output's definition, without assuming a^2 + s^2 = 1
+// (r2 = a^2 + s^2 is 1 on variance-preserving paths, where the division by it is exact in float32 for the 0-dim
+// float64 (a, s) of a sampler step).
 torch::Tensor convert(Prediction from, Prediction to, const torch::Tensor& pred, const torch::Tensor& x_t,
                       const torch::Tensor& a, const torch::Tensor& s) {
   if (from == to) return pred;
+  if (to == Prediction::flow) {  // u = eps - x0
+    if (from == Prediction::x0) return (x_t - (a + s) * pred) / s;
+    if (from == Prediction::eps) {
+      require_signal(a);
+      return ((a + s) * pred - x_t) / a;
+    }
+    return convert(from, Prediction::eps, pred, x_t, a, s) - convert(from, Prediction::x0, pred, x_t, a, s);
+  }
   switch (from) {
-    case Prediction::v:
-      return to == Prediction::x0 ? a * x_t - s * pred : s * x_t + a * pred;
+    case Prediction::v: {  // [a s; -s a] (x0, eps) = (x_t, v)
+      const auto r2 = a * a + s * s;
+      if (to == Prediction::x0) return (a * x_t - s * pred) / r2;
+      return (s * x_t + a * pred) / r2;
+    }
     case Prediction::x0: {
       if (to == Prediction::eps) return (x_t - a * pred) / s;
-      return (a * x_t - pred) / s;  // v = a eps - s x0 = (a x_t - (a^2 + s^2) x0) / s
+      return (a * x_t - (a * a + s * s) * pred) / s;  // v = a eps - s x0 = (a x_t - (a^2 + s^2) x0) / s
     }
     case Prediction::eps:
       require_signal(a);
       if (to == Prediction::x0) return (x_t - s * pred) / a;
-      return (pred - s * x_t) / a;  // v = a eps - s (x_t - s eps) / a = (eps - s x_t) / a
+      return ((a * a + s * s) * pred - s * x_t) / a;  // v = a eps - s (x_t - s eps) / a
+    case Prediction::flow: {  // [a s; -1 1] (x0, eps) = (x_t, u); determinant a + s > 0 on every path
+      const auto x0 = (x_t - s * pred) / (a + s);
+      if (to == Prediction::x0) return x0;
+      const auto eps = (x_t + a * pred) / (a + s);
+      if (to == Prediction::eps) return eps;
+      return a * eps - s * x0;
+    }
   }
   throw std::logic_error("bad prediction type");
 }
@@ -96,6 +121,7 @@ torch::Tensor target_factor(Prediction target, const torch::Tensor& snr) {
     case Prediction::eps: return snr;
     case Prediction::v: return snr + 1.0;
     case Prediction::x0: return torch::ones_like(snr);
+    case Prediction::flow: return (snr.sqrt() + 1.0).square();  // u - u^ = -((a + s) / s)(x0 - x0^)
   }
   throw std::logic_error("bad prediction type");
 }

@@ -184,7 +184,10 @@ Spacing parse_spacing(const std::string& name) {
   if (name == "leading") return Spacing::leading;
   if (name == "linspace") return Spacing::linspace;
   if (name == "trailing") return Spacing::trailing;
-  throw std::invalid_argument("unknown timestep spacing '" + name + "' (expected leading, linspace or trailing)");
+  if (name == "karras") return Spacing::karras;
+  if (name == "exponential") return Spacing::exponential;
+  throw std::invalid_argument("unknown timestep spacing '" + name +
+                              "' (expected leading, linspace, trailing, karras or exponential)");
 }
 
 std::string to_string(Spacing spacing) {
@@ -192,6 +195,8 @@ std::string to_string(Spacing spacing) {
     case Spacing::leading: return "leading";
     case Spacing::linspace: return "linspace";
     case Spacing::trailing: return "trailing";
+    case Spacing::karras: return "karras";
+    case Spacing::exponential: return "exponential";
   }
   return "?";
 }
@@ -201,6 +206,8 @@ std::vector<int64_t> spaced_timesteps(int64_t T, int64_t S, Spacing spacing, int
   if (S < 1 || S > T)
     throw std::invalid_argument("number of sampling steps must lie in [1, T = " + std::to_string(T) + "], got " +
                                 std::to_string(S));
+  if (is_sigma_spacing(spacing))
+    throw std::invalid_argument(to_string(spacing) + " is a sigma spacing: its timesteps are fractional (spaced_levels)");
   std::vector<int64_t> ts(S);
   // np.round rounds half to even; std::nearbyint does the same in the default rounding mode.
   switch (spacing) {
@@ -226,6 +233,8 @@ std::vector<int64_t> spaced_timesteps(int64_t T, int64_t S, Spacing spacing, int
       for (int64_t i = 0; i < S; ++i) ts[i] = int64_t(std::nearbyint(double(T) - double(i) * ratio)) - 1;
       break;
     }
+    case Spacing::karras:
+    case Spacing::exponential: break;
   }
   return ts;
 }

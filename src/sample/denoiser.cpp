@@ -9,12 +9,14 @@
 
 namespace diffuse {
 
-Estimate Denoiser::operator()(const torch::Tensor& x_t, int64_t t) const {
+Estimate Denoiser::operator()(const torch::Tensor& x_t, int64_t t) const { return (*this)(x_t, level_at(schedule, t)); }
+
+Estimate Denoiser::operator()(const torch::Tensor& x_t, const Level& level) const {
   if (!fn) throw std::logic_error("denoiser called without a function");
-  if (t < 0 || t >= schedule.T())
-    throw std::invalid_argument("denoiser called at timestep " + std::to_string(t) + ", outside the schedule's [0, " +
-                                std::to_string(schedule.T() - 1) + "]");
-  return fn(x_t, t);
+  if (!std::isfinite(level.t) || !(level.a >= 0) || !(level.s > 0) || !std::isfinite(level.a) || !std::isfinite(level.s))
+    throw std::invalid_argument("denoiser called at t = " + std::to_string(level.t) + ", a = " + std::to_string(level.a) +
+                                ", s = " + std::to_string(level.s) + " (expected a finite t, a >= 0 and s > 0)");
+  return fn(x_t, level);
 }
 
 namespace {
@@ -29,9 +31,9 @@ void check_labels(const torch::Tensor& labels, int64_t n, const char* what) {
 }
 }  // namespace
 
-torch::Tensor call_network(const Network& net, const EtsdmConfig& etsdm, const torch::Tensor& x_t, int64_t t,
+torch::Tensor call_network(const Network& net, const EtsdmConfig& etsdm, const torch::Tensor& x_t, double t,
                            const torch::Tensor& labels) {
-  auto condition = etsdm.condition(torch::full({x_t.size(0)}, t, torch::TensorOptions(torch::kLong).device(x_t.device())));
+  auto condition = etsdm.condition(torch::full({x_t.size(0)}, t, torch::TensorOptions(torch::kFloat32).device(x_t.device())));
   auto out = net(x_t, condition, labels.defined() ? labels.to(x_t.device()) : labels);
   if (!out.defined() || out.sizes() != x_t.sizes())
     throw std::runtime_error("the network returned shape " + (out.defined() ? c10::str(out.sizes()) : "none") +
@@ -45,14 +47,14 @@ Denoiser make_denoiser(Network net, Prediction prediction, Schedule schedule, Et
   if (labels.defined()) check_labels(labels, labels.numel(), "make_denoiser");
   Denoiser d;
   d.schedule = schedule;
-  d.fn = [net, prediction, schedule, etsdm, labels](const torch::Tensor& x, int64_t t) {
+  d.fn = [net, prediction, etsdm, labels](const torch::Tensor& x, const Level& level) {
     const int64_t n = x.size(0);
     check_labels(labels, n, "denoiser");
-    auto a = torch::scalar_tensor(schedule.a_at(t), torch::kFloat64);
-    auto s = torch::scalar_tensor(schedule.s_at(t), torch::kFloat64);
+    auto a = torch::scalar_tensor(level.a, torch::kFloat64);
+    auto s = torch::scalar_tensor(level.s, torch::kFloat64);
     // An eps model at SNR 0: convert() throws the std::domain_error that names the fix, before the network runs.
-    if (prediction == Prediction::eps && schedule.a_at(t) == 0.0) to_x0(prediction, x, x, a, s);
-    auto out = call_network(net, etsdm, x, t, labels);
+    if (prediction == Prediction::eps && level.a == 0.0) to_x0(prediction, x, x, a, s);
+    auto out = call_network(net, etsdm, x, level.t, labels);
     return Estimate{to_x0(prediction, out, x, a, s), to_eps(prediction, out, x, a, s)};
   };
   return d;
@@ -91,14 +93,15 @@ Network classifier_free_guidance(Network net, CfgOptions o) {
   };
 }
 
-torch::Tensor classifier_log_prob_grad(const Classifier& classifier, const torch::Tensor& x_t, int64_t t,
+torch::Tensor classifier_log_prob_grad(const Classifier& classifier, const torch::Tensor& x_t, double t,
                                        const torch::Tensor& labels) {
   const int64_t n = x_t.size(0);
   check_labels(labels, n, "classifier guidance");
   if (!labels.defined()) throw std::invalid_argument("classifier guidance needs the target class of each image");
   torch::AutoGradMode grad_on(true);
   auto x = x_t.detach().requires_grad_(true);
-  auto logits = classifier(x, torch::full({n}, t, torch::TensorOptions(torch::kLong).device(x.device())));
+  const bool integer = t == std::round(t);
+  auto logits = classifier(x, torch::full({n}, t, torch::TensorOptions(integer ? torch::kLong : torch::kFloat32).device(x.device())));
   if (logits.dim() != 2 || logits.size(0) != n)
     throw std::runtime_error("the classifier returned shape " + c10::str(logits.sizes()) + ", expected logits [" +
                              std::to_string(n) + ", classes]");
@@ -116,12 +119,11 @@ Denoiser clip_x0(Denoiser denoiser, double range, bool keep_model_eps) {
   if (!(range > 0)) throw std::invalid_argument("clip_x0: the range must be positive, got " + std::to_string(range));
   Denoiser d;
   d.schedule = denoiser.schedule;
-  d.fn = [denoiser, range, keep_model_eps](const torch::Tensor& x, int64_t t) {
-    auto e = denoiser(x, t);
+  d.fn = [denoiser, range, keep_model_eps](const torch::Tensor& x, const Level& level) {
+    auto e = denoiser(x, level);
     auto x0 = e.x0.clamp(-range, range);
     if (keep_model_eps) return Estimate{x0, e.eps};
-    const double a = denoiser.schedule.a_at(t), s = denoiser.schedule.s_at(t);
-    return Estimate{x0, (x - a * x0) / s};  // s_t > 0 at every t of a schedule (alpha_bar < 1)
+    return Estimate{x0, (x - level.a * x0) / level.s};  // s > 0 at every level a denoiser is called at
   };
   return d;
 }
@@ -132,11 +134,11 @@ Denoiser classifier_guidance(Denoiser denoiser, Classifier classifier, torch::Te
     throw std::invalid_argument("classifier guidance scale must be finite, got " + std::to_string(scale));
   Denoiser g;
   g.schedule = denoiser.schedule;
-  g.fn = [denoiser, classifier, labels, scale](const torch::Tensor& x, int64_t t) {
-    Estimate e = denoiser(x, t);
-    const double a = denoiser.schedule.a_at(t), s = denoiser.schedule.s_at(t);
+  g.fn = [denoiser, classifier, labels, scale](const torch::Tensor& x, const Level& level) {
+    Estimate e = denoiser(x, level);
+    const double a = level.a, s = level.s;
     if (a == 0.0 || scale == 0.0) return e;
-    auto grad = classifier_log_prob_grad(classifier, x, t, labels);
+    auto grad = classifier_log_prob_grad(classifier, x, level.t, labels);
     return Estimate{e.x0 + (scale * s * s / a) * grad, e.eps - (scale * s) * grad};
   };
   return g;

@@ -28,24 +28,33 @@ DdpmVariance parse_ddpm_variance(const std::string& name) {
 
 std::string to_string(DdpmVariance v) { return v == DdpmVariance::fixed_small ? "fixed_small" : "fixed_large"; }
 
+UniPcVariant parse_unipc_variant(const std::string& name) {
+  if (name == "bh1") return UniPcVariant::bh1;
+  if (name == "bh2") return UniPcVariant::bh2;
+  throw std::invalid_argument("unknown UniPC variant '" + name + "' (expected bh1 or bh2)");
+}
+
+std::string to_string(UniPcVariant v) { return v == UniPcVariant::bh1 ? "bh1" : "bh2"; }
+
 namespace {
 
-// One step's noise levels: the current timestep and its target.
+// One step: from level `cur` (where the denoiser is called) to level `next`.
 struct Step {
-  int64_t i, t, t_next;          // t_next = -1 on the last step
-  double ab, a, s;               // alpha_bar, a, s at t
-  double ab_next, a_next, s_next;
-  double q() const { return a * s_next / (a_next * s); }  // exp(-h), in [0, 1]
+  int64_t i = 0;
+  bool last = false;
+  Level cur, next;
+  double a = 0, s = 1, a_next = 1, s_next = 0;
+  double q() const { return a * s_next / (a_next * s); }  // exp(-h), in [0, 1)
   double h() const { double e = q(); return e > 0 ? -std::log(e) : std::numeric_limits<double>::infinity(); }
-  int64_t eval_next() const { return t_next >= 0 ? t_next : 0; }  // the timestep whose level the target has,
-                                                                    // when the target is not alpha_bar = 1
+  double lambda() const { return a > 0 ? std::log(a / s) : -std::numeric_limits<double>::infinity(); }
+  double t_next() const { return last ? -1.0 : next.t; }
 };
 
-// Validates the timestep list and turns it into steps with their (a, s) pairs.
-std::vector<Step> make_steps(const Schedule& schedule, const std::vector<int64_t>& ts, const SamplerOptions& o) {
+// The levels of an integer timestep list (validated against the schedule), with the end the options ask for.
+std::vector<Level> integer_levels(const Schedule& schedule, const std::vector<int64_t>& ts, const SamplerOptions& o,
+                                  Level& end) {
   const int64_t T = schedule.T();
-  if (ts.empty()) throw std::invalid_argument("sampler: empty timestep list (expected 1 <= S <= T timesteps)");
-  std::vector<Step> steps;
+  std::vector<Level> levels;
   for (size_t i = 0; i < ts.size(); ++i) {
     const int64_t t = ts[i];
     if (t < 0 || t >= T)
@@ -54,21 +63,47 @@ std::vector<Step> make_steps(const Schedule& schedule, const std::vector<int64_t
     if (i > 0 && t >= ts[i - 1])
       throw std::invalid_argument("sampler: timesteps must be strictly descending, got " +
                                   std::to_string(ts[i - 1]) + " then " + std::to_string(t));
+    if (!(schedule.alpha_bar_at(t) < 1.0))
+      throw std::invalid_argument("sampler: alpha_bar[" + std::to_string(t) + "] = 1 (no noise at that timestep)");
+    if (i > 0 && !(schedule.alpha_bar_at(t) > 0.0))
+      throw std::invalid_argument("sampler: a step cannot end at SNR 0 (alpha_bar = 0 at timestep " +
+                                  std::to_string(t) + ")");
+    levels.push_back(level_at(schedule, t));
+  }
+  end = o.set_alpha_to_one ? Level{-1, 1, 0} : level_at(schedule, 0);
+  return levels;
+}
+
+std::string describe(const Level& l) {
+  return "(t = " + std::to_string(l.t) + ", a = " + std::to_string(l.a) + ", s = " + std::to_string(l.s) + ")";
+}
+
+// Validates the walk and turns it into steps.
+std::vector<Step> make_steps(const Schedule& schedule, const Timesteps& walk, const SamplerOptions& o) {
+  if (walk.integer.empty() && walk.levels.empty())
+    throw std::invalid_argument("sampler: empty timestep list (expected 1 <= S <= T timesteps)");
+  if (!walk.integer.empty() && !walk.levels.empty())
+    throw std::invalid_argument("sampler: give integer timesteps or levels, not both");
+  Level end = walk.end;
+  const auto levels = walk.integer.empty() ? walk.levels : integer_levels(schedule, walk.integer, o, end);
+  std::vector<Step> steps;
+  for (size_t i = 0; i < levels.size(); ++i) {
     Step st;
     st.i = int64_t(i);
-    st.t = t;
-    st.t_next = i + 1 < ts.size() ? ts[i + 1] : -1;
-    st.ab = schedule.alpha_bar_at(t);
-    if (!(st.ab < 1.0))
-      throw std::invalid_argument("sampler: alpha_bar[" + std::to_string(t) + "] = 1 (no noise at that timestep)");
-    st.ab_next = st.t_next >= 0 ? schedule.alpha_bar_at(st.t_next) : (o.set_alpha_to_one ? 1.0 : schedule.alpha_bar_at(0));
-    if (!(st.ab_next > 0.0))
-      throw std::invalid_argument("sampler: a step cannot end at SNR 0 (alpha_bar = 0 at timestep " +
-                                  std::to_string(st.t_next) + ")");
-    st.a = std::sqrt(st.ab);
-    st.s = std::sqrt(1.0 - st.ab);
-    st.a_next = std::sqrt(st.ab_next);
-    st.s_next = std::sqrt(1.0 - st.ab_next);
+    st.last = i + 1 == levels.size();
+    st.cur = levels[i];
+    st.next = st.last ? end : levels[i + 1];
+    st.a = st.cur.a, st.s = st.cur.s, st.a_next = st.next.a, st.s_next = st.next.s;
+    const bool finite = std::isfinite(st.a) && std::isfinite(st.s) && std::isfinite(st.a_next) &&
+                        std::isfinite(st.s_next) && std::isfinite(st.cur.t);
+    if (!finite || !(st.a >= 0) || !(st.s > 0) || !(st.s_next >= 0))
+      throw std::invalid_argument("sampler: bad level " + describe(st.cur) + " or " + describe(st.next) +
+                                  " (a >= 0, s > 0 where the network is called, all finite)");
+    if (!(st.a_next > 0))
+      throw std::invalid_argument("sampler: a step cannot end at SNR 0, level " + describe(st.next));
+    if (!(st.a * st.s_next < st.a_next * st.s))
+      throw std::invalid_argument("sampler: levels must have strictly decreasing noise, got " + describe(st.cur) +
+                                  " then " + describe(st.next));
     steps.push_back(st);
   }
   return steps;
@@ -81,7 +116,7 @@ torch::Tensor step_noise(const torch::Tensor& x, const SamplerOptions& o, int64_
 
 void notify(const SamplerOptions& o, const Step& st, int64_t n_steps, const torch::Tensor& x,
             const torch::Tensor& x0) {
-  if (o.callback) o.callback(StepInfo{st.i, n_steps, st.t, st.t_next, x, x0});
+  if (o.callback) o.callback(StepInfo{st.i, n_steps, st.cur.t, st.t_next(), st.cur, st.next, x, x0});
 }
 
 double eta_or(const SamplerOptions& o, double fallback, const char* sampler) {
@@ -94,13 +129,13 @@ double eta_or(const SamplerOptions& o, double fallback, const char* sampler) {
 // The family x' = a' x0 + sqrt(s'^2 - sigma^2) eps + sigma z, where sigma(step) is the std of the fresh noise:
 // DDIM (eq. 12 of Song et al. 2021), Euler and Euler ancestral.
 template <class NoiseStd>
-torch::Tensor ddim_family(const Denoiser& d, const std::vector<int64_t>& ts, const torch::Tensor& x_T,
-                          const SamplerOptions& o, NoiseStd noise_std) {
+torch::Tensor ddim_family(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o,
+                          NoiseStd noise_std) {
   torch::NoGradGuard no_grad;
   auto steps = make_steps(d.schedule, ts, o);
   auto x = x_T;
   for (const auto& st : steps) {
-    Estimate e = d(x, st.t);
+    Estimate e = d(x, st.cur);
     const double sigma = noise_std(st);
     x = st.a_next * e.x0 + std::sqrt(std::max(0.0, st.s_next * st.s_next - sigma * sigma)) * e.eps;
     if (sigma > 0) x = x + sigma * step_noise(x, o, st.i);
@@ -109,39 +144,130 @@ torch::Tensor ddim_family(const Denoiser& d, const std::vector<int64_t>& ts, con
   return x;
 }
 
-// DPM-Solver++(2M) and its SDE variant in one loop, eta = 0 being the ODE (k-diffusion sample_dpmpp_2m_sde
-// with midpoint; Lu et al. 2022, "DPM-Solver++", Algorithm 2 and eq. for the SDE solver). In (a, s):
-//   x' = (s'/s) q^eta x + a' (1 - q^(1+eta)) [x0 + (1 / (2 r)) (x0 - x0_prev)] + s' sqrt(1 - q^(2 eta)) z,
-// r = h_prev / h. At eta = 0 and without the bracket's second term this is the DDIM step
-// x' = a' x0 + s' eps; at a = 0 (q = 0) it is x' = a' x0 + s' (z or x); a step to s' = 0 gives x' = a' x0.
-// The second-order term is dropped where it is undefined (first step; previous step from lambda = -inf, where
-// 1 / r = 0; a step to lambda = +inf, where 1 / r = inf) and on the last step when lower_order_final and
-// fewer than 15 steps (diffusers 0.25).
-torch::Tensor dpmpp_2m_loop(const Denoiser& d, const std::vector<int64_t>& ts, const torch::Tensor& x_T,
-                            const SamplerOptions& o, double eta) {
+// The multistep history: the x0 estimates at earlier levels and their lambdas, newest first. A point at
+// lambda = -inf (SNR 0) is not kept: every divided difference with it has the limit 0.
+struct History {
+  std::vector<torch::Tensor> x0;
+  std::vector<double> lambda;
+  void push(const torch::Tensor& e, double l, size_t keep) {
+    if (!std::isfinite(l)) return;
+    x0.insert(x0.begin(), e);
+    lambda.insert(lambda.begin(), l);
+    if (x0.size() > keep) x0.pop_back(), lambda.pop_back();
+  }
+  size_t size() const { return x0.size(); }
+};
+
+// DPM-Solver++ of order 2 (midpoint) or 3, its SDE variant at eta > 0 (Lu et al. 2022, "DPM-Solver++"; diffusers'
+// multistep_dpm_solver_*_order_update with dpmsolver++, k-diffusion's sample_dpmpp_2m_sde / 3m_sde). In (a, s):
+//   x' = (s'/s) q^eta x + a' (1 - q^(1+eta)) D0 + a' c1 D1 - a' c2 D2 + s' sqrt(1 - q^(2 eta)) z,
+// with D0 the x0 estimate; second order (midpoint): D1 = (x0 - x0_prev) / r0, c1 = (1 - q^(1+eta)) / 2;
+// third order: r0 = h0 / h, r1 = h1 / h, D1_0 = (x0 - x0_1) / r0, D1_1 = (x0_1 - x0_2) / r1,
+// D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1), and with g = (1 + eta) h,
+// c1 = phi2 = (e^-g - 1) / g + 1, c2 = phi3 = phi2 / g - 1/2. At eta = 0 these are diffusers' updates exactly.
+// The order warms up over the first steps, drops where h is infinite (a step to s' = 0; a step from SNR 0 has
+// no history), and with lower_order_final and fewer than 15 steps is 1 on the last step and <= 2 on the one before.
+torch::Tensor dpmpp_loop(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o,
+                         int max_order, double eta) {
   torch::NoGradGuard no_grad;
   auto steps = make_steps(d.schedule, ts, o);
   const int64_t n = int64_t(steps.size());
   auto x = x_T;
-  torch::Tensor x0_prev;
-  double h_prev = 0;
+  History hist;
   for (const auto& st : steps) {
-    Estimate e = d(x, st.t);
-    const double q = st.q(), h = st.h();
+    Estimate e = d(x, st.cur);
+    const double q = st.q(), h = st.h(), lambda = st.lambda();
     const double q_eta = std::pow(q, eta);  // pow(0, 0) = 1: the ODE keeps x
-    const double c_x0 = st.a_next * (1.0 - q * q_eta);
-    const bool final_low = o.lower_order_final && st.i == n - 1 && n < 15;
-    const bool second = x0_prev.defined() && std::isfinite(h_prev) && std::isfinite(h) && h > 0 && !final_low;
-    auto x0 = second ? e.x0 + (h / (2.0 * h_prev)) * (e.x0 - x0_prev) : e.x0;
-    auto x_next = (st.s_next / st.s * q_eta) * x + c_x0 * x0;
+    const double one_minus = 1.0 - q * q_eta;
+    int order = std::min<int>(max_order, int(hist.size()) + 1);
+    if (!std::isfinite(h)) order = 1;
+    if (o.lower_order_final && n < 15 && st.i == n - 1) order = 1;
+    if (o.lower_order_final && n < 15 && st.i == n - 2) order = std::min(order, 2);
+    auto x0 = e.x0;
+    if (order == 2) x0 = e.x0 + (h / (2.0 * (lambda - hist.lambda[0]))) * (e.x0 - hist.x0[0]);  // + D1 / 2
+    auto x_next = (st.s_next / st.s * q_eta) * x + (st.a_next * one_minus) * x0;
+    if (order == 3) {
+      const double r0 = (lambda - hist.lambda[0]) / h, r1 = (hist.lambda[0] - hist.lambda[1]) / h;
+      auto d1_0 = (e.x0 - hist.x0[0]) / r0, d1_1 = (hist.x0[0] - hist.x0[1]) / r1;
+      auto d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1);
+      auto d2 = (d1_0 - d1_1) / (r0 + r1);
+      const double g = (1.0 + eta) * h, phi2 = std::expm1(-g) / g + 1.0, phi3 = phi2 / g - 0.5;
+      x_next = x_next + (st.a_next * phi2) * d1 - (st.a_next * phi3) * d2;
+    }
     const double noise = st.s_next * std::sqrt(std::max(0.0, 1.0 - q_eta * q_eta));
     if (noise > 0) x_next = x_next + noise * step_noise(x, o, st.i);
     x = x_next;
-    x0_prev = e.x0;
-    h_prev = h;
+    hist.push(e.x0, lambda, 2);
     notify(o, st, n, x, e.x0);
   }
   return x;
+}
+
+// Solves the k x k system A z = b (k <= 3) by Gaussian elimination with partial pivoting.
+std::vector<double> solve_small(std::vector<std::vector<double>> A, std::vector<double> b) {
+  const size_t k = b.size();
+  for (size_t c = 0; c < k; ++c) {
+    size_t p = c;
+    for (size_t r = c + 1; r < k; ++r)
+      if (std::abs(A[r][c]) > std::abs(A[p][c])) p = r;
+    std::swap(A[c], A[p]);
+    std::swap(b[c], b[p]);
+    for (size_t r = c + 1; r < k; ++r) {
+      const double f = A[r][c] / A[c][c];
+      for (size_t j = c; j < k; ++j) A[r][j] -= f * A[c][j];
+      b[r] -= f * b[c];
+    }
+  }
+  std::vector<double> z(k);
+  for (size_t c = k; c-- > 0;) {
+    double v = b[c];
+    for (size_t j = c + 1; j < k; ++j) v -= A[c][j] * z[j];
+    z[c] = v / A[c][c];
+  }
+  return z;
+}
+
+// One UniPC update from level (a, s, lambda) to (a', s'), over step size h (finite or not), in diffusers'
+// predict_x0 form with hh = -h:
+//   x' = (s'/s) x + a' (1 - q) m0 - a' B(h) sum_k rho_k D_k,  D_k = (m_k - m0) / r_k, r_k = (lambda_k - lambda) / h,
+// where rho solves R rho = b: R[i][k] = r_k^i, b_i = i! h_phi_(i+1)(hh) / B(h) (diffusers'
+// multistep_uni_p_bh_update / multistep_uni_c_bh_update; the predictor uses the first p - 1 rows and columns
+// and rho = 1/2 at p = 2, the corrector all p rows with the new point as r = 1 and rho = 1/2 at p = 1).
+struct UniPcTerms {
+  double B = 0;
+  std::vector<double> b;
+};
+UniPcTerms unipc_terms(double h, int order, UniPcVariant variant) {
+  const double hh = -h, h_phi_1 = std::expm1(hh);
+  UniPcTerms t;
+  t.B = variant == UniPcVariant::bh1 ? hh : h_phi_1;
+  double h_phi_k = h_phi_1 / hh - 1.0, factorial = 1.0;
+  for (int i = 1; i <= order; ++i) {
+    t.b.push_back(h_phi_k * factorial / t.B);
+    factorial *= i + 1;
+    h_phi_k = h_phi_k / hh - 1.0 / factorial;
+  }
+  return t;
+}
+
+// sum_k rho_k D_k over the history points (and, for the corrector, the new point with r = 1 and D = m_t - m0).
+torch::Tensor unipc_correction(const std::vector<double>& rks, const std::vector<torch::Tensor>& ds, int order,
+                               const UniPcTerms& terms, bool corrector) {
+  std::vector<double> rho;
+  if (!corrector && order == 2) rho = {0.5};
+  else if (corrector && order == 1) rho = {0.5};
+  else {
+    const size_t k = corrector ? size_t(order) : size_t(order - 1);
+    std::vector<std::vector<double>> R(k, std::vector<double>(k));
+    std::vector<double> all_r = rks;
+    all_r.push_back(1.0);
+    for (size_t i = 0; i < k; ++i)
+      for (size_t j = 0; j < k; ++j) R[i][j] = std::pow(all_r[j], double(i));
+    rho = solve_small(R, std::vector<double>(terms.b.begin(), terms.b.begin() + long(k)));
+  }
+  torch::Tensor sum;
+  for (size_t k = 0; k < ds.size() && k < rho.size(); ++k) sum = sum.defined() ? sum + rho[k] * ds[k] : rho[k] * ds[k];
+  return sum;
 }
 
 }  // namespace
@@ -149,32 +275,37 @@ torch::Tensor dpmpp_2m_loop(const Denoiser& d, const std::vector<int64_t>& ts, c
 // Posterior q(x_prev | x_t, x0) of the spaced chain (Ho et al. 2020, eqs. 6-7), beta = 1 - alpha_bar / alpha_bar_prev:
 //   mu = (a' beta / s^2) x0 + (a / a') (s'^2 / s^2) x_t         (x0 form, Lin et al. 2023 section 3.4)
 //   var = beta s'^2 / s^2 (fixed_small) or beta (fixed_large).
-// a / a' = sqrt(1 - beta) divides by a', which is > 0 at every target. Ho et al.'s Algorithm 2 adds no noise
+// Written with q = (a s') / (a' s), which holds on any path: mu = (a' - a s' q / s) x0 + (s' q / s) x_t and
+// fixed_small var = s'^2 (1 - q^2) (on a variance-preserving path 1 - q^2 = beta / s^2); fixed_large is
+// beta = 1 - (a / a')^2. a / a' divides by a', which is > 0 at every target. Ho et al.'s Algorithm 2 adds no noise
 // on its last step (z = 0 at t = 1); neither does this.
-torch::Tensor sample_ddpm(const Denoiser& d, const std::vector<int64_t>& ts, const torch::Tensor& x_T,
+torch::Tensor sample_ddpm(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T,
                           const SamplerOptions& o) {
   torch::NoGradGuard no_grad;
   auto steps = make_steps(d.schedule, ts, o);
   auto x = x_T;
   for (const auto& st : steps) {
-    Estimate e = d(x, st.t);
-    const double beta = 1.0 - st.ab / st.ab_next, s2 = st.s * st.s, s2_next = st.s_next * st.s_next;
-    auto mean = (st.a_next * beta / s2) * e.x0 + (st.a / st.a_next * s2_next / s2) * x;
-    const double var = o.variance == DdpmVariance::fixed_small ? beta * s2_next / s2 : beta;
-    const bool last = st.i + 1 == int64_t(steps.size());
-    x = last || var <= 0 ? mean : mean + std::sqrt(var) * step_noise(x, o, st.i);
+    Estimate e = d(x, st.cur);
+    const double q = st.q(), c_x = st.s_next * q / st.s;
+    auto mean = (st.a_next - st.a * c_x) * e.x0 + c_x * x;
+    const double ratio = st.a / st.a_next;
+    const double var = o.variance == DdpmVariance::fixed_small ? st.s_next * st.s_next * (1.0 - q * q)
+                                                               : 1.0 - ratio * ratio;
+    x = st.last || var <= 0 ? mean : mean + std::sqrt(var) * step_noise(x, o, st.i);
     notify(o, st, int64_t(steps.size()), x, e.x0);
   }
   return x;
 }
 
-// Song et al. 2021, eq. 12 and 16: sigma = eta (s' / s) sqrt(1 - alpha_bar / alpha_bar').
-torch::Tensor sample_ddim(const Denoiser& d, const std::vector<int64_t>& ts, const torch::Tensor& x,
-                          const SamplerOptions& o) {
+// Song et al. 2021, eq. 12 and 16: sigma = eta (s' / s) sqrt(1 - alpha_bar / alpha_bar'), which is
+// eta s' sqrt(1 - q^2) on a variance-preserving path (1 - q^2 = (1 - alpha_bar / alpha_bar') / s^2) and is taken as
+// the definition on any path.
+torch::Tensor sample_ddim(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x, const SamplerOptions& o) {
   const double eta = eta_or(o, 0.0, "ddim");
   if (eta > 1.0) throw std::invalid_argument("ddim: eta must lie in [0, 1], got " + std::to_string(eta));
   return ddim_family(d, ts, x, o, [eta](const Step& st) {
-    return eta * (st.s_next / st.s) * std::sqrt(std::max(0.0, 1.0 - st.ab / st.ab_next));
+    const double q = st.q();
+    return eta * st.s_next * std::sqrt(std::max(0.0, 1.0 - q * q));
   });
 }
 
@@ -184,7 +315,7 @@ torch::Tensor sample_ddim(const Denoiser& d, const std::vector<int64_t>& ts, con
 // x/a += sigma_up z, is in x = a' (x/a): x' = a' x0 + a' sigma_down eps + a' sigma_up z, and a' sigma' = s'. So the
 // fresh noise has std s' min(1, eta sqrt(1 - q^2)), finite at a = 0 (q = 0). Since
 // 1 - q^2 = (1 - alpha_bar / alpha_bar') / s^2, this equals DDIM's sigma for eta <= 1.
-torch::Tensor sample_euler_ancestral(const Denoiser& d, const std::vector<int64_t>& ts, const torch::Tensor& x,
+torch::Tensor sample_euler_ancestral(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x,
                                      const SamplerOptions& o) {
   const double eta = eta_or(o, 1.0, "euler_ancestral");
   return ddim_family(d, ts, x, o, [eta](const Step& st) {
@@ -195,8 +326,9 @@ torch::Tensor sample_euler_ancestral(const Denoiser& d, const std::vector<int64_
 
 // Euler on the probability-flow ODE d(x/a)/d sigma = eps (Song et al. 2021, eq. 14; k-diffusion sample_euler)
 // is x'/a' = x/a + (sigma' - sigma) eps, i.e. x' = a' x0 + s' eps: the DDIM step, which stays finite at a = 0.
-torch::Tensor sample_euler(const Denoiser& d, const std::vector<int64_t>& ts, const torch::Tensor& x,
-                           const SamplerOptions& o) {
+// On the rectified-flow path (a = 1 - sigma, s = sigma) it is FlowMatchEulerDiscreteScheduler's
+// x' = x + (sigma' - sigma) u, u = eps - x0: x + (sigma' - sigma)(eps - x0) = (1 - sigma') x0 + sigma' eps.
+torch::Tensor sample_euler(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x, const SamplerOptions& o) {
   return ddim_family(d, ts, x, o, [](const Step&) { return 0.0; });
 }
 
@@ -211,19 +343,22 @@ torch::Tensor sample_euler(const Denoiser& d, const std::vector<int64_t>& ts, co
 // rho = a / s, or in lambda with exponential weights. A step to s' = 0 would need the
 // network at the clean level, which it does not have: that step is the DDIM step x' = a' x0 + s' eps (exact
 // for a constant (x0, eps)), as k-diffusion takes an Euler step to sigma = 0.
-torch::Tensor sample_heun(const Denoiser& d, const std::vector<int64_t>& ts, const torch::Tensor& x_T,
-                          const SamplerOptions& o) {
+// On a path with a^2 + s^2 != 1 the same holds for x / r, r = sqrt(a^2 + s^2), with (a / r, s / r) on the circle.
+torch::Tensor sample_heun(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o) {
   torch::NoGradGuard no_grad;
   auto steps = make_steps(d.schedule, ts, o);
   auto x = x_T;
   for (const auto& st : steps) {
-    Estimate e = d(x, st.t);
+    Estimate e = d(x, st.cur);
     if (st.s_next > 0) {
+      const double r = std::hypot(st.a, st.s), r_next = std::hypot(st.a_next, st.s_next);
       const double dphi = std::atan2(st.s_next, st.a_next) - std::atan2(st.s, st.a);
-      auto v = st.a * e.eps - st.s * e.x0;
-      auto x_pred = x + dphi * v;
-      Estimate e_next = d(x_pred, st.eval_next());
-      x = x + (0.5 * dphi) * (v + st.a_next * e_next.eps - st.s_next * e_next.x0);
+      auto v = (st.a / r) * e.eps - (st.s / r) * e.x0;  // d(x / r)/dphi at (x, t)
+      auto x_pred = (r_next / r) * x + (r_next * dphi) * v;
+      Estimate e_next = d(x_pred, st.next);
+      auto v_next = (st.a_next / r_next) * e_next.eps - (st.s_next / r_next) * e_next.x0;
+      x = r == 1.0 && r_next == 1.0 ? x + (0.5 * dphi) * (v + v_next)
+                                    : (r_next / r) * x + (0.5 * r_next * dphi) * (v + v_next);
     } else {
       x = st.a_next * e.x0 + st.s_next * e.eps;
     }
@@ -232,19 +367,91 @@ torch::Tensor sample_heun(const Denoiser& d, const std::vector<int64_t>& ts, con
   return x;
 }
 
-torch::Tensor sample_dpmpp_2m(const Denoiser& d, const std::vector<int64_t>& ts, const torch::Tensor& x,
-                              const SamplerOptions& o) {
-  return dpmpp_2m_loop(d, ts, x, o, 0.0);
+torch::Tensor sample_dpmpp_2m(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x, const SamplerOptions& o) {
+  return dpmpp_loop(d, ts, x, o, 2, 0.0);
 }
 
-torch::Tensor sample_dpmpp_2m_sde(const Denoiser& d, const std::vector<int64_t>& ts, const torch::Tensor& x,
+torch::Tensor sample_dpmpp_2m_sde(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x,
                                   const SamplerOptions& o) {
-  return dpmpp_2m_loop(d, ts, x, o, eta_or(o, 1.0, "dpmpp_2m_sde"));
+  return dpmpp_loop(d, ts, x, o, 2, eta_or(o, 1.0, "dpmpp_2m_sde"));
+}
+
+torch::Tensor sample_dpmpp_3m(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x, const SamplerOptions& o) {
+  return dpmpp_loop(d, ts, x, o, 3, 0.0);
+}
+
+torch::Tensor sample_dpmpp_3m_sde(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x,
+                                  const SamplerOptions& o) {
+  return dpmpp_loop(d, ts, x, o, 3, eta_or(o, 1.0, "dpmpp_3m_sde"));
+}
+
+// UniPC (diffusers' UniPCMultistepScheduler.step): at step i the model output m_t at the new level first corrects
+// the sample the previous predictor produced (UniC of the previous step's order), then the predictor UniP of
+// order min(order, points available, steps left under lower_order_final) moves on. The last step is not corrected
+// (no model call follows it).
+torch::Tensor sample_unipc(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o) {
+  if (o.order < 1 || o.order > 3) throw std::invalid_argument("unipc: order must be 1, 2 or 3, got " + std::to_string(o.order));
+  torch::NoGradGuard no_grad;
+  auto steps = make_steps(d.schedule, ts, o);
+  const int64_t n = int64_t(steps.size());
+  auto x = x_T;
+  History hist;           // x0 estimates at finite-lambda levels, newest first
+  torch::Tensor x_prev;   // the sample the last predictor started from
+  torch::Tensor m_prev;   // the x0 estimate that predictor used
+  int prev_order = 0;
+  for (const auto& st : steps) {
+    Estimate e = d(x, st.cur);
+    const double lambda = st.lambda();
+    if (o.unipc_corrector && st.i > 0) {
+      const Step& p = steps[size_t(st.i - 1)];
+      const double h = p.h();
+      const bool finite = std::isfinite(h);
+      if (finite || o.unipc_variant == UniPcVariant::bh2) {
+        const int order = finite ? prev_order : 1;  // a finite h: hist.x0[0] is m_prev, older points follow
+        const auto& m0 = m_prev;
+        const double q = p.q(), lambda0 = p.lambda();
+        std::vector<double> rks;
+        std::vector<torch::Tensor> ds;
+        for (int k = 1; k < order; ++k) {
+          rks.push_back((hist.lambda[size_t(k)] - lambda0) / h);
+          ds.push_back((hist.x0[size_t(k)] - m0) / rks.back());
+        }
+        ds.push_back(e.x0 - m0);
+        // At h = inf (bh2, a step from SNR 0): B = -1, b_1 = 1, rho = 1/2, q = 0.
+        const UniPcTerms terms = finite ? unipc_terms(h, order, o.unipc_variant) : UniPcTerms{-1.0, {1.0}};
+        auto corr = unipc_correction(rks, ds, order, terms, true);
+        x = (p.s_next / p.s) * x_prev + (p.a_next * (1.0 - q)) * m0 - (p.a_next * terms.B) * corr;
+      }
+    }
+    hist.push(e.x0, lambda, 3);
+    m_prev = e.x0;
+    const double h = st.h(), q = st.q();
+    int order = std::min<int>(o.order, int(hist.size()));
+    if (o.lower_order_final) order = std::min<int64_t>(order, n - st.i);
+    if (!std::isfinite(h) || hist.size() == 0) order = 1;
+    x_prev = x;
+    auto x_next = (st.s_next / st.s) * x + (st.a_next * (1.0 - q)) * e.x0;
+    if (order >= 2) {
+      std::vector<double> rks;
+      std::vector<torch::Tensor> ds;
+      for (int k = 1; k < order; ++k) {
+        rks.push_back((hist.lambda[size_t(k)] - lambda) / h);
+        ds.push_back((hist.x0[size_t(k)] - e.x0) / rks.back());
+      }
+      const UniPcTerms terms = unipc_terms(h, order, o.unipc_variant);
+      x_next = x_next - (st.a_next * terms.B) * unipc_correction(rks, ds, order, terms, false);
+    }
+    x = x_next;
+    prev_order = order;
+    notify(o, st, n, x, e.x0);
+  }
+  return x;
 }
 
 const std::vector<std::string>& sampler_names() {
-  static const std::vector<std::string> names = {"ddpm",  "ddim",     "euler",       "euler_ancestral",
-                                                 "heun",  "dpmpp_2m", "dpmpp_2m_sde"};
+  static const std::vector<std::string> names = {"ddpm",     "ddim",         "euler",    "euler_ancestral",
+                                                 "heun",     "dpmpp_2m",     "dpmpp_2m_sde", "dpmpp_3m",
+                                                 "dpmpp_3m_sde", "unipc"};
   return names;
 }
 
@@ -252,6 +459,8 @@ std::string canonical_sampler_name(const std::string& name) {
   if (name == "euler_a") return "euler_ancestral";
   if (name == "dpmpp2m" || name == "dpm++2m" || name == "dpm++_2m") return "dpmpp_2m";
   if (name == "dpmpp2m_sde" || name == "dpm++2m_sde" || name == "dpm++_2m_sde") return "dpmpp_2m_sde";
+  if (name == "dpmpp3m" || name == "dpm++3m" || name == "dpm++_3m") return "dpmpp_3m";
+  if (name == "dpmpp3m_sde" || name == "dpm++3m_sde" || name == "dpm++_3m_sde") return "dpmpp_3m_sde";
   return name;
 }
 
@@ -264,6 +473,9 @@ Sampler get_sampler(const std::string& name_in) {
   if (name == "heun") return sample_heun;
   if (name == "dpmpp_2m") return sample_dpmpp_2m;
   if (name == "dpmpp_2m_sde") return sample_dpmpp_2m_sde;
+  if (name == "dpmpp_3m") return sample_dpmpp_3m;
+  if (name == "dpmpp_3m_sde") return sample_dpmpp_3m_sde;
+  if (name == "unipc") return sample_unipc;
   std::ostringstream list;
   for (const auto& n : sampler_names()) list << (list.tellp() > 0 ? ", " : "") << n;
   throw std::invalid_argument("unknown sampler '" + name_in + "' (expected one of " + list.str() + ")");
@@ -272,7 +484,7 @@ Sampler get_sampler(const std::string& name_in) {
 bool is_stochastic(const std::string& name_in) {
   get_sampler(name_in);  // validates
   const std::string name = canonical_sampler_name(name_in);
-  return name == "ddpm" || name == "euler_ancestral" || name == "dpmpp_2m_sde";
+  return name == "ddpm" || name == "euler_ancestral" || name == "dpmpp_2m_sde" || name == "dpmpp_3m_sde";
 }
 
 }  // namespace diffuse

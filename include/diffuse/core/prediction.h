@@ -5,6 +5,12 @@
 //   eps = (x_t - a x0) / s                                   s > 0 at every training timestep
 //   x0 = (x_t - s eps) / a                                   singular at a = 0: refused there
 // The tensors a and s broadcast against x_t (e.g. shape [N, 1, 1, 1]).
+//
+// The fourth type, flow, is the rectified-flow velocity u = eps - x0 (Liu et al. 2022; Stable Diffusion 3's and
+// diffusers' "flow_prediction": on the path a = 1 - t, s = t it is dx_t/dt). Its conversions solve
+// [a s; -1 1] (x0, eps) = (x_t, u), whose determinant a + s never vanishes, so they are exact on any path:
+//   x0 = (x_t - s u) / (a + s),  eps = (x_t + a u) / (a + s).
+// The v conversions divide by a^2 + s^2 (1 on variance-preserving paths), so they too hold on any path.
 #pragma once
 
 #include <torch/types.h>
@@ -13,12 +19,12 @@
 
 namespace diffuse {
 
-enum class Prediction { eps, v, x0 };
+enum class Prediction { eps, v, x0, flow };
 
-/// Accepts diffuse's names (eps, v, x0) and diffusers' (epsilon, v_prediction, sample).
+/// Accepts diffuse's names (eps, v, x0, flow) and diffusers' (epsilon, v_prediction, sample, flow_prediction).
 Prediction parse_prediction(const std::string& name);
-std::string to_string(Prediction p);        ///< eps, v, x0
-std::string diffusers_name(Prediction p);   ///< epsilon, v_prediction, sample
+std::string to_string(Prediction p);        ///< eps, v, x0, flow
+std::string diffusers_name(Prediction p);   ///< epsilon, v_prediction, sample, flow_prediction
 
 /// The forward process x_t = a x0 + s eps: with one (a, s) for the batch, or with per-example a and s [N]
 /// (broadcast over the other axes of x0). The one place diffuse noises data (training, analyses).
@@ -55,6 +61,7 @@ inline torch::Tensor to_v(Prediction from, const torch::Tensor& pred, const torc
 ///   v:        v-equivalent,   w = SNR + 1
 ///   min_snr:  w = min(SNR, gamma)                (Hang et al. 2023, Min-SNR-gamma)
 ///   truncated:w = max(SNR, 1)                    (Salimans & Ho 2022, truncated SNR)
+/// A flow target's error is ((a + s) / s)^2 = (sqrt(SNR) + 1)^2 times the x0 error on any path.
 enum class LossWeight { uniform, eps, v, min_snr, truncated };
 LossWeight parse_loss_weight(const std::string& name);
 std::string to_string(LossWeight w);

@@ -4,7 +4,10 @@
 // Notation as in schedule.h: x_t = a_t x0 + s_t eps with a_t = sqrt(alpha_bar[t]), s_t = sqrt(1 - alpha_bar[t]).
 //
 //   Network     the model in its own prediction space: (x_t, t_condition, labels) -> eps, v or x0.
-//   Denoiser    (x_t, t) -> Estimate {x0, eps} at an integer training timestep t. Samplers call only this.
+//   Level       a point of the noise path: the time t the network is conditioned on (real: an integer training
+//               timestep, a fractional one between them, or a flow model's sigma * 1000) and x_t = a x0 + s eps.
+//   Denoiser    (x_t, level) -> Estimate {x0, eps}. Samplers call only this; an integer timestep of the
+//               denoiser's schedule stands for its level.
 //   guidance    classifier-free guidance wraps a Network (it acts on the model output, in prediction
 //               space); classifier guidance wraps a Denoiser (it acts on the score). They compose:
 //                 classifier_guidance(make_denoiser(classifier_free_guidance(net, cfg), ...), ...)
@@ -16,6 +19,7 @@
 #include <functional>
 
 #include "diffuse/core/etsdm.h"
+#include "diffuse/core/levels.h"
 #include "diffuse/core/prediction.h"
 #include "diffuse/core/schedule.h"
 
@@ -27,29 +31,35 @@ namespace diffuse {
 using Network = std::function<torch::Tensor(const torch::Tensor& x, const torch::Tensor& t_condition,
                                             const torch::Tensor& labels)>;
 
-/// net(x_t, etsdm.condition(t), labels) for a batch at one timestep t (labels moved to x_t's device, or
-/// undefined), its output's shape checked against x_t's: the one place the network is conditioned.
-torch::Tensor call_network(const Network& net, const EtsdmConfig& etsdm, const torch::Tensor& x_t, int64_t t,
+/// net(x_t, etsdm.condition(t), labels) for a batch at one time t (labels moved to x_t's device, or
+/// undefined), its output's shape checked against x_t's: the one place the network is conditioned. A real t is
+/// passed on as float32, so an integer t gives exactly what it always did.
+torch::Tensor call_network(const Network& net, const EtsdmConfig& etsdm, const torch::Tensor& x_t, double t,
                            const torch::Tensor& labels);
+
+
 
 /// A denoiser's answer at x_t. The pair is consistent: x_t = a_t x0 + s_t eps (to rounding).
 struct Estimate {
   torch::Tensor x0, eps;
 };
 
-/// A callable (x_t, t) -> Estimate, where t is an integer training timestep of `schedule` shared by the
-/// whole batch. Samplers read a_t and s_t from `schedule`, so the schedule travels with the denoiser.
+/// A callable (x_t, level) -> Estimate for a batch at one level. `schedule` is the discrete schedule the
+/// network was trained on: integer timesteps refer to it (and it bounds the network's time range).
 struct Denoiser {
   Schedule schedule;
-  std::function<Estimate(const torch::Tensor& x_t, int64_t t)> fn;
+  std::function<Estimate(const torch::Tensor& x_t, const Level& level)> fn;
 
-  /// Checks t against the schedule, then calls fn.
+  /// The level of training timestep t (checked against the schedule), then fn.
   Estimate operator()(const torch::Tensor& x_t, int64_t t) const;
+  /// Checks the level (finite t, a and s >= 0, s > 0: no network call at the clean data), then fn.
+  Estimate operator()(const torch::Tensor& x_t, const Level& level) const;
 };
 
-/// The model as a denoiser: calls net(x_t, etsdm.condition(t), labels) and converts its output with
-/// the exact (a, s) forms of prediction.h: v -> x0 = a x_t - s v, eps = s x_t + a v; x0 -> eps =
-/// (x_t - a x0) / s; eps -> x0 = (x_t - s eps) / a. Nothing divides by a_t except that last one, so an
+/// The model as a denoiser: calls net(x_t, etsdm.condition(t), labels) at the level's t and converts its output
+/// with the level's (a, s) by the exact forms of prediction.h: v -> x0 = a x_t - s v, eps = s x_t + a v; x0 -> eps =
+/// (x_t - a x0) / s; eps -> x0 = (x_t - s eps) / a; flow -> x0 = (x_t - s u) / (a + s), eps = (x_t + a u) / (a + s).
+/// Nothing divides by a_t except eps -> x0, so an
 /// eps model at SNR 0 (a_t = 0, where eps carries no information about x0) throws std::domain_error
 /// naming the fix (Lin et al. 2023, section 3.2). `labels`: int64 [N] (moved to x_t's device), or
 /// undefined for an unconditional model.
@@ -75,12 +85,13 @@ torch::Tensor cfg_combine(const torch::Tensor& cond, const torch::Tensor& uncond
 /// that of the network's target (v for a v model). The wrapped network refuses undefined labels.
 Network classifier_free_guidance(Network net, CfgOptions options);
 
-/// A noisy classifier: (x_t [N, ...], t int64 [N]) -> logits [N, C]. Differentiable in x_t.
+/// A noisy classifier: (x_t [N, ...], t [N]) -> logits [N, C], t int64 at integer times, float32 between them.
+/// Differentiable in x_t.
 using Classifier = std::function<torch::Tensor(const torch::Tensor& x_t, const torch::Tensor& t)>;
 
 /// grad_x log p(y | x_t, t) = d/dx_t log_softmax(classifier(x_t, t))[y], per sample, shaped like x_t.
 /// Runs with autograd enabled whatever the caller's grad mode; returns a tensor without history.
-torch::Tensor classifier_log_prob_grad(const Classifier& classifier, const torch::Tensor& x_t, int64_t t,
+torch::Tensor classifier_log_prob_grad(const Classifier& classifier, const torch::Tensor& x_t, double t,
                                        const torch::Tensor& labels);
 
 /// The x0 estimate clamped to [-range, range] and eps recomputed from it, eps = (x_t - a_t x0) / s_t, so the

@@ -1,17 +1,22 @@
 // Samplers: functions over a denoiser (k-diffusion style; multistep history is a local variable).
 //
-// Every sampler walks a descending list of integer training timesteps (spaced_timesteps in schedule.h)
-// and one final step to "t = -1", whose alpha_bar is 1 (the clean data) with set_alpha_to_one, else
-// alpha_bar[0] (diffusers' DDIMScheduler convention; DPMSolverMultistepScheduler 0.25 uses alpha_bar[0]).
+// Every sampler walks a descending list of noise levels (Timesteps): integer training timesteps
+// (spaced_timesteps in schedule.h), or levels (t, a, s) given directly (sigma spacings, fractional
+// timesteps, a rectified-flow path; spaced_levels in sample/spacing.h), and one final step to the end
+// level: the clean data (a = 1, s = 0), or for integer timesteps without set_alpha_to_one alpha_bar[0]
+// (diffusers' DDIMScheduler convention; DPMSolverMultistepScheduler 0.25 uses alpha_bar[0]).
 // All updates are written in (a, s) and q = exp(-h) = (a s_next) / (a_next s), h = lambda_next - lambda,
-// lambda = log(a / s): never through sigma = s / a and never dividing by a. So they are exact on
-// zero-terminal-SNR schedules: the first step from a = 0 (lambda = -inf, q = 0) is the limit of each
-// formula, and a step to s_next = 0 (lambda = +inf, q = 0) is too.
+// lambda = log(a / s): never through sigma = s / a, never dividing by a, and never assuming a^2 + s^2 = 1, so
+// one code serves variance-preserving and rectified-flow paths. They are exact on zero-terminal-SNR schedules:
+// the first step from a = 0 (lambda = -inf, q = 0) is the limit of each formula, and a step to s_next = 0
+// (lambda = +inf, q = 0) is too. Multistep methods (dpmpp_*, unipc) keep no history point at lambda = -inf and
+// take a first-order step where h is infinite (their higher-order terms have no finite limit there).
 //
 // Several classical samplers coincide on variance-preserving models (derivations in src/sample/sampling.cpp):
 // euler == ddim (eta 0) and euler_ancestral (eta) == ddim (eta) for eta <= 1; ddpm with fixed_small
 // variance == ddim with eta 1 (except that ddpm adds no noise on its last step). They are kept as
-// separate entries because users ask for them by name, and the tests check the identities.
+// separate entries because users ask for them by name, and the tests check the identities. On a
+// rectified-flow path euler is diffusers' FlowMatchEulerDiscreteScheduler step x' = x + (sigma' - sigma) u.
 #pragma once
 
 #include <torch/types.h>
@@ -19,6 +24,7 @@
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <vector>
@@ -28,10 +34,25 @@
 
 namespace diffuse {
 
+/// What a sampler walks, from noise to data (see the top of this file).
+struct Timesteps {
+  /// Integer training timesteps of the denoiser's schedule, strictly descending; the end level follows
+  /// SamplerOptions::set_alpha_to_one.
+  Timesteps(std::vector<int64_t> timesteps) : integer(std::move(timesteps)) {}
+  Timesteps(std::initializer_list<int64_t> timesteps) : integer(timesteps) {}
+  /// Levels given directly (strictly decreasing noise: a s_next < a_next s), then the end level.
+  Timesteps(std::vector<Level> levels, Level end = Level{-1, 1, 0}) : levels(std::move(levels)), end(end) {}
+
+  std::vector<int64_t> integer;
+  std::vector<Level> levels;
+  Level end{-1, 1, 0};
+};
+
 /// What a per-step callback sees, after step `step` (0-based) of `steps`.
 struct StepInfo {
   int64_t step = 0, steps = 0;
-  int64_t t = 0, t_next = 0;   ///< the step went from t to t_next (-1: the final target)
+  double t = 0, t_next = 0;    ///< the step went from t to t_next (-1: the final target)
+  Level level, next;           ///< the levels of t and of the step's target
   torch::Tensor x;             ///< the sample after the step
   torch::Tensor x0;            ///< the denoiser's x0 estimate at (x_t, t) that the step used
 };
@@ -41,52 +62,75 @@ enum class DdpmVariance { fixed_small, fixed_large };
 DdpmVariance parse_ddpm_variance(const std::string& name);  ///< fixed_small, fixed_large
 std::string to_string(DdpmVariance v);
 
+enum class UniPcVariant { bh1, bh2 };
+UniPcVariant parse_unipc_variant(const std::string& name);  ///< bh1, bh2
+std::string to_string(UniPcVariant v);
+
 struct SamplerOptions {
   /// Noise level of the stochastic samplers; NaN means the sampler's default (ddim 0, euler_ancestral 1,
-  /// dpmpp_2m_sde 1). Ignored by the deterministic euler, heun and dpmpp_2m.
+  /// dpmpp_2m_sde and dpmpp_3m_sde 1). Ignored by the deterministic euler, heun, dpmpp_2m, dpmpp_3m and unipc.
   double eta = std::numeric_limits<double>::quiet_NaN();
   DdpmVariance variance = DdpmVariance::fixed_small;  ///< ddpm only
-  bool set_alpha_to_one = true;    ///< the final step goes to alpha_bar = 1; false: to alpha_bar[0]
-  bool lower_order_final = true;   ///< dpmpp_*: first-order last step when fewer than 15 steps (diffusers)
+  bool set_alpha_to_one = true;    ///< integer timesteps: the final step goes to alpha_bar = 1; false: alpha_bar[0]
+  /// dpmpp_* and unipc: first-order last step (and at most second order on the one before) when fewer than 15
+  /// steps (diffusers' lower_order_final).
+  bool lower_order_final = true;
+  int order = 2;                   ///< unipc: the solver order, 1 to 3 (diffusers' solver_order)
+  UniPcVariant unipc_variant = UniPcVariant::bh2;  ///< unipc: B(h) = h (bh1) or e^h - 1 (bh2)
+  bool unipc_corrector = true;     ///< unipc: apply the UniC corrector after every step but the last
   uint64_t seed = 0;               ///< per-step noise of stochastic samplers, see make_noise
   int64_t first_image = 0;         ///< global index of the batch's first image, see make_noise
   StepCallback callback;           ///< called after every step when set
 };
 
-/// (denoiser, descending timesteps, x_T, options) -> the final sample. x_T is not modified.
+/// (denoiser, descending timesteps or levels, x_T, options) -> the final sample. x_T is not modified.
 /// Throws std::invalid_argument for an empty, non-descending or out-of-range timestep list.
-using Sampler = std::function<torch::Tensor(const Denoiser&, const std::vector<int64_t>& timesteps,
-                                            const torch::Tensor& x, const SamplerOptions&)>;
+using Sampler = std::function<torch::Tensor(const Denoiser&, const Timesteps& timesteps, const torch::Tensor& x,
+                                            const SamplerOptions&)>;
 
 /// Ancestral sampling (Ho et al. 2020, Algorithm 2) over the spaced timesteps: the posterior
 /// q(x_prev | x_t, x0) with its mean in the x0 form (Lin et al. 2023, section 3.4 / SEEDS 003 item 4);
 /// variance beta_tilde (fixed_small) or beta (fixed_large). No noise on the last step.
-torch::Tensor sample_ddpm(const Denoiser& d, const std::vector<int64_t>& timesteps, const torch::Tensor& x,
+torch::Tensor sample_ddpm(const Denoiser& d, const Timesteps& timesteps, const torch::Tensor& x,
                           const SamplerOptions& options = {});
 /// DDIM (Song et al. 2021, eq. 12): x_prev = a_prev x0 + sqrt(s_prev^2 - sigma^2) eps + sigma z,
 /// sigma = eta (s_prev / s) sqrt(1 - alpha_bar / alpha_bar_prev).
-torch::Tensor sample_ddim(const Denoiser& d, const std::vector<int64_t>& timesteps, const torch::Tensor& x,
+torch::Tensor sample_ddim(const Denoiser& d, const Timesteps& timesteps, const torch::Tensor& x,
                           const SamplerOptions& options = {});
 /// Euler's method on the probability-flow ODE (k-diffusion sample_euler); equal to DDIM with eta 0.
-torch::Tensor sample_euler(const Denoiser& d, const std::vector<int64_t>& timesteps, const torch::Tensor& x,
+torch::Tensor sample_euler(const Denoiser& d, const Timesteps& timesteps, const torch::Tensor& x,
                            const SamplerOptions& options = {});
 /// Euler ancestral (k-diffusion sample_euler_ancestral, eta default 1).
-torch::Tensor sample_euler_ancestral(const Denoiser& d, const std::vector<int64_t>& timesteps,
+torch::Tensor sample_euler_ancestral(const Denoiser& d, const Timesteps& timesteps,
                                      const torch::Tensor& x, const SamplerOptions& options = {});
 /// Heun's second-order method (Karras et al. 2022, Algorithm 1) on the probability-flow ODE in the angle
-/// phi = atan2(s, a), dx/dphi = v^ (finite at both SNR 0 and the clean end); two denoiser calls per step,
-/// one on a step that ends at s = 0 (a DDIM step).
-torch::Tensor sample_heun(const Denoiser& d, const std::vector<int64_t>& timesteps, const torch::Tensor& x,
+/// phi = atan2(s, a) of x / sqrt(a^2 + s^2), dx/dphi = v^ (finite at both SNR 0 and the clean end); two denoiser
+/// calls per step, one on a step that ends at s = 0 (a DDIM step).
+torch::Tensor sample_heun(const Denoiser& d, const Timesteps& timesteps, const torch::Tensor& x,
                           const SamplerOptions& options = {});
 /// DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2; diffusers' DPMSolverMultistepScheduler with
 /// solver_order 2, midpoint, lower_order_final).
-torch::Tensor sample_dpmpp_2m(const Denoiser& d, const std::vector<int64_t>& timesteps, const torch::Tensor& x,
+torch::Tensor sample_dpmpp_2m(const Denoiser& d, const Timesteps& timesteps, const torch::Tensor& x,
                               const SamplerOptions& options = {});
 /// DPM-Solver++(2M) SDE (k-diffusion sample_dpmpp_2m_sde, midpoint; diffusers' sde-dpmsolver++ at eta 1).
-torch::Tensor sample_dpmpp_2m_sde(const Denoiser& d, const std::vector<int64_t>& timesteps,
+torch::Tensor sample_dpmpp_2m_sde(const Denoiser& d, const Timesteps& timesteps,
                                   const torch::Tensor& x, const SamplerOptions& options = {});
 
-/// ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, dpmpp_2m_sde.
+/// DPM-Solver++(3M) (Lu et al. 2022; diffusers' DPMSolverMultistepScheduler with solver_order 3, dpmsolver++):
+/// first order on the first step, the 2M midpoint step on the second, third order after (k-diffusion's
+/// sample_dpmpp_3m_sde at eta 0 from its third step on).
+torch::Tensor sample_dpmpp_3m(const Denoiser& d, const Timesteps& timesteps, const torch::Tensor& x,
+                              const SamplerOptions& options = {});
+/// DPM-Solver++(3M) SDE (k-diffusion sample_dpmpp_3m_sde, eta default 1), warmed up as sample_dpmpp_3m.
+torch::Tensor sample_dpmpp_3m_sde(const Denoiser& d, const Timesteps& timesteps, const torch::Tensor& x,
+                                  const SamplerOptions& options = {});
+/// UniPC (Zhao et al. 2023; diffusers' UniPCMultistepScheduler with predict_x0): the UniP-p predictor of order
+/// options.order (warmed up from 1) and the UniC corrector, B(h) of options.unipc_variant. bh1's corrector has no
+/// finite limit on a step from SNR 0 and is skipped there; bh2's is its exact limit.
+torch::Tensor sample_unipc(const Denoiser& d, const Timesteps& timesteps, const torch::Tensor& x,
+                           const SamplerOptions& options = {});
+
+/// ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, unipc.
 const std::vector<std::string>& sampler_names();
 /// The sampler of that name (also accepts euler_a, dpmpp2m, dpmpp2m_sde, dpm++2m, dpm++2m_sde);
 /// throws std::invalid_argument listing the names.

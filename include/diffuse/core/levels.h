@@ -1,0 +1,50 @@
+// Noise levels: the points a sampler walks, on a discrete variance-preserving schedule or a rectified-flow path.
+//
+// A level is the time t the network is conditioned on and the pair (a, s) of x_t = a x0 + s eps there. On a
+// discrete schedule, integer t gives a_t = sqrt(alpha_bar[t]); a sigma spacing (karras, exponential) picks
+// sigma = s / a values and conditions the network on the fractional t found by interpolating log sigma between
+// the integer points (diffusers' _sigma_to_t). On the rectified-flow path a = 1 - sigma, s = sigma and the
+// network sees t = sigma * T (diffusers' FlowMatchEulerDiscreteScheduler, T = num_train_timesteps).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "diffuse/core/schedule.h"
+
+namespace diffuse {
+
+/// A point of the noise path: the network's time t and x_t = a x0 + s eps there (a, s >= 0, not both 0).
+/// Variance-preserving levels have a^2 + s^2 = 1; rectified flow has a + s = 1.
+struct Level {
+  double t = 0;
+  double a = 0, s = 1;
+};
+
+/// The level of integer training timestep t of a discrete variance-preserving schedule (t checked).
+Level level_at(const Schedule& schedule, int64_t t);
+/// The variance-preserving level of sigma = s / a (sigma = inf: SNR 0) at network time t.
+Level vp_level_of_sigma(double sigma, double t);
+/// The fractional timestep of sigma = s / a on `schedule`: log sigma interpolated linearly between the integer
+/// timesteps that bracket it, clamped to [0, T - 1] (diffusers' _sigma_to_t). Infinite sigma: T - 1.
+double sigma_to_t(const Schedule& schedule, double sigma);
+
+/// The walk of S steps for any spacing, with the end level (the clean data). Integer spacings (leading,
+/// linspace, trailing) give the levels of spaced_timesteps. Sigma spacings go from the schedule's largest finite
+/// sigma to its smallest, sigma_max = sigma[T - 1] (sigma[T - 2] on a zero-terminal-SNR schedule) and
+/// sigma_min = sigma[0]: karras (Karras et al. 2022, eq. 5, rho) and exponential (uniform in log sigma). On a
+/// zero-terminal-SNR schedule the first level is the exact SNR-0 point (t = T - 1, a = 0) and the S - 1 others
+/// follow the spacing over the finite range. round_t rounds each level's network time to an integer (as
+/// diffusers' DPMSolverMultistep and UniPC do with use_karras_sigmas) while keeping the spacing's sigma.
+std::vector<Level> spaced_levels(const Schedule& schedule, int64_t S, Spacing spacing, int64_t steps_offset = 0,
+                                 double rho = 7.0, bool round_t = false);
+
+/// diffusers' FlowMatchEulerDiscreteScheduler time shift: sigma -> shift sigma / (1 + (shift - 1) sigma).
+double shift_sigma(double sigma, double shift);
+/// The rectified-flow level of sigma in [0, 1]: a = 1 - sigma, s = sigma, t = sigma * T.
+Level flow_level(double sigma, int64_t T);
+/// FlowMatchEulerDiscreteScheduler.set_timesteps (no dynamic shifting): training sigmas k / T (k = 1..T) shifted,
+/// then S sigmas linearly from 1 to the smallest shifted training sigma, shifted again, then 0 (the end level).
+std::vector<Level> flow_levels(int64_t T, int64_t S, double shift);
+
+}  // namespace diffuse

@@ -1,0 +1,106 @@
+// Noise levels (include/diffuse/core/levels.h).
+#include "diffuse/core/levels.h"
+
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+namespace diffuse {
+
+Level level_at(const Schedule& schedule, int64_t t) {
+  if (t < 0 || t >= schedule.T())
+    throw std::invalid_argument("timestep " + std::to_string(t) + " lies outside the schedule's [0, " +
+                                std::to_string(schedule.T() - 1) + "]");
+  const double ab = schedule.alpha_bar_at(t);
+  return Level{double(t), std::sqrt(ab), std::sqrt(1.0 - ab)};
+}
+
+Level vp_level_of_sigma(double sigma, double t) {
+  if (std::isinf(sigma)) return Level{t, 0.0, 1.0};
+  const double a = 1.0 / std::sqrt(1.0 + sigma * sigma);  // diffusers' _sigma_to_alpha_sigma_t
+  return Level{t, a, sigma * a};
+}
+
+namespace {
+// log sigma[t] = -lambda[t] at each integer t; +inf where alpha_bar = 0.
+std::vector<double> log_sigmas(const Schedule& schedule) {
+  std::vector<double> out(size_t(schedule.T()));
+  for (int64_t t = 0; t < schedule.T(); ++t) {
+    const double ab = schedule.alpha_bar_at(t);
+    out[size_t(t)] = ab > 0 ? 0.5 * std::log((1.0 - ab) / ab) : std::numeric_limits<double>::infinity();
+  }
+  return out;
+}
+}  // namespace
+
+double sigma_to_t(const Schedule& schedule, double sigma) {
+  const auto ls = log_sigmas(schedule);
+  const int64_t T = schedule.T();
+  if (std::isinf(sigma)) return double(T - 1);
+  const double l = std::log(std::max(sigma, 1e-10));
+  // low = the last index whose log sigma is <= l (log sigma increases with t), clipped to [0, T - 2].
+  int64_t low = 0;
+  for (int64_t t = 0; t < T; ++t)
+    if (ls[size_t(t)] <= l) low = t;
+  low = std::min(low, T - 2);
+  const double lo = ls[size_t(low)], hi = ls[size_t(low + 1)];
+  double w = std::isinf(hi) ? 0.0 : (lo - l) / (lo - hi);
+  w = std::min(1.0, std::max(0.0, w));
+  return (1.0 - w) * double(low) + w * double(low + 1);
+}
+
+std::vector<Level> spaced_levels(const Schedule& schedule, int64_t S, Spacing spacing, int64_t steps_offset, double rho,
+                                 bool round_t) {
+  const int64_t T = schedule.T();
+  if (!is_sigma_spacing(spacing)) {
+    std::vector<Level> out;
+    for (int64_t t : spaced_timesteps(T, S, spacing, steps_offset)) out.push_back(level_at(schedule, t));
+    return out;
+  }
+  if (S < 1 || S > T)
+    throw std::invalid_argument("number of sampling steps must lie in [1, T = " + std::to_string(T) + "], got " +
+                                std::to_string(S));
+  if (!(rho > 0) || !std::isfinite(rho)) throw std::invalid_argument("karras rho must be positive, got " + std::to_string(rho));
+  std::vector<Level> out;
+  const bool zero_snr = schedule.zero_terminal_snr();
+  if (zero_snr) out.push_back(Level{double(T - 1), 0.0, 1.0});
+  const int64_t n = S - (zero_snr ? 1 : 0);
+  const auto ls = log_sigmas(schedule);
+  const double sigma_min = std::exp(ls.front()), sigma_max = std::exp(ls[size_t(zero_snr ? T - 2 : T - 1)]);
+  for (int64_t i = 0; i < n; ++i) {
+    const double ramp = n == 1 ? 0.0 : double(i) / double(n - 1);
+    double sigma;
+    if (spacing == Spacing::karras) {
+      const double lo = std::pow(sigma_min, 1.0 / rho), hi = std::pow(sigma_max, 1.0 / rho);
+      sigma = std::pow(hi + ramp * (lo - hi), rho);
+    } else {
+      sigma = std::exp(std::log(sigma_max) + ramp * (std::log(sigma_min) - std::log(sigma_max)));
+    }
+    double t = sigma_to_t(schedule, sigma);
+    if (round_t) t = std::nearbyint(t);
+    out.push_back(vp_level_of_sigma(sigma, t));
+  }
+  return out;
+}
+
+double shift_sigma(double sigma, double shift) { return shift * sigma / (1.0 + (shift - 1.0) * sigma); }
+
+Level flow_level(double sigma, int64_t T) { return Level{sigma * double(T), 1.0 - sigma, sigma}; }
+
+std::vector<Level> flow_levels(int64_t T, int64_t S, double shift) {
+  if (T < 1) throw std::invalid_argument("num_train_timesteps must be >= 1, got " + std::to_string(T));
+  if (S < 1) throw std::invalid_argument("number of sampling steps must be >= 1, got " + std::to_string(S));
+  if (!(shift > 0) || !std::isfinite(shift)) throw std::invalid_argument("flow shift must be positive, got " + std::to_string(shift));
+  // diffusers: timesteps = linspace(sigma_max * T, sigma_min * T, S) with sigma_max = shifted 1 = 1 and
+  // sigma_min = shifted 1 / T; sigmas = timesteps / T, shifted (again).
+  const double t_max = 1.0 * double(T), t_min = shift_sigma(1.0 / double(T), shift) * double(T);
+  std::vector<Level> out;
+  for (int64_t i = 0; i < S; ++i) {
+    const double t = S == 1 ? t_max : t_max + double(i) * (t_min - t_max) / double(S - 1);
+    out.push_back(flow_level(shift_sigma(t / double(T), shift), T));
+  }
+  return out;
+}
+
+}  // namespace diffuse

@@ -165,6 +165,11 @@ struct History {
 // third order: r0 = h0 / h, r1 = h1 / h, D1_0 = (x0 - x0_1) / r0, D1_1 = (x0_1 - x0_2) / r1,
 // D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1), and with g = (1 + eta) h,
 // c1 = phi2 = (e^-g - 1) / g + 1, c2 = phi3 = phi2 / g - 1/2. At eta = 0 these are diffusers' updates exactly.
+// That c2 is half the Taylor coefficient: D2 estimates (h^2 / 2) x0''(lambda), and the exact integral
+// a' e^-h int_0^h e^u (u^2 / 2) x0'' du weighs it by 1 - 2 (e^-h - 1 + h) / h^2 = 2 c2 (= h / 3 + O(h^2)), so
+// diffusers', k-diffusion's and the DPM-Solver reference's 3M leave an O(h^3) local error and are second order
+// (measured on Gaussian data: order 2.0 to 2.2, three times smaller errors than 2M). dpmpp3_taylor weighs D2 by
+// 2 c2, which makes the method third order (measured 3.1 to 3.7) and departs from diffusers.
 // The order warms up over the first steps, drops where h is infinite (a step to s' = 0; a step from SNR 0 has
 // no history), and with lower_order_final and fewer than 15 steps is 1 on the last step and <= 2 on the one before.
 torch::Tensor dpmpp_loop(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o,
@@ -192,7 +197,7 @@ torch::Tensor dpmpp_loop(const Denoiser& d, const Timesteps& ts, const torch::Te
       auto d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1);
       auto d2 = (d1_0 - d1_1) / (r0 + r1);
       const double g = (1.0 + eta) * h, phi2 = std::expm1(-g) / g + 1.0, phi3 = phi2 / g - 0.5;
-      x_next = x_next + (st.a_next * phi2) * d1 - (st.a_next * phi3) * d2;
+      x_next = x_next + (st.a_next * phi2) * d1 - (o.dpmpp3_taylor ? 2.0 : 1.0) * (st.a_next * phi3) * d2;
     }
     const double noise = st.s_next * std::sqrt(std::max(0.0, 1.0 - q_eta * q_eta));
     if (noise > 0) x_next = x_next + noise * step_noise(x, o, st.i);

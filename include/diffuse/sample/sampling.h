@@ -76,6 +76,9 @@ struct SamplerOptions {
   /// steps (diffusers' lower_order_final).
   bool lower_order_final = true;
   int order = 2;                   ///< unipc: the solver order, 1 to 3 (diffusers' solver_order)
+  /// dpmpp_3m*: weigh the second divided difference by its Taylor coefficient, twice diffusers' (which makes the
+  /// method third order; diffusers' is second order, see src/sample/sampling.cpp). Off: diffusers' update.
+  bool dpmpp3_taylor = false;
   UniPcVariant unipc_variant = UniPcVariant::bh2;  ///< unipc: B(h) = h (bh1) or e^h - 1 (bh2)
   bool unipc_corrector = true;     ///< unipc: apply the UniC corrector after every step but the last
   uint64_t seed = 0;               ///< per-step noise of stochastic samplers, see make_noise
@@ -117,8 +120,9 @@ torch::Tensor sample_dpmpp_2m_sde(const Denoiser& d, const Timesteps& timesteps,
                                   const torch::Tensor& x, const SamplerOptions& options = {});
 
 /// DPM-Solver++(3M) (Lu et al. 2022; diffusers' DPMSolverMultistepScheduler with solver_order 3, dpmsolver++):
-/// first order on the first step, the 2M midpoint step on the second, third order after (k-diffusion's
-/// sample_dpmpp_3m_sde at eta 0 from its third step on).
+/// first order on the first step, the 2M midpoint step on the second, the three-point update after (k-diffusion's
+/// sample_dpmpp_3m_sde at eta 0 from its third step on). As diffusers writes it, that update is second order;
+/// options.dpmpp3_taylor makes it third order.
 torch::Tensor sample_dpmpp_3m(const Denoiser& d, const Timesteps& timesteps, const torch::Tensor& x,
                               const SamplerOptions& options = {});
 /// DPM-Solver++(3M) SDE (k-diffusion sample_dpmpp_3m_sde, eta default 1), warmed up as sample_dpmpp_3m.

@@ -46,6 +46,12 @@ SamplerOptions by_hand_options(const GenerateOptions& g, bool to_clean_data) {
   so.seed = g.seed;
   return so;
 }
+// The network times generate() walked, as the integer timesteps they are with an integer spacing.
+std::vector<int64_t> integer_times(const Generated& out) {
+  std::vector<int64_t> ts;
+  for (double t : out.timesteps) ts.push_back(int64_t(t));
+  return ts;
+}
 torch::Tensor initial_noise(const LoadedRun& run, const GenerateOptions& g) {
   return make_noise({run.channels, run.height, run.width}, g.n, g.seed, 0);
 }
@@ -87,7 +93,7 @@ TEST(Pipeline, GenerateEqualsThePartsByHandForAnyBatchSize) {
   so.seed = 5;
   auto ts = spaced_timesteps(s.schedule().T(), 4, s.timestep_spacing,
                              s.timestep_spacing == Spacing::leading ? s.steps_offset : 0);
-  EXPECT_EQ(b.timesteps, ts);
+  EXPECT_EQ(integer_times(b), ts);
   auto by_hand = sample_dpmpp_2m(d, ts, make_noise({run.channels, run.height, run.width}, 3, 5, 0), so);
   EXPECT_TRUE(torch::equal(b.images, by_hand));
 }
@@ -179,7 +185,7 @@ TEST(Pipeline, FinalStepFollowsTheSamplersDiffusersClass) {
   const auto g = two_images("euler", 4);
   auto out = generate(run, g);
   torch::NoGradGuard ng;
-  auto by_hand = sample_euler(plain_denoiser(run, out), out.timesteps, initial_noise(run, g), by_hand_options(g, true));
+  auto by_hand = sample_euler(plain_denoiser(run, out), integer_times(out), initial_noise(run, g), by_hand_options(g, true));
   EXPECT_TRUE(torch::equal(out.images, by_hand));
 }
 
@@ -198,8 +204,8 @@ TEST(Pipeline, ConfigClipSampleKeepsTheModelsEps) {
   auto d = plain_denoiser(run, from_config);
   const auto so = by_hand_options(g, false);
   const auto x_T = initial_noise(run, g);
-  EXPECT_TRUE(torch::equal(from_config.images, sample_ddim(clip_x0(d, 0.05, true), from_config.timesteps, x_T, so)));
-  EXPECT_TRUE(torch::equal(from_option.images, sample_ddim(clip_x0(d, 0.05, false), from_option.timesteps, x_T, so)));
+  EXPECT_TRUE(torch::equal(from_config.images, sample_ddim(clip_x0(d, 0.05, true), integer_times(from_config), x_T, so)));
+  EXPECT_TRUE(torch::equal(from_option.images, sample_ddim(clip_x0(d, 0.05, false), integer_times(from_option), x_T, so)));
   EXPECT_GT((from_config.images - from_option.images).abs().max().item<double>(), 1e-3);
 }
 
@@ -219,9 +225,33 @@ TEST(Pipeline, RefusesSchedulerKeysAndClassesItCannotHonour) {
     bad.extra[key] = value;
     diffuse::testing::expect_error([&] { check_samplable(bad); }, key);
   }
-  auto flow = c;
-  flow.extra["_class_name"] = "FlowMatchEulerDiscreteScheduler";
-  diffuse::testing::expect_error([&] { check_samplable(flow); }, "FlowMatchEulerDiscreteScheduler");
+  auto edm = c;
+  edm.extra["_class_name"] = "EDMEulerScheduler";
+  diffuse::testing::expect_error([&] { check_samplable(edm); }, "EDMEulerScheduler");
+  // Keys of the classes diffuse samples that it does not implement, each named.
+  for (auto [cls, key, value] :
+       {std::tuple<const char*, const char*, nlohmann::json>{"FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting", true},
+        {"FlowMatchEulerDiscreteScheduler", "stochastic_sampling", true},
+        {"UniPCMultistepScheduler", "predict_x0", false},
+        {"UniPCMultistepScheduler", "disable_corrector", nlohmann::json::array({0})},
+        {"DPMSolverMultistepScheduler", "algorithm_type", "dpmsolver"},
+        {"DPMSolverMultistepScheduler", "solver_type", "heun"},
+        {"DPMSolverMultistepScheduler", "lambda_min_clipped", -5.1},
+        {"DDIMScheduler", "use_karras_sigmas", true}}) {
+    auto bad = c;
+    bad.extra["_class_name"] = cls;
+    bad.extra[key] = value;
+    diffuse::testing::expect_error([&] { check_samplable(bad); }, key);
+  }
+  auto honoured = c;  // what those classes honour passes
+  honoured.extra["_class_name"] = "DPMSolverMultistepScheduler";
+  honoured.extra["use_karras_sigmas"] = true;
+  honoured.extra["lambda_min_clipped"] = -std::numeric_limits<double>::infinity();
+  EXPECT_NO_THROW(check_samplable(honoured));
+  honoured.extra["_class_name"] = "FlowMatchEulerDiscreteScheduler";
+  honoured.extra.erase("use_karras_sigmas");
+  honoured.extra["shift"] = 3.0;
+  EXPECT_NO_THROW(check_samplable(honoured));
   // generate() checks before sampling.
   auto run = fixture_run();
   run.scheduler.extra["thresholding"] = true;

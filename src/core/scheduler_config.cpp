@@ -40,9 +40,12 @@ const std::vector<std::string>& known_keys() {
 struct ClassDefaults {
   const char* spacing = "leading";
   bool clip_sample = false;
+  const char* prediction = "epsilon";
 };
 ClassDefaults class_defaults(const std::string& class_name) {
   if (class_name == "DDIMScheduler" || class_name == "DDPMScheduler") return {"leading", true};
+  // Flow-matching classes have no prediction_type: their model predicts the velocity eps - x0.
+  if (class_name.rfind("FlowMatch", 0) == 0) return {"linspace", false, "flow_prediction"};
   static const std::vector<std::string> linspace = {
       "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
       "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler",
@@ -64,7 +67,7 @@ SchedulerConfig SchedulerConfig::from_json(const nlohmann::json& j) {
   if (j.contains("trained_betas") && !j["trained_betas"].is_null())
     c.trained_betas = get<std::vector<double>>(j, "trained_betas", {});
   c.rescale_betas_zero_snr = get<bool>(j, "rescale_betas_zero_snr", false);
-  c.prediction_type = parse_prediction(get<std::string>(j, "prediction_type", "epsilon"));
+  c.prediction_type = parse_prediction(get<std::string>(j, "prediction_type", defaults.prediction));
   c.timestep_spacing = parse_spacing(get<std::string>(j, "timestep_spacing", defaults.spacing));
   c.steps_offset = get<int64_t>(j, "steps_offset", 0);
   c.clip_sample = get<bool>(j, "clip_sample", defaults.clip_sample);

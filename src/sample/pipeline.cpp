@@ -5,7 +5,10 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "diffuse/core/levels.h"
 #include "diffuse/sample/sampling.h"
+
+#include <limits>
 
 namespace fs = std::filesystem;
 
@@ -90,47 +93,186 @@ LoadedRun load_run(const std::string& model, const LoadOptions& o) {
 
 // ---------------------------------------------------------------- generation
 
+namespace {
+
+std::string class_of(const SchedulerConfig& config) { return config.extra.value("_class_name", std::string()); }
+
+bool is_one_of(const std::string& name, const std::vector<std::string>& names) {
+  return std::find(names.begin(), names.end(), name) != names.end();
+}
+
+const std::vector<std::string>& multistep_classes() {
+  static const std::vector<std::string> c = {"DPMSolverMultistepScheduler", "UniPCMultistepScheduler"};
+  return c;
+}
+const std::vector<std::string>& euler_classes() {
+  static const std::vector<std::string> c = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                             "HeunDiscreteScheduler"};
+  return c;
+}
+const char* kFlowClass = "FlowMatchEulerDiscreteScheduler";
+
+// A key's value, or `fallback` when it is absent or null.
+nlohmann::json key_or(const SchedulerConfig& config, const std::string& key, nlohmann::json fallback) {
+  const auto it = config.extra.find(key);
+  return it == config.extra.end() || it->is_null() ? fallback : *it;
+}
+
+void refuse_unless(const SchedulerConfig& config, const std::string& key, const nlohmann::json& neutral,
+                   const std::string& why) {
+  const auto it = config.extra.find(key);
+  if (it == config.extra.end() || it->is_null() || *it == neutral) return;
+  throw std::invalid_argument("scheduler config key " + key + " = " + it->dump() + " " + why + "; set it to " +
+                              neutral.dump() + " in the scheduler_config.json (or pass --scheduler with another "
+                              "config) to sample without it");
+}
+
+}  // namespace
+
 void check_samplable(const SchedulerConfig& config) {
-  // Classes of another noise process: flow matching, EDM's sigmas, variance-exploding SDEs, consistency models.
+  // Classes of another noise process: EDM's sigmas, variance-exploding SDEs, consistency models.
   static const std::vector<std::string> other_processes = {
-      "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler",
-      "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "ScoreSdeVeScheduler", "KarrasVeScheduler",
-      "CMStochasticIterativeScheduler", "VQDiffusionScheduler"};
-  const auto cls = config.extra.value("_class_name", std::string());
-  if (std::find(other_processes.begin(), other_processes.end(), cls) != other_processes.end())
+      "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
+      "ScoreSdeVeScheduler", "KarrasVeScheduler", "CMStochasticIterativeScheduler", "VQDiffusionScheduler"};
+  const auto cls = class_of(config);
+  if (is_one_of(cls, other_processes))
     throw std::invalid_argument("the scheduler config names " + cls +
-                                ", whose noise process is not the discrete alpha_bar schedule diffuse samples; "
-                                "pass --scheduler with a DDPM-family config (DDIM, DDPM, Euler, DPM-Solver, ...)");
+                                ", whose noise process diffuse does not sample; pass --scheduler with a config of "
+                                "DDIM, DDPM, Euler, Heun, DPM-Solver, UniPC or FlowMatchEulerDiscreteScheduler");
+  const std::string unsupported = "changes sampling in diffusers and diffuse does not implement it";
   // Keys that change the samples, at the value that leaves them alone.
   static const std::vector<std::pair<std::string, nlohmann::json>> neutral = {
-      {"thresholding", false},        {"use_karras_sigmas", false}, {"use_exponential_sigmas", false},
-      {"use_beta_sigmas", false},     {"use_flow_sigmas", false},   {"use_lu_lambdas", false},
-      {"euler_at_final", false},      {"timestep_type", "discrete"}, {"interpolation_type", "linear"},
-      {"sigma_min", nullptr},         {"sigma_max", nullptr}};
+      {"thresholding", false},  {"use_beta_sigmas", false},   {"use_flow_sigmas", false},
+      {"use_lu_lambdas", false}, {"euler_at_final", false},   {"timestep_type", "discrete"},
+      {"interpolation_type", "linear"}, {"sigma_min", nullptr}, {"sigma_max", nullptr},
+      {"use_dynamic_shifting", false}, {"invert_sigmas", false}, {"shift_terminal", nullptr},
+      {"stochastic_sampling", false}, {"predict_x0", true}, {"solver_p", nullptr},
+      {"disable_corrector", nlohmann::json::array()}, {"solver_type", "midpoint"}, {"variance_type", nullptr}};
   for (const auto& [key, value] : neutral) {
-    const auto it = config.extra.find(key);
-    if (it == config.extra.end() || it->is_null() || *it == value) continue;
-    throw std::invalid_argument("scheduler config key " + key + " = " + it->dump() +
-                                " changes sampling in diffusers and diffuse does not implement it; set it to " +
-                                value.dump() + " in the scheduler_config.json (or pass --scheduler with another "
-                                "config) to sample without it");
+    if (key == "solver_type" && cls == "UniPCMultistepScheduler") continue;  // UniPC's bh1 / bh2
+    refuse_unless(config, key, value, unsupported);
   }
+  const auto lmc = key_or(config, "lambda_min_clipped", -std::numeric_limits<double>::infinity());
+  if (lmc.is_number() && std::isfinite(lmc.get<double>()))
+    throw std::invalid_argument("scheduler config key lambda_min_clipped = " + lmc.dump() + " " + unsupported +
+                                "; set it to -Infinity to sample without it");
+  if (cls == "DPMSolverMultistepScheduler") {
+    const auto algo = key_or(config, "algorithm_type", "dpmsolver++").get<std::string>();
+    if (algo != "dpmsolver++" && algo != "sde-dpmsolver++")
+      throw std::invalid_argument("scheduler config key algorithm_type = \"" + algo + "\" " + unsupported +
+                                  " (diffuse's DPM-Solver predicts data: dpmsolver++ or sde-dpmsolver++)");
+  }
+  const bool karras = key_or(config, "use_karras_sigmas", false) == true;
+  const bool exponential = key_or(config, "use_exponential_sigmas", false) == true;
+  if ((karras || exponential) && !is_one_of(cls, multistep_classes()) && !is_one_of(cls, euler_classes()))
+    throw std::invalid_argument(std::string("scheduler config key ") + (karras ? "use_karras_sigmas" : "use_exponential_sigmas") +
+                                " = true, which " + (cls.empty() ? "a config without _class_name" : cls) +
+                                " does not read (diffuse honours it for Euler, Heun, DPM-Solver and UniPC); remove it, "
+                                "or pass --spacing " + (karras ? "karras" : "exponential"));
 }
 
 bool final_step_to_clean_data(const std::string& sampler, const SchedulerConfig& config) {
   get_sampler(sampler);  // validates the name
   const std::string name = canonical_sampler_name(sampler);
+  if (class_of(config) == kFlowClass) return true;
   if (name == "ddim") return config.set_alpha_to_one;
-  if (name == "dpmpp_2m" || name == "dpmpp_2m_sde") {
-    const auto it = config.extra.find("final_sigmas_type");
-    if (it == config.extra.end() || it->is_null()) return false;
-    const std::string type = it->is_string() ? it->get<std::string>() : it->dump();
+  if (name.rfind("dpmpp_", 0) == 0 || name == "unipc") {
+    const bool unipc = class_of(config) == "UniPCMultistepScheduler";
+    const auto v = key_or(config, "final_sigmas_type", unipc ? "zero" : "");
+    const std::string type = v.is_string() ? v.get<std::string>() : v.dump();
+    if (type.empty()) return false;
     if (type == "zero") return true;
     if (type == "sigma_min") return false;
     throw std::invalid_argument("scheduler config key final_sigmas_type '" + type +
                                 "' is not one of zero, sigma_min");
   }
   return true;
+}
+
+std::string sampler_for(const SchedulerConfig& config) {
+  const auto cls = class_of(config);
+  if (cls == "DDPMScheduler") return "ddpm";
+  if (cls == "EulerDiscreteScheduler" || cls == kFlowClass) return "euler";
+  if (cls == "EulerAncestralDiscreteScheduler") return "euler_ancestral";
+  if (cls == "HeunDiscreteScheduler") return "heun";
+  if (cls == "UniPCMultistepScheduler") return "unipc";
+  if (cls == "DPMSolverMultistepScheduler") {
+    const bool sde = key_or(config, "algorithm_type", "dpmsolver++") == "sde-dpmsolver++";
+    const int order = key_or(config, "solver_order", 2).get<int>();
+    if (order < 1 || order > 3) throw std::invalid_argument("scheduler config key solver_order must be 1, 2 or 3");
+    if (order == 1) return sde ? "euler_ancestral" : "ddim";  // first-order DPM-Solver++ is the DDIM step
+    return std::string(order == 3 ? "dpmpp_3m" : "dpmpp_2m") + (sde ? "_sde" : "");
+  }
+  return "ddim";
+}
+
+namespace {
+
+// DPMSolverMultistep's and UniPC's linspace and leading: S + 1 points, the last (t = 0 side) dropped.
+std::vector<int64_t> multistep_timesteps(int64_t T, int64_t S, Spacing spacing, int64_t steps_offset) {
+  if (S < 1 || S > T) throw std::invalid_argument("number of sampling steps must lie in [1, T = " + std::to_string(T) + "]");
+  std::vector<int64_t> ts;
+  const int64_t ratio = T / (S + 1);
+  for (int64_t i = S; i >= 1; --i)
+    ts.push_back(spacing == Spacing::linspace ? int64_t(std::nearbyint(double(i) * double(T - 1) / double(S)))
+                                              : i * ratio + steps_offset);
+  if (ts.front() >= T) throw std::invalid_argument("leading spacing with this steps_offset walks t >= T");
+  return ts;
+}
+
+// Euler's linspace: fractional t = linspace(T - 1, 0, S), sigma interpolated linearly between integer points.
+std::vector<Level> euler_linspace_levels(const Schedule& schedule, int64_t S) {
+  const int64_t T = schedule.T();
+  if (S < 1 || S > T) throw std::invalid_argument("number of sampling steps must lie in [1, T = " + std::to_string(T) + "]");
+  auto sigma_at = [&](int64_t t) {
+    const double ab = schedule.alpha_bar_at(t);
+    return ab > 0 ? std::sqrt((1 - ab) / ab) : std::numeric_limits<double>::infinity();
+  };
+  std::vector<Level> out;
+  for (int64_t i = S - 1; i >= 0; --i) {
+    const double t = S == 1 ? 0.0 : (i == S - 1 ? double(T - 1) : double(i) * double(T - 1) / double(S - 1));
+    const int64_t lo = int64_t(std::floor(t));
+    const double w = t - double(lo);
+    const double sigma = w == 0 ? sigma_at(lo) : (1 - w) * sigma_at(lo) + w * sigma_at(lo + 1);
+    out.push_back(vp_level_of_sigma(sigma, t));
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<Level> sampling_levels(const SchedulerConfig& config, const std::string& sampler, int64_t steps,
+                                   std::optional<Spacing> spacing, Level& end) {
+  const auto cls = class_of(config);
+  end = Level{-1, 1, 0};
+  if (cls == kFlowClass) {
+    if (spacing) throw std::invalid_argument("--spacing does not apply to a FlowMatchEulerDiscreteScheduler config "
+                                             "(its sigmas are a shifted linspace)");
+    return flow_levels(config.num_train_timesteps, steps, key_or(config, "shift", 1.0).get<double>());
+  }
+  const Schedule schedule = config.schedule();
+  Spacing sp = config.timestep_spacing;
+  if (key_or(config, "use_karras_sigmas", false) == true) sp = Spacing::karras;
+  if (key_or(config, "use_exponential_sigmas", false) == true) sp = Spacing::exponential;
+  if (spacing) sp = *spacing;
+  const bool clean = final_step_to_clean_data(sampler, config);
+  if (!clean) end = level_at(schedule, 0);
+  const bool multistep = is_one_of(cls, multistep_classes());
+  if (is_sigma_spacing(sp)) {
+    if (!clean)
+      throw std::invalid_argument(to_string(sp) + " sigmas end at sigma[0], where this config's last step ends too "
+                                  "(set_alpha_to_one false or final_sigmas_type sigma_min): set it to end at the clean "
+                                  "data, or pass an integer --spacing");
+    return spaced_levels(schedule, steps, sp, 0, 7.0, /*round_t=*/multistep);
+  }
+  const int64_t offset = sp == Spacing::leading ? config.steps_offset : 0;
+  if (multistep && sp != Spacing::trailing) {
+    std::vector<Level> out;
+    for (int64_t t : multistep_timesteps(schedule.T(), steps, sp, offset)) out.push_back(level_at(schedule, t));
+    return out;
+  }
+  if (is_one_of(cls, euler_classes()) && sp == Spacing::linspace) return euler_linspace_levels(schedule, steps);
+  return spaced_levels(schedule, steps, sp, offset);
 }
 
 namespace {
@@ -205,22 +347,44 @@ torch::Tensor decode(const LoadedRun& run, const torch::Tensor& latents, int64_t
 
 }  // namespace
 
+namespace {
+
+// The sampler options a config's class implies (solver_order, solver_type of UniPC), under the caller's.
+SamplerOptions sampler_options(const LoadedRun& run, const GenerateOptions& o) {
+  SamplerOptions so;
+  so.eta = o.eta;
+  so.variance = o.variance;
+  so.dpmpp3_taylor = o.dpmpp3_taylor;
+  const bool unipc_class = class_of(run.scheduler) == "UniPCMultistepScheduler";
+  so.order = o.order ? o.order : unipc_class ? key_or(run.scheduler, "solver_order", 2).get<int>() : 2;
+  so.unipc_variant = o.unipc_variant ? *o.unipc_variant
+                     : unipc_class   ? parse_unipc_variant(key_or(run.scheduler, "solver_type", "bh2").get<std::string>())
+                                     : UniPcVariant::bh2;
+  so.lower_order_final = key_or(run.scheduler, "lower_order_final", true).get<bool>();
+  so.seed = o.seed;
+  return so;
+}
+
+}  // namespace
+
 Generated generate(const LoadedRun& run, const GenerateOptions& o) {
   torch::NoGradGuard no_grad;
   check_options(run, o);
   Generated g;
   g.clip_range = clip_range_of(run, o);
+  g.sampler = o.sampler.empty() ? sampler_for(run.scheduler) : canonical_sampler_name(o.sampler);
+  auto sampler = get_sampler(g.sampler);
   g.spacing = o.spacing.value_or(run.scheduler.timestep_spacing);
   const Schedule schedule = run.scheduler.schedule();
-  g.timesteps = spaced_timesteps(schedule.T(), o.steps, g.spacing,
-                                 g.spacing == Spacing::leading ? run.scheduler.steps_offset : 0);
+  Level end;
+  const auto levels = sampling_levels(run.scheduler, g.sampler, o.steps, o.spacing, end);
+  for (const auto& l : levels) g.timesteps.push_back(l.t);
   g.labels = image_labels(run, o);
-  auto sampler = get_sampler(o.sampler);
   Network net = run.network();
   const int64_t null_class = o.null_class >= 0 ? o.null_class : run.class_embeds - 1;
   if (o.cfg != 1.0) net = classifier_free_guidance(net, {o.cfg, o.cfg_rescale, null_class});
 
-  const int64_t batches = (o.n + o.batch - 1) / o.batch, steps = int64_t(g.timesteps.size());
+  const int64_t batches = (o.n + o.batch - 1) / o.batch, steps = int64_t(levels.size());
   auto t0 = std::chrono::steady_clock::now();
   std::vector<torch::Tensor> outputs;
   for (int64_t b = 0; b < batches; ++b) {
@@ -231,17 +395,14 @@ Generated generate(const LoadedRun& run, const GenerateOptions& o) {
     if (run.class_embeds > 0)
       y = torch::tensor(std::vector<int64_t>(g.labels.begin() + first, g.labels.begin() + first + count), torch::kLong)
               .to(run.device);
-    SamplerOptions so;
-    so.eta = o.eta;
-    so.variance = o.variance;
-    so.set_alpha_to_one = final_step_to_clean_data(o.sampler, run.scheduler);
-    so.seed = o.seed;
+    SamplerOptions so = sampler_options(run, o);
     so.first_image = first;
     if (o.progress)
       so.callback = [&](const StepInfo& info) {
-        o.progress({b * steps + info.step + 1, batches * steps, info.t});
+        o.progress({b * steps + info.step + 1, batches * steps, int64_t(std::llround(info.t))});
       };
-    outputs.push_back(sampler(batch_denoiser(run, o, net, schedule, y, g.clip_range), g.timesteps, x.to(run.device), so)
+    outputs.push_back(sampler(batch_denoiser(run, o, net, schedule, y, g.clip_range), Timesteps(levels, end),
+                              x.to(run.device), so)
                           .to(torch::kCPU, torch::kFloat32));
   }
   g.images = torch::cat(outputs);

@@ -27,13 +27,14 @@ namespace diffuse::cli {
 namespace {
 
 struct SampleOptions {
-  std::string model, out = "samples", sampler = "ddim", spacing, device = "cpu", dtype = "fp32", classifier, init_noise, save_raw, vae;
+  std::string model, out = "samples", sampler, spacing, unipc_variant, device = "cpu", dtype = "fp32", classifier, init_noise, save_raw, vae;
   std::string scheduler_path, weights = "auto", variance = "fixed_small";
   int64_t steps = 25, n = 16, batch = 64, class_id = -1, null_class = -1, grid_cols = 0;
   double cfg = 1.0, cfg_rescale = 0.0, classifier_scale = 0.0, eta = std::numeric_limits<double>::quiet_NaN();
   double clip_sample = std::numeric_limits<double>::quiet_NaN();  ///< NaN: the scheduler config's; 0: off
   uint64_t seed = 0;
-  bool no_images = false, quiet = false;
+  int order = 0;
+  bool no_images = false, quiet = false, dpmpp3_taylor = false;
 };
 
 torch::Tensor load_init_noise(const std::string& file) {
@@ -49,6 +50,9 @@ GenerateOptions generate_options(const SampleOptions& o, torch::Device device) {
   g.sampler = o.sampler;
   g.steps = o.steps;
   if (!o.spacing.empty()) g.spacing = parse_spacing(o.spacing);
+  g.order = o.order;
+  if (!o.unipc_variant.empty()) g.unipc_variant = parse_unipc_variant(o.unipc_variant);
+  g.dpmpp3_taylor = o.dpmpp3_taylor;
   g.n = o.n;
   g.batch = o.batch;
   g.class_id = o.class_id;
@@ -137,7 +141,7 @@ void run_sample(const SampleOptions& o) {
   progress.finish();
   write_outputs(o, run, out);
   const double secs = out.seconds;
-  std::cout << "sampled " << o.n << " images (" << o.sampler << ", " << out.timesteps.size() << " steps, "
+  std::cout << "sampled " << o.n << " images (" << out.sampler << ", " << out.timesteps.size() << " steps, "
             << to_string(out.spacing) << ", first t " << out.timesteps.front() << (o.cfg != 1.0 ? ", cfg " : "")
             << (o.cfg != 1.0 ? std::to_string(o.cfg) : "")
             << (out.clip_range > 0 ? ", x0 clipped to +-" + std::to_string(out.clip_range) : "") << ") in " << std::fixed
@@ -153,14 +157,21 @@ void add_sample_command(CLI::App& app) {
   cmd->add_option("--model", o->model, "Run folder (unet_ema/ or unet/ + scheduler/) or a diffusers UNet2DModel folder")->required();
   cmd->add_option("--scheduler", o->scheduler_path, "scheduler_config.json (default: found beside the model)");
   cmd->add_option("--weights", o->weights, "auto (EMA when present), ema or raw")->capture_default_str();
-  cmd->add_option("--sampler", o->sampler, "ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, dpmpp_2m_sde")->capture_default_str();
+  cmd->add_option("--sampler", o->sampler, "ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, "
+                                           "dpmpp_3m_sde, unipc (default: the scheduler config's class, e.g. "
+                                           "UniPCMultistepScheduler -> unipc; ddim without one)");
+  cmd->add_option("--order", o->order, "unipc's order 1-3 (default: the config's solver_order, else 2)");
+  cmd->add_option("--unipc-variant", o->unipc_variant, "unipc's B(h): bh1 or bh2 (default: the config's solver_type, else bh2)");
+  cmd->add_flag("--dpmpp3-taylor", o->dpmpp3_taylor, "dpmpp_3m*: weigh the second difference by its Taylor coefficient "
+                                                     "(third order; diffusers' update, the default, is second order)");
   cmd->add_option("--steps", o->steps, "Sampling steps S (1..T)")->capture_default_str();
-  cmd->add_option("--spacing", o->spacing, "leading, linspace or trailing (default: the scheduler config's)");
+  cmd->add_option("--spacing", o->spacing, "leading, linspace, trailing, or the sigma spacings karras and exponential "
+                                           "(default: the scheduler config's)");
   cmd->add_option("--clip-sample", o->clip_sample, "Clamp the x0 estimate to [-R, R] at every step and recompute eps, R > 0 "
                                                    "(0: off; default: clip_sample / clip_sample_range of the scheduler "
                                                    "config, with diffusers' meaning: eps kept). Keeps eps models usable "
                                                    "near SNR 0; pixel models only");
-  cmd->add_option("--eta", o->eta, "Noise of ddim / euler_ancestral / dpmpp_2m_sde (default: the sampler's)");
+  cmd->add_option("--eta", o->eta, "Noise of ddim / euler_ancestral / dpmpp_2m_sde / dpmpp_3m_sde (default: the sampler's)");
   cmd->add_option("--ddpm-variance", o->variance, "fixed_small or fixed_large")->capture_default_str();
   cmd->add_option("--n", o->n, "Number of images")->capture_default_str();
   cmd->add_option("--batch", o->batch, "Images per forward batch (does not change the images)")->capture_default_str();

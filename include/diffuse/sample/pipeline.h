@@ -82,9 +82,12 @@ struct GenerateProgress {
 };
 
 struct GenerateOptions {
-  std::string sampler = "ddim";
+  std::string sampler;             ///< empty: the scheduler config's class (sampler_for), ddim without one
   int64_t steps = 25;
-  std::optional<Spacing> spacing;  ///< default: the scheduler config's timestep_spacing
+  std::optional<Spacing> spacing;  ///< default: the scheduler config's (use_karras_sigmas, ..., timestep_spacing)
+  int order = 0;                   ///< unipc: 0 = the config's solver_order (UniPC class) or 2
+  std::optional<UniPcVariant> unipc_variant;  ///< default: the config's solver_type or bh2
+  bool dpmpp3_taylor = false;      ///< dpmpp_3m*: the third-order D2 weight (SamplerOptions::dpmpp3_taylor)
   int64_t n = 16, batch = 64;
   int64_t class_id = -1;           ///< -1: image i asks for class i mod (class_embeds - 1)
   int64_t null_class = -1;         ///< -1: class_embeds - 1
@@ -100,22 +103,39 @@ struct GenerateOptions {
 };
 
 /// Throws std::invalid_argument naming the class or key when `config` asks for sampling diffuse does not do
-/// (flow-matching, EDM, VE-SDE and consistency classes; thresholding, Karras / exponential / beta sigmas and the
-/// like set to anything but their neutral value), with the edit that samples without it. generate() checks.
+/// (EDM, VE-SDE and consistency classes; thresholding, beta sigmas, dynamic shifting and the like set to anything
+/// but their neutral value), with the edit that samples without it. generate() checks.
 void check_samplable(const SchedulerConfig& config);
 
 /// Whether `sampler`'s last step, driven by `config`, ends at the clean data (alpha_bar = 1) or at alpha_bar[0],
 /// as the diffusers class of that sampler does: DDIM follows set_alpha_to_one (DDIMScheduler's key alone);
 /// DDPM, Euler, Euler ancestral and Heun end at sigma 0 (DDPMScheduler's "one", the others' final sigma 0);
 /// DPM-Solver++ (DPMSolverMultistepScheduler) ends where final_sigmas_type says ("zero": clean data;
-/// "sigma_min"), and without that key at alpha_bar[0] as diffusers 0.25 did.
+/// "sigma_min"), and without that key at alpha_bar[0] as diffusers 0.25 did; UniPC the same with "zero" its default.
 bool final_step_to_clean_data(const std::string& sampler, const SchedulerConfig& config);
+
+/// The sampler a scheduler config's diffusers class stands for: DDIMScheduler ddim, DDPMScheduler ddpm,
+/// EulerDiscreteScheduler euler, EulerAncestralDiscreteScheduler euler_ancestral, HeunDiscreteScheduler heun,
+/// DPMSolverMultistepScheduler dpmpp_2m / dpmpp_3m (solver_order; _sde for sde-dpmsolver++),
+/// UniPCMultistepScheduler unipc, FlowMatchEulerDiscreteScheduler euler; ddim for any other or no class.
+std::string sampler_for(const SchedulerConfig& config);
+
+/// The levels a sampler walks for `steps` steps as the config's diffusers class would (the end level in `end`):
+/// a FlowMatchEulerDiscreteScheduler config gives rectified-flow levels (shift); otherwise the spacing (default:
+/// use_karras_sigmas / use_exponential_sigmas, else timestep_spacing) on the config's schedule, with each class's
+/// own rule: DPMSolverMultistep and UniPC space linspace and leading over S + 1 points and drop the last, and round
+/// a karras level's network time; Euler, Euler ancestral and Heun walk linspace at fractional timesteps with sigma
+/// interpolated linearly between the integer points. The end is the clean data or alpha_bar[0]
+/// (final_step_to_clean_data).
+std::vector<Level> sampling_levels(const SchedulerConfig& config, const std::string& sampler, int64_t steps,
+                                   std::optional<Spacing> spacing, Level& end);
 
 struct Generated {
   torch::Tensor images;    ///< [n, C, H, W] float32 on the CPU, the model's range ([-1, 1] for images)
   torch::Tensor latents;   ///< for a latent model: what the sampler produced, before decoding
   std::vector<int64_t> labels;     ///< the class image i asked for (-1 for an unconditional model)
-  std::vector<int64_t> timesteps;  ///< the steps walked, from noise to data
+  std::string sampler;             ///< the sampler used (GenerateOptions::sampler, or the config's)
+  std::vector<double> timesteps;   ///< the network times walked, from noise to data
   Spacing spacing = Spacing::leading;
   double clip_range = 0;           ///< the x0 clamp used (0: none)
   double seconds = 0;              ///< sampling and decoding

@@ -106,3 +106,14 @@ TEST(CliSchedule, HelpOnEverySubcommand) {
   EXPECT_EQ(r.code, 0);
   EXPECT_TRUE(has(r.output, "--zero-snr"));
 }
+
+// Sigma spacings print fractional network times and sigmas; on a zero-SNR schedule the SNR-0 point comes first.
+TEST(CliSchedule, PrintsSigmaSpacings) {
+  auto r = run_cli("schedule --schedule scaled_linear --zero-snr --steps 6 --spacing karras");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_TRUE(has(r.output, "karras (S = 6): t = 999, 998, 994.25")) << r.output;
+  EXPECT_TRUE(has(r.output, "sigma = inf, 2254.2")) << r.output;
+  r = run_cli("schedule --schedule linear --steps 5 --spacing exponential");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_TRUE(has(r.output, "sigma = 157.407, 14.0532, 1.25465, 0.112014, 0.0100005")) << r.output;
+}

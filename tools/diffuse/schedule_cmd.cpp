@@ -1,5 +1,6 @@
 // diffuse schedule: terminal SNR, sampler timesteps, Lin et al. Tables 1 and 2, CSV and plots,
 // and an audit of a diffusers scheduler_config.json against the flaws of the 003 document.
+#include <limits>
 #include <cstdio>
 #include <iomanip>
 #include <iostream>
@@ -8,6 +9,7 @@
 #include "commands.h"
 #include "diffuse/io/files.h"
 #include "diffuse/io/plot.h"
+#include "diffuse/core/levels.h"
 #include "diffuse/core/schedule.h"
 #include "diffuse/core/scheduler_config.h"
 #include <torch/torch.h>
@@ -186,7 +188,7 @@ void add_schedule_command(CLI::App& app) {
   cmd->add_option("--beta-start", opt->beta_start, "First beta (default: the schedule's own)");
   cmd->add_option("--beta-end", opt->beta_end, "Last beta (default: the schedule's own)");
   cmd->add_option("--steps", opt->steps, "Print the timesteps a sampler with this many steps walks");
-  cmd->add_option("--spacing", opt->spacing, "Timestep spacing: leading, linspace or trailing")->capture_default_str();
+  cmd->add_option("--spacing", opt->spacing, "Timestep spacing: leading, linspace, trailing, or the sigma spacings karras (rho 7) and exponential")->capture_default_str();
   cmd->add_option("--steps-offset", opt->steps_offset, "diffusers' steps_offset (leading spacing)")
       ->capture_default_str();
   cmd->add_flag("--table", opt->table, "Reproduce Lin et al. 2023 Table 1 and Table 2");
@@ -213,8 +215,22 @@ void add_schedule_command(CLI::App& app) {
     for (auto& [name, s] : schedules) print_summary(name, s);
     if (opt->steps > 0) {
       auto spacing = parse_spacing(opt->spacing);
-      auto ts = spaced_timesteps(opt->T, opt->steps, spacing, opt->steps_offset);
-      std::cout << "timesteps (" << to_string(spacing) << ", S = " << opt->steps << "): " << join(ts) << "\n";
+      if (is_sigma_spacing(spacing)) {
+        // Fractional network times and their sigma = s / a, per schedule (the range is each schedule's own).
+        for (auto& [name, s] : schedules) {
+          std::ostringstream t, sigma;
+          for (const auto& l : spaced_levels(s, opt->steps, spacing)) {
+            t << (t.tellp() > 0 ? ", " : "") << std::setprecision(6) << l.t;
+            sigma << (sigma.tellp() > 0 ? ", " : "") << std::setprecision(6)
+                  << (l.a > 0 ? l.s / l.a : std::numeric_limits<double>::infinity());
+          }
+          std::cout << name << " " << to_string(spacing) << " (S = " << opt->steps << "): t = " << t.str()
+                    << "\n  sigma = " << sigma.str() << "\n";
+        }
+      } else {
+        auto ts = spaced_timesteps(opt->T, opt->steps, spacing, opt->steps_offset);
+        std::cout << "timesteps (" << to_string(spacing) << ", S = " << opt->steps << "): " << join(ts) << "\n";
+      }
     } else if (opt->steps < 0) {
       throw std::invalid_argument("--steps must be positive, got " + std::to_string(opt->steps));
     }

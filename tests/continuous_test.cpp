@@ -11,6 +11,7 @@
 #include "diffuse/models/unet.h"
 #include "diffuse/sample/pipeline.h"
 #include "diffuse/sample/sampling.h"
+#include "diffuse/train/train.h"
 #include "cli_util.h"
 #include "test_util.h"
 #include <torch/torch.h>
@@ -323,4 +324,12 @@ TEST(DiffusersParity040, SchedulerConfigsDriveGenerate) {
     std::cout << name << " through diffuse sample: max |diffuse - diffusers| = " << cli << "\n";
     EXPECT_LT(cli, 1e-4);
   }
+}
+
+// A run's scheduler config must load in the diffusers class it names (DDIMScheduler): no flow target there, and
+// no sigma spacing as its timestep_spacing.
+TEST(Train, RefusesWhatItsSchedulerConfigCannotHold) {
+  diffuse::testing::expect_error([] { make_scheduler_config({}, Prediction::flow, Spacing::trailing, {}); }, "flow");
+  diffuse::testing::expect_error([] { make_scheduler_config({}, Prediction::v, Spacing::karras, {}); }, "karras");
+  EXPECT_NO_THROW(make_scheduler_config({}, Prediction::v, Spacing::trailing, {}));
 }

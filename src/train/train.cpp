@@ -33,6 +33,12 @@ torch::Tensor offset_noise(const torch::Tensor& eps, double strength, at::Genera
 SchedulerConfig make_scheduler_config(const ScheduleSpec& spec, Prediction prediction, Spacing spacing,
                                       const EtsdmConfig& etsdm) {
   Schedule schedule = make_schedule(spec);  // validates the name and values
+  if (prediction == Prediction::flow || is_sigma_spacing(spacing))
+    throw std::invalid_argument(prediction == Prediction::flow
+                                    ? "training a flow-prediction model is not implemented yet (it belongs to the "
+                                      "rectified-flow path; train --prediction eps, v or x0)"
+                                    : "--spacing " + to_string(spacing) + " is a sigma spacing: train with leading, "
+                                      "linspace or trailing and pass it to diffuse sample --spacing");
   SchedulerConfig c;
   c.num_train_timesteps = spec.T;
   c.prediction_type = prediction;

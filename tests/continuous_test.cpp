@@ -241,7 +241,8 @@ TEST(ZeroSnr, EverySamplerOnSigmaSpacingsAndFlowPathsIsFinite) {
   std::vector<std::pair<std::string, std::vector<Level>>> walks = {
       {"karras", spaced_levels(z, 12, Spacing::karras)},
       {"exponential", spaced_levels(z, 12, Spacing::exponential)},
-      {"flow", flow_levels(1000, 12, 3.0)}};
+      {"flow", flow_levels(1000, 12, 3.0)},
+      {"flow karras", flow_levels(1000, 12, 3.0, Spacing::karras)}};
   walks[2].second.front() = flow_level(1.0, 1000);  // exactly SNR 0 (flow_levels starts there too)
   for (const auto& [name, levels] : walks) {
     ASSERT_EQ(levels.front().a, 0.0) << name;
@@ -332,4 +333,43 @@ TEST(Train, RefusesWhatItsSchedulerConfigCannotHold) {
   diffuse::testing::expect_error([] { make_scheduler_config({}, Prediction::flow, Spacing::trailing, {}); }, "flow");
   diffuse::testing::expect_error([] { make_scheduler_config({}, Prediction::v, Spacing::karras, {}); }, "karras");
   EXPECT_NO_THROW(make_scheduler_config({}, Prediction::v, Spacing::trailing, {}));
+}
+
+// A rectified-flow run: FlowMatchEulerDiscreteScheduler config with its shift, the flow target, and samples that
+// generate() draws from it with the config's Euler (and any other sampler) are finite; the path's options are checked.
+TEST(Train, RectifiedFlowRunSamplesAsFlowMatching) {
+  diffuse::testing::TempDir dir;
+  auto r = diffuse::testing::run_cli(
+      "train --data synthetic-shapes --synthetic-count 32 --size 16 --channels 8,16 --attention-levels none "
+      "--layers-per-block 1 --norm-groups 4 --batch 8 --steps 3 --path rectified-flow --prediction flow --flow-shift 3 "
+      "--timestep-density logit-normal --quiet --out " + (dir / "rf"));
+  ASSERT_EQ(r.code, 0) << r.output;
+  auto config = SchedulerConfig::load(dir / "rf/scheduler/scheduler_config.json");
+  EXPECT_EQ(config.extra.at("_class_name"), "FlowMatchEulerDiscreteScheduler");
+  EXPECT_EQ(config.extra.at("shift"), 3.0);
+  EXPECT_EQ(config.prediction_type, Prediction::flow);
+  EXPECT_FALSE(parse_json(read_file(dir / "rf/scheduler/scheduler_config.json")).contains("beta_schedule"));
+  EXPECT_EQ(sampler_for(config), "euler");
+  LoadOptions lo;
+  auto run = load_run(dir / "rf", lo);
+  for (const std::string sampler : {"", "unipc", "dpmpp_3m"}) {
+    GenerateOptions g;
+    g.sampler = sampler;
+    g.steps = 4;
+    g.n = 2;
+    auto out = generate(run, g);
+    EXPECT_TRUE(torch::isfinite(out.images).all().item<bool>()) << sampler;
+    EXPECT_DOUBLE_EQ(out.timesteps.front(), 1000.0) << sampler;  // sigma 1: the exact SNR-0 point
+  }
+  for (auto [args, needle] : {std::pair<const char*, const char*>{"--path rectified-flow", "--prediction flow"},
+                              {"--prediction flow", "--path rectified-flow"},
+                              {"--path rectified-flow --prediction flow --etsdm-t-tilde 100 --etsdm-n 5", "E-TSDM"},
+                              {"--path rectified-flow --prediction flow --timestep-density beta", "uniform or logit-normal"},
+                              {"--path curved", "vp or rectified-flow"}}) {
+    auto bad = diffuse::testing::run_cli("train --data synthetic-shapes --synthetic-count 32 --size 16 --channels 8,16 "
+                                         "--attention-levels none --norm-groups 4 --steps 1 --quiet " + std::string(args) +
+                                         " --out " + (dir / "bad"));
+    EXPECT_NE(bad.code, 0) << args;
+    EXPECT_NE(bad.output.find(needle), std::string::npos) << args << "\n" << bad.output;
+  }
 }

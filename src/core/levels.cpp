@@ -88,7 +88,10 @@ double shift_sigma(double sigma, double shift) { return shift * sigma / (1.0 + (
 
 Level flow_level(double sigma, int64_t T) { return Level{sigma * double(T), 1.0 - sigma, sigma}; }
 
-std::vector<Level> flow_levels(int64_t T, int64_t S, double shift) {
+std::vector<Level> flow_levels(int64_t T, int64_t S, double shift, Spacing spacing) {
+  if (spacing != Spacing::linspace && !is_sigma_spacing(spacing))
+    throw std::invalid_argument("a rectified-flow model walks linspace (shifted) sigmas, or karras / exponential ones; " +
+                                to_string(spacing) + " is a spacing of integer timesteps");
   if (T < 1) throw std::invalid_argument("num_train_timesteps must be >= 1, got " + std::to_string(T));
   if (S < 1) throw std::invalid_argument("number of sampling steps must be >= 1, got " + std::to_string(S));
   if (!(shift > 0) || !std::isfinite(shift)) throw std::invalid_argument("flow shift must be positive, got " + std::to_string(shift));
@@ -99,6 +102,15 @@ std::vector<Level> flow_levels(int64_t T, int64_t S, double shift) {
   for (int64_t i = 0; i < S; ++i) {
     const double t = S == 1 ? t_max : t_max + double(i) * (t_min - t_max) / double(S - 1);
     out.push_back(flow_level(shift_sigma(t / double(T), shift), T));
+  }
+  if (!is_sigma_spacing(spacing) || S < 2) return out;
+  const double hi = out.front().s, lo = out.back().s;
+  for (int64_t i = 0; i < S; ++i) {
+    const double r = double(i) / double(S - 1);
+    const double sigma = spacing == Spacing::karras
+                             ? std::pow(std::pow(hi, 1 / 7.0) + r * (std::pow(lo, 1 / 7.0) - std::pow(hi, 1 / 7.0)), 7.0)
+                             : std::exp(std::log(hi) + r * (std::log(lo) - std::log(hi)));
+    out[size_t(i)] = flow_level(i == 0 ? hi : sigma, T);
   }
   return out;
 }

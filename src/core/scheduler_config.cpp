@@ -93,6 +93,11 @@ SchedulerConfig SchedulerConfig::from_json(const nlohmann::json& j) {
 
 nlohmann::json SchedulerConfig::to_json() const {
   nlohmann::json j = extra;
+  // A flow-matching class has no beta schedule, prediction type or spacing: only its own keys.
+  if (extra.value("_class_name", std::string()).rfind("FlowMatch", 0) == 0) {
+    j["num_train_timesteps"] = num_train_timesteps;
+    return j;
+  }
   j["num_train_timesteps"] = num_train_timesteps;
   j["beta_schedule"] = beta_schedule;
   j["beta_start"] = beta_start;

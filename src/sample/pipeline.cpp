@@ -164,7 +164,8 @@ void check_samplable(const SchedulerConfig& config) {
   }
   const bool karras = key_or(config, "use_karras_sigmas", false) == true;
   const bool exponential = key_or(config, "use_exponential_sigmas", false) == true;
-  if ((karras || exponential) && !is_one_of(cls, multistep_classes()) && !is_one_of(cls, euler_classes()))
+  if ((karras || exponential) && !is_one_of(cls, multistep_classes()) && !is_one_of(cls, euler_classes()) &&
+      cls != kFlowClass)
     throw std::invalid_argument(std::string("scheduler config key ") + (karras ? "use_karras_sigmas" : "use_exponential_sigmas") +
                                 " = true, which " + (cls.empty() ? "a config without _class_name" : cls) +
                                 " does not read (diffuse honours it for Euler, Heun, DPM-Solver and UniPC); remove it, "
@@ -246,9 +247,10 @@ std::vector<Level> sampling_levels(const SchedulerConfig& config, const std::str
   const auto cls = class_of(config);
   end = Level{-1, 1, 0};
   if (cls == kFlowClass) {
-    if (spacing) throw std::invalid_argument("--spacing does not apply to a FlowMatchEulerDiscreteScheduler config "
-                                             "(its sigmas are a shifted linspace)");
-    return flow_levels(config.num_train_timesteps, steps, key_or(config, "shift", 1.0).get<double>());
+    Spacing sp = Spacing::linspace;
+    if (key_or(config, "use_karras_sigmas", false) == true) sp = Spacing::karras;
+    if (key_or(config, "use_exponential_sigmas", false) == true) sp = Spacing::exponential;
+    return flow_levels(config.num_train_timesteps, steps, key_or(config, "shift", 1.0).get<double>(), spacing.value_or(sp));
   }
   const Schedule schedule = config.schedule();
   Spacing sp = config.timestep_spacing;

@@ -30,13 +30,26 @@ torch::Tensor offset_noise(const torch::Tensor& eps, double strength, at::Genera
   return eps + strength * delta.to(eps.device());
 }
 
+SchedulerConfig make_flow_scheduler_config(int64_t T, double shift) {
+  if (T < 2) throw std::invalid_argument("T must be at least 2, got " + std::to_string(T));
+  if (!(shift > 0) || !std::isfinite(shift)) throw std::invalid_argument("--flow-shift must be positive, got " + std::to_string(shift));
+  SchedulerConfig c;
+  c.num_train_timesteps = T;
+  c.prediction_type = Prediction::flow;
+  c.timestep_spacing = Spacing::linspace;
+  c.extra["_class_name"] = "FlowMatchEulerDiscreteScheduler";
+  c.extra["_diffusers_version"] = "0.40.0";
+  c.extra["shift"] = shift;
+  return c;
+}
+
 SchedulerConfig make_scheduler_config(const ScheduleSpec& spec, Prediction prediction, Spacing spacing,
                                       const EtsdmConfig& etsdm) {
   Schedule schedule = make_schedule(spec);  // validates the name and values
   if (prediction == Prediction::flow || is_sigma_spacing(spacing))
     throw std::invalid_argument(prediction == Prediction::flow
-                                    ? "training a flow-prediction model is not implemented yet (it belongs to the "
-                                      "rectified-flow path; train --prediction eps, v or x0)"
+                                    ? "--prediction flow needs --path rectified-flow (a flow target belongs to the "
+                                      "rectified-flow path, not to a DDIMScheduler's schedule)"
                                     : "--spacing " + to_string(spacing) + " is a sigma spacing: train with leading, "
                                       "linspace or trailing and pass it to diffuse sample --spacing");
   SchedulerConfig c;
@@ -119,9 +132,11 @@ class DiffusionTask : public Task {
  public:
   DiffusionTask(const TrainOptions& o, const Dataset& data, AutoencoderKL vae)
       : o_(o),
-        scheduler_(make_scheduler_config(o.schedule, o.prediction, o.spacing, o.etsdm)),
-        schedule_(scheduler_.schedule()),
+        scheduler_(o.rectified_flow() ? make_flow_scheduler_config(o.schedule.T, o.flow_shift)
+                                      : make_scheduler_config(o.schedule, o.prediction, o.spacing, o.etsdm)),
+        schedule_(o.rectified_flow() ? linear(o.schedule.T) : scheduler_.schedule()),
         vae_(std::move(vae)) {
+    check_path(o);
     const auto& u = o.unet;
     if (u.sample_size.value_or(-1) != data.height() || data.height() != data.width() || u.in_channels != data.channels())
       throw std::invalid_argument("the data (" + std::to_string(data.channels()) + "x" + std::to_string(data.height()) +
@@ -149,7 +164,8 @@ class DiffusionTask : public Task {
       throw std::invalid_argument("--label-dropout must be in [0, 1), got " + std::to_string(o.label_dropout));
     if (!(o.offset_noise >= 0)) throw std::invalid_argument("--offset-noise must be >= 0");
     // Refuses eps prediction on a zero-terminal-SNR schedule now rather than at the first t = T - 1.
-    weight_ = loss_weight(o.loss_weight, o.prediction, schedule_.snr(), o.min_snr_gamma).to(torch::kFloat32);
+    if (!o.rectified_flow())
+      weight_ = loss_weight(o.loss_weight, o.prediction, schedule_.snr(), o.min_snr_gamma).to(torch::kFloat32);
   }
 
   std::string kind() const override { return "unet"; }
@@ -171,6 +187,7 @@ class DiffusionTask : public Task {
   int64_t T() const override { return schedule_.T(); }
 
   std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, const Shard& shard, at::Generator& gen) override {
+    if (o_.rectified_flow()) return flow_loss(batch, shard, gen);
     const auto& x0 = batch.images;
     int64_t B = x0.size(0);
     auto t = shard.rows(torch::randint(0, schedule_.T(), {shard.global}, gen, drawn_on(gen, torch::kInt64)));
@@ -199,13 +216,57 @@ class DiffusionTask : public Task {
   }
 
  private:
+  static void check_path(const TrainOptions& o) {
+    if (o.path != "vp" && o.path != "rectified-flow")
+      throw std::invalid_argument("--path must be vp or rectified-flow, got '" + o.path + "'");
+    if (o.rectified_flow() != (o.prediction == Prediction::flow))
+      throw std::invalid_argument(o.rectified_flow() ? "--path rectified-flow trains --prediction flow (the velocity "
+                                                       "eps - x0 that FlowMatchEulerDiscreteScheduler samples)"
+                                                     : "--prediction flow needs --path rectified-flow");
+    if (!o.rectified_flow()) return;
+    if (o.etsdm.enabled()) throw std::invalid_argument("E-TSDM shares integer timesteps; it does not apply to --path rectified-flow");
+    if (o.timestep_density != "uniform" && o.timestep_density != "logit-normal")
+      throw std::invalid_argument("--timestep-density must be uniform or logit-normal, got '" + o.timestep_density + "'");
+    if (!(o.logit_std > 0) || !std::isfinite(o.logit_mean))
+      throw std::invalid_argument("--logit-std must be positive and --logit-mean finite");
+    make_flow_scheduler_config(o.schedule.T, o.flow_shift);  // validates T and the shift
+  }
+
+  // Rectified flow (Liu et al. 2022; Esser et al. 2024): sigma from the density, shifted; x_t = (1 - sigma) x0 +
+  // sigma eps; the network sees t = sigma T and predicts u = eps - x0; the loss weight is stated on the x0 error
+  // as for the VP path, from SNR = (1 - sigma)^2 / sigma^2. The per-timestep log buckets t = floor(sigma T).
+  std::pair<torch::Tensor, torch::Tensor> flow_loss(const Batch& batch, const Shard& shard, at::Generator& gen) {
+    const auto& x0 = batch.images;
+    const int64_t B = x0.size(0), T = schedule_.T();
+    auto raw = o_.timestep_density == "uniform"
+                   ? 1.0 - torch::rand({shard.global}, gen, drawn_on(gen, torch::kFloat64))  // (0, 1]
+                   : torch::sigmoid(o_.logit_mean + o_.logit_std * torch::randn({shard.global}, gen, drawn_on(gen, torch::kFloat64)));
+    auto sigma_drawn = shard.rows(o_.flow_shift * raw / (1.0 + (o_.flow_shift - 1.0) * raw));
+    auto t = (sigma_drawn * double(T)).floor().clamp(0, double(T - 1)).to(torch::kInt64);  // where VP's t lives
+    auto sigma = sigma_drawn.to(device_);
+    auto eps = shard.rows(offset_noise(torch::randn(shard.global_shape(x0.sizes()), gen, drawn_on(gen, torch::kFloat32)),
+                                       o_.offset_noise, gen))
+                   .to(device_);
+    auto a = (1.0 - sigma).to(torch::kFloat32).view({B, 1, 1, 1}), s = sigma.to(torch::kFloat32).view({B, 1, 1, 1});
+    auto x_t = add_noise(x0, eps, a, s);
+    torch::Tensor labels;
+    if (null_class_ >= 0) {
+      auto drop = shard.rows(torch::rand({shard.global}, gen, drawn_on(gen, torch::kFloat32)) < o_.label_dropout).to(device_);
+      labels = torch::where(drop, torch::full_like(batch.labels, null_class_), batch.labels);
+    }
+    auto pred = unet_->forward(x_t, (sigma * double(T)).to(torch::kFloat32), labels).to(torch::kFloat32);
+    auto snr = ((1.0 - sigma) / sigma).square();
+    auto weight = loss_weight(o_.loss_weight, Prediction::flow, snr, o_.min_snr_gamma).to(torch::kFloat32);
+    return {per_example_loss(Prediction::flow, pred, x0, eps, a, s, weight), t};
+  }
+
   void to(torch::Device device) {
     device_ = device;
     unet_->to(device);
     ema_->to(device);
     a_ = schedule_.a().to(torch::kFloat32).to(device);
     s_ = schedule_.s().to(torch::kFloat32).to(device);
-    weight_d_ = weight_.to(device);
+    if (weight_.defined()) weight_d_ = weight_.to(device);
   }
   TrainOptions o_;
   SchedulerConfig scheduler_;

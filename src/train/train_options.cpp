@@ -122,6 +122,11 @@ nlohmann::json TrainOptions::to_json() const {
           {"offset_noise", offset_noise},
           {"label_dropout", label_dropout},
           {"spacing", to_string(spacing)},
+          {"path", path},
+          {"flow_shift", flow_shift},
+          {"timestep_density", timestep_density},
+          {"logit_mean", logit_mean},
+          {"logit_std", logit_std},
           {"vae", vae},
           {"loop", loop.to_json()}};
 }
@@ -141,6 +146,11 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
   o.offset_noise = get_or(j, "offset_noise", o.offset_noise);
   o.label_dropout = get_or(j, "label_dropout", o.label_dropout);
   o.spacing = parse_spacing(get_or<std::string>(j, "spacing", "trailing"));
+  o.path = get_or<std::string>(j, "path", o.path);
+  o.flow_shift = get_or(j, "flow_shift", o.flow_shift);
+  o.timestep_density = get_or<std::string>(j, "timestep_density", o.timestep_density);
+  o.logit_mean = get_or(j, "logit_mean", o.logit_mean);
+  o.logit_std = get_or(j, "logit_std", o.logit_std);
   o.vae = get_or<std::string>(j, "vae", "");
   if (j.contains("loop")) o.loop = LoopOptions::from_json(j["loop"]);
   return o;

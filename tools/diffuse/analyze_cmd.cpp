@@ -116,6 +116,9 @@ LoadedModel load_model(const ModelCli& o) {
   auto run = load_run(o.model, lo);  // a latent run's vae/ too: the analyses run in the model's own space
   m.unet = run.unet;
   m.config = run.scheduler;
+  if (m.config.prediction_type == Prediction::flow)
+    throw std::invalid_argument("'" + o.model + "' is a rectified-flow model: analyze measures the discrete "
+                                "variance-preserving schedule's timesteps and does not cover that path yet");
   const auto& uc = m.unet->config();
   AutoencoderKL vae = run.vae;
   DataSpec spec;

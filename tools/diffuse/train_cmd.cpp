@@ -365,7 +365,9 @@ void run_train(const CLI::App* cmd, TrainCli& cli) {
                                                 std::to_string(*o.unet.num_class_embeds - 1) + ")"
                                           : std::string("unconditional"))
               << "; " << to_string(o.prediction) << " prediction, loss weight " << to_string(o.loss_weight)
-              << ", schedule " << o.schedule.name << (o.schedule.zero_snr ? " (zero terminal SNR)" : "")
+              << (o.rectified_flow() ? ", rectified-flow path (shift " + std::to_string(o.flow_shift) + ", " +
+                                           o.timestep_density + " sigma)"
+                                     : ", schedule " + o.schedule.name + (o.schedule.zero_snr ? " (zero terminal SNR)" : ""))
               << (o.etsdm.enabled() ? ", E-TSDM t~=" + std::to_string(o.etsdm.t_tilde) + " n=" + std::to_string(o.etsdm.n) : "")
               << "\n";
   }
@@ -477,7 +479,18 @@ void add_train_command(CLI::App& app) {
       "--zero-snr --loss-weight min-snr");
   add_common_options(cmd, cli->common);
   auto& t = cli->train;
-  cmd->add_option("--prediction", cli->prediction, "What the network predicts: eps, v or x0")->capture_default_str();
+  cmd->add_option("--prediction", cli->prediction, "What the network predicts: eps, v or x0 (flow with --path rectified-flow)")
+      ->capture_default_str();
+  cmd->add_option("--path", t.path, "Noise path: vp (the --schedule) or rectified-flow (x_t = (1 - sigma) x0 + sigma eps, "
+                                    "--prediction flow; sampled as FlowMatchEulerDiscreteScheduler)")
+      ->capture_default_str();
+  cmd->add_option("--flow-shift", t.flow_shift, "Rectified flow: sigma -> shift sigma / (1 + (shift - 1) sigma) in training "
+                                                "and sampling (SD3: 3)")
+      ->capture_default_str();
+  cmd->add_option("--timestep-density", t.timestep_density, "Rectified flow: density of sigma, uniform or logit-normal (SD3)")
+      ->capture_default_str();
+  cmd->add_option("--logit-mean", t.logit_mean, "logit-normal density: mean")->capture_default_str();
+  cmd->add_option("--logit-std", t.logit_std, "logit-normal density: standard deviation")->capture_default_str();
   cmd->add_option("--loss-weight", cli->loss_weight,
                   "Per-timestep loss weight, stated on the x0 error and converted to the target: uniform (plain MSE "
                   "on the target), eps (SNR), v (SNR+1), min-snr (min(SNR, gamma)), truncated (max(SNR, 1))")

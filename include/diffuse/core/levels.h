@@ -45,6 +45,8 @@ double shift_sigma(double sigma, double shift);
 Level flow_level(double sigma, int64_t T);
 /// FlowMatchEulerDiscreteScheduler.set_timesteps (no dynamic shifting): training sigmas k / T (k = 1..T) shifted,
 /// then S sigmas linearly from 1 to the smallest shifted training sigma, shifted again, then 0 (the end level).
-std::vector<Level> flow_levels(int64_t T, int64_t S, double shift);
+/// karras (rho 7) and exponential respace those S sigmas between their first (1: SNR 0, the exact point) and last,
+/// as use_karras_sigmas / use_exponential_sigmas do; other spacings are refused.
+std::vector<Level> flow_levels(int64_t T, int64_t S, double shift, Spacing spacing = Spacing::linspace);
 
 }  // namespace diffuse

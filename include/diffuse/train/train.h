@@ -53,6 +53,8 @@ torch::Tensor offset_noise(const torch::Tensor& eps, double strength, at::Genera
 /// The scheduler_config.json of a training run: the schedule (diffusers keys; cosine with --zero-snr and
 /// cosine_noclip are stored as trained_betas since diffusers has no name for them), prediction type,
 /// sampling spacing and E-TSDM settings. config.schedule() equals make_schedule(spec).
+/// The FlowMatchEulerDiscreteScheduler config of a rectified-flow run (num_train_timesteps T, shift).
+SchedulerConfig make_flow_scheduler_config(int64_t T, double shift);
 SchedulerConfig make_scheduler_config(const ScheduleSpec& spec, Prediction prediction, Spacing spacing,
                                       const EtsdmConfig& etsdm);
 
@@ -127,6 +129,16 @@ struct TrainOptions {
   double offset_noise = 0.0;
   double label_dropout = 0.1;            ///< only with num_class_embeds
   Spacing spacing = Spacing::trailing;   ///< stored for samplers in scheduler_config.json
+  /// The noise path: "vp" (the discrete schedule above, integer timesteps) or "rectified-flow" (x_t = (1 - sigma)
+  /// x0 + sigma eps with real sigma in (0, 1], the network conditioned on sigma * schedule.T, prediction flow;
+  /// the run's scheduler config is a FlowMatchEulerDiscreteScheduler).
+  std::string path = "vp";
+  double flow_shift = 1.0;               ///< rectified flow: sigma -> shift sigma / (1 + (shift - 1) sigma), trained and sampled
+  /// Rectified flow: the density of the unshifted sigma, "uniform" or "logit-normal" (Esser et al. 2024, SD3:
+  /// sigma = sigmoid(m + s n), n ~ N(0, 1)).
+  std::string timestep_density = "uniform";
+  double logit_mean = 0.0, logit_std = 1.0;
+  bool rectified_flow() const { return path == "rectified-flow"; }
   /// Latent diffusion: the autoencoder folder the data were encoded with (informational; the run keeps its own
   /// copy in vae/). Empty: pixel space.
   std::string vae;

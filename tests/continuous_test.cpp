@@ -230,6 +230,18 @@ TEST(SpacedLevels, SigmaSpacingsAndTheZeroSnrRule) {
   EXPECT_NEAR(zl.back().t, 0.0, 1e-9);
   EXPECT_NEAR(spaced_levels(z, 6, Spacing::karras, 0, 7.0, true)[2].t, std::nearbyint(zl[2].t), 0);
   diffuse::testing::expect_error([&] { spaced_timesteps(1000, 10, Spacing::karras); }, "sigma spacing");
+  // Beta quantiles against closed forms: Beta(1, 1) is uniform, Beta(1/2, 1/2) the arcsine law sin^2(pi p / 2);
+  // Beta(0.6, 0.6) is symmetric about 1/2.
+  for (double p : {0.0, 0.1, 0.37, 0.5, 0.9, 1.0}) {
+    EXPECT_NEAR(beta_quantile(p, 1, 1), p, 1e-12) << p;
+    EXPECT_NEAR(beta_quantile(p, 0.5, 0.5), std::pow(std::sin(M_PI * p / 2), 2), 1e-10) << p;
+    EXPECT_NEAR(beta_quantile(p, 0.6, 0.6) + beta_quantile(1 - p, 0.6, 0.6), 1.0, 1e-10) << p;
+  }
+  auto b = spaced_levels(lin, 7, Spacing::beta);
+  EXPECT_NEAR(b.front().s / b.front().a, std::sqrt((1 - lin.alpha_bar_at(999)) / lin.alpha_bar_at(999)), 1e-9);
+  EXPECT_NEAR(b.back().t, 0.0, 1e-9);
+  const double mid = b[3].s / b[3].a, hi = b[0].s / b[0].a, lo = b[6].s / b[6].a;
+  EXPECT_NEAR(mid, 0.5 * (hi + lo), 1e-9);  // the median quantile: halfway in sigma
 }
 
 // Every sampler on every path and sigma spacing, from SNR 0 (zero-terminal-SNR VP, rectified flow from sigma 1) to

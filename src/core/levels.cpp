@@ -50,6 +50,64 @@ double sigma_to_t(const Schedule& schedule, double sigma) {
   return (1.0 - w) * double(low) + w * double(low + 1);
 }
 
+namespace {
+// The continued fraction of the regularised incomplete beta function (Lentz's method).
+double beta_continued_fraction(double x, double a, double b) {
+  const double tiny = 1e-300;
+  double c = 1, d = 1 - (a + b) * x / (a + 1);
+  d = 1 / (std::abs(d) < tiny ? tiny : d);
+  double h = d;
+  for (int m = 1; m <= 300; ++m) {
+    for (int pass = 0; pass < 2; ++pass) {
+      const double num = pass == 0 ? m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+                                   : -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1));
+      d = 1 + num * d;
+      d = 1 / (std::abs(d) < tiny ? tiny : d);
+      c = 1 + num / c;
+      if (std::abs(c) < tiny) c = tiny;
+      h *= d * c;
+      if (pass == 1 && std::abs(d * c - 1) < 1e-15) return h;
+    }
+  }
+  return h;
+}
+// I_x(a, b).
+double incomplete_beta(double x, double a, double b) {
+  if (x <= 0) return 0;
+  if (x >= 1) return 1;
+  const double front = std::exp(std::lgamma(a + b) - std::lgamma(a) - std::lgamma(b) + a * std::log(x) + b * std::log1p(-x));
+  if (x < (a + 1) / (a + b + 2)) return front * beta_continued_fraction(x, a, b) / a;
+  return 1 - front * beta_continued_fraction(1 - x, b, a) / b;
+}
+}  // namespace
+
+double beta_quantile(double p, double a, double b) {
+  if (!(p >= 0 && p <= 1)) throw std::invalid_argument("beta_quantile: p must lie in [0, 1]");
+  double lo = 0, hi = 1;
+  for (int i = 0; i < 200 && hi - lo > 1e-16; ++i) {
+    const double mid = 0.5 * (lo + hi);
+    (incomplete_beta(mid, a, b) < p ? lo : hi) = mid;
+  }
+  return 0.5 * (lo + hi);
+}
+
+std::vector<double> spaced_sigmas(Spacing spacing, int64_t S, double hi, double lo, double rho) {
+  if (!(rho > 0) || !std::isfinite(rho)) throw std::invalid_argument("karras rho must be positive, got " + std::to_string(rho));
+  std::vector<double> out;
+  for (int64_t i = 0; i < S; ++i) {
+    const double r = S == 1 ? 0.0 : double(i) / double(S - 1);
+    if (spacing == Spacing::karras)
+      out.push_back(std::pow(std::pow(hi, 1 / rho) + r * (std::pow(lo, 1 / rho) - std::pow(hi, 1 / rho)), rho));
+    else if (spacing == Spacing::exponential)
+      out.push_back(std::exp(std::log(hi) + r * (std::log(lo) - std::log(hi))));
+    else if (spacing == Spacing::beta)  // diffusers' _convert_to_beta: quantiles of 1 - linspace(0, 1, S)
+      out.push_back(lo + beta_quantile(1.0 - r, 0.6, 0.6) * (hi - lo));
+    else
+      throw std::invalid_argument(to_string(spacing) + " is not a sigma spacing");
+  }
+  return out;
+}
+
 std::vector<Level> spaced_levels(const Schedule& schedule, int64_t S, Spacing spacing, int64_t steps_offset, double rho,
                                  bool round_t) {
   const int64_t T = schedule.T();
@@ -61,22 +119,12 @@ std::vector<Level> spaced_levels(const Schedule& schedule, int64_t S, Spacing sp
   if (S < 1 || S > T)
     throw std::invalid_argument("number of sampling steps must lie in [1, T = " + std::to_string(T) + "], got " +
                                 std::to_string(S));
-  if (!(rho > 0) || !std::isfinite(rho)) throw std::invalid_argument("karras rho must be positive, got " + std::to_string(rho));
   std::vector<Level> out;
   const bool zero_snr = schedule.zero_terminal_snr();
   if (zero_snr) out.push_back(Level{double(T - 1), 0.0, 1.0});
-  const int64_t n = S - (zero_snr ? 1 : 0);
   const auto ls = log_sigmas(schedule);
   const double sigma_min = std::exp(ls.front()), sigma_max = std::exp(ls[size_t(zero_snr ? T - 2 : T - 1)]);
-  for (int64_t i = 0; i < n; ++i) {
-    const double ramp = n == 1 ? 0.0 : double(i) / double(n - 1);
-    double sigma;
-    if (spacing == Spacing::karras) {
-      const double lo = std::pow(sigma_min, 1.0 / rho), hi = std::pow(sigma_max, 1.0 / rho);
-      sigma = std::pow(hi + ramp * (lo - hi), rho);
-    } else {
-      sigma = std::exp(std::log(sigma_max) + ramp * (std::log(sigma_min) - std::log(sigma_max)));
-    }
+  for (double sigma : spaced_sigmas(spacing, S - (zero_snr ? 1 : 0), sigma_max, sigma_min, rho)) {
     double t = sigma_to_t(schedule, sigma);
     if (round_t) t = std::nearbyint(t);
     out.push_back(vp_level_of_sigma(sigma, t));
@@ -90,7 +138,7 @@ Level flow_level(double sigma, int64_t T) { return Level{sigma * double(T), 1.0 
 
 std::vector<Level> flow_levels(int64_t T, int64_t S, double shift, Spacing spacing) {
   if (spacing != Spacing::linspace && !is_sigma_spacing(spacing))
-    throw std::invalid_argument("a rectified-flow model walks linspace (shifted) sigmas, or karras / exponential ones; " +
+    throw std::invalid_argument("a rectified-flow model walks linspace (shifted) sigmas, or karras / exponential / beta ones; " +
                                 to_string(spacing) + " is a spacing of integer timesteps");
   if (T < 1) throw std::invalid_argument("num_train_timesteps must be >= 1, got " + std::to_string(T));
   if (S < 1) throw std::invalid_argument("number of sampling steps must be >= 1, got " + std::to_string(S));
@@ -104,14 +152,8 @@ std::vector<Level> flow_levels(int64_t T, int64_t S, double shift, Spacing spaci
     out.push_back(flow_level(shift_sigma(t / double(T), shift), T));
   }
   if (!is_sigma_spacing(spacing) || S < 2) return out;
-  const double hi = out.front().s, lo = out.back().s;
-  for (int64_t i = 0; i < S; ++i) {
-    const double r = double(i) / double(S - 1);
-    const double sigma = spacing == Spacing::karras
-                             ? std::pow(std::pow(hi, 1 / 7.0) + r * (std::pow(lo, 1 / 7.0) - std::pow(hi, 1 / 7.0)), 7.0)
-                             : std::exp(std::log(hi) + r * (std::log(lo) - std::log(hi)));
-    out[size_t(i)] = flow_level(i == 0 ? hi : sigma, T);
-  }
+  const auto sigmas = spaced_sigmas(spacing, S, out.front().s, out.back().s);
+  for (int64_t i = 1; i < S; ++i) out[size_t(i)] = flow_level(sigmas[size_t(i)], T);  // the first stays sigma = 1
   return out;
 }
 

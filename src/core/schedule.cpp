@@ -186,8 +186,9 @@ Spacing parse_spacing(const std::string& name) {
   if (name == "trailing") return Spacing::trailing;
   if (name == "karras") return Spacing::karras;
   if (name == "exponential") return Spacing::exponential;
+  if (name == "beta") return Spacing::beta;
   throw std::invalid_argument("unknown timestep spacing '" + name +
-                              "' (expected leading, linspace, trailing, karras or exponential)");
+                              "' (expected leading, linspace, trailing, karras, exponential or beta)");
 }
 
 std::string to_string(Spacing spacing) {
@@ -197,6 +198,7 @@ std::string to_string(Spacing spacing) {
     case Spacing::trailing: return "trailing";
     case Spacing::karras: return "karras";
     case Spacing::exponential: return "exponential";
+    case Spacing::beta: return "beta";
   }
   return "?";
 }
@@ -234,7 +236,8 @@ std::vector<int64_t> spaced_timesteps(int64_t T, int64_t S, Spacing spacing, int
       break;
     }
     case Spacing::karras:
-    case Spacing::exponential: break;
+    case Spacing::exponential:
+    case Spacing::beta: break;
   }
   return ts;
 }

@@ -8,6 +8,7 @@
 #include "diffuse/core/levels.h"
 #include "diffuse/sample/sampling.h"
 
+#include <cstring>
 #include <limits>
 
 namespace fs = std::filesystem;
@@ -142,7 +143,7 @@ void check_samplable(const SchedulerConfig& config) {
   const std::string unsupported = "changes sampling in diffusers and diffuse does not implement it";
   // Keys that change the samples, at the value that leaves them alone.
   static const std::vector<std::pair<std::string, nlohmann::json>> neutral = {
-      {"thresholding", false},  {"use_beta_sigmas", false},   {"use_flow_sigmas", false},
+      {"thresholding", false},  {"use_flow_sigmas", false},
       {"use_lu_lambdas", false}, {"euler_at_final", false},   {"timestep_type", "discrete"},
       {"interpolation_type", "linear"}, {"sigma_min", nullptr}, {"sigma_max", nullptr},
       {"use_dynamic_shifting", false}, {"invert_sigmas", false}, {"shift_terminal", nullptr},
@@ -162,14 +163,13 @@ void check_samplable(const SchedulerConfig& config) {
       throw std::invalid_argument("scheduler config key algorithm_type = \"" + algo + "\" " + unsupported +
                                   " (diffuse's DPM-Solver predicts data: dpmsolver++ or sde-dpmsolver++)");
   }
-  const bool karras = key_or(config, "use_karras_sigmas", false) == true;
-  const bool exponential = key_or(config, "use_exponential_sigmas", false) == true;
-  if ((karras || exponential) && !is_one_of(cls, multistep_classes()) && !is_one_of(cls, euler_classes()) &&
-      cls != kFlowClass)
-    throw std::invalid_argument(std::string("scheduler config key ") + (karras ? "use_karras_sigmas" : "use_exponential_sigmas") +
-                                " = true, which " + (cls.empty() ? "a config without _class_name" : cls) +
-                                " does not read (diffuse honours it for Euler, Heun, DPM-Solver and UniPC); remove it, "
-                                "or pass --spacing " + (karras ? "karras" : "exponential"));
+  for (const char* key : {"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"})
+    if (key_or(config, key, false) == true && !is_one_of(cls, multistep_classes()) && !is_one_of(cls, euler_classes()) &&
+        cls != kFlowClass)
+      throw std::invalid_argument(std::string("scheduler config key ") + key + " = true, which " +
+                                  (cls.empty() ? "a config without _class_name" : cls) +
+                                  " does not read (diffuse honours it for Euler, Heun, DPM-Solver, UniPC and flow "
+                                  "matching); remove it, or pass --spacing " + std::string(key + 4, std::strlen(key) - 11));
 }
 
 bool final_step_to_clean_data(const std::string& sampler, const SchedulerConfig& config) {
@@ -221,6 +221,14 @@ std::vector<int64_t> multistep_timesteps(int64_t T, int64_t S, Spacing spacing, 
   return ts;
 }
 
+// The sigma spacing a config's use_*_sigmas key asks for.
+std::optional<Spacing> config_sigma_spacing(const SchedulerConfig& config) {
+  if (key_or(config, "use_karras_sigmas", false) == true) return Spacing::karras;
+  if (key_or(config, "use_exponential_sigmas", false) == true) return Spacing::exponential;
+  if (key_or(config, "use_beta_sigmas", false) == true) return Spacing::beta;
+  return std::nullopt;
+}
+
 // Euler's linspace: fractional t = linspace(T - 1, 0, S), sigma interpolated linearly between integer points.
 std::vector<Level> euler_linspace_levels(const Schedule& schedule, int64_t S) {
   const int64_t T = schedule.T();
@@ -247,16 +255,11 @@ std::vector<Level> sampling_levels(const SchedulerConfig& config, const std::str
   const auto cls = class_of(config);
   end = Level{-1, 1, 0};
   if (cls == kFlowClass) {
-    Spacing sp = Spacing::linspace;
-    if (key_or(config, "use_karras_sigmas", false) == true) sp = Spacing::karras;
-    if (key_or(config, "use_exponential_sigmas", false) == true) sp = Spacing::exponential;
-    return flow_levels(config.num_train_timesteps, steps, key_or(config, "shift", 1.0).get<double>(), spacing.value_or(sp));
+    return flow_levels(config.num_train_timesteps, steps, key_or(config, "shift", 1.0).get<double>(),
+                       spacing.value_or(config_sigma_spacing(config).value_or(Spacing::linspace)));
   }
   const Schedule schedule = config.schedule();
-  Spacing sp = config.timestep_spacing;
-  if (key_or(config, "use_karras_sigmas", false) == true) sp = Spacing::karras;
-  if (key_or(config, "use_exponential_sigmas", false) == true) sp = Spacing::exponential;
-  if (spacing) sp = *spacing;
+  const Spacing sp = spacing.value_or(config_sigma_spacing(config).value_or(config.timestep_spacing));
   const bool clean = final_step_to_clean_data(sampler, config);
   if (!clean) end = level_at(schedule, 0);
   const bool multistep = is_one_of(cls, multistep_classes());
@@ -265,7 +268,8 @@ std::vector<Level> sampling_levels(const SchedulerConfig& config, const std::str
       throw std::invalid_argument(to_string(sp) + " sigmas end at sigma[0], where this config's last step ends too "
                                   "(set_alpha_to_one false or final_sigmas_type sigma_min): set it to end at the clean "
                                   "data, or pass an integer --spacing");
-    return spaced_levels(schedule, steps, sp, 0, 7.0, /*round_t=*/multistep);
+    // DPMSolverMultistep and UniPC round a karras level's network time (not an exponential or beta one's).
+    return spaced_levels(schedule, steps, sp, 0, 7.0, /*round_t=*/multistep && sp == Spacing::karras);
   }
   const int64_t offset = sp == Spacing::leading ? config.steps_offset : 0;
   if (multistep && sp != Spacing::trailing) {

@@ -32,12 +32,19 @@ double sigma_to_t(const Schedule& schedule, double sigma);
 /// The walk of S steps for any spacing, with the end level (the clean data). Integer spacings (leading,
 /// linspace, trailing) give the levels of spaced_timesteps. Sigma spacings go from the schedule's largest finite
 /// sigma to its smallest, sigma_max = sigma[T - 1] (sigma[T - 2] on a zero-terminal-SNR schedule) and
-/// sigma_min = sigma[0]: karras (Karras et al. 2022, eq. 5, rho) and exponential (uniform in log sigma). On a
+/// sigma_min = sigma[0]: karras (Karras et al. 2022, eq. 5, rho), exponential (uniform in log sigma) and beta
+/// (Lee et al. 2024, "Beta sampling is all you need": sigma linear in the Beta(0.6, 0.6) quantiles, as diffusers'
+/// use_beta_sigmas). On a
 /// zero-terminal-SNR schedule the first level is the exact SNR-0 point (t = T - 1, a = 0) and the S - 1 others
 /// follow the spacing over the finite range. round_t rounds each level's network time to an integer (as
 /// diffusers' DPMSolverMultistep and UniPC do with use_karras_sigmas) while keeping the spacing's sigma.
 std::vector<Level> spaced_levels(const Schedule& schedule, int64_t S, Spacing spacing, int64_t steps_offset = 0,
                                  double rho = 7.0, bool round_t = false);
+
+/// S sigmas of a sigma spacing (karras with rho, exponential, beta) from hi down to lo, both included.
+std::vector<double> spaced_sigmas(Spacing spacing, int64_t S, double hi, double lo, double rho = 7.0);
+/// The quantile function of Beta(a, b) at p in [0, 1] (bisection on the regularised incomplete beta function).
+double beta_quantile(double p, double a, double b);
 
 /// diffusers' FlowMatchEulerDiscreteScheduler time shift: sigma -> shift sigma / (1 + (shift - 1) sigma).
 double shift_sigma(double sigma, double shift);
@@ -45,8 +52,8 @@ double shift_sigma(double sigma, double shift);
 Level flow_level(double sigma, int64_t T);
 /// FlowMatchEulerDiscreteScheduler.set_timesteps (no dynamic shifting): training sigmas k / T (k = 1..T) shifted,
 /// then S sigmas linearly from 1 to the smallest shifted training sigma, shifted again, then 0 (the end level).
-/// karras (rho 7) and exponential respace those S sigmas between their first (1: SNR 0, the exact point) and last,
-/// as use_karras_sigmas / use_exponential_sigmas do; other spacings are refused.
+/// karras (rho 7), exponential and beta respace those S sigmas between their first (1: SNR 0, the exact point) and
+/// last, as use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas do; other spacings are refused.
 std::vector<Level> flow_levels(int64_t T, int64_t S, double shift, Spacing spacing = Spacing::linspace);
 
 }  // namespace diffuse

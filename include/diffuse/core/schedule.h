@@ -86,10 +86,10 @@ struct ContinuousSchedule {
 };
 
 /// Timestep spacing: which of the T training timesteps a sampler with S steps walks.
-/// Section 3.3 and Table 2 of Lin et al. 2023, 0-indexed as implemented in diffusers. karras and exponential are
-/// sigma spacings between the integer timesteps (spaced_levels in levels.h).
-enum class Spacing { leading, linspace, trailing, karras, exponential };
-inline bool is_sigma_spacing(Spacing s) { return s == Spacing::karras || s == Spacing::exponential; }
+/// Section 3.3 and Table 2 of Lin et al. 2023, 0-indexed as implemented in diffusers. karras, exponential and beta
+/// are sigma spacings between the integer timesteps (spaced_levels in levels.h).
+enum class Spacing { leading, linspace, trailing, karras, exponential, beta };
+inline bool is_sigma_spacing(Spacing s) { return s == Spacing::karras || s == Spacing::exponential || s == Spacing::beta; }
 Spacing parse_spacing(const std::string& name);
 std::string to_string(Spacing spacing);
 /// Descending timesteps. leading: arange(0, T, T/S) + steps_offset; linspace: round(linspace(0, T-1, S));

@@ -3,11 +3,11 @@
 # Fashion-MNIST, each sampled at 5, 10 and 25 steps with euler, dpmpp_2m, dpmpp_3m and unipc (bh2, order 2) on two
 # spacings: the v model's trailing and karras, the flow model's shifted linspace (FlowMatchEulerDiscreteScheduler's)
 # and karras. FID-FMNIST at N = 1000 (SAMPLES=...) for every cell.
-# Usage: experiments/07-flow-samplers/run.sh [--full]   (reduced: about 70 minutes on 2 idle cores)
+# Usage: experiments/07-flow-samplers/run.sh [--full]   (reduced: about 50 minutes on 2 idle cores)
 source "$(dirname "$0")/../common.sh"
 out=$root/out/experiments/07
 mkdir -p "$out"
-n=${N:-1000}
+n=${N:-500}
 recipe="--data fashion-mnist --label-dropout 0.1 $model --steps $steps"
 # The v model is experiment 4's base model (the demo recipe); the flow model differs only in its path and target.
 train_run train "$runs/base" $recipe --schedule linear --zero-snr --prediction v --loss-weight min-snr

@@ -2,7 +2,7 @@
 # Experiment 7 (the continuous-time issue): a rectified-flow model and a v model trained with the same budget on
 # Fashion-MNIST, each sampled at 5, 10 and 25 steps with euler, dpmpp_2m, dpmpp_3m and unipc (bh2, order 2) on two
 # spacings: the v model's trailing and karras, the flow model's shifted linspace (FlowMatchEulerDiscreteScheduler's)
-# and karras. FID-FMNIST at N = 1000 (SAMPLES=...) for every cell.
+# and karras. FID-FMNIST at N = 500 (N=1000 for the issue's size) for every cell.
 # Usage: experiments/07-flow-samplers/run.sh [--full]   (reduced: about 50 minutes on 2 idle cores)
 source "$(dirname "$0")/../common.sh"
 out=$root/out/experiments/07

@@ -362,7 +362,7 @@ TEST(StochasticSamplers, ApproachTheDataLawAsStepsGrow) {
   const int64_t n = 4096;
   auto x_T = noise64(n, 8, 41);
   auto d = make_denoiser(g.network(sch, Prediction::x0), Prediction::x0, sch);
-  for (std::string name : {"ddpm", "ddpm_large", "euler_ancestral", "dpmpp_2m_sde"}) {
+  for (std::string name : {"ddpm", "ddpm_large", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"}) {
     SamplerOptions o;
     o.seed = 3;
     if (name == "ddpm_large") o.variance = DdpmVariance::fixed_large;
@@ -385,7 +385,8 @@ TEST(StochasticSamplers, ApproachTheDataLawAsStepsGrow) {
 // Identities between samplers, noise reproducibility, evaluation counts, bad input
 
 // On variance-preserving models: euler == ddim (eta 0); euler_ancestral (eta) == ddim (eta) for eta <= 1;
-// ddpm (fixed_small) == ddim (eta 1); dpmpp_2m_sde at eta 0 == dpmpp_2m. Different formulas, same numbers.
+// ddpm (fixed_small) == ddim (eta 1); dpmpp_2m_sde at eta 0 == dpmpp_2m, dpmpp_3m_sde at eta 0 == dpmpp_3m.
+// Different formulas, same numbers.
 TEST(SamplerIdentities, ClassicalSamplersCoincide) {
   auto sch = rescale_zero_terminal_snr(linear(1000));
   auto g = test_data();
@@ -403,6 +404,9 @@ TEST(SamplerIdentities, ClassicalSamplersCoincide) {
   EXPECT_LT(max_abs(run("euler_ancestral", NAN) - run("ddim", 1.0)), 1e-12);
   EXPECT_LT(max_abs(run("ddpm", NAN) - run("ddim", 1.0)), 1e-12);
   EXPECT_LT(max_abs(run("dpmpp_2m_sde", 0.0) - run("dpmpp_2m", NAN)), 1e-12);
+  EXPECT_LT(max_abs(run("dpmpp_3m_sde", 0.0) - run("dpmpp_3m", NAN)), 1e-12);
+  EXPECT_LT(max_abs(run("unipc", NAN) - run("dpmpp_2m", NAN)), 0.05);  // two second-order-plus methods
+  EXPECT_GT(max_abs(run("unipc", NAN) - run("dpmpp_2m", NAN)), 1e-6);
   EXPECT_GT(max_abs(run("ddim", 1.0) - run("ddim", 0.0)), 0.1);
   EXPECT_GT(max_abs(run("heun", NAN) - run("ddim", 0.0)), 1e-3);
 }

@@ -198,6 +198,15 @@ TEST(ImageIo, ReservedDeflateBlockIsAnErrorNotACrash) {
   }
 }
 
+// 18 bytes that stb reads as a TGA header of 44612 x 5954 pixels: refused from the header, before any allocation.
+TEST(ImageIo, HugeClaimedSizeIsRefusedBeforeDecoding) {
+  TempDir dir;
+  const std::string tga("\0\0\x02\0\0\0\0\0\0\0\0\0\x44\xae\x42\x17\x18\0", 18);
+  write_file_atomic(dir / "x.png", tga);
+  auto msg = error_of([&] { read_image(dir / "x.png", 1); });
+  EXPECT_NE(msg.find("44612 x 5954"), std::string::npos) << msg;
+}
+
 TEST(Data, ImageFolderClassesAreSubfolders) {
   TempDir dir;
   fs::create_directories(dir / "cat");

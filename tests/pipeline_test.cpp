@@ -260,3 +260,17 @@ TEST(Pipeline, RefusesSchedulerKeysAndClassesItCannotHonour) {
   g.n = 1;
   diffuse::testing::expect_error([&] { generate(run, g); }, "thresholding");
 }
+
+// A model whose weights are NaN gives an error naming the weights, not black images and exit 0; an --n whose
+// samples would not fit in memory is refused before sampling.
+TEST(Pipeline, NonFiniteSamplesAndHugeCountsAreErrors) {
+  auto run = fixture_run();
+  {
+    torch::NoGradGuard ng;
+    run.unet->parameters()[0].fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+  auto g = two_images("ddim", 1);
+  diffuse::testing::expect_error([&] { generate(run, g); }, "NaN or infinite");
+  g.n = int64_t(1e11);
+  diffuse::testing::expect_error([&] { generate(run, g); }, "--n");
+}

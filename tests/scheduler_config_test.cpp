@@ -89,6 +89,10 @@ TEST(SchedulerConfig, BadInputNamesTheProblem) {
   expect_error({{"beta_start", 0.0}}, "(0, 1)");
   expect_error({{"beta_end", 1.5}}, "(0, 1)");
   expect_error({{"num_train_timesteps", "many"}}, "num_train_timesteps");
+  expect_error({{"num_train_timesteps", 1e300}}, "num_train_timesteps");     // no float-to-int overflow
+  expect_error({{"num_train_timesteps", int64_t(1) << 40}}, "num_train_timesteps");
+  expect_error({{"steps_offset", INT64_MAX - 1}}, "steps_offset");            // no signed overflow later
+  expect_error({{"steps_offset", 2.5}}, "steps_offset");
   expect_error({{"num_train_timesteps", 3}, {"trained_betas", {0.1, 0.2}}}, "trained_betas");
   expect_error({{"num_train_timesteps", 2}, {"trained_betas", {0.1, 1.5}}}, "beta[1]");
   expect_error(nlohmann::json::array(), "object");

@@ -143,6 +143,15 @@ TEST(UNet, RefusesUnsupportedConfigs) {
   bad("layers_per_block", "two");
   bad("block_out_channels", 32);
   bad("dropout", 1.5);
+  // Sizes that would build modules until memory runs out, or convert a float to an integer out of range, are
+  // refused before anything is allocated.
+  bad("layers_per_block", int64_t(1) << 40);
+  bad("in_channels", 1e300);
+  bad("in_channels", 18446744073709551615ull);
+  bad("sample_size", 1 << 20);
+  bad("num_class_embeds", int64_t(1) << 40);
+  bad("block_out_channels", std::vector<int64_t>(17, 32));
+  bad("block_out_channels", std::vector<int64_t>{int64_t(1) << 40, 64});
 }
 
 // diffusers uses attention_head_dim only where it builds attention: 24 divides neither 64 nor 128 of a level

@@ -3,6 +3,8 @@
 #include "diffuse/io/files.h"
 
 #include <algorithm>
+#include <cmath>
+#include <type_traits>
 #include <stdexcept>
 
 #include <torch/torch.h>
@@ -18,6 +20,13 @@ template <class T>
 T get(const nlohmann::json& j, const char* key, T fallback) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return fallback;
+  if constexpr (std::is_same_v<T, int64_t>) {  // no float-to-integer conversion outside the exact range
+    const bool integral = it->is_number_integer() ? !(it->is_number_unsigned() && it->template get<uint64_t>() > uint64_t(INT64_MAX))
+                                                  : it->is_number_float() && std::floor(it->template get<double>()) == it->template get<double>() &&
+                                                        std::abs(it->template get<double>()) <= 9007199254740992.0;
+    if (!integral)
+      throw std::invalid_argument(std::string("scheduler config key '") + key + "' must be an integer, got " + it->dump());
+  }
   try {
     return it->get<T>();
   } catch (const nlohmann::json::exception&) {
@@ -80,7 +89,10 @@ SchedulerConfig SchedulerConfig::from_json(const nlohmann::json& j) {
   if (c.num_train_timesteps < 2)
     throw std::invalid_argument("num_train_timesteps must be at least 2, got " +
                                 std::to_string(c.num_train_timesteps));
-  if (c.steps_offset < 0) throw std::invalid_argument("steps_offset must be >= 0");
+  if (c.num_train_timesteps > 10000000)
+    throw std::invalid_argument("num_train_timesteps " + std::to_string(c.num_train_timesteps) + " exceeds 10^7");
+  if (c.steps_offset < 0 || c.steps_offset >= c.num_train_timesteps)
+    throw std::invalid_argument("steps_offset must lie in [0, num_train_timesteps), got " + std::to_string(c.steps_offset));
   if (c.etsdm.enabled() && (c.etsdm.t_tilde >= c.num_train_timesteps || c.etsdm.t_tilde < c.etsdm.n))
     throw std::invalid_argument("E-TSDM needs n <= t_tilde < num_train_timesteps, got t_tilde = " +
                                 std::to_string(c.etsdm.t_tilde) + ", n = " + std::to_string(c.etsdm.n));

@@ -48,6 +48,8 @@ std::string stb_reason() {
 
 }  // namespace
 
+constexpr int64_t kMaxImagePixels = int64_t(1) << 26;  // 8192 x 8192
+
 int64_t image_file_channels(const std::string& path) {
   int w = 0, h = 0, comp = 0;
   clear_stb_reason();
@@ -60,6 +62,13 @@ torch::Tensor read_image(const std::string& path, int64_t channels) {
     throw std::invalid_argument("read_image: channels must be 0, 1, 3 or 4, got " + std::to_string(channels));
   if (channels == 0) channels = image_file_channels(path) >= 3 ? 3 : 1;
   int w = 0, h = 0, comp = 0;
+  // The header's size first: a few bytes can claim a 44612 x 5954 image (a TGA header in a .png), which stb
+  // would allocate and decode before noticing the data is missing.
+  clear_stb_reason();
+  if (!stbi_info(path.c_str(), &w, &h, &comp)) throw_undecodable(path);
+  if (int64_t(w) * int64_t(h) > kMaxImagePixels)
+    throw std::runtime_error("image '" + path + "' claims " + std::to_string(w) + " x " + std::to_string(h) +
+                             " pixels, more than the " + std::to_string(kMaxImagePixels) + " diffuse reads");
   StbiImage img;
   clear_stb_reason();
   img.pixels = stbi_load(path.c_str(), &w, &h, &comp, int(channels));

@@ -20,6 +20,11 @@ namespace diffuse::json_config {
                               ")");
 }
 
+/// Sizes beyond these are refused before any module is built (a corrupt or hostile config.json must not allocate
+/// until memory runs out): levels, channels per level, resnets per level, image side, class embeddings.
+constexpr size_t kMaxLevels = 16;
+constexpr int64_t kMaxChannels = 65536, kMaxLayersPerBlock = 64, kMaxSampleSize = 16384, kMaxClasses = 1 << 20;
+
 /// The per-level lists of a UNet-style config: at least one level of positive channel counts, one down and one
 /// up block type per level, each a supported one, and GroupNorm groups that divide every level's channels.
 inline void check_levels(const std::vector<int64_t>& channels, const std::vector<std::string>& down,
@@ -27,8 +32,9 @@ inline void check_levels(const std::vector<int64_t>& channels, const std::vector
                          const std::set<std::string>& up_supported, int64_t norm_groups) {
   const size_t levels = channels.size();
   if (levels == 0) refuse("block_out_channels", "[]", "at least one level");
+  if (levels > kMaxLevels) refuse("block_out_channels", std::to_string(levels) + " levels", "at most 16 levels");
   for (auto c : channels)
-    if (c <= 0) refuse("block_out_channels", std::to_string(c), "positive channel counts");
+    if (c <= 0 || c > kMaxChannels) refuse("block_out_channels", std::to_string(c), "channel counts in [1, 65536]");
   auto check_types = [&](const char* key, const std::vector<std::string>& types, const std::set<std::string>& ok) {
     if (types.size() != levels)
       refuse(key, std::to_string(types.size()) + " entries",
@@ -47,8 +53,11 @@ inline void check_levels(const std::vector<int64_t>& channels, const std::vector
 }
 
 inline void convert(const std::string& key, const nlohmann::json& v, int64_t& out) {
-  if (v.is_number_integer() || (v.is_number_float() && std::floor(v.get<double>()) == v.get<double>()))
-    out = v.get<int64_t>();
+  // A float must be integral and within 2^53 (converting 1e300 to int64 would be undefined behaviour).
+  if (v.is_number_integer() ||
+      (v.is_number_float() && std::floor(v.get<double>()) == v.get<double>() && std::abs(v.get<double>()) <= 9007199254740992.0))
+    out = v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX) ? (refuse(key, v.dump(), "an integer below 2^63"), 0)
+                                                                              : v.get<int64_t>();
   else
     refuse(key, v.dump(), "an integer");
 }

@@ -19,16 +19,20 @@ void UNetConfig::validate() const {
   using json_config::refuse;
   json_config::check_levels(block_out_channels, down_block_types, up_block_types, kDownBlocks, kUpBlocks,
                             norm_num_groups);
-  if (in_channels <= 0) refuse("in_channels", std::to_string(in_channels), "a positive count");
-  if (out_channels <= 0) refuse("out_channels", std::to_string(out_channels), "a positive count");
-  if (layers_per_block <= 0) refuse("layers_per_block", std::to_string(layers_per_block), "at least 1");
+  using json_config::kMaxChannels;
+  if (in_channels <= 0 || in_channels > kMaxChannels) refuse("in_channels", std::to_string(in_channels), "a count in [1, 65536]");
+  if (out_channels <= 0 || out_channels > kMaxChannels) refuse("out_channels", std::to_string(out_channels), "a count in [1, 65536]");
+  if (layers_per_block <= 0 || layers_per_block > json_config::kMaxLayersPerBlock)
+    refuse("layers_per_block", std::to_string(layers_per_block), "1 to 64");
+  if (sample_size && (*sample_size <= 0 || *sample_size > json_config::kMaxSampleSize))
+    refuse("sample_size", std::to_string(*sample_size), "1 to 16384");
   if (time_embedding_type != "positional") refuse("time_embedding_type", time_embedding_type, "positional");
   if (act_fn != "silu" && act_fn != "swish") refuse("act_fn", act_fn, "silu");
   if (downsample_type != "conv") refuse("downsample_type", downsample_type, "conv");
   if (upsample_type != "conv") refuse("upsample_type", upsample_type, "conv");
   if (class_embed_type) refuse("class_embed_type", *class_embed_type, "null (with num_class_embeds for labels)");
-  if (num_class_embeds && *num_class_embeds <= 0)
-    refuse("num_class_embeds", std::to_string(*num_class_embeds), "a positive count or null");
+  if (num_class_embeds && (*num_class_embeds <= 0 || *num_class_embeds > json_config::kMaxClasses))
+    refuse("num_class_embeds", std::to_string(*num_class_embeds), "a count in [1, 2^20] or null");
   if (resnet_time_scale_shift != "default" && resnet_time_scale_shift != "scale_shift")
     refuse("resnet_time_scale_shift", resnet_time_scale_shift, "default or scale_shift");
   if (downsample_padding < 0) refuse("downsample_padding", std::to_string(downsample_padding), "0 or more");

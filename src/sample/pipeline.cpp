@@ -286,6 +286,11 @@ namespace {
 void check_options(const LoadedRun& run, const GenerateOptions& o) {
   check_samplable(run.scheduler);
   if (o.n < 1) throw std::invalid_argument("--n must be >= 1, got " + std::to_string(o.n));
+  const double bytes = double(o.n) * double(run.channels * run.height * run.width) * 4.0;
+  if (bytes > double(int64_t(1) << 36))
+    throw std::invalid_argument("--n " + std::to_string(o.n) + " images of " + std::to_string(run.channels) + "x" +
+                                std::to_string(run.height) + "x" + std::to_string(run.width) +
+                                " would hold more than 64 GiB of samples; sample in several runs with --seed");
   if (o.batch < 1) throw std::invalid_argument("--batch must be >= 1, got " + std::to_string(o.batch));
   if (o.cfg_rescale < 0 || o.cfg_rescale > 1)
     throw std::invalid_argument("--cfg-rescale must lie in [0, 1], got " + std::to_string(o.cfg_rescale));
@@ -410,6 +415,11 @@ Generated generate(const LoadedRun& run, const GenerateOptions& o) {
     outputs.push_back(sampler(batch_denoiser(run, o, net, schedule, y, g.clip_range), Timesteps(levels, end),
                               x.to(run.device), so)
                           .to(torch::kCPU, torch::kFloat32));
+    // A NaN or infinite sample would be written as a black image: refuse it, naming the likely causes.
+    if (!torch::isfinite(outputs.back()).all().item<bool>())
+      throw std::runtime_error("images " + std::to_string(first) + " to " + std::to_string(first + count - 1) +
+                               " came out NaN or infinite: the UNet's weights ('" + run.unet_folder + "') or the initial "
+                               "noise are not finite, or the model diverges with these sampler settings");
   }
   g.images = torch::cat(outputs);
   if (!run.vae.is_empty()) {

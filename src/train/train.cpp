@@ -82,6 +82,8 @@ SchedulerConfig make_scheduler_config(const ScheduleSpec& spec, Prediction predi
 
 UNetConfig make_unet_config(const UNetShape& shape, int64_t size, int64_t channels, int64_t num_classes) {
   if (shape.channels.empty()) throw std::invalid_argument("--channels needs at least one level");
+  if (shape.channels.size() > 16)
+    throw std::invalid_argument("--channels has " + std::to_string(shape.channels.size()) + " levels (at most 16)");
   int64_t levels = int64_t(shape.channels.size());
   for (auto l : shape.attention_levels)
     if (l < 0 || l >= levels)

@@ -283,7 +283,13 @@ void write_checkpoint(Session& s, Task& task, const LoopOptions& o, const Datase
   fs::remove_all(dir);
   fs::create_directories(dir / "train_state");
   task.save(dir);
-  torch::save(*s.optimizer, (dir / "train_state" / "optimizer.pt").string());
+  {
+    // Serialised in memory, then written by write_file_atomic: LibTorch's own file writer aborts the process
+    // when the disk fills (c10::Error from a destructor); ours reports the path and keeps the last checkpoint.
+    std::ostringstream os;
+    torch::save(*s.optimizer, os);
+    write_file_atomic((dir / "train_state" / "optimizer.pt").string(), os.str());
+  }
   save_safetensors((dir / "train_state" / "rng.safetensors").string(), rng_states(s.device));
   nlohmann::json state = {{"step", step},
                           {"epoch", step / sampler.steps_per_epoch()},

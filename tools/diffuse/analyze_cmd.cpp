@@ -266,7 +266,7 @@ void add_model_options(CLI::App* cmd, ModelCli& o, int64_t default_n) {
   cmd->add_option("--n", o.n, "Images (fixed: the first n of the held-out split)")->capture_default_str();
   cmd->add_option("--class", o.class_id, "Class label for a conditional model (default: each image's own label)");
   cmd->add_option("--batch", o.batch, "Images per forward pass")->capture_default_str();
-  cmd->add_option("--seed", o.seed, "Seed of the noise (image i's noise is the same at every t)")->capture_default_str();
+  cmd->add_option("--seed", o.seed, "Seed of the noise (image i's noise is the same at every t)")->check(CLI::NonNegativeNumber)->capture_default_str();
   cmd->add_option("--out", o.out, "Output folder (default: MODEL/analysis)");
   cmd->add_option("--device", o.device, "cpu, cuda or cuda:N")->capture_default_str();
 }

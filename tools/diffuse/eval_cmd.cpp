@@ -119,7 +119,7 @@ void add_eval_command(CLI::App& app) {
   tf->add_option("--lr", t->train.lr, "Peak learning rate (AdamW, one-cycle)")->capture_default_str();
   tf->add_option("--weight-decay", t->train.weight_decay, "AdamW weight decay")->capture_default_str();
   tf->add_option("--hflip", t->train.hflip, "Random horizontal flips (true/false)")->capture_default_str();
-  tf->add_option("--seed", t->train.seed, "Seed")->capture_default_str();
+  tf->add_option("--seed", t->train.seed, "Seed")->check(CLI::NonNegativeNumber)->capture_default_str();
   tf->add_option("--threads", t->train.threads, "Intra-op threads (0: the default)")->capture_default_str();
   tf->add_option("--reference-limit", t->train.reference_limit, "Reference statistics of only the first N test "
                                                                 "images (0: all; for tests)")->capture_default_str();
@@ -154,7 +154,7 @@ void add_eval_command(CLI::App& app) {
   ev->add_option("--kid-subset-size", o->eval.kid_subset_size, "KID: images per subset")->capture_default_str();
   ev->add_option("--k", o->eval.pr_k, "precision/recall: k of the k-NN radius")->capture_default_str();
   ev->add_option("--is-splits", o->eval.is_splits, "IS analogue: splits")->capture_default_str();
-  ev->add_option("--seed", o->eval.seed, "Seed of the KID and precision/recall subsets")->capture_default_str();
+  ev->add_option("--seed", o->eval.seed, "Seed of the KID and precision/recall subsets")->check(CLI::NonNegativeNumber)->capture_default_str();
   ev->add_option("--device", o->device, "cpu, cuda or cuda:N")->capture_default_str();
   ev->callback([o] { run_eval(*o); });
 }

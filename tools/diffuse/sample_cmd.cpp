@@ -181,7 +181,7 @@ void add_sample_command(CLI::App& app) {
   cmd->add_option("--cfg-rescale", o->cfg_rescale, "Guidance rescale phi (Lin et al. 2023, Algorithm 2; 0.7 there)")->capture_default_str();
   cmd->add_option("--classifier", o->classifier, "Noisy classifier run (diffuse train-classifier) for classifier guidance");
   cmd->add_option("--classifier-scale", o->classifier_scale, "Classifier guidance scale")->capture_default_str();
-  cmd->add_option("--seed", o->seed, "Seed: image i depends only on (seed, i)")->capture_default_str();
+  cmd->add_option("--seed", o->seed, "Seed: image i depends only on (seed, i)")->check(CLI::NonNegativeNumber)->capture_default_str();
   cmd->add_option("--init-noise", o->init_noise, "Start from stored noise (safetensors, key 'noise', [N,C,H,W])");
   cmd->add_option("--save-raw", o->save_raw, "Store the final tensor (key 'sample', NCHW float32; a latent model's "
                                              "decoded images, its latents under 'latents') as safetensors");

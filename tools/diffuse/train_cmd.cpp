@@ -86,7 +86,7 @@ void add_common_options(CLI::App* cmd, CommonOptions& c, bool noised = true) {
   cmd->add_option("--weight-decay", l.weight_decay, "AdamW decoupled weight decay")->capture_default_str();
   cmd->add_option("--grad-clip", l.grad_clip, "Clip the global gradient norm to this (0: off)")->capture_default_str();
   cmd->add_option("--ema-decay", l.ema_decay, "EMA decay; at step k it is min(decay, (1+k)/(10+k))")->capture_default_str();
-  cmd->add_option("--seed", l.seed, "Seed of initialisation, batches, timesteps and noise")->capture_default_str();
+  cmd->add_option("--seed", l.seed, "Seed of initialisation, batches, timesteps and noise")->check(CLI::NonNegativeNumber)->capture_default_str();
   cmd->add_option("--device", l.device, "cpu, cuda or cuda:N")->capture_default_str();
   cmd->add_flag("--bf16", l.bf16, "bf16 autocast of the forward pass (CUDA only)");
   cmd->add_option("--cuda-graphs", l.cuda_graphs, "One process on a GPU: replay each step as a captured CUDA graph")

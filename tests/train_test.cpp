@@ -599,3 +599,34 @@ TEST(OptimizerStep, EmaIsTheWarmedUpAverage) {
   diffuse::detail::update_ema(*ema, *model, 0.9999, 5);  // d = min(0.9999, 6 / 15) = 0.4
   EXPECT_TRUE(torch::allclose(ema->weight, 0.4 * before + 0.6 * model->weight, 1e-6, 1e-7));
 }
+
+// --resume trains with the options its checkpoint was trained with: an edited run.json (prediction, lr, seed, ...)
+// is refused naming the keys, and so is a state.json whose step disagrees with the optimizer state beside it.
+TEST(Train, ResumeRefusesAnEditedRunJsonOrARewoundStep) {
+  TempDir dir;
+  const std::string run = dir / "run";
+  auto r = diffuse::testing::run_cli("train --data synthetic-shapes --synthetic-count 32 --size 16 --channels 8,16 "
+                                     "--attention-levels none --layers-per-block 1 --norm-groups 4 --batch 8 --steps 2 "
+                                     "--quiet --out " + run);
+  ASSERT_EQ(r.code, 0) << r.output;
+  const std::string run_json = read_file(run + "/run.json"), state_json = read_file(run + "/train_state/state.json");
+  auto edited = parse_json(run_json);
+  edited["prediction"] = "v";
+  edited["loop"]["seed"] = 7;
+  write_file_atomic(run + "/run.json", edited.dump(2));
+  r = diffuse::testing::run_cli("train --out " + run + " --resume --steps 3 --quiet");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.output.find("prediction"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("loop.seed"), std::string::npos) << r.output;
+  write_file_atomic(run + "/run.json", run_json);
+  auto rewound = parse_json(state_json);
+  rewound["step"] = 1;
+  rewound["batch_in_epoch"] = 1;
+  write_file_atomic(run + "/train_state/state.json", rewound.dump(2));
+  r = diffuse::testing::run_cli("train --out " + run + " --resume --steps 3 --quiet");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.output.find("optimizer state has taken 2 steps"), std::string::npos) << r.output;
+  write_file_atomic(run + "/train_state/state.json", state_json);
+  r = diffuse::testing::run_cli("train --out " + run + " --resume --steps 3 --quiet");
+  EXPECT_EQ(r.code, 0) << r.output;
+}

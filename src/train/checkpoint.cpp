@@ -1,6 +1,7 @@
 // The run folder: what may be resumed or overwritten, and the checkpoint swap that a kill at any moment
 // leaves completable.
 #include <algorithm>
+#include <iostream>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -140,12 +141,21 @@ bool detail::prepare_run_folder(const LoopOptions& o, const nlohmann::json& opti
     if (!fs::exists(run / "train_state" / "state.json"))
       throw std::invalid_argument("cannot resume '" + o.out +
                                   "': it has no checkpoint yet (train_state/state.json missing); start it again with --overwrite");
-    auto stored = load_json((run / "run.json").string());
+    // The options the checkpoint was trained with (state.json records them; runs of earlier versions only have
+    // run.json) against those of this invocation: run.json plus the resumable flags given. An edited run.json is
+    // refused here, naming the keys.
+    const auto state = load_json((run / "train_state" / "state.json").string());
+    const auto stored = state.contains("options") ? state["options"] : load_json((run / "run.json").string());
     std::vector<std::string> diffs;
     diff_json(stored, options_json, "", diffs);
     if (!diffs.empty())
-      throw std::invalid_argument("cannot resume '" + o.out + "' with different options: " + join_keys(diffs) +
-                                  " (resume without them, or start a new run)");
+      throw std::invalid_argument("cannot resume '" + o.out + "' with options that differ from its checkpoint's: " +
+                                  join_keys(diffs) + " (restore them in run.json, or start a new run)");
+    const int64_t threads = state.value("threads", int64_t(0));
+    if (threads > 0 && threads != torch::get_num_threads())
+      std::cerr << "warning: '" << o.out << "' was checkpointed with " << threads << " threads and resumes with "
+                << torch::get_num_threads() << ": on the CPU the result is bit-identical to an uninterrupted run only "
+                << "with the same --threads (floating-point sums split differently)\n";
     return true;
   }
   if (fs::exists(run)) fs::remove_all(run);  // empty, or a run folder with --overwrite (checked above)

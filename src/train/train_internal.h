@@ -61,6 +61,7 @@ struct Session {
   fs::path run;
   bool main = true, resumed = false;
   int64_t start = 0;
+  nlohmann::json options;  ///< the run's options (run.json), recorded in each checkpoint's state.json
   std::unique_ptr<torch::optim::AdamW> optimizer;
 };
 

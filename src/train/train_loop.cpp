@@ -226,7 +226,16 @@ void share_rank_zero_state(Session& s, Task& task, const LoopOptions& o) {
 
 // Rank 0 alone reads and writes the run folder and creates or loads the task; every rank then gets its
 // weights, optimizer state and first step.
+// The AdamW step count the checkpoint's optimizer state holds (every training step applies one update), or -1.
+int64_t optimizer_steps(torch::optim::AdamW& optimizer) {
+  int64_t steps = -1;
+  for (const auto& entry : optimizer.state())
+    steps = std::max<int64_t>(steps, static_cast<const torch::optim::AdamWParamState&>(*entry.second).step());
+  return steps;
+}
+
 void open_run(Session& s, Task& task, const LoopOptions& o, const nlohmann::json& options_json, const Dataset& data) {
+  s.options = options_json;
   s.dist = std::make_shared<Distributed>(s.env, s.device,
                                          std::chrono::milliseconds(int64_t(std::ceil(o.dist_timeout * 1000))));
   s.main = s.dist->is_main();
@@ -258,6 +267,11 @@ void open_run(Session& s, Task& task, const LoopOptions& o, const nlohmann::json
     if (s.resumed) {
       torch::load(*s.optimizer, (s.run / "train_state" / "optimizer.pt").string(), s.device);
       restore_rng_states(load_safetensors((s.run / "train_state" / "rng.safetensors").string()), s.device);
+      const int64_t updates = optimizer_steps(*s.optimizer);
+      if (updates >= 0 && updates != s.start)
+        throw std::invalid_argument("cannot resume '" + o.out + "': train_state/state.json says step " +
+                                    std::to_string(s.start) + " but its optimizer state has taken " +
+                                    std::to_string(updates) + " steps (an edited or mixed-up train_state)");
     }
     write_file_atomic((s.run / "run.json").string(), options_json.dump(2) + "\n");
   });
@@ -299,7 +313,9 @@ void write_checkpoint(Session& s, Task& task, const LoopOptions& o, const Datase
                           {"batch", o.batch},
                           {"seed", o.seed},
                           {"world_size", s.env.world_size},
-                          {"kind", task.kind()}};
+                          {"threads", torch::get_num_threads()},
+                          {"kind", task.kind()},
+                          {"options", s.options}};
   write_file_atomic((dir / "train_state" / "state.json").string(), state.dump(2) + "\n");
   write_file_atomic((dir / kComplete).string(), std::to_string(step) + "\n");
   swap_in_checkpoint(s.run);

@@ -89,7 +89,7 @@ TEST(Pipeline, GenerateEqualsThePartsByHandForAnyBatchSize) {
   auto net = classifier_free_guidance(run.network(), {3.0, 0.7, run.class_embeds - 1});
   auto d = make_denoiser(net, s.prediction_type, s.schedule(), s.etsdm, torch::tensor({0, 1, 2}, torch::kLong));
   SamplerOptions so;
-  so.set_alpha_to_one = false;  // DPMSolverMultistepScheduler without final_sigmas_type ends at alpha_bar[0]
+  so.set_alpha_to_one = true;  // DPMSolverMultistepScheduler without final_sigmas_type ends at the clean data
   so.seed = 5;
   auto ts = spaced_timesteps(s.schedule().T(), 4, s.timestep_spacing,
                              s.timestep_spacing == Spacing::leading ? s.steps_offset : 0);
@@ -168,11 +168,11 @@ TEST(Pipeline, FinalStepFollowsTheSamplersDiffusersClass) {
   c.set_alpha_to_one = false;
   EXPECT_FALSE(final_step_to_clean_data("ddim", c));
   for (const char* s : {"ddpm", "euler", "euler_a", "euler_ancestral", "heun"}) EXPECT_TRUE(final_step_to_clean_data(s, c)) << s;
-  EXPECT_FALSE(final_step_to_clean_data("dpmpp_2m", c));
+  EXPECT_TRUE(final_step_to_clean_data("dpmpp_2m", c));       // diffusers 0.26 on: final_sigmas_type "zero"
   c.set_alpha_to_one = true;
   EXPECT_TRUE(final_step_to_clean_data("ddim", c));
-  EXPECT_FALSE(final_step_to_clean_data("dpmpp_2m_sde", c));  // diffusers 0.25: alpha_bar[0] whatever the key
-  c.extra["final_sigmas_type"] = "zero";                       // diffusers 0.26 on write it
+  EXPECT_TRUE(final_step_to_clean_data("dpmpp_2m_sde", c));   // whatever set_alpha_to_one says
+  c.extra["final_sigmas_type"] = "zero";
   EXPECT_TRUE(final_step_to_clean_data("dpmpp_2m", c));
   c.extra["final_sigmas_type"] = "sigma_min";
   EXPECT_FALSE(final_step_to_clean_data("dpmpp_2m", c));

@@ -111,7 +111,7 @@ void check_samplable(const SchedulerConfig& config);
 /// as the diffusers class of that sampler does: DDIM follows set_alpha_to_one (DDIMScheduler's key alone);
 /// DDPM, Euler, Euler ancestral and Heun end at sigma 0 (DDPMScheduler's "one", the others' final sigma 0);
 /// DPM-Solver++ (DPMSolverMultistepScheduler) ends where final_sigmas_type says ("zero": clean data;
-/// "sigma_min"), and without that key at alpha_bar[0] as diffusers 0.25 did; UniPC the same with "zero" its default.
+/// "sigma_min"), and without that key at the clean data (diffusers 0.26 on; 0.25 ended at alpha_bar[0]); UniPC the same.
 bool final_step_to_clean_data(const std::string& sampler, const SchedulerConfig& config);
 
 /// The sampler a scheduler config's diffusers class stands for: DDIMScheduler ddim, DDPMScheduler ddpm,

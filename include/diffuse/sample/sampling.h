@@ -2,9 +2,9 @@
 //
 // Every sampler walks a descending list of noise levels (Timesteps): integer training timesteps
 // (spaced_timesteps in schedule.h), or levels (t, a, s) given directly (sigma spacings, fractional
-// timesteps, a rectified-flow path; spaced_levels in sample/spacing.h), and one final step to the end
+// timesteps, a rectified-flow path; spaced_levels in core/levels.h), and one final step to the end
 // level: the clean data (a = 1, s = 0), or for integer timesteps without set_alpha_to_one alpha_bar[0]
-// (diffusers' DDIMScheduler convention; DPMSolverMultistepScheduler 0.25 uses alpha_bar[0]).
+// (diffusers' DDIMScheduler convention; DPMSolverMultistepScheduler with final_sigmas_type sigma_min too).
 // All updates are written in (a, s) and q = exp(-h) = (a s_next) / (a_next s), h = lambda_next - lambda,
 // lambda = log(a / s): never through sigma = s / a, never dividing by a, and never assuming a^2 + s^2 = 1, so
 // one code serves variance-preserving and rectified-flow paths. They are exact on zero-terminal-SNR schedules:

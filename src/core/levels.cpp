@@ -34,9 +34,10 @@ std::vector<double> log_sigmas(const Schedule& schedule) {
 }
 }  // namespace
 
-double sigma_to_t(const Schedule& schedule, double sigma) {
-  const auto ls = log_sigmas(schedule);
-  const int64_t T = schedule.T();
+namespace {
+// sigma_to_t on a precomputed table of log sigma (diffusers' _sigma_to_t).
+double t_of_sigma(const std::vector<double>& ls, double sigma) {
+  const int64_t T = int64_t(ls.size());
   if (std::isinf(sigma)) return double(T - 1);
   const double l = std::log(std::max(sigma, 1e-10));
   // low = the last index whose log sigma is <= l (log sigma increases with t), clipped to [0, T - 2].
@@ -49,6 +50,9 @@ double sigma_to_t(const Schedule& schedule, double sigma) {
   w = std::min(1.0, std::max(0.0, w));
   return (1.0 - w) * double(low) + w * double(low + 1);
 }
+}  // namespace
+
+double sigma_to_t(const Schedule& schedule, double sigma) { return t_of_sigma(log_sigmas(schedule), sigma); }
 
 namespace {
 // The continued fraction of the regularised incomplete beta function (Lentz's method).
@@ -125,7 +129,7 @@ std::vector<Level> spaced_levels(const Schedule& schedule, int64_t S, Spacing sp
   const auto ls = log_sigmas(schedule);
   const double sigma_min = std::exp(ls.front()), sigma_max = std::exp(ls[size_t(zero_snr ? T - 2 : T - 1)]);
   for (double sigma : spaced_sigmas(spacing, S - (zero_snr ? 1 : 0), sigma_max, sigma_min, rho)) {
-    double t = sigma_to_t(schedule, sigma);
+    double t = t_of_sigma(ls, sigma);
     if (round_t) t = std::nearbyint(t);
     out.push_back(vp_level_of_sigma(sigma, t));
   }

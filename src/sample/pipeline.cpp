@@ -8,7 +8,6 @@
 #include "diffuse/core/levels.h"
 #include "diffuse/sample/sampling.h"
 
-#include <cstring>
 #include <limits>
 
 namespace fs = std::filesystem;
@@ -113,6 +112,13 @@ const std::vector<std::string>& euler_classes() {
 }
 const char* kFlowClass = "FlowMatchEulerDiscreteScheduler";
 
+// diffusers' keys that ask for a sigma spacing, in the order its set_timesteps tests them.
+const std::vector<std::pair<const char*, Spacing>>& sigma_spacing_keys() {
+  static const std::vector<std::pair<const char*, Spacing>> keys = {
+      {"use_karras_sigmas", Spacing::karras}, {"use_exponential_sigmas", Spacing::exponential}, {"use_beta_sigmas", Spacing::beta}};
+  return keys;
+}
+
 // A key's value, or `fallback` when it is absent or null.
 nlohmann::json key_or(const SchedulerConfig& config, const std::string& key, nlohmann::json fallback) {
   const auto it = config.extra.find(key);
@@ -163,13 +169,13 @@ void check_samplable(const SchedulerConfig& config) {
       throw std::invalid_argument("scheduler config key algorithm_type = \"" + algo + "\" " + unsupported +
                                   " (diffuse's DPM-Solver predicts data: dpmsolver++ or sde-dpmsolver++)");
   }
-  for (const char* key : {"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"})
+  for (const auto& [key, spacing] : sigma_spacing_keys())
     if (key_or(config, key, false) == true && !is_one_of(cls, multistep_classes()) && !is_one_of(cls, euler_classes()) &&
         cls != kFlowClass)
       throw std::invalid_argument(std::string("scheduler config key ") + key + " = true, which " +
                                   (cls.empty() ? "a config without _class_name" : cls) +
                                   " does not read (diffuse honours it for Euler, Heun, DPM-Solver, UniPC and flow "
-                                  "matching); remove it, or pass --spacing " + std::string(key + 4, std::strlen(key) - 11));
+                                  "matching); remove it, or pass --spacing " + to_string(spacing));
 }
 
 bool final_step_to_clean_data(const std::string& sampler, const SchedulerConfig& config) {
@@ -223,9 +229,8 @@ std::vector<int64_t> multistep_timesteps(int64_t T, int64_t S, Spacing spacing, 
 
 // The sigma spacing a config's use_*_sigmas key asks for.
 std::optional<Spacing> config_sigma_spacing(const SchedulerConfig& config) {
-  if (key_or(config, "use_karras_sigmas", false) == true) return Spacing::karras;
-  if (key_or(config, "use_exponential_sigmas", false) == true) return Spacing::exponential;
-  if (key_or(config, "use_beta_sigmas", false) == true) return Spacing::beta;
+  for (const auto& [key, spacing] : sigma_spacing_keys())
+    if (key_or(config, key, false) == true) return spacing;
   return std::nullopt;
 }
 

@@ -275,6 +275,24 @@ torch::Tensor unipc_correction(const std::vector<double>& rks, const std::vector
   return sum;
 }
 
+// The UniPC update of step p from x with the x0 estimate m0 at its start: the predictor (m_t undefined) or, with
+// the estimate m_t at the step's end, the corrector. The divided differences use history points 1 .. order - 1
+// (point 0 is m0's level).
+torch::Tensor unipc_update(const Step& p, const torch::Tensor& x, const torch::Tensor& m0, const History& hist,
+                           int order, const UniPcTerms& terms, const torch::Tensor& m_t = {}) {
+  auto out = (p.s_next / p.s) * x + (p.a_next * (1.0 - p.q())) * m0;
+  const bool corrector = m_t.defined();
+  if (!corrector && order < 2) return out;
+  std::vector<double> rks;
+  std::vector<torch::Tensor> ds;
+  for (int k = 1; k < order; ++k) {
+    rks.push_back((hist.lambda[size_t(k)] - p.lambda()) / p.h());
+    ds.push_back((hist.x0[size_t(k)] - m0) / rks.back());
+  }
+  if (corrector) ds.push_back(m_t - m0);
+  return out - (p.a_next * terms.B) * unipc_correction(rks, ds, order, terms, corrector);
+}
+
 }  // namespace
 
 // Posterior q(x_prev | x_t, x0) of the spaced chain (Ho et al. 2020, eqs. 6-7), beta = 1 - alpha_bar / alpha_bar_prev:
@@ -406,47 +424,24 @@ torch::Tensor sample_unipc(const Denoiser& d, const Timesteps& ts, const torch::
   int prev_order = 0;
   for (const auto& st : steps) {
     Estimate e = d(x, st.cur);
-    const double lambda = st.lambda();
     if (o.unipc_corrector && st.i > 0) {
       const Step& p = steps[size_t(st.i - 1)];
       const double h = p.h();
       const bool finite = std::isfinite(h);
       if (finite || o.unipc_variant == UniPcVariant::bh2) {
         const int order = finite ? prev_order : 1;  // a finite h: hist.x0[0] is m_prev, older points follow
-        const auto& m0 = m_prev;
-        const double q = p.q(), lambda0 = p.lambda();
-        std::vector<double> rks;
-        std::vector<torch::Tensor> ds;
-        for (int k = 1; k < order; ++k) {
-          rks.push_back((hist.lambda[size_t(k)] - lambda0) / h);
-          ds.push_back((hist.x0[size_t(k)] - m0) / rks.back());
-        }
-        ds.push_back(e.x0 - m0);
         // At h = inf (bh2, a step from SNR 0): B = -1, b_1 = 1, rho = 1/2, q = 0.
         const UniPcTerms terms = finite ? unipc_terms(h, order, o.unipc_variant) : UniPcTerms{-1.0, {1.0}};
-        auto corr = unipc_correction(rks, ds, order, terms, true);
-        x = (p.s_next / p.s) * x_prev + (p.a_next * (1.0 - q)) * m0 - (p.a_next * terms.B) * corr;
+        x = unipc_update(p, x_prev, m_prev, hist, order, terms, e.x0);
       }
     }
-    hist.push(e.x0, lambda, 3);
+    hist.push(e.x0, st.lambda(), 3);
     m_prev = e.x0;
-    const double h = st.h(), q = st.q();
     int order = std::min<int>(o.order, int(hist.size()));
     if (o.lower_order_final) order = std::min<int64_t>(order, n - st.i);
-    if (!std::isfinite(h) || hist.size() == 0) order = 1;
+    if (!std::isfinite(st.h()) || hist.size() == 0) order = 1;
     x_prev = x;
-    auto x_next = (st.s_next / st.s) * x + (st.a_next * (1.0 - q)) * e.x0;
-    if (order >= 2) {
-      std::vector<double> rks;
-      std::vector<torch::Tensor> ds;
-      for (int k = 1; k < order; ++k) {
-        rks.push_back((hist.lambda[size_t(k)] - lambda) / h);
-        ds.push_back((hist.x0[size_t(k)] - e.x0) / rks.back());
-      }
-      const UniPcTerms terms = unipc_terms(h, order, o.unipc_variant);
-      x_next = x_next - (st.a_next * terms.B) * unipc_correction(rks, ds, order, terms, false);
-    }
-    x = x_next;
+    x = unipc_update(st, x, e.x0, hist, order, order >= 2 ? unipc_terms(st.h(), order, o.unipc_variant) : UniPcTerms{});
     prev_order = order;
     notify(o, st, n, x, e.x0);
   }

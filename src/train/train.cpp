@@ -193,17 +193,11 @@ class DiffusionTask : public Task {
     const auto& x0 = batch.images;
     int64_t B = x0.size(0);
     auto t = shard.rows(torch::randint(0, schedule_.T(), {shard.global}, gen, drawn_on(gen, torch::kInt64)));
-    auto eps = shard.rows(offset_noise(torch::randn(shard.global_shape(x0.sizes()), gen, drawn_on(gen, torch::kFloat32)),
-                                       o_.offset_noise, gen))
-                   .to(device_);
+    auto eps = draw_noise(x0, shard, gen);
     auto td = t.to(device_);
     auto a = a_.index_select(0, td).view({B, 1, 1, 1}), s = s_.index_select(0, td).view({B, 1, 1, 1});
     auto x_t = add_noise(x0, eps, a, s);
-    torch::Tensor labels;
-    if (null_class_ >= 0) {
-      auto drop = shard.rows(torch::rand({shard.global}, gen, drawn_on(gen, torch::kFloat32)) < o_.label_dropout).to(device_);
-      labels = torch::where(drop, torch::full_like(batch.labels, null_class_), batch.labels);
-    }
+    auto labels = drop_labels(batch, shard, gen);
     auto cond = o_.etsdm.condition(t).to(device_);  // E-TSDM: the network sees f(t), the noise uses t
     auto pred = unet_->forward(x_t, cond, labels).to(torch::kFloat32);
     return {per_example_loss(o_.prediction, pred, x0, eps, a, s, weight_d_.index_select(0, td)), t};
@@ -218,6 +212,19 @@ class DiffusionTask : public Task {
   }
 
  private:
+  // The batch's noise (with offset noise), drawn for the global batch and cut to this shard.
+  torch::Tensor draw_noise(const torch::Tensor& x0, const Shard& shard, at::Generator& gen) const {
+    return shard.rows(offset_noise(torch::randn(shard.global_shape(x0.sizes()), gen, drawn_on(gen, torch::kFloat32)),
+                                   o_.offset_noise, gen))
+        .to(device_);
+  }
+  // The class labels with label dropout to the null class (undefined for an unconditional model; draws nothing).
+  torch::Tensor drop_labels(const Batch& batch, const Shard& shard, at::Generator& gen) const {
+    if (null_class_ < 0) return {};
+    auto drop = shard.rows(torch::rand({shard.global}, gen, drawn_on(gen, torch::kFloat32)) < o_.label_dropout).to(device_);
+    return torch::where(drop, torch::full_like(batch.labels, null_class_), batch.labels);
+  }
+
   static void check_path(const TrainOptions& o) {
     if (o.path != "vp" && o.path != "rectified-flow")
       throw std::invalid_argument("--path must be vp or rectified-flow, got '" + o.path + "'");
@@ -246,16 +253,10 @@ class DiffusionTask : public Task {
     auto sigma_drawn = shard.rows(o_.flow_shift * raw / (1.0 + (o_.flow_shift - 1.0) * raw));
     auto t = (sigma_drawn * double(T)).floor().clamp(0, double(T - 1)).to(torch::kInt64);  // where VP's t lives
     auto sigma = sigma_drawn.to(device_);
-    auto eps = shard.rows(offset_noise(torch::randn(shard.global_shape(x0.sizes()), gen, drawn_on(gen, torch::kFloat32)),
-                                       o_.offset_noise, gen))
-                   .to(device_);
+    auto eps = draw_noise(x0, shard, gen);
     auto a = (1.0 - sigma).to(torch::kFloat32).view({B, 1, 1, 1}), s = sigma.to(torch::kFloat32).view({B, 1, 1, 1});
     auto x_t = add_noise(x0, eps, a, s);
-    torch::Tensor labels;
-    if (null_class_ >= 0) {
-      auto drop = shard.rows(torch::rand({shard.global}, gen, drawn_on(gen, torch::kFloat32)) < o_.label_dropout).to(device_);
-      labels = torch::where(drop, torch::full_like(batch.labels, null_class_), batch.labels);
-    }
+    auto labels = drop_labels(batch, shard, gen);
     auto pred = unet_->forward(x_t, (sigma * double(T)).to(torch::kFloat32), labels).to(torch::kFloat32);
     auto snr = ((1.0 - sigma) / sigma).square();
     auto weight = loss_weight(o_.loss_weight, Prediction::flow, snr, o_.min_snr_gamma).to(torch::kFloat32);

@@ -172,23 +172,25 @@ TEST(ImageIo, BadFilesNameTheFile) {
   EXPECT_THROW(write_png(dir / "y.png", torch::zeros({2, 4, 4})), std::invalid_argument);
 }
 
+// One PNG chunk: big-endian length, type, data, CRC-32 of type + data.
+static std::string png_chunk(const std::string& type, const std::string& data) {
+  std::string out;
+  for (int shift : {24, 16, 8, 0}) out += char((data.size() >> shift) & 0xff);
+  std::string body = type + data;
+  out += body;
+  const uLong crc = crc32(0, reinterpret_cast<const Bytef*>(body.data()), uInt(body.size()));
+  for (int shift : {24, 16, 8, 0}) out += char((crc >> shift) & 0xff);
+  return out;
+}
+
 // A PNG whose deflate stream uses the reserved block type 3: stb fails without a reason (it crashed the
 // error message, a NULL string); after an earlier failure it used to show that one's stale reason.
 TEST(ImageIo, ReservedDeflateBlockIsAnErrorNotACrash) {
-  auto chunk = [](const std::string& type, const std::string& data) {
-    std::string out;
-    for (int shift : {24, 16, 8, 0}) out += char((data.size() >> shift) & 0xff);
-    std::string body = type + data;
-    out += body;
-    const uLong crc = crc32(0, reinterpret_cast<const Bytef*>(body.data()), uInt(body.size()));
-    for (int shift : {24, 16, 8, 0}) out += char((crc >> shift) & 0xff);
-    return out;
-  };
   const std::string ihdr("\0\0\0\1\0\0\0\1\x08\0\0\0\0", 13);   // 1x1, 8-bit grey
   const std::string idat("\x78\x01\x07\0\0\0\0\0", 8);             // zlib header, BFINAL=1 BTYPE=3
   TempDir dir;
-  write_file_atomic(dir / "reserved.png", std::string("\x89PNG\r\n\x1a\n", 8) + chunk("IHDR", ihdr) +
-                                              chunk("IDAT", idat) + chunk("IEND", ""));
+  write_file_atomic(dir / "reserved.png", std::string("\x89PNG\r\n\x1a\n", 8) + png_chunk("IHDR", ihdr) +
+                                              png_chunk("IDAT", idat) + png_chunk("IEND", ""));
   write_file_atomic(dir / "bad.jpg", "\xff\xd8\xff\xe0 not really a JPEG");
   EXPECT_THROW(read_image(dir / "bad.jpg"), std::runtime_error);  // leaves a reason behind in stb
   for (int64_t channels : {0, 1, 3}) {
@@ -198,13 +200,68 @@ TEST(ImageIo, ReservedDeflateBlockIsAnErrorNotACrash) {
   }
 }
 
-// 18 bytes that stb reads as a TGA header of 44612 x 5954 pixels: refused from the header, before any allocation.
+// Zero-length IDAT chunks are valid PNG; stb copied one from a null buffer (undefined behaviour, found by
+// fuzz/fuzz_image_folder under UBSan). The same pixels come back with and without them.
+TEST(ImageIo, EmptyPngDataChunksDecodeAsWithout) {
+  TempDir dir;
+  auto image = torch::rand({3, 5, 7}) * 2 - 1;
+  const std::string png = encode_png(image);
+  const size_t after_ihdr = 8 + 12 + 13;
+  write_file_atomic(dir / "plain.png", png);
+  write_file_atomic(dir / "empty_idat.png", png.substr(0, after_ihdr) + png_chunk("IDAT", "") + png_chunk("IDAT", "") +
+                                                png.substr(after_ihdr));
+  EXPECT_TRUE(torch::equal(read_image(dir / "plain.png"), read_image(dir / "empty_idat.png")));
+}
+
+// A PNG header claiming 44612 x 5954 pixels: refused from the header, before any allocation.
 TEST(ImageIo, HugeClaimedSizeIsRefusedBeforeDecoding) {
+  TempDir dir;
+  const std::string ihdr("\0\0\xae\x44\0\0\x17\x42\x08\0\0\0\0", 13);  // 44612 x 5954, 8-bit grey
+  write_file_atomic(dir / "x.png", std::string("\x89PNG\r\n\x1a\n", 8) + png_chunk("IHDR", ihdr));
+  auto msg = error_of([&] { read_image(dir / "x.png", 1); });
+  EXPECT_NE(msg.find("44612 x 5954"), std::string::npos) << msg;
+}
+
+// A 54-byte BMP header claiming 5 x 11993088 pixels of 32 bits (240 MB of rows): stb would allocate and decode
+// them from nothing (2 s and 0.9 GB; found by fuzz/fuzz_image_folder). Refused from the header and the file size.
+TEST(ImageIo, TruncatedBmpIsRefusedBeforeDecoding) {
+  TempDir dir;
+  auto le = [](uint32_t v, int n) {
+    std::string out;
+    for (int k = 0; k < n; ++k) out += char((v >> (8 * k)) & 0xff);
+    return out;
+  };
+  const std::string bmp = "BM" + le(54, 4) + le(0, 4) + le(54, 4) + le(40, 4) + le(5, 4) + le(11993088, 4) + le(1, 2) +
+                          le(32, 2) + le(0, 4) + le(0, 4) + le(2835, 4) + le(2835, 4) + le(0, 4) + le(0, 4);
+  write_file_atomic(dir / "x.bmp", bmp);
+  auto msg = error_of([&] { read_image(dir / "x.bmp", 1); });
+  EXPECT_NE(msg.find("5 x 11993088"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("cannot hold its rows"), std::string::npos) << msg;
+}
+
+// 18 bytes that stb's TGA decoder reads as 44612 x 5954 pixels (24 s and 7.2 GB before failing): formats other
+// than PNG, JPEG and BMP are not decoded at all, whatever the file's name.
+TEST(ImageIo, OtherFormatsInAPngFileAreRefused) {
   TempDir dir;
   const std::string tga("\0\0\x02\0\0\0\0\0\0\0\0\0\x44\xae\x42\x17\x18\0", 18);
   write_file_atomic(dir / "x.png", tga);
   auto msg = error_of([&] { read_image(dir / "x.png", 1); });
-  EXPECT_NE(msg.find("44612 x 5954"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("x.png"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("cannot decode"), std::string::npos) << msg;
+}
+
+// A JPEG whose Huffman table declares 4080 codes: Debian 12's stb writes past its 257-entry table (found by
+// fuzz/fuzz_image_folder under UBSan); refused before stb sees it.
+TEST(ImageIo, JpegHuffmanTableOverflowIsRefused) {
+  TempDir dir;
+  std::string dht("\xff\xd8\xff\xc4\x00\x13\x00", 7);  // SOI, DHT of length 19: class 0, table 0
+  dht += std::string(16, '\xff');                          // 16 code lengths of 255 codes each
+  write_file_atomic(dir / "x.jpg", dht);
+  for (int64_t channels : {0, 1, 3}) {
+    auto msg = error_of([&] { read_image(dir / "x.jpg", channels); });
+    EXPECT_NE(msg.find("Huffman table declares 4080 codes"), std::string::npos) << msg;
+  }
+  EXPECT_THROW(image_file_channels(dir / "x.jpg"), std::runtime_error);
 }
 
 TEST(Data, ImageFolderClassesAreSubfolders) {

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include "diffuse/io/files.h"
 #include "diffuse/data/data.h"
@@ -234,7 +235,7 @@ TEST(Train, LossGoesDownOnTinyData) {
   EXPECT_LT(after, 0.5 * before) << "before " << before << " after " << after;
   // The run folder: diffusers layout, log and plot.
   for (std::string f : {"run.json", "unet/config.json", "unet_ema/diffusion_pytorch_model.safetensors",
-                        "scheduler/scheduler_config.json", "train_state/state.json", "train_state/optimizer.pt",
+                        "scheduler/scheduler_config.json", "train_state/state.json", "train_state/optimizer.safetensors",
                         "log.csv", "loss.png"})
     EXPECT_TRUE(fs::exists(dir / ("run/" + f))) << f;
   EXPECT_FALSE(fs::exists(dir / "run/.checkpoint-new"));
@@ -300,6 +301,45 @@ TEST(Train, ResumeEqualsUninterruptedBitForBit) {
     return out;
   };
   EXPECT_EQ(steps_of(dir / "a/log.csv"), steps_of(dir / "b/log.csv"));
+}
+
+// A run stopped between two log rows and resumed ends with a run folder byte-identical to an uninterrupted one's
+// (log.csv but its images/s column, which is wall time). It did not: rows whose last decile was empty were dropped
+// on resume, the row after the checkpoint averaged fewer steps, torch::save keyed the optimizer state by memory
+// address, and run.json recorded "resume": true (found by scripts/kill-harness.sh).
+TEST(Train, ResumedRunFolderIsByteIdentical) {
+  TempDir dir;
+  auto make = [&] {
+    auto o = tiny_options(dir / "run", 9);
+    o.loop.batch = 2;      // 6 timesteps a row in 10 deciles: most rows have empty cells, some a last one
+    o.loop.log_every = 3;  // rows at 3, 6, 9; the stop at 4 falls inside a row
+    return o;
+  };
+  train(make(), shapes16());
+  fs::rename(dir / "run", dir / "straight");
+  TrainHooks stop_at_4;
+  stop_at_4.on_step = [](const TrainStepInfo& s) {
+    if (s.step == 4) std::raise(SIGTERM);
+  };
+  EXPECT_TRUE(train(make(), shapes16(), stop_at_4).interrupted);
+  auto o = make();
+  o.loop.resume = true;
+  EXPECT_EQ(train(o, shapes16()).step, 9);
+  auto without_rate = [](const std::string& csv) {  // drops column 4, images/s
+    std::istringstream in(read_file(csv));
+    std::string line, out;
+    while (std::getline(in, line)) {
+      size_t a = line.find(','), b = line.find(',', a + 1), c = line.find(',', b + 1), d = line.find(',', c + 1);
+      out += line.substr(0, c) + line.substr(d) + "\n";
+    }
+    return out;
+  };
+  EXPECT_NE(read_file(dir / "straight/log.csv").find(",\n"), std::string::npos) << "no row ends in an empty decile";
+  EXPECT_EQ(without_rate(dir / "straight/log.csv"), without_rate(dir / "run/log.csv"));
+  for (const char* f : {"run.json", "loss.png", "train_state/state.json", "train_state/optimizer.safetensors",
+                        "train_state/rng.safetensors", "unet/diffusion_pytorch_model.safetensors",
+                        "unet_ema/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"})
+    EXPECT_TRUE(read_file(dir / (std::string("straight/") + f)) == read_file(dir / (std::string("run/") + f))) << f;
 }
 
 TEST(Train, ExistingRunFolderIsNeverSilentlyOverwritten) {
@@ -629,4 +669,24 @@ TEST(Train, ResumeRefusesAnEditedRunJsonOrARewoundStep) {
   write_file_atomic(run + "/train_state/state.json", state_json);
   r = diffuse::testing::run_cli("train --out " + run + " --resume --steps 3 --quiet");
   EXPECT_EQ(r.code, 0) << r.output;
+}
+
+// run.json's numbers go through the same checked conversions as every config: 1e300 or 2.5 for an integer, a
+// negative seed, a string for a number are refused naming the key (1e300 was undefined behaviour, found by
+// fuzz/fuzz_json_configs under UBSan).
+TEST(Train, RunJsonNumbersAreCheckedByKey) {
+  for (const auto& [text, key] : std::vector<std::pair<std::string, std::string>>{
+           {R"({"loop": {"batch": 1e300}})", "batch"},
+           {R"({"loop": {"steps": 2.5}})", "steps"},
+           {R"({"loop": {"seed": -1}})", "seed"},
+           {R"({"loop": {"threads": 4294967296}})", "threads"},
+           {R"({"loop": {"lr": "fast"}})", "lr"},
+           {R"({"data": {"size": 1e19}})", "size"},
+           {R"({"schedule": {"T": true}})", "T"}}) {
+    auto msg = error_of([&] { TrainOptions::from_json(nlohmann::json::parse(text)); });
+    EXPECT_NE(msg.find("'" + key + "'"), std::string::npos) << text << ": " << msg;
+  }
+  EXPECT_EQ(TrainOptions::from_json(nlohmann::json::parse(R"({"loop": {"batch": 8.0, "seed": 18446744073709551615}})"))
+                .loop.seed,
+            18446744073709551615ull);
 }

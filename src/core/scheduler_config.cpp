@@ -1,10 +1,10 @@
 #include "diffuse/core/scheduler_config.h"
 
 #include "diffuse/io/files.h"
+#include "io/json_fields.h"
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <stdexcept>
 
 #include <torch/torch.h>
@@ -16,24 +16,7 @@ namespace {
 const char* kEtsdmTilde = "diffuse_etsdm_t_tilde";
 const char* kEtsdmN = "diffuse_etsdm_n";
 
-template <class T>
-T get(const nlohmann::json& j, const char* key, T fallback) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return fallback;
-  if constexpr (std::is_same_v<T, int64_t>) {  // no float-to-integer conversion outside the exact range
-    const bool integral = it->is_number_integer() ? !(it->is_number_unsigned() && it->template get<uint64_t>() > uint64_t(INT64_MAX))
-                                                  : it->is_number_float() && std::floor(it->template get<double>()) == it->template get<double>() &&
-                                                        std::abs(it->template get<double>()) <= 9007199254740992.0;
-    if (!integral)
-      throw std::invalid_argument(std::string("scheduler config key '") + key + "' must be an integer, got " + it->dump());
-  }
-  try {
-    return it->get<T>();
-  } catch (const nlohmann::json::exception&) {
-    throw std::invalid_argument(std::string("scheduler config key '") + key + "' has the wrong type: " +
-                                it->dump());
-  }
-}
+using json_config::get_or;
 
 const std::vector<std::string>& known_keys() {
   static const std::vector<std::string> keys = {
@@ -68,24 +51,24 @@ ClassDefaults class_defaults(const std::string& class_name) {
 SchedulerConfig SchedulerConfig::from_json(const nlohmann::json& j) {
   if (!j.is_object()) throw std::invalid_argument("a scheduler config must be a JSON object");
   SchedulerConfig c;
-  const ClassDefaults defaults = class_defaults(get<std::string>(j, "_class_name", ""));
-  c.num_train_timesteps = get<int64_t>(j, "num_train_timesteps", c.num_train_timesteps);
-  c.beta_schedule = get<std::string>(j, "beta_schedule", c.beta_schedule);
-  c.beta_start = get<double>(j, "beta_start", c.beta_start);
-  c.beta_end = get<double>(j, "beta_end", c.beta_end);
+  const ClassDefaults defaults = class_defaults(get_or<std::string>(j, "_class_name", ""));
+  c.num_train_timesteps = get_or<int64_t>(j, "num_train_timesteps", c.num_train_timesteps);
+  c.beta_schedule = get_or<std::string>(j, "beta_schedule", c.beta_schedule);
+  c.beta_start = get_or<double>(j, "beta_start", c.beta_start);
+  c.beta_end = get_or<double>(j, "beta_end", c.beta_end);
   if (j.contains("trained_betas") && !j["trained_betas"].is_null())
-    c.trained_betas = get<std::vector<double>>(j, "trained_betas", {});
-  c.rescale_betas_zero_snr = get<bool>(j, "rescale_betas_zero_snr", false);
-  c.prediction_type = parse_prediction(get<std::string>(j, "prediction_type", defaults.prediction));
-  c.timestep_spacing = parse_spacing(get<std::string>(j, "timestep_spacing", defaults.spacing));
-  c.steps_offset = get<int64_t>(j, "steps_offset", 0);
-  c.clip_sample = get<bool>(j, "clip_sample", defaults.clip_sample);
-  c.clip_sample_range = get<double>(j, "clip_sample_range", 1.0);
+    c.trained_betas = get_or<std::vector<double>>(j, "trained_betas", {});
+  c.rescale_betas_zero_snr = get_or<bool>(j, "rescale_betas_zero_snr", false);
+  c.prediction_type = parse_prediction(get_or<std::string>(j, "prediction_type", defaults.prediction));
+  c.timestep_spacing = parse_spacing(get_or<std::string>(j, "timestep_spacing", defaults.spacing));
+  c.steps_offset = get_or<int64_t>(j, "steps_offset", 0);
+  c.clip_sample = get_or<bool>(j, "clip_sample", defaults.clip_sample);
+  c.clip_sample_range = get_or<double>(j, "clip_sample_range", 1.0);
   if (!(c.clip_sample_range > 0))
     throw std::invalid_argument("clip_sample_range must be positive, got " + std::to_string(c.clip_sample_range));
-  c.set_alpha_to_one = get<bool>(j, "set_alpha_to_one", true);
-  c.etsdm.t_tilde = get<int64_t>(j, kEtsdmTilde, 0);
-  c.etsdm.n = get<int64_t>(j, kEtsdmN, 0);
+  c.set_alpha_to_one = get_or<bool>(j, "set_alpha_to_one", true);
+  c.etsdm.t_tilde = get_or<int64_t>(j, kEtsdmTilde, 0);
+  c.etsdm.n = get_or<int64_t>(j, kEtsdmN, 0);
   if (c.num_train_timesteps < 2)
     throw std::invalid_argument("num_train_timesteps must be at least 2, got " +
                                 std::to_string(c.num_train_timesteps));

@@ -19,6 +19,7 @@
 #include "diffuse/util/progress.h"
 #include "diffuse/util/runtime.h"
 #include "diffuse/io/safetensors.h"
+#include "diffuse/train/train.h"
 
 namespace fs = std::filesystem;
 
@@ -182,7 +183,12 @@ FeatureTrainResult train_feature_net(const FeatureTrainOptions& o, const Feature
   torch::optim::AdamW opt(net->parameters(), torch::optim::AdamWOptions(o.lr).weight_decay(o.weight_decay));
   BatchSampler sampler(train.size(), o.batch, o.seed);
   const int64_t steps = o.epochs * sampler.steps_per_epoch();
-  const int64_t warmup = std::max<int64_t>(1, steps / 10);
+  LoopOptions schedule;  // one-cycle (Smith & Topin 2019): a tenth of the steps linear warmup, then cosine to 0
+  schedule.lr = o.lr;
+  schedule.min_lr = 0;
+  schedule.lr_schedule = "cosine";
+  schedule.steps = steps;
+  schedule.warmup = std::max<int64_t>(1, steps / 10);
   Progress progress(o.progress, 0, steps, 100, "step");
   FeatureTrainResult result;
   result.steps = steps;
@@ -190,9 +196,7 @@ FeatureTrainResult train_feature_net(const FeatureTrainOptions& o, const Feature
   auto t0 = std::chrono::steady_clock::now();
   double loss_avg = 0;
   for (int64_t step = 0; step < steps; ++step) {
-    // One-cycle: linear warmup, then cosine decay to 0 (Smith & Topin 2019).
-    double lr = step < warmup ? o.lr * double(step + 1) / double(warmup)
-                              : 0.5 * o.lr * (1 + std::cos(M_PI * double(step - warmup) / double(steps - warmup)));
+    const double lr = lr_at(schedule, step);
     for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
     net->train();
     auto batch = make_batch(train, sampler.indices(step), o.hflip, mix_seed(o.seed, uint64_t(step), 0xf1), device);
@@ -590,6 +594,44 @@ SampleSet load_sample_set(const std::string& path, const std::string& labels_pat
   }
   if (!set.has_labels) set.labels = torch::full({n}, int64_t(-1), torch::kLong);
   return set;
+}
+
+std::string samples_folder(const std::string& samples) {
+  fs::path folder = fs::is_directory(samples) ? fs::path(samples) : fs::path(samples).parent_path();
+  return folder.empty() ? "." : folder.string();
+}
+
+// ---------------------------------------------------------------- diffuse eval as a call
+
+SampleEvalReport evaluate_sample_set(const SampleEvalRequest& r) {
+  auto evaluator = load_feature_evaluator(r.features, parse_device(r.device));
+  if (!r.reference.empty()) {
+    DataSpec spec;
+    spec.source = r.reference;
+    spec.channels = evaluator.net->config().in_channels;
+    spec.size = evaluator.net->config().sample_size;
+    evaluator.reference = make_reference(evaluator.net, load_dataset(spec), evaluator.reference.weights_hash);
+  }
+  auto set = load_sample_set(r.samples, r.labels);
+  torch::Tensor labels = r.use_labels && set.has_labels ? set.labels : torch::Tensor();
+  SampleEvalReport report;
+  report.result = evaluate_samples(evaluator, set.images, labels, r.options);
+  report.reference_name = evaluator.reference.data_name;
+  report.labelled = labels.defined();
+
+  fs::path out = r.out.empty() ? fs::path(samples_folder(r.samples)) : fs::path(r.out);
+  fs::create_directories(out);
+  auto json = to_json(report.result);
+  json["samples_path"] = r.samples;
+  json["features"] = r.features;
+  json["weights_fnv1a64"] = evaluator.reference.weights_hash;
+  json["options"] = {{"kid_subsets", r.options.kid_subsets}, {"kid_subset_size", r.options.kid_subset_size},
+                     {"pr_k", r.options.pr_k}, {"is_splits", r.options.is_splits}, {"seed", r.options.seed}};
+  report.json_path = (out / "eval.json").string();
+  report.csv_path = (out / "eval.csv").string();
+  write_file_atomic(report.json_path, json.dump(2) + "\n");
+  write_file_atomic(report.csv_path, to_csv(report.result));
+  return report;
 }
 
 }  // namespace diffuse

@@ -6,6 +6,11 @@
 
 #define STB_IMAGE_IMPLEMENTATION
 #define STBI_FAILURE_USERMSG
+// Only the formats diffuse reads: stb's other decoders (GIF, PSD, TGA, HDR, PIC, PNM) would otherwise decode
+// whatever a .png file holds, and carry most of stb's known memory-safety bugs.
+#define STBI_ONLY_PNG
+#define STBI_ONLY_JPEG
+#define STBI_ONLY_BMP
 #define STB_IMAGE_WRITE_IMPLEMENTATION
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-but-set-variable"
@@ -38,40 +43,128 @@ std::string stb_reason() {
   return r && *r ? r : "corrupt or unsupported image data";
 }
 
-// The error for a file stb could not read or decode (an unreadable file names its system error instead).
 [[noreturn]] void throw_undecodable(const std::string& path) {
-  FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f) throw std::runtime_error("cannot read '" + path + "': " + std::strerror(errno));
-  std::fclose(f);
   throw std::runtime_error("cannot decode image '" + path + "': " + stb_reason());
 }
+
+// stb as Debian 12 ships it (git 2022-09) writes past a Huffman table's 257 code sizes when a JPEG's DHT segment
+// declares more than 256 codes (a heap overflow found by fuzz/fuzz_image_folder; later stb refuses it). stb finds a
+// marker after 0xFF fill bytes, so every DHT it could parse starts at a byte pair FF C4: each is read here as stb
+// would (missing bytes read as 0, as stb's reader returns them) and a table of over 256 codes is refused.
+void check_jpeg_huffman_tables(const std::string& bytes, const std::string& path) {
+  const size_t n = bytes.size();
+  if (n < 2 || uint8_t(bytes[0]) != 0xFF) return;  // not a JPEG (PNG and BMP start otherwise)
+  for (size_t m = 0; m + 1 < n; ++m) {
+    if (uint8_t(bytes[m]) != 0xFF || uint8_t(bytes[m + 1]) != 0xC4) continue;
+    size_t p = m + 2;
+    auto get8 = [&]() -> int { return p < n ? uint8_t(bytes[p++]) : (++p, 0); };
+    int64_t left = int64_t(get8()) * 256 + get8() - 2;
+    while (left > 0) {
+      const int q = get8();
+      if ((q >> 4) > 1 || (q & 15) > 3) break;  // stb refuses the segment here
+      int codes = 0;
+      for (int i = 0; i < 16; ++i) codes += get8();
+      if (codes > 256)
+        throw std::runtime_error("cannot decode image '" + path + "': corrupt JPEG (a Huffman table declares " +
+                                 std::to_string(codes) + " codes, at most 256 exist)");
+      p += size_t(codes);
+      left -= 17 + codes;
+    }
+  }
+}
+
+// A PNG's zero-length IDAT chunks removed (they hold no data; the image is the same): stb copies such a chunk with
+// memcpy from a null buffer, undefined behaviour in a valid file (found by fuzz/fuzz_image_folder under UBSan).
+void drop_empty_png_data_chunks(std::string& bytes) {
+  static const std::string signature("\x89PNG\r\n\x1a\n", 8);
+  if (bytes.compare(0, 8, signature) != 0) return;
+  auto be32 = [&](size_t i) {
+    return uint64_t(uint8_t(bytes[i])) << 24 | uint64_t(uint8_t(bytes[i + 1])) << 16 |
+           uint64_t(uint8_t(bytes[i + 2])) << 8 | uint64_t(uint8_t(bytes[i + 3]));
+  };
+  std::string kept;  // built only once an empty IDAT is met
+  size_t pos = 8, copied = 0;
+  while (pos + 12 <= bytes.size()) {
+    const uint64_t length = be32(pos);
+    if (length > bytes.size() - pos - 12) break;  // malformed: stb reports it
+    if (length == 0 && bytes.compare(pos + 4, 4, "IDAT") == 0) {
+      kept.append(bytes, copied, pos - copied);
+      copied = pos + 12;
+    }
+    pos += 12 + size_t(length);
+  }
+  if (copied == 0) return;
+  kept.append(bytes, copied, std::string::npos);
+  bytes.swap(kept);
+}
+
+// The bytes of an image file, checked and mended for what the decoder cannot take.
+std::string image_bytes(const std::string& path) {
+  std::string bytes = read_file(path);
+  if (bytes.size() > size_t(INT32_MAX))
+    throw std::runtime_error("image file '" + path + "' is over 2 GiB, more than the decoder reads");
+  check_jpeg_huffman_tables(bytes, path);
+  drop_empty_png_data_chunks(bytes);
+  return bytes;
+}
+
+// Refuses a header that claims more pixel data than the file can hold, before stb allocates and decodes it
+// (stb fills what is missing): an uncompressed BMP must hold every row; a PNG's deflate data expands at most
+// 1032-fold. A 142-byte BMP claiming 5 x 11993088 pixels took 2 s and 0.9 GB (found by fuzz/fuzz_image_folder).
+void check_claimed_size(const std::string& bytes, int64_t w, int64_t h, int comp, const std::string& path) {
+  auto le = [&](size_t i, int n) {
+    uint64_t v = 0;
+    for (int k = n - 1; k >= 0; --k) v = v << 8 | uint8_t(bytes[i + size_t(k)]);
+    return v;
+  };
+  int64_t needed = 0;
+  const char* why = "";
+  if (bytes.size() >= 30 && bytes.compare(0, 2, "BM") == 0) {
+    const int64_t bpp = int64_t(le(28, 2)), offset = int64_t(le(10, 4));
+    needed = offset + h * ((w * bpp + 31) / 32 * 4);
+    why = "its rows";
+  } else if (bytes.size() >= 8 && uint8_t(bytes[0]) == 0x89 && bytes.compare(1, 3, "PNG") == 0) {
+    const int64_t raw = h * (1 + w * comp * 2);  // 16 bits a channel at most, one filter byte a row
+    needed = raw / 1032;
+    why = "its deflate data at the largest expansion";
+  }
+  if (int64_t(bytes.size()) < needed)
+    throw std::runtime_error("cannot decode image '" + path + "': its header claims " + std::to_string(w) + " x " +
+                             std::to_string(h) + " pixels, but the file's " + std::to_string(bytes.size()) +
+                             " bytes cannot hold " + why + " (" + std::to_string(needed) + " bytes): truncated or corrupt");
+}
+
+const stbi_uc* data_of(const std::string& bytes) { return reinterpret_cast<const stbi_uc*>(bytes.data()); }
 
 }  // namespace
 
 constexpr int64_t kMaxImagePixels = int64_t(1) << 26;  // 8192 x 8192
 
 int64_t image_file_channels(const std::string& path) {
+  const std::string bytes = image_bytes(path);
   int w = 0, h = 0, comp = 0;
   clear_stb_reason();
-  if (!stbi_info(path.c_str(), &w, &h, &comp)) throw_undecodable(path);
+  if (!stbi_info_from_memory(data_of(bytes), int(bytes.size()), &w, &h, &comp)) throw_undecodable(path);
   return comp;
 }
 
 torch::Tensor read_image(const std::string& path, int64_t channels) {
   if (channels < 0 || channels > 4 || channels == 2)
     throw std::invalid_argument("read_image: channels must be 0, 1, 3 or 4, got " + std::to_string(channels));
-  if (channels == 0) channels = image_file_channels(path) >= 3 ? 3 : 1;
+  const std::string bytes = image_bytes(path);
   int w = 0, h = 0, comp = 0;
-  // The header's size first: a few bytes can claim a 44612 x 5954 image (a TGA header in a .png), which stb
-  // would allocate and decode before noticing the data is missing.
+  // The header's size first: a few bytes can claim a 44612 x 5954 image, which stb would allocate and decode
+  // before noticing the data is missing.
   clear_stb_reason();
-  if (!stbi_info(path.c_str(), &w, &h, &comp)) throw_undecodable(path);
+  if (!stbi_info_from_memory(data_of(bytes), int(bytes.size()), &w, &h, &comp)) throw_undecodable(path);
   if (int64_t(w) * int64_t(h) > kMaxImagePixels)
     throw std::runtime_error("image '" + path + "' claims " + std::to_string(w) + " x " + std::to_string(h) +
                              " pixels, more than the " + std::to_string(kMaxImagePixels) + " diffuse reads");
+  check_claimed_size(bytes, w, h, comp, path);
+  if (channels == 0) channels = comp >= 3 ? 3 : 1;
   StbiImage img;
   clear_stb_reason();
-  img.pixels = stbi_load(path.c_str(), &w, &h, &comp, int(channels));
+  img.pixels = stbi_load_from_memory(data_of(bytes), int(bytes.size()), &w, &h, &comp, int(channels));
   if (!img.pixels) throw_undecodable(path);
   auto hwc = torch::from_blob(img.pixels, {h, w, channels}, torch::kUInt8);
   return (hwc.permute({2, 0, 1}).to(torch::kFloat32) / 127.5 - 1.0).contiguous();

@@ -107,7 +107,7 @@ NoisyClassifierConfig classifier_config_for(const UNetConfig& unet, int64_t num_
 NoisyClassifierImpl::NoisyClassifierImpl(const NoisyClassifierConfig& config) : config_(config) {
   config_.validate();
   const auto& ch = config_.block_out_channels;
-  const int64_t levels = int64_t(ch.size()), temb = ch[0] * 4;
+  const int64_t temb = ch[0] * 4;
   auto options = [&](int64_t channels) {
     return json_config::block_options(temb, config_.norm_num_groups, config_.norm_eps, config_.dropout,
                                       config_.resnet_time_scale_shift, config_.attention_head_dim, channels);
@@ -115,14 +115,8 @@ NoisyClassifierImpl::NoisyClassifierImpl(const NoisyClassifierConfig& config) : 
   conv_in = register_module(
       "conv_in", torch::nn::Conv2d(torch::nn::Conv2dOptions(config_.in_channels, ch[0], 3).padding(1)));
   time_embedding = register_module("time_embedding", TimestepEmbedding(ch[0], temb));
-  int64_t out = ch[0];
-  for (int64_t i = 0; i < levels; ++i) {
-    int64_t in = out;
-    out = ch[i];
-    down_blocks->push_back(DownBlock(options(out), in, out, config_.layers_per_block,
-                                     config_.down_block_types[i] == "AttnDownBlock2D", i + 1 < levels,
-                                     config_.downsample_padding));
-  }
+  json_config::add_down_blocks(down_blocks, options, ch, config_.layers_per_block, config_.down_block_types,
+                               config_.downsample_padding);
   register_module("down_blocks", down_blocks);
   int64_t attn_groups = config_.resnet_time_scale_shift == "default" ? config_.norm_num_groups : 0;
   mid_block = register_module("mid_block", MidBlock(options(ch.back()), ch.back(), config_.add_attention,

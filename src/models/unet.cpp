@@ -136,14 +136,8 @@ UNet2DModelImpl::UNet2DModelImpl(const UNetConfig& config) : config_(config) {
   if (config_.num_class_embeds)
     class_embedding = register_module("class_embedding", torch::nn::Embedding(*config_.num_class_embeds, temb));
 
-  int64_t out = ch[0];
-  for (int64_t i = 0; i < levels; ++i) {
-    int64_t in = out;
-    out = ch[i];
-    down_blocks->push_back(DownBlock(options(out), in, out, config_.layers_per_block,
-                                     config_.down_block_types[i] == "AttnDownBlock2D", i + 1 < levels,
-                                     config_.downsample_padding));
-  }
+  json_config::add_down_blocks(down_blocks, options, ch, config_.layers_per_block, config_.down_block_types,
+                               config_.downsample_padding);
   register_module("down_blocks", down_blocks);
 
   // UNetMidBlock2D: without attn_norm_num_groups its attention has group norm only with "default".
@@ -152,7 +146,7 @@ UNet2DModelImpl::UNet2DModelImpl(const UNetConfig& config) : config_(config) {
   mid_block = register_module("mid_block", MidBlock(options(ch.back()), ch.back(), config_.add_attention,
                                                     attn_groups, config_.mid_block_scale_factor));
 
-  out = ch.back();
+  int64_t out = ch.back();
   for (int64_t i = 0; i < levels; ++i) {
     int64_t prev = out;
     out = ch[levels - 1 - i];

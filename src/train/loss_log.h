@@ -1,6 +1,7 @@
 // The training loss log of a run folder: log.csv and its plot loss.png.
 #pragma once
 
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include <chrono>
@@ -43,9 +44,13 @@ class LossLog {
       std::getline(in, line);
       while (std::getline(in, line)) {
         std::vector<double> row;
-        std::stringstream ss(line);
-        std::string cell;
-        while (std::getline(ss, cell, ',')) row.push_back(cell.empty() ? NAN : std::strtod(cell.c_str(), nullptr));
+        for (size_t begin = 0;;) {  // every cell, an empty last one too (a decile no example fell in)
+          const size_t comma = line.find(',', begin);
+          const std::string cell = line.substr(begin, comma == std::string::npos ? std::string::npos : comma - begin);
+          row.push_back(cell.empty() ? NAN : std::strtod(cell.c_str(), nullptr));
+          if (comma == std::string::npos) break;
+          begin = comma + 1;
+        }
         if (row.size() == size_t(5 + bins()) && row[0] <= double(step)) rows_.push_back(row);
       }
     }
@@ -66,6 +71,29 @@ class LossLog {
     auto per = per_example.detach().to(torch::kFloat64).cpu();
     bin_sum_ += torch::zeros({kBins}, torch::kFloat64).index_add_(0, bin_of, per);
     bin_n_ += torch::bincount(bin_of, {}, kBins).to(torch::kFloat64);
+  }
+
+  // The sums of the row being gathered: a checkpoint between two rows stores them, so that the resumed run's
+  // next row averages the same steps an uninterrupted run's does (the rate column restarts: it is wall time).
+  nlohmann::json window() const {
+    if (!bin_sum_.defined()) return nullptr;  // not opened: a rank other than 0 keeps no log
+    auto list = [](const torch::Tensor& t) {
+      auto c = t.contiguous();
+      return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+    };
+    return {{"steps", steps_}, {"loss_sum", loss_sum_}, {"grad_sum", grad_sum_}, {"bin_sum", list(bin_sum_)},
+            {"bin_n", list(bin_n_)}};
+  }
+  void restore_window(const nlohmann::json& w) {
+    if (w.is_null()) return;  // a checkpoint of an earlier version: the first row after it averages fewer steps
+    steps_ = w.at("steps").get<int64_t>();
+    loss_sum_ = w.at("loss_sum").get<double>();
+    grad_sum_ = w.at("grad_sum").get<double>();
+    bin_sum_ = torch::tensor(w.at("bin_sum").get<std::vector<double>>(), torch::kFloat64);
+    bin_n_ = torch::tensor(w.at("bin_n").get<std::vector<double>>(), torch::kFloat64);
+    if (bin_sum_.numel() != kBins || bin_n_.numel() != kBins)
+      throw std::invalid_argument("train_state/state.json: log_window holds " + std::to_string(bin_sum_.numel()) +
+                                  " deciles, expected " + std::to_string(kBins));
   }
 
   bool due(int64_t step) const { return step % every_ == 0; }

@@ -91,6 +91,51 @@ void adamw_step(torch::optim::AdamW& optimizer, double lr) {
   }
 }
 
+std::map<std::string, torch::Tensor> adamw_state_tensors(torch::optim::AdamW& optimizer, torch::nn::Module& model) {
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& item : model.named_parameters()) {
+    auto it = optimizer.state().find(state_key<StateKey>(item.value()));
+    if (it == optimizer.state().end()) continue;  // never had a gradient
+    const auto& state = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+    out["exp_avg." + item.key()] = state.exp_avg();
+    out["exp_avg_sq." + item.key()] = state.exp_avg_sq();
+    out["step." + item.key()] = torch::tensor(state.step(), torch::kInt64);
+  }
+  return out;
+}
+
+void load_adamw_state(torch::optim::AdamW& optimizer, torch::nn::Module& model,
+                      const std::map<std::string, torch::Tensor>& tensors, const std::string& file) {
+  auto bad = [&](const std::string& what) { throw std::invalid_argument("'" + file + "': " + what); };
+  auto params = model.named_parameters();
+  size_t used = 0;
+  for (const auto& item : params) {
+    const auto& p = item.value();
+    auto m = tensors.find("exp_avg." + item.key()), v = tensors.find("exp_avg_sq." + item.key()),
+         n = tensors.find("step." + item.key());
+    const int found = (m != tensors.end()) + (v != tensors.end()) + (n != tensors.end());
+    if (found == 0) continue;
+    if (found != 3) bad("the AdamW state of parameter '" + item.key() + "' is incomplete (exp_avg, exp_avg_sq, step)");
+    for (auto t : {m, v})
+      if (t->second.sizes() != p.sizes())
+        bad("tensor '" + t->first + "' has shape " + c10::str(t->second.sizes()) + ", the parameter " +
+            c10::str(p.sizes()));
+    if (n->second.numel() != 1 || n->second.scalar_type() != torch::kInt64) bad("tensor '" + n->first + "' is no int64 scalar");
+    auto state = std::make_unique<torch::optim::AdamWParamState>();
+    state->step(n->second.item<int64_t>());
+    state->exp_avg(m->second.to(p.options()).clone());
+    state->exp_avg_sq(v->second.to(p.options()).clone());
+    optimizer.state()[state_key<StateKey>(p)] = std::move(state);
+    used += 3;
+  }
+  if (used != tensors.size())
+    for (const auto& [name, t] : tensors) {
+      const auto dot = name.find('.');
+      if (dot == std::string::npos || !params.contains(name.substr(dot + 1)))
+        bad("tensor '" + name + "' belongs to no parameter of the model (another architecture?)");
+    }
+}
+
 void update_ema(torch::nn::Module& ema, torch::nn::Module& model, double decay, int64_t step) {
   torch::NoGradGuard no_grad;
   const double d = std::min(decay, (1.0 + double(step)) / (10.0 + double(step)));

@@ -5,6 +5,8 @@
 
 #include <torch/torch.h>
 
+#include <map>
+#include <string>
 #include <vector>
 
 namespace diffuse::detail {
@@ -19,6 +21,15 @@ torch::Tensor clip_gradients(const std::vector<torch::Tensor>& params, double ma
 /// p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)), so torch::save / torch::load of the optimizer and its
 /// own step() carry on from it. amsgrad is refused.
 void adamw_step(torch::optim::AdamW& optimizer, double lr);
+
+/// AdamW's state as named tensors for a checkpoint: "exp_avg.NAME", "exp_avg_sq.NAME" and "step.NAME" (int64
+/// scalar) for each parameter of `model` that has state. The same state always gives the same bytes (torch::save
+/// keys the state by memory address, so a resumed run's file differed from an uninterrupted run's).
+std::map<std::string, torch::Tensor> adamw_state_tensors(torch::optim::AdamW& optimizer, torch::nn::Module& model);
+/// Sets AdamW's state from adamw_state_tensors' form (tensors moved to each parameter's device). A name that is
+/// no parameter of `model`, a shape that differs or a missing part throws naming `file` and the tensor.
+void load_adamw_state(torch::optim::AdamW& optimizer, torch::nn::Module& model,
+                      const std::map<std::string, torch::Tensor>& tensors, const std::string& file);
 
 /// ema <- d ema + (1 - d) model with d = min(decay, (1 + step) / (10 + step)): Polyak averaging with the warmup
 /// of Tarvainen & Valpola, as diffusers' EMAModel.

@@ -61,12 +61,11 @@ struct Session {
   fs::path run;
   bool main = true, resumed = false;
   int64_t start = 0;
-  nlohmann::json options;  ///< the run's options (run.json), recorded in each checkpoint's state.json
+  nlohmann::json options;     ///< the run's options (run.json), recorded in each checkpoint's state.json
+  nlohmann::json log_window;  ///< resuming: the loss log's partial row at the checkpoint (LossLog::window)
   std::unique_ptr<torch::optim::AdamW> optimizer;
 };
 
-/// The learning rate of 0-based step `step`: linear warmup, then constant or a half cosine to min_lr.
-double lr_at(const LoopOptions& o, int64_t step);
 
 /// Moves every component of a finished RUN/.checkpoint-new into RUN. Idempotent: a crash at any point
 /// leaves either the old or the new version of each component, and running it again completes the swap.

@@ -19,6 +19,7 @@
 #include "diffuse/io/safetensors.h"
 #include "diffuse/train/train.h"
 #include "train/loss_log.h"
+#include "train/optimizer_step.h"
 #include "train/train_step.h"
 #include "train/train_internal.h"
 
@@ -50,20 +51,6 @@ class StopSignals {
  private:
   struct sigaction old_int_ {}, old_term_ {};
 };
-
-
-}  // namespace
-
-double lr_at(const LoopOptions& o, int64_t step) {
-  // Linear warmup over `warmup` steps, then constant or a half cosine to min_lr at the last step.
-  if (o.warmup > 0 && step < o.warmup) return o.lr * double(step + 1) / double(o.warmup);
-  if (o.lr_schedule == "constant") return o.lr;
-  double span = double(std::max<int64_t>(1, o.steps - o.warmup));
-  double progress = std::min(1.0, double(step - o.warmup) / span);
-  return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + std::cos(M_PI * progress));
-}
-
-namespace {
 
 void validate_loop(const LoopOptions& o) {
   auto bad = [](const std::string& what) { throw std::invalid_argument(what); };
@@ -234,8 +221,27 @@ int64_t optimizer_steps(torch::optim::AdamW& optimizer) {
   return steps;
 }
 
+// Rank 0 of a resumed run: the optimizer state and the RNG states of the checkpoint, checked against its step.
+void load_train_state(Session& s, Task& task, const LoopOptions& o) {
+  const fs::path dir = s.run / "train_state";
+  if (fs::exists(dir / "optimizer.safetensors"))
+    load_adamw_state(*s.optimizer, task.model(), load_safetensors((dir / "optimizer.safetensors").string()),
+                     (dir / "optimizer.safetensors").string());
+  else  // a checkpoint of diffuse before 2026-11-27
+    torch::load(*s.optimizer, (dir / "optimizer.pt").string(), s.device);
+  restore_rng_states(load_safetensors((dir / "rng.safetensors").string()), s.device);
+  const int64_t updates = optimizer_steps(*s.optimizer);
+  if (updates >= 0 && updates != s.start)
+    throw std::invalid_argument("cannot resume '" + o.out + "': train_state/state.json says step " +
+                                std::to_string(s.start) + " but its optimizer state has taken " +
+                                std::to_string(updates) + " steps (an edited or mixed-up train_state)");
+}
+
 void open_run(Session& s, Task& task, const LoopOptions& o, const nlohmann::json& options_json, const Dataset& data) {
+  // run.json records the run, not this invocation: resume and overwrite are stored false, so that a resumed run
+  // folder ends byte-identical to an uninterrupted one.
   s.options = options_json;
+  if (s.options.contains("loop")) s.options["loop"]["resume"] = s.options["loop"]["overwrite"] = false;
   s.dist = std::make_shared<Distributed>(s.env, s.device,
                                          std::chrono::milliseconds(int64_t(std::ceil(o.dist_timeout * 1000))));
   s.main = s.dist->is_main();
@@ -247,6 +253,7 @@ void open_run(Session& s, Task& task, const LoopOptions& o, const nlohmann::json
     if (!s.resumed) return;
     auto state = load_json((s.run / "train_state" / "state.json").string());
     s.start = state.at("step").get<int64_t>();
+    s.log_window = state.value("log_window", nlohmann::json());
     int64_t n = state.value("dataset_size", int64_t(-1));
     if (n != data.size())
       throw std::invalid_argument("cannot resume '" + o.out + "': the data set had " + std::to_string(n) +
@@ -264,16 +271,8 @@ void open_run(Session& s, Task& task, const LoopOptions& o, const nlohmann::json
       task.create(s.device);
     }
     s.optimizer = std::make_unique<torch::optim::AdamW>(task.model().parameters(), options);
-    if (s.resumed) {
-      torch::load(*s.optimizer, (s.run / "train_state" / "optimizer.pt").string(), s.device);
-      restore_rng_states(load_safetensors((s.run / "train_state" / "rng.safetensors").string()), s.device);
-      const int64_t updates = optimizer_steps(*s.optimizer);
-      if (updates >= 0 && updates != s.start)
-        throw std::invalid_argument("cannot resume '" + o.out + "': train_state/state.json says step " +
-                                    std::to_string(s.start) + " but its optimizer state has taken " +
-                                    std::to_string(updates) + " steps (an edited or mixed-up train_state)");
-    }
-    write_file_atomic((s.run / "run.json").string(), options_json.dump(2) + "\n");
+    if (s.resumed) load_train_state(s, task, o);
+    write_file_atomic((s.run / "run.json").string(), s.options.dump(2) + "\n");
   });
   if (!s.main) {
     torch::manual_seed(o.seed);
@@ -285,7 +284,7 @@ void open_run(Session& s, Task& task, const LoopOptions& o, const nlohmann::json
 
 // Writes the checkpoint of `step` (rank 0) after checking that the weights are finite and the replicas agree.
 void write_checkpoint(Session& s, Task& task, const LoopOptions& o, const Dataset& data, const BatchSampler& sampler,
-                      int64_t step, int64_t last_checkpoint) {
+                      int64_t step, int64_t last_checkpoint, const nlohmann::json& log_window) {
   if (!all_finite(task.model()) || !all_finite(task.ema()))
     throw NonFiniteLoss("the weights became NaN or infinite by step " + std::to_string(step) +
                             "; nothing was written, the last good checkpoint (step " +
@@ -297,13 +296,9 @@ void write_checkpoint(Session& s, Task& task, const LoopOptions& o, const Datase
   fs::remove_all(dir);
   fs::create_directories(dir / "train_state");
   task.save(dir);
-  {
-    // Serialised in memory, then written by write_file_atomic: LibTorch's own file writer aborts the process
-    // when the disk fills (c10::Error from a destructor); ours reports the path and keeps the last checkpoint.
-    std::ostringstream os;
-    torch::save(*s.optimizer, os);
-    write_file_atomic((dir / "train_state" / "optimizer.pt").string(), os.str());
-  }
+  // Safetensors written by write_file_atomic: the same state gives the same bytes, and a full disk is reported with
+  // the path while the last checkpoint is kept (LibTorch's own writer aborted the process there).
+  save_safetensors((dir / "train_state" / "optimizer.safetensors").string(), adamw_state_tensors(*s.optimizer, task.model()));
   save_safetensors((dir / "train_state" / "rng.safetensors").string(), rng_states(s.device));
   nlohmann::json state = {{"step", step},
                           {"epoch", step / sampler.steps_per_epoch()},
@@ -315,7 +310,8 @@ void write_checkpoint(Session& s, Task& task, const LoopOptions& o, const Datase
                           {"world_size", s.env.world_size},
                           {"threads", torch::get_num_threads()},
                           {"kind", task.kind()},
-                          {"options", s.options}};
+                          {"options", s.options},
+                          {"log_window", log_window}};
   write_file_atomic((dir / "train_state" / "state.json").string(), state.dump(2) + "\n");
   write_file_atomic((dir / kComplete).string(), std::to_string(step) + "\n");
   swap_in_checkpoint(s.run);
@@ -345,7 +341,10 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
   open_run(s, task, o, options_json, data);
   task.model().train();
   LossLog log(s.run, task.T(), o.log_every);
-  if (s.main) log.open(s.start, !s.resumed);
+  if (s.main) {
+    log.open(s.start, !s.resumed);
+    if (s.resumed) log.restore_window(s.log_window);
+  }
   Progress progress(o.progress && s.main, s.start, o.steps, o.log_every);
   announce(s, o, progress);
   int64_t last_checkpoint = s.resumed ? s.start : -1;
@@ -360,7 +359,7 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
   });
   auto checkpoint = [&](int64_t step) {
     pending.read_back();
-    write_checkpoint(s, task, o, data, sampler, step, last_checkpoint);
+    write_checkpoint(s, task, o, data, sampler, step, last_checkpoint, log.window());
     last_checkpoint = step;
     if (!s.main) return;
     try {

@@ -1,111 +1,102 @@
 // Training options to and from run.json.
+#include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
 #include "diffuse/train/train.h"
+#include "io/json_fields.h"
 #include "train/train_internal.h"
 
 namespace diffuse {
 
 namespace {
 
-template <class T>
-T get_or(const nlohmann::json& j, const char* key, T fallback) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return fallback;
-  try {
-    return it->get<T>();
-  } catch (const nlohmann::json::exception&) {
-    throw std::invalid_argument(std::string("run option '") + key + "' has the wrong type: " + it->dump());
-  }
+using json_config::get_or;
+
+// Each options type's keys, once: read by its from_json, written by its to_json (json_config::Reader / Writer).
+template <class D, class F>
+void data_fields(D& d, F&& f) {
+  f("source", d.source);
+  f("size", d.size);
+  f("channels", d.channels);
+  f("fit", d.fit);
+  f("limit", d.limit);
+  f("synthetic_count", d.synthetic_count);
+  f("seed", d.seed);
+}
+template <class S, class F>
+void schedule_fields(S& s, F&& f) {
+  f("name", s.name);
+  f("T", s.T);
+  f("beta_start", s.beta_start);
+  f("beta_end", s.beta_end);
+  f("zero_snr", s.zero_snr);
+}
+template <class L, class F>
+void loop_fields(L& o, F&& f) {
+  f("steps", o.steps);
+  f("batch", o.batch);
+  f("lr", o.lr);
+  f("warmup", o.warmup);
+  f("lr_schedule", o.lr_schedule);
+  f("min_lr", o.min_lr);
+  f("weight_decay", o.weight_decay);
+  f("adam_beta1", o.adam_beta1);
+  f("adam_beta2", o.adam_beta2);
+  f("adam_eps", o.adam_eps);
+  f("grad_clip", o.grad_clip);
+  f("ema_decay", o.ema_decay);
+  f("hflip", o.hflip);
+  f("seed", o.seed);
+  f("out", o.out);
+  f("resume", o.resume);
+  f("overwrite", o.overwrite);
+  f("device", o.device);
+  f("bf16", o.bf16);
+  f("cuda_graphs", o.cuda_graphs);
+  f("checkpoint_every", o.checkpoint_every);
+  f("log_every", o.log_every);
+  f("progress", o.progress);
+  f("threads", o.threads);
+  f("dist_timeout", o.dist_timeout);
 }
 
 nlohmann::json data_json(const DataSpec& d) {
-  return {{"source", d.source}, {"size", d.size},   {"channels", d.channels},
-          {"fit", d.fit},       {"limit", d.limit}, {"synthetic_count", d.synthetic_count},
-          {"seed", d.seed}};
+  nlohmann::json j = nlohmann::json::object();
+  data_fields(d, json_config::Writer(j));
+  return j;
 }
 DataSpec data_from_json(const nlohmann::json& j) {
+  if (!j.is_object()) throw std::invalid_argument("run option 'data' must be a JSON object, got " + j.dump());
   DataSpec d;
-  d.source = get_or(j, "source", d.source);
-  d.size = get_or(j, "size", d.size);
-  d.channels = get_or(j, "channels", d.channels);
-  d.fit = get_or(j, "fit", d.fit);
-  d.limit = get_or(j, "limit", d.limit);
-  d.synthetic_count = get_or(j, "synthetic_count", d.synthetic_count);
-  d.seed = get_or(j, "seed", d.seed);
+  data_fields(d, json_config::Reader(j));
   return d;
 }
 
 nlohmann::json schedule_json(const ScheduleSpec& s) {
-  return {{"name", s.name}, {"T", s.T}, {"beta_start", s.beta_start}, {"beta_end", s.beta_end}, {"zero_snr", s.zero_snr}};
+  nlohmann::json j = nlohmann::json::object();
+  schedule_fields(s, json_config::Writer(j));
+  return j;
 }
 ScheduleSpec schedule_from_json(const nlohmann::json& j) {
+  if (!j.is_object()) throw std::invalid_argument("run option 'schedule' must be a JSON object, got " + j.dump());
   ScheduleSpec s;
-  s.name = get_or(j, "name", s.name);
-  s.T = get_or(j, "T", s.T);
-  s.beta_start = get_or(j, "beta_start", s.beta_start);
-  s.beta_end = get_or(j, "beta_end", s.beta_end);
-  s.zero_snr = get_or(j, "zero_snr", s.zero_snr);
+  schedule_fields(s, json_config::Reader(j));
   return s;
 }
 }  // namespace
 
 nlohmann::json LoopOptions::to_json() const {
-  return {{"steps", steps},
-          {"batch", batch},
-          {"lr", lr},
-          {"warmup", warmup},
-          {"lr_schedule", lr_schedule},
-          {"min_lr", min_lr},
-          {"weight_decay", weight_decay},
-          {"adam_beta1", adam_beta1},
-          {"adam_beta2", adam_beta2},
-          {"adam_eps", adam_eps},
-          {"grad_clip", grad_clip},
-          {"ema_decay", ema_decay},
-          {"hflip", hflip},
-          {"seed", seed},
-          {"out", out},
-          {"resume", resume},
-          {"overwrite", overwrite},
-          {"device", device},
-          {"bf16", bf16},
-          {"cuda_graphs", cuda_graphs},
-          {"checkpoint_every", checkpoint_every},
-          {"log_every", log_every},
-          {"progress", progress},
-          {"threads", threads},
-          {"dist_timeout", dist_timeout}};
+  nlohmann::json j = nlohmann::json::object();
+  loop_fields(*this, json_config::Writer(j));
+  return j;
 }
 
 LoopOptions LoopOptions::from_json(const nlohmann::json& j) {
+  if (!j.is_object()) throw std::invalid_argument("run option 'loop' must be a JSON object, got " + j.dump());
   LoopOptions o;
-  o.steps = get_or(j, "steps", o.steps);
-  o.batch = get_or(j, "batch", o.batch);
-  o.lr = get_or(j, "lr", o.lr);
-  o.warmup = get_or(j, "warmup", o.warmup);
-  o.lr_schedule = get_or(j, "lr_schedule", o.lr_schedule);
-  o.min_lr = get_or(j, "min_lr", o.min_lr);
-  o.weight_decay = get_or(j, "weight_decay", o.weight_decay);
-  o.adam_beta1 = get_or(j, "adam_beta1", o.adam_beta1);
-  o.adam_beta2 = get_or(j, "adam_beta2", o.adam_beta2);
-  o.adam_eps = get_or(j, "adam_eps", o.adam_eps);
-  o.grad_clip = get_or(j, "grad_clip", o.grad_clip);
-  o.ema_decay = get_or(j, "ema_decay", o.ema_decay);
-  o.hflip = get_or(j, "hflip", o.hflip);
-  o.seed = get_or(j, "seed", o.seed);
-  o.out = get_or(j, "out", o.out);
-  o.resume = get_or(j, "resume", o.resume);
-  o.overwrite = get_or(j, "overwrite", o.overwrite);
-  o.device = get_or(j, "device", o.device);
-  o.bf16 = get_or(j, "bf16", o.bf16);
-  o.cuda_graphs = get_or(j, "cuda_graphs", o.cuda_graphs);
-  o.checkpoint_every = get_or(j, "checkpoint_every", o.checkpoint_every);
-  o.log_every = get_or(j, "log_every", o.log_every);
-  o.progress = get_or(j, "progress", o.progress);
-  o.threads = get_or(j, "threads", o.threads);
-  o.dist_timeout = get_or(j, "dist_timeout", o.dist_timeout);
+  loop_fields(o, json_config::Reader(j));
   return o;
 }
 
@@ -207,6 +198,14 @@ VaeTrainOptions VaeTrainOptions::from_json(const nlohmann::json& j) {
   o.scale_images = get_or(j, "scale_images", o.scale_images);
   if (j.contains("loop")) o.loop = LoopOptions::from_json(j["loop"]);
   return o;
+}
+
+double lr_at(const LoopOptions& o, int64_t step) {
+  if (o.warmup > 0 && step < o.warmup) return o.lr * double(step + 1) / double(o.warmup);
+  if (o.lr_schedule == "constant") return o.lr;
+  double span = double(std::max<int64_t>(1, o.steps - o.warmup));
+  double progress = std::min(1.0, double(step - o.warmup) / span);
+  return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + std::cos(M_PI * progress));
 }
 
 const std::vector<ResumableOption>& resumable_options() {

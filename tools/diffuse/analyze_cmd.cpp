@@ -45,7 +45,7 @@ void run_brightness(const BrightnessCli& o) {
   auto data = load_dataset(spec);
   auto r = compare_brightness(data.images, set.images, o.bins);
   // Default: an analysis/ folder beside the images, not among them (a PNG plot there would join the samples).
-  fs::path out = o.out.empty() ? samples_folder(o.samples) / "analysis" : fs::path(o.out);
+  fs::path out = o.out.empty() ? fs::path(samples_folder(o.samples)) / "analysis" : fs::path(o.out);
   fs::create_directories(out);
 
   std::ostringstream csv;

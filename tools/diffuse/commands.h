@@ -27,14 +27,6 @@ void warn_if_slow_blas();
 /// The program's arguments after argv[0], as main() received them (to re-run this command as several ranks).
 const std::vector<std::string>& program_arguments();
 
-/// The folder a set of samples lives in: `samples` itself when it is a folder, else the folder of the
-/// safetensors file ("." for a bare file name). eval and analyze brightness write their outputs there by default.
-inline std::filesystem::path samples_folder(const std::string& samples) {
-  namespace fs = std::filesystem;
-  fs::path folder = fs::is_directory(samples) ? fs::path(samples) : fs::path(samples).parent_path();
-  return folder.empty() ? fs::path(".") : folder;
-}
-
 void add_schedule_command(CLI::App& app);
 void add_train_command(CLI::App& app);  ///< train, train-classifier and train-vae
 void add_sample_command(CLI::App& app);

@@ -59,51 +59,23 @@ void run_train_features(const TrainFeaturesOptions& o, const std::string& comman
             << o.out << "/{config.json, " << kWeightsFile << ", " << kReferenceFile << ", README.md}\n";
 }
 
-struct EvalCliOptions {
-  std::string samples, features, labels, reference, out, device = "cpu";
-  EvalOptions eval;
-  bool no_labels = false;
-};
-
-void run_eval(const EvalCliOptions& o) {
+void run_eval(SampleEvalRequest request) {
   warn_if_slow_blas();
   auto t0 = std::chrono::steady_clock::now();
-  auto folder = o.features.empty() ? default_feature_folder() : o.features;
-  auto evaluator = load_feature_evaluator(folder, parse_device(o.device));
-  if (!o.reference.empty()) {
-    // Statistics of another real data set (say Fashion-MNIST with spread brightness, which a model of that data
-    // should match): computed now with the same network; the floor then splits this set.
-    DataSpec spec;
-    spec.source = o.reference;
-    spec.channels = evaluator.net->config().in_channels;
-    spec.size = evaluator.net->config().sample_size;
-    evaluator.reference = make_reference(evaluator.net, load_dataset(spec), evaluator.reference.weights_hash);
-  }
-  auto set = load_sample_set(o.samples, o.labels);
-  torch::Tensor labels = o.no_labels || !set.has_labels ? torch::Tensor() : set.labels;
-  auto result = evaluate_samples(evaluator, set.images, labels, o.eval);
+  if (request.features.empty()) request.features = default_feature_folder();
+  auto report = evaluate_sample_set(request);
+  const auto& result = report.result;
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-
-  std::cout << "FID-FMNIST and the other metrics use diffuse's Fashion-MNIST feature network (" << folder
+  std::cout << "FID-FMNIST and the other metrics use diffuse's Fashion-MNIST feature network (" << request.features
             << "), not Inception-v3: compare them only with each other, at equal sample counts.\n"
-            << "samples: " << o.samples << " (" << result.samples.count << " images"
-            << (labels.defined() ? ", " + std::to_string(result.samples.labelled) + " with a requested class" : "")
-            << "); reference: " << evaluator.reference.data_name << " (" << result.samples.reference_count << " images)\n"
+            << "samples: " << request.samples << " (" << result.samples.count << " images"
+            << (report.labelled ? ", " + std::to_string(result.samples.labelled) + " with a requested class" : "")
+            << "); reference: " << report.reference_name << " (" << result.samples.reference_count << " images)\n"
             << "floor: " << result.floor.count << " real test images against " << result.floor.reference_count
             << " others (disjoint halves)\n\n"
             << format_table(result);
-  fs::path out = o.out.empty() ? samples_folder(o.samples) : fs::path(o.out);
-  fs::create_directories(out);
-  auto json = to_json(result);
-  json["samples_path"] = o.samples;
-  json["features"] = folder;
-  json["weights_fnv1a64"] = evaluator.reference.weights_hash;
-  json["options"] = {{"kid_subsets", o.eval.kid_subsets}, {"kid_subset_size", o.eval.kid_subset_size},
-                     {"pr_k", o.eval.pr_k}, {"is_splits", o.eval.is_splits}, {"seed", o.eval.seed}};
-  write_file_atomic((out / "eval.json").string(), json.dump(2) + "\n");
-  write_file_atomic((out / "eval.csv").string(), to_csv(result));
-  std::cout << "\nwrote " << (out / "eval.json").string() << " and " << (out / "eval.csv").string() << " in "
-            << std::fixed << std::setprecision(1) << secs << " s\n";
+  std::cout << "\nwrote " << report.json_path << " and " << report.csv_path << " in " << std::fixed
+            << std::setprecision(1) << secs << " s\n";
 }
 
 }  // namespace
@@ -137,24 +109,24 @@ void add_eval_command(CLI::App& app) {
     run_train_features(*t, command);
   });
 
-  auto o = std::make_shared<EvalCliOptions>();
+  auto o = std::make_shared<SampleEvalRequest>();
   auto* ev = app.add_subcommand("eval", "FID-FMNIST, KID, Inception-Score analogue, precision/recall and class "
                                         "accuracy of samples, each with its real-data floor");
   ev->add_option("--samples", o->samples, "A folder of PNGs (diffuse sample --out) or a safetensors file "
                                           "(diffuse sample --save-raw)")->required();
   ev->add_option("--labels", o->labels, "CSV with the requested class of each image (file,class or index,class; "
                                         "default: labels.csv of the folder or the safetensors' 'labels')");
-  ev->add_flag("--no-labels", o->no_labels, "Ignore requested classes (no class accuracy)");
+  ev->add_flag("--no-labels{false}", o->use_labels, "Ignore requested classes (no class accuracy)");
   ev->add_option("--reference", o->reference, "Compare with this data source instead of the cached Fashion-MNIST "
                                               "test statistics (e.g. fashion-mnist-brightness:test; computed now)");
   ev->add_option("--features", o->features, "Feature network folder (default: $DIFFUSE_FEATURES, else "
                                             "models/fmnist-features of the repository)");
   ev->add_option("--out", o->out, "Folder for eval.json and eval.csv (default: the samples' folder)");
-  ev->add_option("--kid-subsets", o->eval.kid_subsets, "KID: number of random subsets")->capture_default_str();
-  ev->add_option("--kid-subset-size", o->eval.kid_subset_size, "KID: images per subset")->capture_default_str();
-  ev->add_option("--k", o->eval.pr_k, "precision/recall: k of the k-NN radius")->capture_default_str();
-  ev->add_option("--is-splits", o->eval.is_splits, "IS analogue: splits")->capture_default_str();
-  ev->add_option("--seed", o->eval.seed, "Seed of the KID and precision/recall subsets")->check(CLI::NonNegativeNumber)->capture_default_str();
+  ev->add_option("--kid-subsets", o->options.kid_subsets, "KID: number of random subsets")->capture_default_str();
+  ev->add_option("--kid-subset-size", o->options.kid_subset_size, "KID: images per subset")->capture_default_str();
+  ev->add_option("--k", o->options.pr_k, "precision/recall: k of the k-NN radius")->capture_default_str();
+  ev->add_option("--is-splits", o->options.is_splits, "IS analogue: splits")->capture_default_str();
+  ev->add_option("--seed", o->options.seed, "Seed of the KID and precision/recall subsets")->check(CLI::NonNegativeNumber)->capture_default_str();
   ev->add_option("--device", o->device, "cpu, cuda or cuda:N")->capture_default_str();
   ev->callback([o] { run_eval(*o); });
 }

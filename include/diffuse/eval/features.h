@@ -201,5 +201,32 @@ struct SampleSet {
 /// given (CSV with columns file,class or index,class), else the folder's labels.csv or the safetensors'
 /// "labels" tensor when present. Throws naming the file for unreadable or inconsistent input.
 SampleSet load_sample_set(const std::string& path, const std::string& labels_path = "");
+/// The folder a set of samples lives in: `samples` itself when it is a folder, else the folder of the
+/// safetensors file ("." for a bare file name). eval and analyze write their outputs there by default.
+std::string samples_folder(const std::string& samples);
+
+// ---------------------------------------------------------------- diffuse eval as a call
+
+struct SampleEvalRequest {
+  std::string samples;            ///< a folder of PNGs or a safetensors file (load_sample_set)
+  std::string labels;             ///< CSV of requested classes; empty: the set's own (labels.csv, 'labels')
+  bool use_labels = true;         ///< false: no class accuracy
+  std::string features;           ///< the feature network folder (with its reference statistics)
+  std::string reference;          ///< a data source (load_dataset) whose statistics replace the stored ones,
+                                  ///< computed now with the same network; empty: the stored test statistics
+  std::string out;                ///< folder of eval.json and eval.csv; empty: samples_folder(samples)
+  std::string device = "cpu";
+  EvalOptions options;
+};
+struct SampleEvalReport {
+  EvalResult result;
+  std::string reference_name;     ///< the real data the samples were compared with
+  bool labelled = false;          ///< whether requested classes were used (class accuracy)
+  std::string json_path, csv_path;
+};
+/// What `diffuse eval` does: loads the network, the reference and the samples, evaluates them and their floor,
+/// and writes eval.json (the result, the paths, the weights' hash and the options) and eval.csv.
+SampleEvalReport evaluate_sample_set(const SampleEvalRequest& request);
+
 
 }  // namespace diffuse

@@ -13,7 +13,7 @@
 //   unet/config.json, unet/diffusion_pytorch_model.safetensors        raw weights
 //   unet_ema/...                                                       EMA weights (same format)
 //   scheduler/scheduler_config.json             schedule, prediction type, spacing, E-TSDM settings
-//   train_state/state.json, optimizer.pt, rng.safetensors             step, optimizer, RNG states
+//   train_state/state.json, optimizer.safetensors, rng.safetensors    step, optimizer, RNG states
 //   log.csv, loss.png                           loss per step and per timestep decile
 // (a classifier run has classifier/ and classifier_ema/ instead of unet/ and unet_ema/, plus accuracy.csv;
 // an autoencoder run has vae/ and vae_ema/, no scheduler/, no timestep columns, plus reconstruction.csv).
@@ -107,6 +107,10 @@ struct LoopOptions {
   nlohmann::json to_json() const;
   static LoopOptions from_json(const nlohmann::json& j);
 };
+
+/// The learning rate of 0-based step `step` of a run with options `o`: linear warmup over o.warmup steps
+/// (lr (step + 1) / warmup), then constant (lr_schedule "constant") or a half cosine from lr to min_lr at the last step.
+double lr_at(const LoopOptions& o, int64_t step);
 
 /// A loop option that may change when a run resumes (every other option must equal run.json's): its key in
 /// run.json, its command-line flag, and how it is taken from the new options. The one list behind the

@@ -194,25 +194,17 @@ void share_rank_zero_state(Session& s, Task& task, const LoopOptions& o) {
   s.start = int64_t(dist.all_reduce_sum(s.main ? double(s.start) : 0.0));
   dist.broadcast_module(task.model());
   dist.broadcast_module(task.ema());
-  if (s.resumed) {
-    std::string state;
-    if (s.main) {
-      std::ostringstream os;
-      torch::save(*s.optimizer, os);
-      state = os.str();
-    }
+  if (s.resumed) {  // in the checkpoint's form (optimizer.safetensors)
+    std::string state = s.main ? serialize_safetensors(adamw_state_tensors(*s.optimizer, task.model())) : "";
     dist.broadcast_bytes(state);
-    if (!s.main) {
-      std::istringstream is(state);
-      torch::load(*s.optimizer, is, s.device);
-    }
+    if (!s.main)
+      load_adamw_state(*s.optimizer, task.model(), parse_safetensors(state, "rank 0's optimizer state"),
+                       "rank 0's optimizer state");
   }
   // Dropout draws from the default generator: a stream of its own per rank (rank 0 keeps one process's).
   if (!s.main) torch::manual_seed(mix_seed(o.seed, 0xd15ULL + uint64_t(s.env.rank), uint64_t(s.start)));
 }
 
-// Rank 0 alone reads and writes the run folder and creates or loads the task; every rank then gets its
-// weights, optimizer state and first step.
 // The AdamW step count the checkpoint's optimizer state holds (every training step applies one update), or -1.
 int64_t optimizer_steps(torch::optim::AdamW& optimizer) {
   int64_t steps = -1;
@@ -237,6 +229,8 @@ void load_train_state(Session& s, Task& task, const LoopOptions& o) {
                                 std::to_string(updates) + " steps (an edited or mixed-up train_state)");
 }
 
+// Rank 0 alone reads and writes the run folder and creates or loads the task; every rank then gets its
+// weights, optimizer state and first step.
 void open_run(Session& s, Task& task, const LoopOptions& o, const nlohmann::json& options_json, const Dataset& data) {
   // run.json records the run, not this invocation: resume and overwrite are stored false, so that a resumed run
   // folder ends byte-identical to an uninterrupted one.

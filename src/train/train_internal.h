@@ -4,6 +4,7 @@
 
 #include <torch/torch.h>
 
+#include <exception>
 #include <filesystem>
 #include <map>
 #include <string>
@@ -66,6 +67,35 @@ struct Session {
   std::unique_ptr<torch::optim::AdamW> optimizer;
 };
 
+
+// ---- data parallelism (data_parallel.cpp)
+
+/// This rank's device: with several processes --device cuda means cuda:LOCAL_RANK (a numbered GPU is refused).
+torch::Device rank_device(const std::string& name, const DistEnv& env);
+/// --threads, or with several CPU ranks on one machine its cores shared among them.
+void set_threads(const LoopOptions& o, const DistEnv& env, torch::Device device);
+// Runs `body` on rank 0 only; every rank then learns whether it threw (one collective), so a failure there
+// stops all ranks at once instead of leaving them to time out.
+template <class F>
+void on_main_rank(Distributed& dist, const std::string& what, F&& body) {
+  std::exception_ptr error;
+  if (dist.is_main()) try {
+      body();
+    } catch (...) {
+      error = std::current_exception();
+    }
+  if (dist.all_reduce_sum(error ? 1.0 : 0.0) == 0) return;
+  if (error) std::rethrow_exception(error);
+  throw RankZeroFailed("rank " + std::to_string(dist.rank()) + ": rank 0 failed to " + what + " (see its error)");
+}
+
+/// The signal that stops the run: any rank's SIGINT/SIGTERM (`local_signal` is this rank's, 0 for none), the
+/// lowest rank's winning, seen by all at once.
+int agreed_stop_signal(Distributed& dist, int local_signal);
+/// Checks at a checkpoint that every rank holds the same weights (the same averaged gradients were applied).
+void check_replicas(Distributed& dist, Task& task, int64_t step);
+/// Every rank takes rank 0's first step, weights, EMA weights and (resuming) optimizer state.
+void share_rank_zero_state(Session& s, Task& task, const LoopOptions& o);
 
 /// Moves every component of a finished RUN/.checkpoint-new into RUN. Idempotent: a crash at any point
 /// leaves either the old or the new version of each component, and running it again completes the swap.

@@ -56,8 +56,7 @@ SchedulerConfig SchedulerConfig::from_json(const nlohmann::json& j) {
   c.beta_schedule = get_or<std::string>(j, "beta_schedule", c.beta_schedule);
   c.beta_start = get_or<double>(j, "beta_start", c.beta_start);
   c.beta_end = get_or<double>(j, "beta_end", c.beta_end);
-  if (j.contains("trained_betas") && !j["trained_betas"].is_null())
-    c.trained_betas = get_or<std::vector<double>>(j, "trained_betas", {});
+  c.trained_betas = get_or<std::optional<std::vector<double>>>(j, "trained_betas", std::nullopt);
   c.rescale_betas_zero_snr = get_or<bool>(j, "rescale_betas_zero_snr", false);
   c.prediction_type = parse_prediction(get_or<std::string>(j, "prediction_type", defaults.prediction));
   c.timestep_spacing = parse_spacing(get_or<std::string>(j, "timestep_spacing", defaults.spacing));

@@ -606,6 +606,8 @@ std::string samples_folder(const std::string& samples) {
 SampleEvalReport evaluate_sample_set(const SampleEvalRequest& r) {
   auto evaluator = load_feature_evaluator(r.features, parse_device(r.device));
   if (!r.reference.empty()) {
+    // Statistics of another real data set (say Fashion-MNIST with spread brightness, which a model of that data
+    // should match): computed now with the same network; the floor then splits this set.
     DataSpec spec;
     spec.source = r.reference;
     spec.channels = evaluator.net->config().in_channels;

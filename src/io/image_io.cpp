@@ -73,11 +73,12 @@ void check_jpeg_huffman_tables(const std::string& bytes, const std::string& path
   }
 }
 
+bool is_png(const std::string& bytes) { return bytes.compare(0, 8, std::string("\x89PNG\r\n\x1a\n", 8)) == 0; }
+
 // A PNG's zero-length IDAT chunks removed (they hold no data; the image is the same): stb copies such a chunk with
 // memcpy from a null buffer, undefined behaviour in a valid file (found by fuzz/fuzz_image_folder under UBSan).
 void drop_empty_png_data_chunks(std::string& bytes) {
-  static const std::string signature("\x89PNG\r\n\x1a\n", 8);
-  if (bytes.compare(0, 8, signature) != 0) return;
+  if (!is_png(bytes)) return;
   auto be32 = [&](size_t i) {
     return uint64_t(uint8_t(bytes[i])) << 24 | uint64_t(uint8_t(bytes[i + 1])) << 16 |
            uint64_t(uint8_t(bytes[i + 2])) << 8 | uint64_t(uint8_t(bytes[i + 3]));
@@ -123,7 +124,7 @@ void check_claimed_size(const std::string& bytes, int64_t w, int64_t h, int comp
     const int64_t bpp = int64_t(le(28, 2)), offset = int64_t(le(10, 4));
     needed = offset + h * ((w * bpp + 31) / 32 * 4);
     why = "its rows";
-  } else if (bytes.size() >= 8 && uint8_t(bytes[0]) == 0x89 && bytes.compare(1, 3, "PNG") == 0) {
+  } else if (is_png(bytes)) {
     const int64_t raw = h * (1 + w * comp * 2);  // 16 bits a channel at most, one filter byte a row
     needed = raw / 1032;
     why = "its deflate data at the largest expansion";

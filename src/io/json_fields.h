@@ -82,11 +82,11 @@ void convert(const std::string& key, const nlohmann::json& v, std::optional<T>& 
   out = item;
 }
 
-/// Reads keys of a JSON object into typed fields and remembers which keys it read.
 /// How a field is written: as it is; a double as an integer when it is integral (as diffusers writes them);
 /// an empty optional left out instead of written as null.
 enum class Style { plain, integral, omit_empty };
 
+/// Reads keys of a JSON object into typed fields and remembers which keys it read.
 /// Reads the fields of a config: each key present is converted (errors name the key); unread() keeps the
 /// others. Fields are listed once per config type, by a function that calls f(key, field[, style]) for each,
 /// and that list drives both Reader and Writer.
@@ -151,6 +151,22 @@ T get_or(const nlohmann::json& j, const std::string& key, T fallback) {
   T out{};
   convert(key, *it, out);
   return out;
+}
+
+/// A value written as a JSON object by its field list `fields(value, f)` (f: a Writer).
+template <class T, class Fields>
+nlohmann::json write_fields(const T& value, Fields&& fields) {
+  nlohmann::json j = nlohmann::json::object();
+  fields(value, Writer(j));
+  return j;
+}
+/// A T read from JSON object `j` by its field list (absent keys keep T's defaults; `name` names `j` in errors).
+template <class T, class Fields>
+T read_fields(const nlohmann::json& j, const std::string& name, Fields&& fields) {
+  if (!j.is_object()) throw std::invalid_argument("'" + name + "' must be a JSON object, got " + j.dump());
+  T value;
+  fields(value, Reader(j));
+  return value;
 }
 
 }  // namespace diffuse::json_config

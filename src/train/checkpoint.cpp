@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <iostream>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -132,8 +133,8 @@ int64_t checkpoint_step(const std::string& run_dir) {
   return j["step"].get<int64_t>();
 }
 
-// Creates, replaces or reopens the run folder. Returns true when resuming.
-bool detail::prepare_run_folder(const LoopOptions& o, const nlohmann::json& options_json) {
+// Creates, replaces or reopens the run folder. Returns the checkpoint's state.json when resuming.
+std::optional<nlohmann::json> detail::prepare_run_folder(const LoopOptions& o, const nlohmann::json& options_json) {
   check_run_folder(o);
   fs::path run(o.out);
   if (o.resume) {
@@ -156,11 +157,11 @@ bool detail::prepare_run_folder(const LoopOptions& o, const nlohmann::json& opti
       std::cerr << "warning: '" << o.out << "' was checkpointed with " << threads << " threads and resumes with "
                 << torch::get_num_threads() << ": on the CPU the result is bit-identical to an uninterrupted run only "
                 << "with the same --threads (floating-point sums split differently)\n";
-    return true;
+    return state;
   }
   if (fs::exists(run)) fs::remove_all(run);  // empty, or a run folder with --overwrite (checked above)
   fs::create_directories(run);
-  return false;
+  return std::nullopt;
 }
 
 }  // namespace diffuse

@@ -7,6 +7,7 @@
 #include <exception>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -100,8 +101,9 @@ void share_rank_zero_state(Session& s, Task& task, const LoopOptions& o);
 /// Moves every component of a finished RUN/.checkpoint-new into RUN. Idempotent: a crash at any point
 /// leaves either the old or the new version of each component, and running it again completes the swap.
 void swap_in_checkpoint(const fs::path& run);
-/// Creates, replaces or reopens the run folder. Returns true when resuming.
-bool prepare_run_folder(const LoopOptions& o, const nlohmann::json& options_json);
+/// Creates, replaces or reopens the run folder. Returns the checkpoint's train_state/state.json when resuming
+/// (checked against `options_json`), nothing for a new run.
+std::optional<nlohmann::json> prepare_run_folder(const LoopOptions& o, const nlohmann::json& options_json);
 
 /// Copies `from`'s parameters and buffers into `to` (same architecture).
 void copy_weights(torch::nn::Module& to, torch::nn::Module& from);

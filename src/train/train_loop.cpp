@@ -157,9 +157,10 @@ void open_run(Session& s, Task& task, const LoopOptions& o, const nlohmann::json
   s.run = fs::path(o.out);
   s.resumed = o.resume;
   on_main_rank(*s.dist, "prepare the run folder '" + o.out + "'", [&] {
-    s.resumed = prepare_run_folder(o, options_json);
+    const auto checkpoint = prepare_run_folder(o, options_json);
+    s.resumed = checkpoint.has_value();
     if (!s.resumed) return;
-    auto state = load_json((s.run / "train_state" / "state.json").string());
+    const auto& state = *checkpoint;
     s.start = state.at("step").get<int64_t>();
     s.log_window = state.value("log_window", nlohmann::json());
     int64_t n = state.value("dataset_size", int64_t(-1));

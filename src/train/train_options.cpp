@@ -15,8 +15,7 @@ namespace {
 using json_config::get_or;
 
 // Each options type's keys, once: read by its from_json, written by its to_json (json_config::Reader / Writer).
-template <class D, class F>
-void data_fields(D& d, F&& f) {
+constexpr auto data_fields = [](auto& d, auto&& f) {
   f("source", d.source);
   f("size", d.size);
   f("channels", d.channels);
@@ -24,17 +23,15 @@ void data_fields(D& d, F&& f) {
   f("limit", d.limit);
   f("synthetic_count", d.synthetic_count);
   f("seed", d.seed);
-}
-template <class S, class F>
-void schedule_fields(S& s, F&& f) {
+};
+constexpr auto schedule_fields = [](auto& s, auto&& f) {
   f("name", s.name);
   f("T", s.T);
   f("beta_start", s.beta_start);
   f("beta_end", s.beta_end);
   f("zero_snr", s.zero_snr);
-}
-template <class L, class F>
-void loop_fields(L& o, F&& f) {
+};
+constexpr auto loop_fields = [](auto& o, auto&& f) {
   f("steps", o.steps);
   f("batch", o.batch);
   f("lr", o.lr);
@@ -60,44 +57,20 @@ void loop_fields(L& o, F&& f) {
   f("progress", o.progress);
   f("threads", o.threads);
   f("dist_timeout", o.dist_timeout);
-}
+};
 
-nlohmann::json data_json(const DataSpec& d) {
-  nlohmann::json j = nlohmann::json::object();
-  data_fields(d, json_config::Writer(j));
-  return j;
-}
-DataSpec data_from_json(const nlohmann::json& j) {
-  if (!j.is_object()) throw std::invalid_argument("run option 'data' must be a JSON object, got " + j.dump());
-  DataSpec d;
-  data_fields(d, json_config::Reader(j));
-  return d;
-}
-
-nlohmann::json schedule_json(const ScheduleSpec& s) {
-  nlohmann::json j = nlohmann::json::object();
-  schedule_fields(s, json_config::Writer(j));
-  return j;
-}
+nlohmann::json data_json(const DataSpec& d) { return json_config::write_fields(d, data_fields); }
+DataSpec data_from_json(const nlohmann::json& j) { return json_config::read_fields<DataSpec>(j, "data", data_fields); }
+nlohmann::json schedule_json(const ScheduleSpec& s) { return json_config::write_fields(s, schedule_fields); }
 ScheduleSpec schedule_from_json(const nlohmann::json& j) {
-  if (!j.is_object()) throw std::invalid_argument("run option 'schedule' must be a JSON object, got " + j.dump());
-  ScheduleSpec s;
-  schedule_fields(s, json_config::Reader(j));
-  return s;
+  return json_config::read_fields<ScheduleSpec>(j, "schedule", schedule_fields);
 }
 }  // namespace
 
-nlohmann::json LoopOptions::to_json() const {
-  nlohmann::json j = nlohmann::json::object();
-  loop_fields(*this, json_config::Writer(j));
-  return j;
-}
+nlohmann::json LoopOptions::to_json() const { return json_config::write_fields(*this, loop_fields); }
 
 LoopOptions LoopOptions::from_json(const nlohmann::json& j) {
-  if (!j.is_object()) throw std::invalid_argument("run option 'loop' must be a JSON object, got " + j.dump());
-  LoopOptions o;
-  loop_fields(o, json_config::Reader(j));
-  return o;
+  return json_config::read_fields<LoopOptions>(j, "loop", loop_fields);
 }
 
 nlohmann::json TrainOptions::to_json() const {

@@ -4,6 +4,7 @@
 #include "io/json_fields.h"
 
 #include <algorithm>
+#include <set>
 #include <cmath>
 #include <stdexcept>
 
@@ -18,13 +19,24 @@ const char* kEtsdmN = "diffuse_etsdm_n";
 
 using json_config::get_or;
 
-const std::vector<std::string>& known_keys() {
-  static const std::vector<std::string> keys = {
-      "num_train_timesteps", "beta_schedule", "beta_start",     "beta_end",        "trained_betas",
-      "rescale_betas_zero_snr", "prediction_type", "timestep_spacing", "steps_offset", "clip_sample",
-      "clip_sample_range", "set_alpha_to_one", kEtsdmTilde, kEtsdmN};
-  return keys;
-}
+// Every key of scheduler_config.json that diffuse reads, once: read by from_json (a missing or null key keeps the
+// default, as diffusers reads it), written by to_json; all other keys are kept in `extra`.
+const auto scheduler_fields = [](auto& c, auto&& f) {
+  f("num_train_timesteps", c.num_train_timesteps);
+  f("beta_schedule", c.beta_schedule);
+  f("beta_start", c.beta_start);
+  f("beta_end", c.beta_end);
+  f("trained_betas", c.trained_betas);
+  f("rescale_betas_zero_snr", c.rescale_betas_zero_snr);
+  f("prediction_type", c.prediction_type);
+  f("timestep_spacing", c.timestep_spacing);
+  f("steps_offset", c.steps_offset);
+  f("clip_sample", c.clip_sample);
+  f("clip_sample_range", c.clip_sample_range);
+  f("set_alpha_to_one", c.set_alpha_to_one);
+  f(kEtsdmTilde, c.etsdm.t_tilde);
+  f(kEtsdmN, c.etsdm.n);
+};
 
 // diffusers' defaults of the keys whose default depends on the scheduler class (the __init__ signatures in
 // diffusers/schedulers/scheduling_*.py): DDIM, DDPM and PNDM space "leading", the others "linspace"; DDIM and
@@ -48,26 +60,24 @@ ClassDefaults class_defaults(const std::string& class_name) {
 
 }  // namespace
 
-SchedulerConfig SchedulerConfig::from_json(const nlohmann::json& j) {
-  if (!j.is_object()) throw std::invalid_argument("a scheduler config must be a JSON object");
-  SchedulerConfig c;
-  const ClassDefaults defaults = class_defaults(get_or<std::string>(j, "_class_name", ""));
-  c.num_train_timesteps = get_or<int64_t>(j, "num_train_timesteps", c.num_train_timesteps);
-  c.beta_schedule = get_or<std::string>(j, "beta_schedule", c.beta_schedule);
-  c.beta_start = get_or<double>(j, "beta_start", c.beta_start);
-  c.beta_end = get_or<double>(j, "beta_end", c.beta_end);
-  c.trained_betas = get_or<std::optional<std::vector<double>>>(j, "trained_betas", std::nullopt);
-  c.rescale_betas_zero_snr = get_or<bool>(j, "rescale_betas_zero_snr", false);
-  c.prediction_type = parse_prediction(get_or<std::string>(j, "prediction_type", defaults.prediction));
-  c.timestep_spacing = parse_spacing(get_or<std::string>(j, "timestep_spacing", defaults.spacing));
-  c.steps_offset = get_or<int64_t>(j, "steps_offset", 0);
-  c.clip_sample = get_or<bool>(j, "clip_sample", defaults.clip_sample);
-  c.clip_sample_range = get_or<double>(j, "clip_sample_range", 1.0);
+// The prediction type and the spacing by their diffusers names (found by get_or and Writer through ADL).
+static void convert(const std::string& key, const nlohmann::json& v, Prediction& out) {
+  std::string name;
+  json_config::convert(key, v, name);
+  out = parse_prediction(name);
+}
+static void convert(const std::string& key, const nlohmann::json& v, Spacing& out) {
+  std::string name;
+  json_config::convert(key, v, name);
+  out = parse_spacing(name);
+}
+static void to_json(nlohmann::json& j, Prediction p) { j = diffusers_name(p); }
+static void to_json(nlohmann::json& j, Spacing s) { j = to_string(s); }
+
+namespace {
+void validate(const SchedulerConfig& c) {
   if (!(c.clip_sample_range > 0))
     throw std::invalid_argument("clip_sample_range must be positive, got " + std::to_string(c.clip_sample_range));
-  c.set_alpha_to_one = get_or<bool>(j, "set_alpha_to_one", true);
-  c.etsdm.t_tilde = get_or<int64_t>(j, kEtsdmTilde, 0);
-  c.etsdm.n = get_or<int64_t>(j, kEtsdmN, 0);
   if (c.num_train_timesteps < 2)
     throw std::invalid_argument("num_train_timesteps must be at least 2, got " +
                                 std::to_string(c.num_train_timesteps));
@@ -78,10 +88,25 @@ SchedulerConfig SchedulerConfig::from_json(const nlohmann::json& j) {
   if (c.etsdm.enabled() && (c.etsdm.t_tilde >= c.num_train_timesteps || c.etsdm.t_tilde < c.etsdm.n))
     throw std::invalid_argument("E-TSDM needs n <= t_tilde < num_train_timesteps, got t_tilde = " +
                                 std::to_string(c.etsdm.t_tilde) + ", n = " + std::to_string(c.etsdm.n));
-  for (auto it = j.begin(); it != j.end(); ++it)
-    if (std::find(known_keys().begin(), known_keys().end(), it.key()) == known_keys().end())
-      c.extra[it.key()] = it.value();
   c.schedule();  // validates beta_schedule and the betas now, not at first use
+}
+}  // namespace
+
+SchedulerConfig SchedulerConfig::from_json(const nlohmann::json& j) {
+  if (!j.is_object()) throw std::invalid_argument("a scheduler config must be a JSON object");
+  SchedulerConfig c;
+  const ClassDefaults defaults = class_defaults(get_or<std::string>(j, "_class_name", ""));
+  c.prediction_type = parse_prediction(defaults.prediction);
+  c.timestep_spacing = parse_spacing(defaults.spacing);
+  c.clip_sample = defaults.clip_sample;
+  std::set<std::string> known;
+  scheduler_fields(c, [&](const std::string& key, auto& field) {
+    field = get_or(j, key, field);
+    known.insert(key);
+  });
+  for (const auto& [key, value] : j.items())
+    if (!known.count(key)) c.extra[key] = value;
+  validate(c);
   return c;
 }
 
@@ -92,22 +117,10 @@ nlohmann::json SchedulerConfig::to_json() const {
     j["num_train_timesteps"] = num_train_timesteps;
     return j;
   }
-  j["num_train_timesteps"] = num_train_timesteps;
-  j["beta_schedule"] = beta_schedule;
-  j["beta_start"] = beta_start;
-  j["beta_end"] = beta_end;
-  j["trained_betas"] = trained_betas ? nlohmann::json(*trained_betas) : nlohmann::json(nullptr);
-  j["rescale_betas_zero_snr"] = rescale_betas_zero_snr;
-  j["prediction_type"] = diffusers_name(prediction_type);
-  j["timestep_spacing"] = to_string(timestep_spacing);
-  j["steps_offset"] = steps_offset;
-  j["clip_sample"] = clip_sample;
-  j["clip_sample_range"] = clip_sample_range;
-  j["set_alpha_to_one"] = set_alpha_to_one;
-  if (etsdm.enabled()) {
-    j[kEtsdmTilde] = etsdm.t_tilde;
-    j[kEtsdmN] = etsdm.n;
-  }
+  json_config::Writer write(j);
+  scheduler_fields(*this, [&](const std::string& key, const auto& field) {
+    if (etsdm.enabled() || (key != kEtsdmTilde && key != kEtsdmN)) write(key, field);
+  });
   return j;
 }
 

@@ -43,30 +43,22 @@ void FeatureNetConfig::validate() const {
 
 namespace {
 // Every key of FeatureNetConfig, once: read by from_json, written by to_json.
-template <class Config, class F>
-void feature_net_fields(Config& c, F&& f) {
+const auto feature_net_fields = [](auto& c, auto&& f) {
   f("in_channels", c.in_channels);
   f("sample_size", c.sample_size);
   f("num_classes", c.num_classes);
   f("block_out_channels", c.block_out_channels);
   f("feature_dim", c.feature_dim);
   f("dropout", c.dropout);
-}
+};
 }  // namespace
 
 FeatureNetConfig FeatureNetConfig::from_json(const nlohmann::json& j) {
-  if (!j.is_object()) throw std::invalid_argument("a feature net config must be a JSON object, got " + j.dump());
-  FeatureNetConfig c;
-  json_config::Reader r(j);
-  feature_net_fields(c, r);
-  return c;
+  return json_config::read_fields<FeatureNetConfig>(j, "feature net config", feature_net_fields);
 }
 
 nlohmann::json FeatureNetConfig::to_json() const {
-  nlohmann::json j = {{"_class_name", kClassName}};
-  json_config::Writer w(j);
-  feature_net_fields(*this, w);
-  return j;
+  return json_config::write_config(*this, nlohmann::json{{"_class_name", kClassName}}, feature_net_fields);
 }
 
 // ---------------------------------------------------------------- network

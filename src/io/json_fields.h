@@ -153,6 +153,31 @@ T get_or(const nlohmann::json& j, const std::string& key, T fallback) {
   return out;
 }
 
+/// A network's config read by its field list `fields(config, f)` (f: a Reader; absent keys keep Config's defaults),
+/// the keys it does not read kept in `config.extra`, but for `drop`. `what` names the config in errors.
+template <class Config, class Fields>
+Config read_config(const nlohmann::json& j, const std::string& what, Fields&& fields,
+                   const std::set<std::string>& drop = {}) {
+  if (!j.is_object()) throw std::invalid_argument(what + " must be a JSON object, got " + j.dump());
+  Config c;
+  Reader r(j);
+  fields(c, r);
+  c.extra = r.unread(drop);
+  return c;
+}
+/// A network's config written: `base` (its kept keys and class name), then its field list.
+template <class Config, class Fields>
+nlohmann::json write_config(const Config& c, nlohmann::json base, Fields&& fields) {
+  fields(c, Writer(base));
+  return base;
+}
+/// `j` with each key of `defaults` that it lacks.
+inline nlohmann::json with_defaults(nlohmann::json j, const nlohmann::json& defaults) {
+  for (const auto& [k, v] : defaults.items())
+    if (!j.contains(k)) j[k] = v;
+  return j;
+}
+
 /// A value written as a JSON object by its field list `fields(value, f)` (f: a Writer).
 template <class T, class Fields>
 nlohmann::json write_fields(const T& value, Fields&& fields) {

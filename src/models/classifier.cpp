@@ -41,8 +41,7 @@ void NoisyClassifierConfig::validate() const {
 
 namespace {
 // Every key of NoisyClassifierConfig, once: read by from_json, written by to_json.
-template <class Config, class F>
-void classifier_fields(Config& c, F&& f) {
+const auto classifier_fields = [](auto& c, auto&& f) {
   f("sample_size", c.sample_size);
   f("in_channels", c.in_channels);
   f("num_classes", c.num_classes);
@@ -58,24 +57,17 @@ void classifier_fields(Config& c, F&& f) {
   f("flip_sin_to_cos", c.flip_sin_to_cos);
   f("freq_shift", c.freq_shift, json_config::Style::integral);
   f("add_attention", c.add_attention);
-}
+};
 }  // namespace
 
 NoisyClassifierConfig NoisyClassifierConfig::from_json(const nlohmann::json& j) {
-  if (!j.is_object()) throw std::invalid_argument("a classifier config must be a JSON object, got " + j.dump());
-  NoisyClassifierConfig c;
-  json_config::Reader r(j);
-  classifier_fields(c, r);
-  c.extra = r.unread();
-  return c;
+  return json_config::read_config<NoisyClassifierConfig>(j, "a classifier config", classifier_fields);
 }
 
 nlohmann::json NoisyClassifierConfig::to_json() const {
-  nlohmann::json j = extra;
-  j["_class_name"] = kClassName;
-  json_config::Writer w(j);
-  classifier_fields(*this, w);
-  return j;
+  nlohmann::json base = extra;
+  base["_class_name"] = kClassName;
+  return json_config::write_config(*this, base, classifier_fields);
 }
 
 NoisyClassifierConfig classifier_config_for(const UNetConfig& unet, int64_t num_classes) {

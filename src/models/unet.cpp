@@ -59,8 +59,7 @@ void UNetConfig::validate() const {
 
 namespace {
 // Every key of UNetConfig, once: read by from_json, written by to_json.
-template <class Config, class F>
-void unet_fields(Config& c, F&& f) {
+const auto unet_fields = [](auto& c, auto&& f) {
   f("sample_size", c.sample_size);
   f("in_channels", c.in_channels);
   f("out_channels", c.out_channels);
@@ -87,25 +86,16 @@ void unet_fields(Config& c, F&& f) {
   f("class_embed_type", c.class_embed_type);
   f("num_class_embeds", c.num_class_embeds);
   f("num_train_timesteps", c.num_train_timesteps);
-}
+};
 }  // namespace
 
 UNetConfig UNetConfig::from_json(const nlohmann::json& j) {
-  if (!j.is_object()) throw std::invalid_argument("a UNet config must be a JSON object, got " + j.dump());
-  UNetConfig c;
-  json_config::Reader r(j);
-  unet_fields(c, r);
-  c.extra = r.unread({"_use_default_values"});
-  return c;
+  return json_config::read_config<UNetConfig>(j, "a UNet config", unet_fields, {"_use_default_values"});
 }
 
 nlohmann::json UNetConfig::to_json() const {
-  nlohmann::json j = extra;
-  if (!j.contains("_class_name")) j["_class_name"] = "UNet2DModel";
-  if (!j.contains("_diffusers_version")) j["_diffusers_version"] = "0.25.0";
-  json_config::Writer w(j);
-  unet_fields(*this, w);
-  return j;
+  const nlohmann::json identity = {{"_class_name", "UNet2DModel"}, {"_diffusers_version", "0.25.0"}};
+  return json_config::write_config(*this, json_config::with_defaults(extra, identity), unet_fields);
 }
 
 UNetConfig reference_unet_config() {

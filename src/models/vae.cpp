@@ -34,8 +34,7 @@ void AutoencoderKLConfig::validate() const {
 
 namespace {
 // Every key of AutoencoderKLConfig, once: read by from_json, written by to_json.
-template <class Config, class F>
-void vae_fields(Config& c, F&& f) {
+const auto vae_fields = [](auto& c, auto&& f) {
   f("in_channels", c.in_channels);
   f("out_channels", c.out_channels);
   f("down_block_types", c.down_block_types);
@@ -51,25 +50,16 @@ void vae_fields(Config& c, F&& f) {
   f("mid_block_add_attention", c.mid_block_add_attention, json_config::Style::omit_empty);
   f("use_quant_conv", c.use_quant_conv, json_config::Style::omit_empty);
   f("use_post_quant_conv", c.use_post_quant_conv, json_config::Style::omit_empty);
-}
+};
 }  // namespace
 
 AutoencoderKLConfig AutoencoderKLConfig::from_json(const nlohmann::json& j) {
-  if (!j.is_object()) throw std::invalid_argument("an AutoencoderKL config must be a JSON object, got " + j.dump());
-  AutoencoderKLConfig c;
-  json_config::Reader r(j);
-  vae_fields(c, r);
-  c.extra = r.unread({"_use_default_values"});
-  return c;
+  return json_config::read_config<AutoencoderKLConfig>(j, "an AutoencoderKL config", vae_fields, {"_use_default_values"});
 }
 
 nlohmann::json AutoencoderKLConfig::to_json() const {
-  nlohmann::json j = extra;
-  if (!j.contains("_class_name")) j["_class_name"] = "AutoencoderKL";
-  if (!j.contains("_diffusers_version")) j["_diffusers_version"] = "0.25.0";
-  json_config::Writer w(j);
-  vae_fields(*this, w);
-  return j;
+  const nlohmann::json identity = {{"_class_name", "AutoencoderKL"}, {"_diffusers_version", "0.25.0"}};
+  return json_config::write_config(*this, json_config::with_defaults(extra, identity), vae_fields);
 }
 
 DiagonalGaussian DiagonalGaussian::from_moments(const torch::Tensor& moments) {

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "diffuse/eval/heldout.h"
 #include "diffuse/io/files.h"
 #include "diffuse/data/data.h"
 #include "diffuse/util/runtime.h"

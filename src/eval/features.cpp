@@ -158,34 +158,36 @@ double classification_accuracy(FeatureNet& net, const Dataset& data, int64_t bat
 
 // ---------------------------------------------------------------- training
 
-FeatureTrainResult train_feature_net(const FeatureTrainOptions& o, const FeatureNetConfig& config, const Dataset& train,
-                                     const Dataset& test, const std::string& out, const std::string& command,
-                                     std::ostream* report) {
+namespace {
+
+void check_feature_training(const FeatureTrainOptions& o, const FeatureNetConfig& config, const Dataset& train,
+                            const Dataset& test) {
   if (o.epochs < 1 || o.batch < 2) throw std::invalid_argument("train-features needs --epochs >= 1 and --batch >= 2");
   if (train.num_classes != config.num_classes || test.num_classes != config.num_classes)
     throw std::invalid_argument("the feature network has " + std::to_string(config.num_classes) +
                                 " classes but the data set '" + train.name + "' has " + std::to_string(train.num_classes));
-  if (o.threads > 0) torch::set_num_threads(o.threads);
-  auto device = parse_device(o.device);
-  torch::manual_seed(o.seed);
-  FeatureNet net(config);
-  net->to(device);
-  check_images(config, train.images.slice(0, 0, 1));
+}
 
-  torch::optim::AdamW opt(net->parameters(), torch::optim::AdamWOptions(o.lr).weight_decay(o.weight_decay));
-  BatchSampler sampler(train.size(), o.batch, o.seed);
-  const int64_t steps = o.epochs * sampler.steps_per_epoch();
-  LoopOptions schedule;  // one-cycle (Smith & Topin 2019): a tenth of the steps linear warmup, then cosine to 0
-  schedule.lr = o.lr;
+// One-cycle (Smith & Topin 2019) as the trainer's warmup-cosine: a tenth of the steps linear warmup, then cosine to 0.
+LoopOptions one_cycle(double lr, int64_t steps) {
+  LoopOptions schedule;
+  schedule.lr = lr;
   schedule.min_lr = 0;
   schedule.lr_schedule = "cosine";
   schedule.steps = steps;
   schedule.warmup = std::max<int64_t>(1, steps / 10);
+  return schedule;
+}
+
+// The cross-entropy training of `net`: AdamW, one-cycle, a progress line with the smoothed loss, the test accuracy
+// after each epoch when `report` is given. Returns the steps taken.
+int64_t fit_feature_net(FeatureNet& net, const FeatureTrainOptions& o, const Dataset& train, const Dataset& test,
+                        torch::Device device, std::ostream* report) {
+  torch::optim::AdamW opt(net->parameters(), torch::optim::AdamWOptions(o.lr).weight_decay(o.weight_decay));
+  BatchSampler sampler(train.size(), o.batch, o.seed);
+  const int64_t epoch = sampler.steps_per_epoch(), steps = o.epochs * epoch;
+  const LoopOptions schedule = one_cycle(o.lr, steps);
   Progress progress(o.progress, 0, steps, 100, "step");
-  FeatureTrainResult result;
-  result.steps = steps;
-  result.parameters = parameter_count(*net);
-  auto t0 = std::chrono::steady_clock::now();
   double loss_avg = 0;
   for (int64_t step = 0; step < steps; ++step) {
     const double lr = lr_at(schedule, step);
@@ -197,33 +199,27 @@ FeatureTrainResult train_feature_net(const FeatureTrainOptions& o, const Feature
     loss.backward();
     opt.step();
     double l = loss.item<double>();
-    if (!std::isfinite(l)) throw std::runtime_error("train-features: loss is " + std::to_string(l) + " at step " + std::to_string(step + 1));
+    if (!std::isfinite(l))
+      throw std::runtime_error("train-features: loss is " + std::to_string(l) + " at step " + std::to_string(step + 1));
     loss_avg = step == 0 ? l : 0.98 * loss_avg + 0.02 * l;
     std::ostringstream f;
-    f << "epoch " << step / sampler.steps_per_epoch() + 1 << "  loss " << std::fixed << std::setprecision(4) << loss_avg;
+    f << "epoch " << step / epoch + 1 << "  loss " << std::fixed << std::setprecision(4) << loss_avg;
     progress.update(step + 1, f.str());
-    if ((step + 1) % sampler.steps_per_epoch() == 0 && report) {
-      double acc = classification_accuracy(net, test);
+    if ((step + 1) % epoch == 0 && report) {
       std::ostringstream m;
-      m << "epoch " << (step + 1) / sampler.steps_per_epoch() << ": loss " << std::fixed << std::setprecision(4)
-        << loss_avg << ", test accuracy " << std::setprecision(4) << acc;
+      m << "epoch " << (step + 1) / epoch << ": loss " << std::fixed << std::setprecision(4) << loss_avg
+        << ", test accuracy " << std::setprecision(4) << classification_accuracy(net, test);
       progress.message(m.str());
     }
   }
   progress.finish();
-  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  net->eval();
-  result.test_accuracy = classification_accuracy(net, test);
+  return steps;
+}
 
-  save_feature_net(net, out);
-  auto hash = feature_weights_hash(out);
-  Dataset ref_data = test;
-  if (o.reference_limit > 0 && o.reference_limit < test.size()) {
-    ref_data.images = test.images.slice(0, 0, o.reference_limit);
-    ref_data.labels = test.labels.slice(0, 0, o.reference_limit);
-  }
-  save_reference((fs::path(out) / kReferenceFile).string(), make_reference(net, ref_data, hash));
-
+// The folder's README.md: what the network is, how to re-create it, what was measured.
+std::string feature_readme(const FeatureTrainResult& result, const FeatureTrainOptions& o, const FeatureNetConfig& config,
+                           const Dataset& test, int64_t reference_images, const std::string& hash,
+                           const std::string& command) {
   std::ostringstream readme;
   readme << std::fixed;
   readme << "# Fashion-MNIST feature network of `diffuse eval`\n\n"
@@ -237,10 +233,43 @@ FeatureTrainResult train_feature_net(const FeatureTrainOptions& o, const Feature
          << "| training time (" << result.steps << " steps, " << o.epochs << " epochs, batch " << o.batch << ", "
          << torch::get_num_threads() << " threads, " << o.device << ") | " << std::setprecision(0) << result.seconds << " s |\n"
          << "| weights hash (FNV-1a 64 of " << kWeightsFile << ") | " << hash << " |\n\n"
-         << "`" << kReferenceFile << "` holds the features of the " << ref_data.size()
+         << "`" << kReferenceFile << "` holds the features of the " << reference_images
          << " test images (float16), their float64 mean and covariance, the labels, and the weights hash above: "
             "`diffuse eval` refuses it when the weights' hash differs.\n";
-  write_file_atomic((fs::path(out) / "README.md").string(), readme.str());
+  return readme.str();
+}
+
+}  // namespace
+
+FeatureTrainResult train_feature_net(const FeatureTrainOptions& o, const FeatureNetConfig& config, const Dataset& train,
+                                     const Dataset& test, const std::string& out, const std::string& command,
+                                     std::ostream* report) {
+  check_feature_training(o, config, train, test);
+  if (o.threads > 0) torch::set_num_threads(o.threads);
+  auto device = parse_device(o.device);
+  torch::manual_seed(o.seed);
+  FeatureNet net(config);
+  net->to(device);
+  check_images(config, train.images.slice(0, 0, 1));
+
+  FeatureTrainResult result;
+  result.parameters = parameter_count(*net);
+  auto t0 = std::chrono::steady_clock::now();
+  result.steps = fit_feature_net(net, o, train, test, device, report);
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  net->eval();
+  result.test_accuracy = classification_accuracy(net, test);
+
+  save_feature_net(net, out);
+  auto hash = feature_weights_hash(out);
+  Dataset ref_data = test;
+  if (o.reference_limit > 0 && o.reference_limit < test.size()) {
+    ref_data.images = test.images.slice(0, 0, o.reference_limit);
+    ref_data.labels = test.labels.slice(0, 0, o.reference_limit);
+  }
+  save_reference((fs::path(out) / kReferenceFile).string(), make_reference(net, ref_data, hash));
+  write_file_atomic((fs::path(out) / "README.md").string(),
+                    feature_readme(result, o, config, test, ref_data.size(), hash, command));
   return result;
 }
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <set>
 #include <stdexcept>
 #include <vector>
@@ -93,58 +94,34 @@ Entry parse_entry(const std::string& name, const nlohmann::json& v, const std::s
   return e;
 }
 
-// Parses and checks the header: every entry valid, entries tiling [0, data_size) without overlap or gap.
-std::vector<Entry> parse_header(const std::string& bytes, const std::string& file,
-                                std::map<std::string, std::string>* metadata, size_t* data_start) {
-  require_little_endian();
-  if (bytes.size() < 8) bad(file, "only " + std::to_string(bytes.size()) + " bytes, shorter than the 8-byte header length");
-  uint64_t n = 0;
-  std::memcpy(&n, bytes.data(), 8);
-  if (n > kMaxHeaderBytes) bad(file, "header length " + std::to_string(n) + " exceeds the 100 MB limit");
-  if (n > bytes.size() - 8)
-    bad(file, "header length " + std::to_string(n) + " runs past the end of the file (" +
-                  std::to_string(bytes.size()) + " bytes): truncated?");
-  if (n < 2 || bytes[8] != '{') bad(file, "header does not start with '{'");
-  *data_start = 8 + size_t(n);
-  const uint64_t data_size = bytes.size() - *data_start;
-
-  std::set<std::string> seen;
-  bool duplicate = false;
-  std::string duplicate_name;
-  nlohmann::json header;
+// The header's JSON (`n` bytes after the length): nesting bounded, valid, an object, no name twice.
+nlohmann::json header_json(const std::string& bytes, uint64_t n, const std::string& file) {
   try {
     check_json_depth(bytes.data() + 8, bytes.data() + 8 + n);
   } catch (const std::invalid_argument& e) {
     bad(file, std::string("header: ") + e.what());
   }
+  std::set<std::string> seen;
+  std::optional<std::string> duplicate;
+  nlohmann::json header;
   try {
     header = nlohmann::json::parse(bytes.begin() + 8, bytes.begin() + 8 + long(n),
                                    [&](int depth, nlohmann::json::parse_event_t ev, nlohmann::json& v) {
                                      if (depth == 1 && ev == nlohmann::json::parse_event_t::key &&
-                                         !seen.insert(v.get<std::string>()).second && !duplicate) {
-                                       duplicate = true;
-                                       duplicate_name = v.get<std::string>();
-                                     }
+                                         !seen.insert(v.get<std::string>()).second && !duplicate)
+                                       duplicate = v.get<std::string>();
                                      return true;
                                    });
   } catch (const nlohmann::json::exception& e) {
     bad(file, std::string("header is not valid JSON: ") + e.what());
   }
   if (!header.is_object()) bad(file, "header is not a JSON object");
-  if (duplicate) bad(file, "header names '" + duplicate_name + "' twice");
+  if (duplicate) bad(file, "header names '" + *duplicate + "' twice");
+  return header;
+}
 
-  std::vector<Entry> entries;
-  for (const auto& [name, v] : header.items()) {
-    if (name == "__metadata__") {
-      if (!v.is_object()) bad(file, "__metadata__ must be an object of strings");
-      for (const auto& [k, s] : v.items()) {
-        if (!s.is_string()) bad(file, "__metadata__ value of '" + k + "' is not a string");
-        if (metadata) (*metadata)[k] = s.get<std::string>();
-      }
-      continue;
-    }
-    entries.push_back(parse_entry(name, v, file));
-  }
+// The entries, sorted by offset, must tile [0, data_size) without overlap or gap.
+void check_tiling(std::vector<Entry>& entries, uint64_t data_size, const std::string& file) {
   std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
     return std::tie(a.begin, a.end) < std::tie(b.begin, b.end);
   });
@@ -165,6 +142,35 @@ std::vector<Entry> parse_header(const std::string& bytes, const std::string& fil
   if (cursor != data_size)
     bad(file, "data section has " + std::to_string(data_size) + " bytes but the tensors cover " +
                   std::to_string(cursor));
+}
+
+// Parses and checks the header: every entry valid, entries tiling [0, data_size) without overlap or gap.
+std::vector<Entry> parse_header(const std::string& bytes, const std::string& file,
+                                std::map<std::string, std::string>* metadata, size_t* data_start) {
+  require_little_endian();
+  if (bytes.size() < 8) bad(file, "only " + std::to_string(bytes.size()) + " bytes, shorter than the 8-byte header length");
+  uint64_t n = 0;
+  std::memcpy(&n, bytes.data(), 8);
+  if (n > kMaxHeaderBytes) bad(file, "header length " + std::to_string(n) + " exceeds the 100 MB limit");
+  if (n > bytes.size() - 8)
+    bad(file, "header length " + std::to_string(n) + " runs past the end of the file (" +
+                  std::to_string(bytes.size()) + " bytes): truncated?");
+  if (n < 2 || bytes[8] != '{') bad(file, "header does not start with '{'");
+  *data_start = 8 + size_t(n);
+  const nlohmann::json header = header_json(bytes, n, file);
+  std::vector<Entry> entries;
+  for (const auto& [name, v] : header.items()) {
+    if (name == "__metadata__") {
+      if (!v.is_object()) bad(file, "__metadata__ must be an object of strings");
+      for (const auto& [k, s] : v.items()) {
+        if (!s.is_string()) bad(file, "__metadata__ value of '" + k + "' is not a string");
+        if (metadata) (*metadata)[k] = s.get<std::string>();
+      }
+      continue;
+    }
+    entries.push_back(parse_entry(name, v, file));
+  }
+  check_tiling(entries, bytes.size() - *data_start, file);
   return entries;
 }
 

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -360,66 +361,100 @@ void forward_signal(int sig) {
       if (p > 0) kill(p, sig);
 }
 
-}  // namespace
+// Starts rank r of nproc as a copy of this program with torchrun's variables set (MASTER_PORT `port` on 127.0.0.1).
+pid_t spawn_rank(int r, int nproc, int port, const std::vector<std::string>& args) {
+  pid_t pid = fork();
+  if (pid < 0) throw std::runtime_error(std::string("fork: ") + std::strerror(errno));
+  if (pid > 0) return pid;
+  setenv("RANK", std::to_string(r).c_str(), 1);
+  setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
+  setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
+  setenv("LOCAL_WORLD_SIZE", std::to_string(nproc).c_str(), 1);
+  setenv("MASTER_ADDR", "127.0.0.1", 1);
+  setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+  std::vector<char*> argv;
+  std::string self = "/proc/self/exe";
+  argv.push_back(self.data());
+  std::vector<std::string> copy = args;
+  for (auto& a : copy) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  execv("/proc/self/exe", argv.data());
+  std::perror("execv");
+  _exit(127);
+}
 
-int launch_local(int nproc, const std::vector<std::string>& args, std::chrono::milliseconds grace) {
-  if (nproc < 1) throw std::invalid_argument("--nproc must be >= 1, got " + std::to_string(nproc));
-  int port = free_loopback_port();
-  std::vector<pid_t> children(size_t(nproc), -1);
-  for (int r = 0; r < nproc; ++r) {
-    pid_t pid = fork();
-    if (pid < 0) throw std::runtime_error(std::string("fork: ") + std::strerror(errno));
-    if (pid == 0) {
-      setenv("RANK", std::to_string(r).c_str(), 1);
-      setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
-      setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
-      setenv("LOCAL_WORLD_SIZE", std::to_string(nproc).c_str(), 1);
-      setenv("MASTER_ADDR", "127.0.0.1", 1);
-      setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
-      std::vector<char*> argv;
-      std::string self = "/proc/self/exe";
-      argv.push_back(self.data());
-      std::vector<std::string> copy = args;
-      for (auto& a : copy) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      execv("/proc/self/exe", argv.data());
-      std::perror("execv");
-      _exit(127);
-    }
-    children[size_t(r)] = pid;
+// While it lives, SIGINT and SIGTERM go to every child still running.
+class ForwardSignals {
+ public:
+  explicit ForwardSignals(std::vector<pid_t>& children) {
+    g_forwarded = 0;
+    g_children = &children;
+    struct sigaction sa {};
+    sa.sa_handler = forward_signal;
+    sigaction(SIGINT, &sa, &old_int_);
+    sigaction(SIGTERM, &sa, &old_term_);
   }
-  const std::vector<pid_t> launched = children;
-  g_forwarded = 0;
-  g_children = &children;
-  struct sigaction sa {}, old_int{}, old_term{};
-  sa.sa_handler = forward_signal;
-  sigaction(SIGINT, &sa, &old_int);
-  sigaction(SIGTERM, &sa, &old_term);
+  ~ForwardSignals() {
+    sigaction(SIGINT, &old_int_, nullptr);
+    sigaction(SIGTERM, &old_term_, nullptr);
+    g_children = nullptr;
+  }
+  ForwardSignals(const ForwardSignals&) = delete;
+  ForwardSignals& operator=(const ForwardSignals&) = delete;
 
-  int result = 0;
-  int remaining = nproc;
+ private:
+  struct sigaction old_int_ {}, old_term_ {};
+};
+
+void signal_all(const std::vector<pid_t>& children, int sig) {
+  for (pid_t p : children)
+    if (p > 0) kill(p, sig);
+}
+
+// After one rank failed: SIGTERM to the others at term_at, SIGKILL at kill_at (unset: never).
+struct Escalation {
   using Clock = std::chrono::steady_clock;
-  const auto never = Clock::time_point::max();
-  auto term_at = never, kill_at = never;
-  auto signal_all = [&](int sig) {
-    for (pid_t p : children)
-      if (p > 0) kill(p, sig);
-  };
+  Clock::time_point term_at = Clock::time_point::max(), kill_at = Clock::time_point::max();
+  bool pending() const { return term_at != Clock::time_point::max() || kill_at != Clock::time_point::max(); }
+  void start(std::chrono::milliseconds grace) {
+    term_at = Clock::now() + std::min<std::chrono::milliseconds>(grace, std::chrono::seconds(2));
+    kill_at = term_at + grace;
+  }
+  // Sends what is due, or sleeps a moment.
+  void tick(const std::vector<pid_t>& children) {
+    const auto now = Clock::now();
+    if (now > term_at) {
+      signal_all(children, SIGTERM);
+      signal_all(children, SIGCONT);  // wakes a stopped rank so that it can act on SIGTERM
+      term_at = Clock::time_point::max();
+    } else if (now > kill_at) {
+      signal_all(children, SIGKILL);
+      kill_at = Clock::time_point::max();
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  }
+};
+
+void report_failed_rank(const std::vector<pid_t>& launched, pid_t pid, int status) {
+  const auto rank = std::find(launched.begin(), launched.end(), pid) - launched.begin();
+  std::cerr << "launch: rank " << rank << " of " << launched.size() << " "
+            << (WIFSIGNALED(status) ? "was killed by signal " + std::to_string(WTERMSIG(status))
+                                    : "exited with status " + std::to_string(WEXITSTATUS(status)))
+            << "; stopping the other ranks" << std::endl;
+}
+
+// Waits for every child; returns the first non-zero exit code (128 + signal for a killed rank).
+int wait_for_ranks(std::vector<pid_t>& children, std::chrono::milliseconds grace) {
+  const std::vector<pid_t> launched = children;
+  int result = 0;
+  size_t remaining = children.size();
+  Escalation escalation;
   while (remaining > 0) {
     int status = 0;
-    pid_t pid = waitpid(-1, &status, term_at == never && kill_at == never ? 0 : WNOHANG);
+    pid_t pid = waitpid(-1, &status, escalation.pending() ? WNOHANG : 0);
     if (pid == 0) {
-      const auto now = Clock::now();
-      if (now > term_at) {
-        signal_all(SIGTERM);
-        signal_all(SIGCONT);  // wakes a stopped rank so that it can act on SIGTERM
-        term_at = never;
-      } else if (now > kill_at) {
-        signal_all(SIGKILL);
-        kill_at = never;
-      } else {
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-      }
+      escalation.tick(children);
       continue;
     }
     if (pid < 0) {
@@ -427,31 +462,30 @@ int launch_local(int nproc, const std::vector<std::string>& args, std::chrono::m
       break;
     }
     --remaining;
-    for (auto& p : children)
-      if (p == pid) p = -1;
+    std::replace(children.begin(), children.end(), pid, pid_t(-1));
     int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-    if (code != 0 && result == 0) {
-      result = code;
-      // After SIGINT/SIGTERM (forwarded, or sent to one rank: diffuse's ranks agree to stop and exit with
-      // 128 + signal) every rank is checkpointing and stopping on its own.
-      if (g_forwarded || (WIFEXITED(status) && (code == 128 + SIGINT || code == 128 + SIGTERM))) continue;
-      int rank = -1;
-      for (int r = 0; r < nproc; ++r)
-        if (launched[size_t(r)] == pid) rank = r;
-      std::cerr << "launch: rank " << rank << " of " << nproc << " "
-                << (WIFSIGNALED(status) ? "was killed by signal " + std::to_string(WTERMSIG(status))
-                                        : "exited with status " + std::to_string(code))
-                << "; stopping the other ranks" << std::endl;
-      // One rank failed. The others see it at their next collective and report it themselves; the ones that
-      // do not (hung, or outside collectives) get SIGTERM shortly after, and SIGKILL after `grace`.
-      term_at = Clock::now() + std::min<std::chrono::milliseconds>(grace, std::chrono::seconds(2));
-      kill_at = term_at + grace;
-    }
+    if (code == 0 || result != 0) continue;
+    result = code;
+    // After SIGINT/SIGTERM (forwarded, or sent to one rank: diffuse's ranks agree to stop and exit with
+    // 128 + signal) every rank is checkpointing and stopping on its own.
+    if (g_forwarded || (WIFEXITED(status) && (code == 128 + SIGINT || code == 128 + SIGTERM))) continue;
+    report_failed_rank(launched, pid, status);
+    // One rank failed. The others see it at their next collective and report it themselves; the ones that
+    // do not (hung, or outside collectives) get SIGTERM shortly after, and SIGKILL after `grace`.
+    escalation.start(grace);
   }
-  sigaction(SIGINT, &old_int, nullptr);
-  sigaction(SIGTERM, &old_term, nullptr);
-  g_children = nullptr;
   return result;
+}
+
+}  // namespace
+
+int launch_local(int nproc, const std::vector<std::string>& args, std::chrono::milliseconds grace) {
+  if (nproc < 1) throw std::invalid_argument("--nproc must be >= 1, got " + std::to_string(nproc));
+  const int port = free_loopback_port();
+  std::vector<pid_t> children(size_t(nproc), -1);
+  for (int r = 0; r < nproc; ++r) children[size_t(r)] = spawn_rank(r, nproc, port, args);
+  ForwardSignals forward(children);
+  return wait_for_ranks(children, grace);
 }
 
 }  // namespace diffuse

@@ -3,9 +3,8 @@
 #include "diffuse/train/train.h"
 
 #include <filesystem>
-#include <iomanip>
-#include <sstream>
 
+#include "diffuse/eval/heldout.h"
 #include "diffuse/io/files.h"
 #include "diffuse/util/runtime.h"
 #include "train/train_internal.h"
@@ -434,59 +433,13 @@ TrainResult train(const TrainOptions& options, const Dataset& data, const TrainH
   return detail::run_loop(task, options.loop, options.to_json(), data, hooks);
 }
 
-std::vector<AccuracyRow> noisy_accuracy(NoisyClassifier& model, const Schedule& schedule, const Dataset& data,
-                                        int64_t bins, uint64_t seed, torch::Device device, int64_t batch) {
-  torch::NoGradGuard ng;
-  bool was_training = model->is_training();
-  model->eval();
-  int64_t T = schedule.T(), n = data.size();
-  auto a = schedule.a().to(torch::kFloat32), s = schedule.s().to(torch::kFloat32);
-  std::vector<AccuracyRow> rows;
-  for (int64_t k = 0; k < bins; ++k) {
-    int64_t lo = k * T / bins, hi = (k + 1) * T / bins;
-    auto gen = cpu_generator(mix_seed(seed, 0xacc, uint64_t(k)));
-    int64_t correct = 0;
-    for (int64_t i = 0; i < n; i += batch) {
-      int64_t b = std::min(batch, n - i);
-      auto x0 = data.images.narrow(0, i, b);
-      auto t = torch::randint(lo, hi, {b}, gen, torch::kInt64);
-      auto eps = torch::randn(x0.sizes(), gen, torch::kFloat32);
-      auto x_t = add_noise(x0, eps, a.index_select(0, t), s.index_select(0, t));
-      auto pred = model->forward(x_t.to(device), t.to(torch::kFloat32).to(device)).argmax(1).cpu();
-      correct += (pred == data.labels.narrow(0, i, b)).sum().item<int64_t>();
-    }
-    rows.push_back({lo, hi, double(correct) / double(n), n});
-  }
-  model->train(was_training);
-  return rows;
-}
-
 TrainResult train_classifier(const ClassifierTrainOptions& options, const Dataset& data, const Dataset& heldout,
                              std::ostream* report, const TrainHooks& hooks) {
   ClassifierTask task(options, data);
   auto result = detail::run_loop(task, options.loop, options.to_json(), data, hooks);
-  if (result.rank == 0 && heldout.images.defined() && heldout.size() > 0) {
-    torch::Device device = parse_device(options.loop.device);
-    auto raw = noisy_accuracy(task.raw_model(), task.schedule(), heldout, 10, options.loop.seed, device);
-    auto ema = noisy_accuracy(task.ema_model(), task.schedule(), heldout, 10, options.loop.seed, device);
-    std::ostringstream csv;
-    csv << "t_begin,t_end,accuracy,accuracy_ema,count\n";
-    for (size_t k = 0; k < raw.size(); ++k)
-      csv << raw[k].t_begin << "," << raw[k].t_end << "," << raw[k].accuracy << "," << ema[k].accuracy << ","
-          << raw[k].count << "\n";
-    write_file_atomic((fs::path(options.loop.out) / "accuracy.csv").string(), csv.str());
-    if (report) {
-      *report << "held-out accuracy on " << heldout.size() << " images of " << heldout.name
-              << " noised at t in each range (step " << result.step << "):\n"
-              << "  t range      raw     EMA\n";
-      for (size_t k = 0; k < raw.size(); ++k)
-        *report << "  " << std::left << std::setw(11)
-                << (std::to_string(raw[k].t_begin) + "-" + std::to_string(raw[k].t_end - 1)) << std::right << std::fixed
-                << std::setprecision(3) << std::setw(6) << raw[k].accuracy << "  " << std::setw(6) << ema[k].accuracy
-                << "\n";
-      *report << "  (chance: " << std::setprecision(3) << 1.0 / double(options.classifier.num_classes) << ")\n";
-    }
-  }
+  if (result.rank == 0 && heldout.images.defined() && heldout.size() > 0)
+    report_classifier_accuracy(task.raw_model(), task.ema_model(), task.schedule(), heldout, options.loop.seed,
+                               parse_device(options.loop.device), {options.loop.out, result.step, report});
   return result;
 }
 
@@ -495,34 +448,10 @@ TrainResult train_vae(const VaeTrainOptions& options, const Dataset& data, const
   VaeTask task(options, data);
   auto result = detail::run_loop(task, options.loop, options.to_json(), data, hooks);
   if (result.interrupted || result.rank != 0 || !heldout.images.defined() || heldout.size() == 0) return result;
-  const int64_t batch = options.loop.batch;
   // Posterior noise for the held-out latents from another stream than the checkpoint's measurement.
   const uint64_t seed = mix_seed(options.loop.seed, 0x7ae);
-  std::ostringstream csv;
-  csv << "model,psnr,mse,l1,latent_mean,latent_std,scaling_factor,scaled_latent_mean,scaled_latent_std,images\n";
-  csv << std::setprecision(7);
-  if (report)
-    *report << "held-out reconstruction of " << heldout.size() << " images of " << heldout.name << " (step "
-            << result.step << "; posterior mean, PSNR for the range [-1, 1]):\n"
-            << "  model     PSNR dB    MSE        latent std  factor     scaled std\n";
-  const std::pair<AutoencoderKL*, const char*> models[] = {{&task.raw_model(), "vae"}, {&task.ema_model(), "vae_ema"}};
-  for (const auto& [model, name] : models) {
-    auto r = reconstruction_stats(*model, heldout.images, batch);
-    const double factor = (*model)->config().scaling_factor;
-    auto before = latent_stats(*model, heldout.images, batch, 1.0, seed);
-    auto after = latent_stats(*model, heldout.images, batch, factor, seed);
-    csv << name << "," << r.psnr << "," << r.mse << "," << r.l1 << "," << before.mean << "," << before.std << ","
-        << factor << "," << after.mean << "," << after.std << "," << r.count << "\n";
-    if (report)
-      *report << "  " << std::left << std::setw(9) << name << std::right << std::fixed << std::setprecision(2)
-              << std::setw(7) << r.psnr << "    " << std::scientific << std::setprecision(3) << r.mse << "  "
-              << std::fixed << std::setprecision(4) << std::setw(10) << before.std << "  " << std::setw(9) << factor
-              << "  " << std::setw(9) << after.std << "\n";
-  }
-  write_file_atomic((fs::path(options.loop.out) / "reconstruction.csv").string(), csv.str());
-  if (report)
-    *report << "  (latent std over posterior samples; factor = 1 / std on " << std::min(options.scale_images, data.size())
-            << " training images, stored in vae*/config.json as scaling_factor)\n";
+  report_reconstruction(task.raw_model(), task.ema_model(), heldout, options.loop.batch, seed,
+                        std::min(options.scale_images, data.size()), {options.loop.out, result.step, report});
   return result;
 }
 

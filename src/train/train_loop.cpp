@@ -235,6 +235,63 @@ void announce(const Session& s, const LoopOptions& o, Progress& progress) {
                      std::to_string(s.shard.size) + " of " + std::to_string(o.batch) + " images per step each");
 }
 
+// Writes the checkpoints (the pending steps read back first) and the loss plot, and knows the last one written.
+class Checkpointer {
+ public:
+  Checkpointer(Session& s, Task& task, const LoopOptions& o, const Dataset& data, const BatchSampler& sampler,
+               LossLog& log, Progress& progress)
+      : s_(s), task_(task), o_(o), data_(data), sampler_(sampler), log_(log), progress_(progress),
+        last_(s.resumed ? s.start : -1) {}
+  int64_t last() const { return last_; }
+  /// What a stop without saving leaves behind, for its message.
+  std::string kept() const {
+    return last_ >= 0 ? "the last good checkpoint (step " + std::to_string(last_) + ") is kept in '" + o_.out + "'"
+                      : "no checkpoint was written yet";
+  }
+  void write(int64_t step, PendingSteps& pending) {
+    pending.read_back();
+    write_checkpoint(s_, task_, o_, data_, sampler_, step, last_, log_.window());
+    last_ = step;
+    if (!s_.main) return;
+    try {
+      log_.plot(s_.run / "loss.png");
+    } catch (const std::exception& e) {
+      progress_.message(std::string("warning: loss plot not drawn: ") + e.what());
+    }
+  }
+
+ private:
+  Session& s_;
+  Task& task_;
+  const LoopOptions& o_;
+  const Dataset& data_;
+  const BatchSampler& sampler_;
+  LossLog& log_;
+  Progress& progress_;
+  int64_t last_;
+};
+
+// The progress line's fields after a step: the latest loss and rate read back, the step's learning rate.
+std::string step_fields(const PendingSteps& pending, double lr) {
+  std::ostringstream fields;
+  if (std::isnan(pending.last_loss()))
+    fields << "loss -  img/s -";  // nothing read back yet (the first log row)
+  else
+    fields << "loss " << std::setprecision(4) << pending.last_loss() << "  " << std::fixed << std::setprecision(1)
+           << pending.images_per_s() << " img/s";
+  fields << "  lr " << std::scientific << std::setprecision(2) << lr;
+  return fields.str();
+}
+
+TrainResult first_result(const Session& s, const LoopOptions& o) {
+  TrainResult result;
+  result.run_dir = o.out;
+  result.start_step = result.step = s.start;
+  result.rank = s.env.rank;
+  result.world_size = s.env.world_size;
+  return result;
+}
+
 }  // namespace
 
 void copy_weights(torch::nn::Module& to, torch::nn::Module& from) {
@@ -256,34 +313,15 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
   }
   Progress progress(o.progress && s.main, s.start, o.steps, o.log_every);
   announce(s, o, progress);
-  int64_t last_checkpoint = s.resumed ? s.start : -1;
+  Checkpointer checkpoints(s, task, o, data, sampler, log, progress);
   PendingSteps pending(s, log, o, [&](int64_t step, const std::string& what) {
     progress.finish();
-    std::string kept = last_checkpoint >= 0 ? "the last good checkpoint (step " + std::to_string(last_checkpoint) +
-                                                  ") is kept in '" + o.out + "'"
-                                            : "no checkpoint was written yet";
-    throw NonFiniteLoss(what + " at step " + std::to_string(step) + "; stopped without saving, " + kept +
+    throw NonFiniteLoss(what + " at step " + std::to_string(step) + "; stopped without saving, " + checkpoints.kept() +
                             " (lower --lr, check the data, or raise --grad-clip's strictness)",
                         step);
   });
-  auto checkpoint = [&](int64_t step) {
-    pending.read_back();
-    write_checkpoint(s, task, o, data, sampler, step, last_checkpoint, log.window());
-    last_checkpoint = step;
-    if (!s.main) return;
-    try {
-      log.plot(s.run / "loss.png");
-    } catch (const std::exception& e) {
-      progress.message(std::string("warning: loss plot not drawn: ") + e.what());
-    }
-  };
-
   StopSignals signals;
-  TrainResult result;
-  result.run_dir = o.out;
-  result.start_step = result.step = s.start;
-  result.rank = s.env.rank;
-  result.world_size = s.env.world_size;
+  TrainResult result = first_result(s, o);
   auto params = task.model().parameters();
   GradientAverager averager(s.dist, params);  // no-op for one process
   StepRunner runner(s, task, o, data, sampler, averager, params);
@@ -296,18 +334,11 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
     pending.add(std::move(outcome));
     const int64_t done = result.step = step + 1;
     if (log.due(done) || done == o.steps) pending.read_back();
-    std::ostringstream fields;
-    if (std::isnan(pending.last_loss()))
-      fields << "loss -  img/s -";  // nothing read back yet (the first log row)
-    else
-      fields << "loss " << std::setprecision(4) << pending.last_loss() << "  " << std::fixed << std::setprecision(1)
-             << pending.images_per_s() << " img/s";
-    fields << "  lr " << std::scientific << std::setprecision(2) << lr;
-    progress.update(done, fields.str());
-    if (done % o.checkpoint_every == 0 || done == o.steps) checkpoint(done);
+    progress.update(done, step_fields(pending, lr));
+    if (done % o.checkpoint_every == 0 || done == o.steps) checkpoints.write(done, pending);
     if (hooks.on_step) hooks.on_step(TrainStepInfo{done, pending.last_loss(), lr, pending.images_per_s()});
     if (int sig = agreed_stop_signal(*s.dist, StopSignals::caught())) {
-      if (last_checkpoint != done) checkpoint(done);
+      if (checkpoints.last() != done) checkpoints.write(done, pending);
       result.interrupted = true;
       result.signal = sig;
       progress.message("stopped by signal " + std::to_string(sig) + " at step " + std::to_string(done) +
@@ -319,7 +350,7 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_begin).count();
   result.images_per_s = double(result.step - s.start) * double(o.batch) / std::max(seconds, 1e-9);
   result.last_loss = pending.last_loss();
-  if (last_checkpoint != result.step) checkpoint(result.step);
+  if (checkpoints.last() != result.step) checkpoints.write(result.step, pending);
   s.dist->barrier();  // the run ends when rank 0's last checkpoint is written
   progress.finish();
   return result;

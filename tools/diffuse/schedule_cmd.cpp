@@ -174,6 +174,49 @@ int audit(const std::string& path) {
   return flaws;
 }
 
+// The timesteps a sampler of `steps` steps walks: integer ones, or with a sigma spacing each schedule's fractional
+// network times and their sigma = s / a.
+void print_sampler_timesteps(const ScheduleOptions& o, const std::vector<std::pair<std::string, Schedule>>& schedules) {
+  auto spacing = parse_spacing(o.spacing);
+  if (!is_sigma_spacing(spacing)) {
+    auto ts = spaced_timesteps(o.T, o.steps, spacing, o.steps_offset);
+    std::cout << "timesteps (" << to_string(spacing) << ", S = " << o.steps << "): " << join(ts) << "\n";
+    return;
+  }
+  for (auto& [name, s] : schedules) {
+    std::ostringstream t, sigma;
+    for (const auto& l : spaced_levels(s, o.steps, spacing)) {
+      t << (t.tellp() > 0 ? ", " : "") << std::setprecision(6) << l.t;
+      sigma << (sigma.tellp() > 0 ? ", " : "") << std::setprecision(6)
+            << (l.a > 0 ? l.s / l.a : std::numeric_limits<double>::infinity());
+    }
+    std::cout << name << " " << to_string(spacing) << " (S = " << o.steps << "): t = " << t.str()
+              << "\n  sigma = " << sigma.str() << "\n";
+  }
+}
+
+void run_schedule(const ScheduleOptions& o) {
+  warn_if_slow_blas();
+  if (o.table) {
+    print_tables();
+    return;
+  }
+  if (!o.audit.empty()) {
+    if (audit(o.audit) > 0) throw Exit{kExitFlaws};
+    return;
+  }
+  std::vector<std::pair<std::string, Schedule>> schedules;
+  for (auto& name : o.names) {
+    ScheduleSpec spec{name, o.T, o.beta_start, o.beta_end, o.zero_snr};
+    schedules.emplace_back(label(name, o.zero_snr), make_schedule(spec));
+  }
+  for (auto& [name, s] : schedules) print_summary(name, s);
+  if (o.steps < 0) throw std::invalid_argument("--steps must be positive, got " + std::to_string(o.steps));
+  if (o.steps > 0) print_sampler_timesteps(o, schedules);
+  if (!o.csv.empty()) write_csv(o.csv, schedules);
+  if (!o.plot.empty()) write_plot(o.plot, schedules);
+}
+
 }  // namespace
 
 void add_schedule_command(CLI::App& app) {
@@ -188,7 +231,9 @@ void add_schedule_command(CLI::App& app) {
   cmd->add_option("--beta-start", opt->beta_start, "First beta (default: the schedule's own)");
   cmd->add_option("--beta-end", opt->beta_end, "Last beta (default: the schedule's own)");
   cmd->add_option("--steps", opt->steps, "Print the timesteps a sampler with this many steps walks");
-  cmd->add_option("--spacing", opt->spacing, "Timestep spacing: leading, linspace, trailing, or the sigma spacings karras (rho 7) and exponential")->capture_default_str();
+  cmd->add_option("--spacing", opt->spacing,
+                  "Timestep spacing: leading, linspace, trailing, or the sigma spacings karras (rho 7) and exponential")
+      ->capture_default_str();
   cmd->add_option("--steps-offset", opt->steps_offset, "diffusers' steps_offset (leading spacing)")
       ->capture_default_str();
   cmd->add_flag("--table", opt->table, "Reproduce Lin et al. 2023 Table 1 and Table 2");
@@ -197,46 +242,7 @@ void add_schedule_command(CLI::App& app) {
   cmd->add_option("--audit", opt->audit,
                   "Audit a diffusers scheduler_config.json for the flaws of Lin et al. 2023 (exit 3 if any)");
 
-  cmd->callback([opt] {
-    warn_if_slow_blas();
-    if (opt->table) {
-      print_tables();
-      return;
-    }
-    if (!opt->audit.empty()) {
-      if (audit(opt->audit) > 0) throw Exit{kExitFlaws};
-      return;
-    }
-    std::vector<std::pair<std::string, Schedule>> schedules;
-    for (auto& name : opt->names) {
-      ScheduleSpec spec{name, opt->T, opt->beta_start, opt->beta_end, opt->zero_snr};
-      schedules.emplace_back(label(name, opt->zero_snr), make_schedule(spec));
-    }
-    for (auto& [name, s] : schedules) print_summary(name, s);
-    if (opt->steps > 0) {
-      auto spacing = parse_spacing(opt->spacing);
-      if (is_sigma_spacing(spacing)) {
-        // Fractional network times and their sigma = s / a, per schedule (the range is each schedule's own).
-        for (auto& [name, s] : schedules) {
-          std::ostringstream t, sigma;
-          for (const auto& l : spaced_levels(s, opt->steps, spacing)) {
-            t << (t.tellp() > 0 ? ", " : "") << std::setprecision(6) << l.t;
-            sigma << (sigma.tellp() > 0 ? ", " : "") << std::setprecision(6)
-                  << (l.a > 0 ? l.s / l.a : std::numeric_limits<double>::infinity());
-          }
-          std::cout << name << " " << to_string(spacing) << " (S = " << opt->steps << "): t = " << t.str()
-                    << "\n  sigma = " << sigma.str() << "\n";
-        }
-      } else {
-        auto ts = spaced_timesteps(opt->T, opt->steps, spacing, opt->steps_offset);
-        std::cout << "timesteps (" << to_string(spacing) << ", S = " << opt->steps << "): " << join(ts) << "\n";
-      }
-    } else if (opt->steps < 0) {
-      throw std::invalid_argument("--steps must be positive, got " + std::to_string(opt->steps));
-    }
-    if (!opt->csv.empty()) write_csv(opt->csv, schedules);
-    if (!opt->plot.empty()) write_plot(opt->plot, schedules);
-  });
+  cmd->callback([opt] { run_schedule(*opt); });
 }
 
 }  // namespace diffuse::cli

@@ -54,9 +54,7 @@ struct CommonOptions {
   int nproc = 0;  ///< --nproc: local processes to launch (0: none, this process trains)
 };
 
-// `noised`: the model sees noised images (a noise schedule) and has attention levels (not the autoencoder).
-void add_common_options(CLI::App* cmd, CommonOptions& c, bool noised = true) {
-  auto& l = c.loop;
+void add_data_options(CLI::App* cmd, CommonOptions& c) {
   cmd->add_option("--data", c.data.source,
                   "fashion-mnist, fashion-mnist-brightness, synthetic-shapes, synthetic-brightness (shapes with a "
                   "per-image brightness from very dark to very bright), or a folder: MNIST-layout IDX files, or "
@@ -70,8 +68,12 @@ void add_common_options(CLI::App* cmd, CommonOptions& c, bool noised = true) {
       ->capture_default_str();
   cmd->add_option("--size", c.data.size, "Model input size (images are size x size)")->capture_default_str();
   cmd->add_option("--image-channels", c.data.channels, "1 or 3; 0: the data's own")->capture_default_str();
-  cmd->add_flag("--hflip", l.hflip, "Random horizontal flips");
+  cmd->add_flag("--hflip", c.loop.hflip, "Random horizontal flips");
+}
 
+// The run folder, the optimisation and the processes.
+void add_loop_options(CLI::App* cmd, CommonOptions& c) {
+  auto& l = c.loop;
   cmd->add_option("--out", l.out, "Run folder (diffusers layout; refused if it exists, see --resume/--overwrite)")
       ->required();
   cmd->add_flag("--resume", l.resume, resume_help());
@@ -103,7 +105,10 @@ void add_common_options(CLI::App* cmd, CommonOptions& c, bool noised = true) {
   cmd->add_option("--dist-timeout", l.dist_timeout, "Seconds a data-parallel rank waits for the others before it "
                                                     "stops with an error (a dead or hung rank)")
       ->capture_default_str();
+}
 
+// `noised`: the model sees noised images (a noise schedule) and has attention levels (not the autoencoder).
+void add_network_options(CLI::App* cmd, CommonOptions& c, bool noised) {
   cmd->add_option("--channels", c.channels, "Channels per level (block_out_channels), comma-separated")
       ->capture_default_str();
   cmd->add_option("--layers-per-block", c.layers_per_block, "Resnet layers per level")->capture_default_str();
@@ -122,6 +127,12 @@ void add_common_options(CLI::App* cmd, CommonOptions& c, bool noised = true) {
                                                             "or none")
       ->capture_default_str();
   cmd->add_option("--head-dim", c.head_dim, "Attention head dimension")->capture_default_str();
+}
+
+void add_common_options(CLI::App* cmd, CommonOptions& c, bool noised = true) {
+  add_data_options(cmd, c);
+  add_loop_options(cmd, c);
+  add_network_options(cmd, c, noised);
 }
 
 std::vector<int64_t> parse_int_list(const std::string& text, const std::string& option) {
@@ -466,9 +477,7 @@ void run_train_vae(const CLI::App* cmd, VaeCli& cli) {
   finish(quiet_unless_rank0([&] { return train_vae(o, data, heldout, &std::cout); }), "train-vae");
 }
 
-}  // namespace
-
-void add_train_command(CLI::App& app) {
+void add_diffusion_train_command(CLI::App& app) {
   auto cli = std::make_shared<TrainCli>();
   auto* cmd = app.add_subcommand("train", "Train a diffusion UNet (diffusers UNet2DModel) into a run folder");
   cmd->footer(
@@ -519,7 +528,9 @@ void add_train_command(CLI::App& app) {
                                                                "scale_shift")
       ->capture_default_str();
   cmd->callback([cmd, cli] { run_train(cmd, *cli); });
+}
 
+void add_classifier_train_command(CLI::App& app) {
   auto clf_cli = std::make_shared<ClassifierCli>();
   auto* common = &clf_cli->common;
   common->channels = "32,64,64";
@@ -539,7 +550,9 @@ void add_train_command(CLI::App& app) {
                                          "to guide a latent model");
   clf->add_option("--latent-cache", clf_cli->latent_cache, "Folder of cached latents (as train)");
   clf->callback([clf, clf_cli] { run_train_classifier(clf, *clf_cli); });
+}
 
+void add_vae_train_command(CLI::App& app) {
   auto vae = std::make_shared<VaeCli>();
   vae->common.channels = "32,64,128";
   vae->common.layers_per_block = 1;
@@ -565,6 +578,14 @@ void add_train_command(CLI::App& app) {
                                                    "scaling factor")
       ->capture_default_str();
   tv->callback([tv, vae] { run_train_vae(tv, *vae); });
+}
+
+}  // namespace
+
+void add_train_command(CLI::App& app) {
+  add_diffusion_train_command(app);
+  add_classifier_train_command(app);
+  add_vae_train_command(app);
 }
 
 }  // namespace diffuse::cli

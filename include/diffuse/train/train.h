@@ -255,15 +255,6 @@ TrainResult train_classifier(const ClassifierTrainOptions& options, const Datase
 TrainResult train_vae(const VaeTrainOptions& options, const Dataset& data, const Dataset& heldout,
                       std::ostream* report = nullptr, const TrainHooks& hooks = {});
 
-struct AccuracyRow {
-  int64_t t_begin, t_end;  ///< timesteps [t_begin, t_end)
-  double accuracy;
-  int64_t count;
-};
-/// Accuracy of `model` on `data` noised at t drawn uniformly in each of `bins` equal ranges of [0, T).
-std::vector<AccuracyRow> noisy_accuracy(NoisyClassifier& model, const Schedule& schedule, const Dataset& data,
-                                        int64_t bins, uint64_t seed, torch::Device device, int64_t batch = 256);
-
 /// Throws what train() would throw about loop.out (exists without --resume/--overwrite, nothing to resume,
 /// --overwrite of a folder that is not a run) without touching anything: lets a CLI fail before loading data.
 void check_run_folder(const LoopOptions& loop);

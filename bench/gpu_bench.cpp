@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "bench_util.h"
 #include "diffuse/core/noise.h"
 #include "diffuse/data/data.h"
 #include "diffuse/models/attention.h"
@@ -227,20 +228,15 @@ int main(int argc, char** argv) {
   int64_t trainer_steps = 120, train_batch = 128;
   bool channels_last = false;
   std::string device_name = "cuda";
-  for (int i = 1; i + 1 < argc; i += 2) {
-    std::string key = argv[i], value = argv[i + 1];
-    if (key == "--device") device_name = value;
-    else if (key == "--diffusers-figures") figures = value;
-    else if (key == "--trainer-steps") trainer_steps = std::stoll(value);
-    else if (key == "--train-batch") train_batch = std::stoll(value);
-    else if (key == "--channels-last") channels_last = value == "1";
-    else if (key == "--only") only = value;
-    else if (key == "--json") b.json_path = value;
-    else {
-      std::cerr << "unknown option " << key << "\n";
-      return 2;
-    }
-  }
+  if (!bench::parse_options(argc, argv,
+                            {{"--device", bench::to(device_name)},
+                             {"--diffusers-figures", bench::to(figures)},
+                             {"--trainer-steps", bench::to(trainer_steps)},
+                             {"--train-batch", bench::to(train_batch)},
+                             {"--channels-last", bench::to(channels_last)},
+                             {"--only", bench::to(only)},
+                             {"--json", bench::to(b.json_path)}}))
+    return 2;
   diffuse::configure_cpu_runtime(argv);
   b.device = diffuse::parse_device(device_name);
   if (!figures.empty()) {

@@ -5,11 +5,9 @@
 // matrix product's GFLOP/s, and peak RSS.
 //
 // usage: train_bench [--batch 64] [--steps 8] [--threads N] [--data fashion-mnist|synthetic-shapes]
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <filesystem>
 #include <iostream>
 #include <string>
@@ -17,22 +15,44 @@
 
 #include <torch/torch.h>
 
-#include "diffuse/models/model_folder.h"
+#include "bench_util.h"
 #include "diffuse/data/data.h"
-#include "diffuse/util/runtime.h"
-#include "diffuse/train/train.h"
+#include "diffuse/models/model_folder.h"
 #include "diffuse/models/unet.h"
+#include "diffuse/train/train.h"
+#include "diffuse/util/runtime.h"
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using bench::Clock;
+using bench::seconds_since;
 
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+// Decodes the data once, then times batching (index_select + flips); returns the seconds per batch.
+double batching_seconds(const diffuse::Dataset& data, int64_t batch) {
+  diffuse::BatchSampler sampler(data.size(), batch, 0);
+  const int64_t batches = 2000;
+  auto t0 = Clock::now();
+  for (int64_t s = 0; s < batches; ++s)
+    diffuse::make_batch(data, sampler.indices(s), true, uint64_t(s), torch::kCPU);
+  const double batch_s = seconds_since(t0);
+  std::cout << "batching (index_select + random flip): " << double(batches * batch) / batch_s << " images/s\n";
+  return batch_s / double(batches);
+}
 
-double peak_rss_mib() {
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return double(usage.ru_maxrss) / 1024.0;
+// diffuse::train for `steps` steps in a temporary folder; returns the seconds per step after the first two, which
+// warm up the allocator and the convolution primitives.
+double trainer_seconds_per_step(const diffuse::TrainOptions& o, const diffuse::Dataset& data, int64_t* first_timed,
+                                size_t* steps_seen) {
+  std::vector<double> stamps;
+  diffuse::TrainHooks hooks;
+  auto t0 = Clock::now();
+  hooks.on_step = [&](const diffuse::TrainStepInfo&) { stamps.push_back(seconds_since(t0)); };
+  diffuse::train(o, data, hooks);
+  std::filesystem::remove_all(o.loop.out);
+  const size_t first = std::min<size_t>(2, stamps.size() - 2);
+  *first_timed = int64_t(first) + 2;
+  *steps_seen = stamps.size();
+  return (stamps.back() - stamps[first]) / double(stamps.size() - 1 - first);
 }
 
 }  // namespace
@@ -43,22 +63,16 @@ int main(int argc, char** argv) {
   std::string source = std::filesystem::exists(std::string(diffuse::kFashionMnistDir) + "/train-images-idx3-ubyte.gz")
                            ? "fashion-mnist"
                            : "synthetic-shapes";
-  for (int i = 1; i + 1 < argc; i += 2) {
-    std::string key = argv[i], value = argv[i + 1];
-    if (key == "--batch") batch = std::stoll(value);
-    else if (key == "--steps") steps = std::stoll(value);
-    else if (key == "--threads") threads = std::stoi(value);
-    else if (key == "--data") source = value;
-    else {
-      std::cerr << "unknown option " << key << "\n";
-      return 2;
-    }
-  }
+  if (!bench::parse_options(argc, argv,
+                            {{"--batch", bench::to(batch)},
+                             {"--steps", bench::to(steps)},
+                             {"--threads", bench::to(threads)},
+                             {"--data", bench::to(source)}}))
+    return 2;
   std::cout << "runtime: " << diffuse::configure_cpu_runtime(argv, threads) << ", batch " << batch << "\n";
   double matmul = diffuse::matmul_gflops(2048, torch::kCPU);
   std::cout << "matmul 2048x2048 float32: " << matmul << " GFLOP/s\n";
 
-  // ---- data: decode once, then batches by index_select
   diffuse::DataSpec spec;
   spec.source = source;
   auto t0 = Clock::now();
@@ -66,15 +80,8 @@ int main(int argc, char** argv) {
   double load_s = seconds_since(t0);
   std::cout << "data " << data.name << ": " << data.size() << " images decoded and fitted to 32x32 in " << load_s
             << " s (" << double(data.size()) / load_s << " images/s)\n";
-  diffuse::BatchSampler sampler(data.size(), batch, 0);
-  int64_t batches = 2000;
-  t0 = Clock::now();
-  for (int64_t s = 0; s < batches; ++s)
-    diffuse::make_batch(data, sampler.indices(s), true, uint64_t(s), torch::kCPU);
-  double batch_s = seconds_since(t0);
-  std::cout << "batching (index_select + random flip): " << double(batches * batch) / batch_s << " images/s\n";
+  const double per_batch = batching_seconds(data, batch);
 
-  // ---- the trainer
   diffuse::TrainOptions o;  // reference UNet, eps, linear schedule, AdamW, clipping, EMA
   o.data = spec;
   o.loop.steps = steps;
@@ -90,20 +97,13 @@ int main(int argc, char** argv) {
     std::cout << "reference UNet: " << diffuse::parameter_count(*probe) << " parameters, " << flops / 1e9
               << " GFLOP per image forward\n";
   }
-  std::vector<double> stamps;
-  diffuse::TrainHooks hooks;
-  hooks.on_step = [&](const diffuse::TrainStepInfo&) { stamps.push_back(seconds_since(t0)); };
-  t0 = Clock::now();
-  diffuse::train(o, data, hooks);
-  std::filesystem::remove_all(o.loop.out);
-  // The first two steps warm up the allocator and the convolution primitives.
-  size_t first = std::min<size_t>(2, stamps.size() - 2);
-  double per_step = (stamps.back() - stamps[first]) / double(stamps.size() - 1 - first);
+  int64_t first = 0;
+  size_t seen = 0;
+  const double per_step = trainer_seconds_per_step(o, data, &first, &seen);
   double ips = double(batch) / per_step;
   double gflops = ips * 3 * flops / 1e9;
-  std::cout << "training (diffuse::train, steps " << first + 2 << ".." << stamps.size() << "): " << ips
-            << " images/s, " << per_step << " s/step, " << gflops << " GFLOP/s, " << 100.0 * gflops / matmul
-            << "% of the matmul rate\n";
-  std::cout << "data share of a step: " << 100.0 * (batch_s / double(batches)) / per_step << "%\n";
-  std::cout << "peak RSS: " << peak_rss_mib() << " MiB\n";
+  std::cout << "training (diffuse::train, steps " << first << ".." << seen << "): " << ips << " images/s, " << per_step
+            << " s/step, " << gflops << " GFLOP/s, " << 100.0 * gflops / matmul << "% of the matmul rate\n";
+  std::cout << "data share of a step: " << 100.0 * per_batch / per_step << "%\n";
+  std::cout << "peak RSS: " << bench::peak_rss_mib() << " MiB\n";
 }

@@ -4,31 +4,24 @@
 //
 // usage: vae_bench [--batch 64] [--iters 5] [--threads N] [--device cpu]
 #include <algorithm>
-#include <chrono>
 #include <iostream>
 #include <string>
 #include <thread>
 
 #include <torch/torch.h>
 
+#include "bench_util.h"
 #include "diffuse/models/model_folder.h"
 #include "diffuse/util/runtime.h"
 #include "diffuse/models/vae.h"
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
 template <class F>
 double best_seconds(int iters, torch::Device device, F&& f) {
   f();  // warm-up
   double best = 1e30;
-  for (int i = 0; i < iters; ++i) {
-    auto t0 = Clock::now();
-    f();
-    if (device.is_cuda()) torch::cuda::synchronize();
-    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
-  }
+  for (int i = 0; i < iters; ++i) best = std::min(best, bench::seconds(device, f));
   return best;
 }
 
@@ -39,17 +32,12 @@ int main(int argc, char** argv) {
   int iters = 5;
   int threads = int(std::thread::hardware_concurrency());
   std::string device_name = "cpu";
-  for (int i = 1; i + 1 < argc; i += 2) {
-    std::string key = argv[i], value = argv[i + 1];
-    if (key == "--batch") batch = std::stoll(value);
-    else if (key == "--iters") iters = std::stoi(value);
-    else if (key == "--threads") threads = std::stoi(value);
-    else if (key == "--device") device_name = value;
-    else {
-      std::cerr << "unknown option " << key << "\n";
-      return 2;
-    }
-  }
+  if (!bench::parse_options(argc, argv,
+                            {{"--batch", bench::to(batch)},
+                             {"--iters", bench::to(iters)},
+                             {"--threads", bench::to(threads)},
+                             {"--device", bench::to(device_name)}}))
+    return 2;
   torch::set_num_threads(threads);
   torch::Device device = diffuse::parse_device(device_name);
   diffuse::AutoencoderKLConfig config;

@@ -117,6 +117,47 @@ TEST(Latents, ResolveVaeFolder) {
   EXPECT_NE(error_of([&] { resolve_vae_folder(dir.str()); }).find("is not an autoencoder"), std::string::npos);
 }
 
+// For any prediction error, L_v / L_eps = (SNR + 1) / SNR at each t (000 document): analyze loss's CSV.
+void expect_v_eps_loss_ratio(const std::string& csv) {
+  std::istringstream rows(read_file(csv));
+  std::string line;
+  std::getline(rows, line);  // t,condition,snr,loss_own,loss_eps,loss_v,loss_x0,ratio_v_eps_measured,ratio_v_eps_predicted
+  int checked = 0;
+  while (std::getline(rows, line)) {
+    std::vector<double> v;
+    std::istringstream cells(line);
+    for (std::string c; std::getline(cells, c, ',');) v.push_back(std::stod(c));
+    ASSERT_EQ(v.size(), 9u) << line;
+    if (v[2] > 1e-6 && std::isfinite(v[8])) {
+      EXPECT_NEAR(v[7] / v[8], 1.0, 1e-4) << line;
+      ++checked;
+    }
+  }
+  EXPECT_GE(checked, 3);
+}
+
+// A noisy classifier trained on the run's latents guides it; a pixel-space one is refused.
+void check_latent_classifier_guidance(const TempDir& dir, const std::string& data) {
+  auto r = run_cli("train-classifier" + data + " --vae " + dir / "run" + " --latent-cache " + dir / "cache" +
+                   " --channels 8,16 --attention-levels none --norm-groups 4 --batch 8 --heldout 8 --steps 2 --out " +
+                   dir / "clf");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("cache hit"), std::string::npos) << r.output;  // the run's vae/ is the same autoencoder
+  EXPECT_EQ(load_json(dir / "clf/classifier/config.json")["in_channels"], 2);
+  r = run_cli("sample --model " + dir / "run" + " --n 2 --steps 2 --quiet --classifier " + dir / "clf" +
+              " --classifier-scale 1 --class 1 --out " + dir / "guided");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_TRUE(std::filesystem::exists(dir / "guided/grid.png"));
+  // A pixel-space classifier cannot guide latents.
+  r = run_cli("train-classifier" + data + " --channels 8,16 --attention-levels none --norm-groups 4 --batch 8 "
+              "--heldout 8 --steps 1 --out " + dir / "pixel-clf");
+  ASSERT_EQ(r.code, 0) << r.output;
+  r = run_cli("sample --model " + dir / "run" + " --n 1 --steps 1 --quiet --classifier " + dir / "pixel-clf" +
+              " --classifier-scale 1 --out " + dir / "bad");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("trained on the same latents"), std::string::npos) << r.output;
+}
+
 TEST(LatentDiffusionCli, TrainsOnCachedLatentsSamplesAndDecodes) {
   TempDir dir;
   const std::string data = " --data synthetic-shapes --synthetic-count 64 --size 16 --threads 1 --quiet";
@@ -155,44 +196,12 @@ TEST(LatentDiffusionCli, TrainsOnCachedLatentsSamplesAndDecodes) {
   r = run_cli("analyze loss --model " + dir / "run" + " --n 6 --points 5 --out " + dir / "loss");
   ASSERT_EQ(r.code, 0) << r.output;
   EXPECT_NE(r.output.find("encoded by the run's vae/"), std::string::npos) << r.output;
-  std::istringstream rows(read_file(dir / "loss/loss_per_t.csv"));
-  std::string line;
-  std::getline(rows, line);  // t,condition,snr,loss_own,loss_eps,loss_v,loss_x0,ratio_v_eps_measured,ratio_v_eps_predicted
-  int checked = 0;
-  while (std::getline(rows, line)) {
-    std::vector<double> v;
-    std::istringstream cells(line);
-    for (std::string c; std::getline(cells, c, ',');) v.push_back(std::stod(c));
-    ASSERT_EQ(v.size(), 9u) << line;
-    if (v[2] > 1e-6 && std::isfinite(v[8])) {
-      EXPECT_NEAR(v[7] / v[8], 1.0, 1e-4) << line;
-      ++checked;
-    }
-  }
-  EXPECT_GE(checked, 3);
+  ASSERT_NO_FATAL_FAILURE(expect_v_eps_loss_ratio(dir / "loss/loss_per_t.csv"));
   r = run_cli("analyze lipschitz --model " + dir / "run" + " --n 2 --dt 5 --dense-until 10 --stride 400 --out " + dir / "loss");
   ASSERT_EQ(r.code, 0) << r.output;
   EXPECT_TRUE(std::filesystem::exists(dir / "loss/lipschitz.csv"));
 
-  // Classifier guidance of a latent model: a noisy classifier on the same latents.
-  r = run_cli("train-classifier" + data + " --vae " + dir / "run" + " --latent-cache " + dir / "cache" +
-              " --channels 8,16 --attention-levels none --norm-groups 4 --batch 8 --heldout 8 --steps 2 --out " +
-              dir / "clf");
-  ASSERT_EQ(r.code, 0) << r.output;
-  EXPECT_NE(r.output.find("cache hit"), std::string::npos) << r.output;  // the run's vae/ is the same autoencoder
-  EXPECT_EQ(load_json(dir / "clf/classifier/config.json")["in_channels"], 2);
-  r = run_cli("sample --model " + dir / "run" + " --n 2 --steps 2 --quiet --classifier " + dir / "clf" +
-              " --classifier-scale 1 --class 1 --out " + dir / "guided");
-  EXPECT_EQ(r.code, 0) << r.output;
-  EXPECT_TRUE(std::filesystem::exists(dir / "guided/grid.png"));
-  // A pixel-space classifier cannot guide latents.
-  r = run_cli("train-classifier" + data + " --channels 8,16 --attention-levels none --norm-groups 4 --batch 8 "
-              "--heldout 8 --steps 1 --out " + dir / "pixel-clf");
-  ASSERT_EQ(r.code, 0) << r.output;
-  r = run_cli("sample --model " + dir / "run" + " --n 1 --steps 1 --quiet --classifier " + dir / "pixel-clf" +
-              " --classifier-scale 1 --out " + dir / "bad");
-  EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.output.find("trained on the same latents"), std::string::npos) << r.output;
+  ASSERT_NO_FATAL_FAILURE(check_latent_classifier_guidance(dir, data));
 
   // A pixel-space VAE mismatch is named.
   r = run_cli("sample --model " + dir / "run" + " --n 1 --steps 1 --quiet --vae " + dir / "run/unet");

@@ -1,7 +1,6 @@
 #include "diffuse/eval/heldout.h"
 
 #include <algorithm>
-#include <filesystem>
 #include <iomanip>
 #include <ostream>
 #include <sstream>
@@ -11,9 +10,8 @@
 
 #include "diffuse/core/prediction.h"
 #include "diffuse/io/files.h"
+#include "diffuse/io/run_folder.h"
 #include "diffuse/util/runtime.h"
-
-namespace fs = std::filesystem;
 
 namespace diffuse {
 
@@ -53,7 +51,7 @@ void report_classifier_accuracy(NoisyClassifier& raw_model, NoisyClassifier& ema
   for (size_t k = 0; k < raw.size(); ++k)
     csv << raw[k].t_begin << "," << raw[k].t_end << "," << raw[k].accuracy << "," << ema[k].accuracy << ","
         << raw[k].count << "\n";
-  write_file_atomic((fs::path(out.run_dir) / "accuracy.csv").string(), csv.str());
+  write_file_atomic(RunFolder(out.run_dir).accuracy_csv().string(), csv.str());
   if (!out.report) return;
   std::ostream& r = *out.report;
   r << "held-out accuracy on " << heldout.size() << " images of " << heldout.name << " noised at t in each range (step "
@@ -90,7 +88,7 @@ void report_reconstruction(AutoencoderKL& raw, AutoencoderKL& ema, const Dataset
               << std::fixed << std::setprecision(4) << std::setw(10) << before.std << "  " << std::setw(9) << factor
               << "  " << std::setw(9) << after.std << "\n";
   }
-  write_file_atomic((fs::path(out.run_dir) / "reconstruction.csv").string(), csv.str());
+  write_file_atomic(RunFolder(out.run_dir).reconstruction_csv().string(), csv.str());
   if (report)
     *report << "  (latent std over posterior samples; factor = 1 / std on " << scale_images
             << " training images, stored in vae*/config.json as scaling_factor)\n";

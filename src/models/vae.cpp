@@ -12,6 +12,7 @@
 #include "diffuse/models/model_folder.h"
 #include "diffuse/io/safetensors.h"
 #include "diffuse/io/hash.h"
+#include "diffuse/io/run_folder.h"
 #include "diffuse/core/noise.h"
 
 namespace diffuse {
@@ -450,8 +451,9 @@ std::string resolve_vae_folder(const std::string& path) {
   namespace fs = std::filesystem;
   const fs::path p(path);
   if (fs::exists(p / "config.json")) return path;
-  for (const char* sub : {"vae_ema", "vae"})
-    if (fs::exists(p / sub / "config.json")) return (p / sub).string();
+  const RunFolder run(p);
+  for (const auto& folder : {run.ema_network("vae"), run.network("vae")})
+    if (fs::exists(folder / "config.json")) return folder.string();
   throw std::invalid_argument("'" + path + "' is not an autoencoder: no config.json there, nor a vae_ema/ or vae/ "
                               "folder (pass a train-vae run folder or a diffusers AutoencoderKL folder)");
 }

@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "diffuse/core/levels.h"
+#include "diffuse/io/run_folder.h"
 #include "diffuse/sample/sampling.h"
 
 #include <limits>
@@ -21,30 +22,31 @@ std::string ModelFolder::unet(const std::string& weights) const {
     throw std::invalid_argument("model folder '" + root.string() + "' does not exist (train first: diffuse train --out RUN)");
   if (weights != "auto" && weights != "ema" && weights != "raw")
     throw std::invalid_argument("weights '" + weights + "' is not one of auto, ema, raw");
+  const RunFolder run(root);
   if (weights == "ema" || weights == "auto") {
-    if (fs::exists(root / "unet_ema" / "config.json")) return (root / "unet_ema").string();
+    if (fs::exists(run.ema_network("unet") / "config.json")) return run.ema_network("unet").string();
     if (weights == "ema") throw std::invalid_argument("'" + root.string() + "' has no unet_ema/ (use --weights raw)");
   }
-  if (fs::exists(root / "unet" / "config.json")) return (root / "unet").string();
+  if (fs::exists(run.network("unet") / "config.json")) return run.network("unet").string();
   if (fs::exists(root / "config.json")) return root.string();
   throw std::invalid_argument("'" + root.string() + "' holds no UNet: expected unet_ema/, unet/ or config.json + "
                               "diffusion_pytorch_model.safetensors");
 }
 
 std::string ModelFolder::scheduler_config() const {
-  for (auto p : {root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json",
-                 root.parent_path() / "scheduler" / "scheduler_config.json"})
+  for (auto p : {RunFolder(root).scheduler_config(), root / "scheduler_config.json",
+                 RunFolder(root.parent_path()).scheduler_config()})
     if (fs::exists(p)) return p.string();
   throw std::invalid_argument("no scheduler_config.json found for '" + root.string() +
                               "' (looked in scheduler/ and beside the model; pass --scheduler FILE)");
 }
 
 std::string ModelFolder::vae() const {
-  if (fs::exists(root / "vae" / "config.json")) return (root / "vae").string();  // a diffuse run
+  const RunFolder run(root), parent(root.parent_path());
+  if (fs::exists(run.network("vae") / "config.json")) return run.network("vae").string();  // a diffuse run
   // A diffusers pipeline folder's unet/ (model_index.json beside it): its vae/.
-  const auto parent = root.parent_path();
-  if (fs::exists(parent / "model_index.json") && fs::exists(parent / "vae" / "config.json"))
-    return (parent / "vae").string();
+  if (fs::exists(parent.root / "model_index.json") && fs::exists(parent.network("vae") / "config.json"))
+    return parent.network("vae").string();
   return "";
 }
 

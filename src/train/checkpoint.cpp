@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "diffuse/io/files.h"
+#include "diffuse/io/run_folder.h"
 #include "diffuse/train/train.h"
 #include "train/train_internal.h"
 
@@ -15,26 +16,23 @@ namespace fs = std::filesystem;
 
 namespace diffuse {
 
-namespace {
-const char* kOldCheckpoint = ".checkpoint-old";
-}  // namespace
-
 namespace detail {
 
-void swap_in_checkpoint(const fs::path& run) {
-  fs::path fresh = run / detail::kNewCheckpoint, old = run / kOldCheckpoint;
+void swap_in_checkpoint(const RunFolder& run) {
+  const RunFolder fresh = run.new_checkpoint();
+  const fs::path old = run.old_checkpoint();
   fs::create_directories(old);
-  for (const auto& e : fs::directory_iterator(fresh)) {
+  for (const auto& e : fs::directory_iterator(fresh.root)) {
     std::string name = e.path().filename().string();
-    if (name == kComplete) continue;
-    fs::path target = run / name;
+    if (e.path() == fresh.complete_marker()) continue;
+    fs::path target = run.root / name;
     if (fs::exists(target)) {
       fs::remove_all(old / name);
       fs::rename(target, old / name);
     }
     fs::rename(e.path(), target);
   }
-  fs::remove_all(fresh);  // the COMPLETE marker goes last
+  fs::remove_all(fresh.root);  // the COMPLETE marker goes last
   fs::remove_all(old);
 }
 }  // namespace detail
@@ -71,36 +69,27 @@ void diff_json(const nlohmann::json& a, const nlohmann::json& b, const std::stri
 
 }  // namespace
 
-// What a run folder of diffuse holds at its top level: the only entries --overwrite may delete.
-const std::vector<std::string>& run_folder_entries() {
-  static const std::vector<std::string> names = {
-      "run.json", "log.csv",  "loss.png",       "accuracy.csv", "reconstruction.csv", "train_state",
-      "unet",     "unet_ema", "vae",            "vae_ema",      "classifier",         "classifier_ema",
-      "scheduler", detail::kNewCheckpoint, kOldCheckpoint};
-  return names;
-}
-
 void check_run_folder(const LoopOptions& o) {
   if (o.out.empty()) throw std::invalid_argument("no run folder given (--out RUN)");
   if (o.resume && o.overwrite) throw std::invalid_argument("--resume and --overwrite exclude each other");
-  fs::path run(o.out);
+  const RunFolder run(o.out);
   if (o.resume) {
-    if (!fs::exists(run / "run.json"))
+    if (!fs::exists(run.run_json()))
       throw std::invalid_argument("cannot resume '" + o.out + "': no run.json there (not a diffuse run folder)");
     return;
   }
-  bool exists = fs::exists(run) && !(fs::is_directory(run) && fs::is_empty(run));
+  bool exists = fs::exists(run.root) && !(fs::is_directory(run.root) && fs::is_empty(run.root));
   if (!exists) return;
   if (!o.overwrite)
     throw std::invalid_argument("run folder '" + o.out +
                                 "' already exists (pass --resume to continue it or --overwrite to replace it)");
-  if (!fs::is_directory(run) || !fs::exists(run / "run.json"))
+  if (!fs::is_directory(run.root) || !fs::exists(run.run_json()))
     throw std::invalid_argument("--overwrite refused: '" + o.out +
                                 "' exists but is not a diffuse run folder (no run.json); remove it yourself");
   std::vector<std::string> foreign;
-  for (const auto& entry : fs::directory_iterator(run)) {
+  for (const auto& entry : fs::directory_iterator(run.root)) {
     const std::string name = entry.path().filename().string();
-    const auto& ours = run_folder_entries();
+    const auto& ours = RunFolder::entries();
     if (std::find(ours.begin(), ours.end(), name) == ours.end()) foreign.push_back(name);
   }
   if (!foreign.empty()) {
@@ -115,18 +104,18 @@ void check_run_folder(const LoopOptions& o) {
 }
 
 void finish_interrupted_checkpoint(const std::string& run_dir) {
-  fs::path run(run_dir), fresh = run / detail::kNewCheckpoint;
-  if (fs::exists(fresh)) {
-    if (fs::exists(fresh / detail::kComplete))
+  const RunFolder run(run_dir), fresh = run.new_checkpoint();
+  if (fs::exists(fresh.root)) {
+    if (fs::exists(fresh.complete_marker()))
       detail::swap_in_checkpoint(run);
     else
-      fs::remove_all(fresh);  // cut short while writing: the previous checkpoint is intact
+      fs::remove_all(fresh.root);  // cut short while writing: the previous checkpoint is intact
   }
-  fs::remove_all(run / kOldCheckpoint);
+  fs::remove_all(run.old_checkpoint());
 }
 
 int64_t checkpoint_step(const std::string& run_dir) {
-  std::string path = (fs::path(run_dir) / "train_state" / "state.json").string();
+  const std::string path = RunFolder(run_dir).state_json().string();
   auto j = load_json(path);
   if (!j.contains("step") || !j["step"].is_number_integer())
     throw std::runtime_error("'" + path + "' has no integer 'step': corrupt train state");
@@ -136,17 +125,17 @@ int64_t checkpoint_step(const std::string& run_dir) {
 // Creates, replaces or reopens the run folder. Returns the checkpoint's state.json when resuming.
 std::optional<nlohmann::json> detail::prepare_run_folder(const LoopOptions& o, const nlohmann::json& options_json) {
   check_run_folder(o);
-  fs::path run(o.out);
+  const RunFolder run(o.out);
   if (o.resume) {
     finish_interrupted_checkpoint(o.out);
-    if (!fs::exists(run / "train_state" / "state.json"))
+    if (!fs::exists(run.state_json()))
       throw std::invalid_argument("cannot resume '" + o.out +
                                   "': it has no checkpoint yet (train_state/state.json missing); start it again with --overwrite");
     // The options the checkpoint was trained with (state.json records them; runs of earlier versions only have
     // run.json) against those of this invocation: run.json plus the resumable flags given. An edited run.json is
     // refused here, naming the keys.
-    const auto state = load_json((run / "train_state" / "state.json").string());
-    const auto stored = state.contains("options") ? state["options"] : load_json((run / "run.json").string());
+    const auto state = load_json(run.state_json().string());
+    const auto stored = state.contains("options") ? state["options"] : load_json(run.run_json().string());
     std::vector<std::string> diffs;
     diff_json(stored, options_json, "", diffs);
     if (!diffs.empty())
@@ -159,8 +148,8 @@ std::optional<nlohmann::json> detail::prepare_run_folder(const LoopOptions& o, c
                 << "with the same --threads (floating-point sums split differently)\n";
     return state;
   }
-  if (fs::exists(run)) fs::remove_all(run);  // empty, or a run folder with --overwrite (checked above)
-  fs::create_directories(run);
+  if (fs::exists(run.root)) fs::remove_all(run.root);  // empty, or a run folder with --overwrite (checked above)
+  fs::create_directories(run.root);
   return std::nullopt;
 }
 

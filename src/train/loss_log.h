@@ -26,7 +26,7 @@ namespace fs = std::filesystem;
 class LossLog {
  public:
   static constexpr int kBins = 10;
-  LossLog(const fs::path& run, int64_t T, int64_t every) : path_(run / "log.csv"), T_(T), every_(std::max<int64_t>(1, every)) {}
+  LossLog(const fs::path& csv, int64_t T, int64_t every) : path_(csv), T_(T), every_(std::max<int64_t>(1, every)) {}
 
   std::string header() const {
     std::string h = "step,loss,lr,images_per_s,grad_norm";

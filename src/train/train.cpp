@@ -176,11 +176,11 @@ class DiffusionTask : public Task {
     to(device);
     copy_weights(*ema_, *unet_);
   }
-  void load(const fs::path& run, torch::Device device) override {
-    unet_ = load_unet((run / "unet").string(), device);
-    ema_ = load_unet((run / "unet_ema").string(), device);
+  void load(const RunFolder& run, torch::Device device) override {
+    unet_ = load_unet(run.network(kind()).string(), device);
+    ema_ = load_unet(run.ema_network(kind()).string(), device);
     if (!(unet_->config() == o_.unet))
-      throw std::invalid_argument("'" + (run / "unet" / "config.json").string() + "' differs from run.json's UNet");
+      throw std::invalid_argument("'" + (run.network(kind()) / "config.json").string() + "' differs from run.json's UNet");
     to(device);
   }
   torch::nn::Module& model() override { return *unet_; }
@@ -202,12 +202,12 @@ class DiffusionTask : public Task {
     return {per_example_loss(o_.prediction, pred, x0, eps, a, s, weight_d_.index_select(0, td)), t};
   }
 
-  void save(const fs::path& dir) override {
-    save_unet(unet_, (dir / "unet").string());
-    save_unet(ema_, (dir / "unet_ema").string());
-    fs::create_directories(dir / "scheduler");
-    scheduler_.save((dir / "scheduler" / "scheduler_config.json").string());
-    if (!vae_.is_empty()) save_vae(vae_, (dir / "vae").string());  // latent diffusion: samples decode through it
+  void save(const RunFolder& dir) override {
+    save_unet(unet_, dir.network(kind()).string());
+    save_unet(ema_, dir.ema_network(kind()).string());
+    fs::create_directories(dir.scheduler_folder());
+    scheduler_.save(dir.scheduler_config().string());
+    if (!vae_.is_empty()) save_vae(vae_, dir.network("vae").string());  // latent diffusion: samples decode through it
   }
 
  private:
@@ -304,9 +304,9 @@ class ClassifierTask : public Task {
     to(device);
     copy_weights(*ema_, *model_);
   }
-  void load(const fs::path& run, torch::Device device) override {
-    model_ = load_classifier((run / "classifier").string(), device);
-    ema_ = load_classifier((run / "classifier_ema").string(), device);
+  void load(const RunFolder& run, torch::Device device) override {
+    model_ = load_classifier(run.network(kind()).string(), device);
+    ema_ = load_classifier(run.ema_network(kind()).string(), device);
     to(device);
   }
   torch::nn::Module& model() override { return *model_; }
@@ -327,11 +327,11 @@ class ClassifierTask : public Task {
                 logits, batch.labels, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone)),
             t};
   }
-  void save(const fs::path& dir) override {
-    save_classifier(model_, (dir / "classifier").string());
-    save_classifier(ema_, (dir / "classifier_ema").string());
-    fs::create_directories(dir / "scheduler");
-    scheduler_.save((dir / "scheduler" / "scheduler_config.json").string());
+  void save(const RunFolder& dir) override {
+    save_classifier(model_, dir.network(kind()).string());
+    save_classifier(ema_, dir.ema_network(kind()).string());
+    fs::create_directories(dir.scheduler_folder());
+    scheduler_.save(dir.scheduler_config().string());
   }
 
  private:
@@ -382,13 +382,14 @@ class VaeTask : public Task {
     to(device);
     copy_weights(*ema_, *vae_);
   }
-  void load(const fs::path& run, torch::Device device) override {
-    vae_ = load_vae((run / "vae").string(), device);
-    ema_ = load_vae((run / "vae_ema").string(), device);
+  void load(const RunFolder& run, torch::Device device) override {
+    vae_ = load_vae(run.network(kind()).string(), device);
+    ema_ = load_vae(run.ema_network(kind()).string(), device);
     auto stored = vae_->config();
     stored.scaling_factor = o_.vae.scaling_factor;
     if (!(stored == o_.vae))
-      throw std::invalid_argument("'" + (run / "vae" / "config.json").string() + "' differs from run.json's autoencoder");
+      throw std::invalid_argument("'" + (run.network(kind()) / "config.json").string() +
+                                  "' differs from run.json's autoencoder");
     to(device);
   }
   torch::nn::Module& model() override { return *vae_; }
@@ -408,11 +409,11 @@ class VaeTask : public Task {
   }
 
   // Each saved model carries the scaling factor of its own weights.
-  void save(const fs::path& dir) override {
-    const std::pair<AutoencoderKL*, const char*> models[] = {{&vae_, "vae"}, {&ema_, "vae_ema"}};
-    for (const auto& [model, name] : models) {
+  void save(const RunFolder& dir) override {
+    const std::pair<AutoencoderKL*, fs::path> models[] = {{&vae_, dir.network(kind())}, {&ema_, dir.ema_network(kind())}};
+    for (const auto& [model, folder] : models) {
       (*model)->set_scaling_factor(measure_scaling_factor(*model, scale_sample_, o_.loop.batch, o_.loop.seed));
-      save_vae(*model, (dir / name).string());
+      save_vae(*model, folder.string());
     }
   }
 

@@ -13,16 +13,13 @@
 #include <vector>
 
 #include "diffuse/data/data.h"
+#include "diffuse/io/run_folder.h"
 #include "diffuse/train/distributed.h"
 #include "diffuse/train/train.h"
 
 namespace diffuse::detail {
 
 namespace fs = std::filesystem;
-
-// A checkpoint is written into RUN/.checkpoint-new, marked complete, then swapped in.
-inline constexpr const char* kNewCheckpoint = ".checkpoint-new";
-inline constexpr const char* kComplete = "COMPLETE";
 
 // The rows [begin, begin + size) of a global batch of `global` examples that one rank trains on.
 struct Shard {
@@ -42,7 +39,7 @@ class Task {
   virtual ~Task() = default;
   virtual std::string kind() const = 0;
   virtual void create(torch::Device device) = 0;
-  virtual void load(const fs::path& run, torch::Device device) = 0;
+  virtual void load(const RunFolder& run, torch::Device device) = 0;
   virtual torch::nn::Module& model() = 0;
   virtual torch::nn::Module& ema() = 0;
   /// Per-example loss [n] (float32, on the device) and the timesteps [n] (int64) of `batch`: this rank's
@@ -50,7 +47,7 @@ class Task {
   /// device (as one process would), and then cut to the shard's rows, so sharding changes no number.
   virtual std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, const Shard& shard, at::Generator& gen) = 0;
   /// Writes the model folders (and scheduler/) of a checkpoint into `dir`.
-  virtual void save(const fs::path& dir) = 0;
+  virtual void save(const RunFolder& dir) = 0;
   virtual int64_t T() const = 0;
 };
 
@@ -60,7 +57,7 @@ struct Session {
   torch::Device device = torch::kCPU;
   std::shared_ptr<Distributed> dist;
   Shard shard;
-  fs::path run;
+  RunFolder run{""};
   bool main = true, resumed = false;
   int64_t start = 0;
   nlohmann::json options;     ///< the run's options (run.json), recorded in each checkpoint's state.json
@@ -100,7 +97,7 @@ void share_rank_zero_state(Session& s, Task& task, const LoopOptions& o);
 
 /// Moves every component of a finished RUN/.checkpoint-new into RUN. Idempotent: a crash at any point
 /// leaves either the old or the new version of each component, and running it again completes the swap.
-void swap_in_checkpoint(const fs::path& run);
+void swap_in_checkpoint(const RunFolder& run);
 /// Creates, replaces or reopens the run folder. Returns the checkpoint's train_state/state.json when resuming
 /// (checked against `options_json`), nothing for a new run.
 std::optional<nlohmann::json> prepare_run_folder(const LoopOptions& o, const nlohmann::json& options_json);

@@ -129,13 +129,12 @@ int64_t optimizer_steps(torch::optim::AdamW& optimizer) {
 
 // Rank 0 of a resumed run: the optimizer state and the RNG states of the checkpoint, checked against its step.
 void load_train_state(Session& s, Task& task, const LoopOptions& o) {
-  const fs::path dir = s.run / "train_state";
-  if (fs::exists(dir / "optimizer.safetensors"))
-    load_adamw_state(*s.optimizer, task.model(), load_safetensors((dir / "optimizer.safetensors").string()),
-                     (dir / "optimizer.safetensors").string());
+  const std::string optimizer = s.run.optimizer_state().string();
+  if (fs::exists(optimizer))
+    load_adamw_state(*s.optimizer, task.model(), load_safetensors(optimizer), optimizer);
   else  // a checkpoint of diffuse before 2026-11-27
-    torch::load(*s.optimizer, (dir / "optimizer.pt").string(), s.device);
-  restore_rng_states(load_safetensors((dir / "rng.safetensors").string()), s.device);
+    torch::load(*s.optimizer, s.run.legacy_optimizer_state().string(), s.device);
+  restore_rng_states(load_safetensors(s.run.rng_state().string()), s.device);
   const int64_t updates = optimizer_steps(*s.optimizer);
   if (updates >= 0 && updates != s.start)
     throw std::invalid_argument("cannot resume '" + o.out + "': train_state/state.json says step " +
@@ -154,7 +153,7 @@ void open_run(Session& s, Task& task, const LoopOptions& o, const nlohmann::json
                                          std::chrono::milliseconds(int64_t(std::ceil(o.dist_timeout * 1000))));
   s.main = s.dist->is_main();
   s.shard = Shard{s.env.rank * (o.batch / s.env.world_size), o.batch / s.env.world_size, o.batch};
-  s.run = fs::path(o.out);
+  s.run = RunFolder(o.out);
   s.resumed = o.resume;
   on_main_rank(*s.dist, "prepare the run folder '" + o.out + "'", [&] {
     const auto checkpoint = prepare_run_folder(o, options_json);
@@ -181,7 +180,7 @@ void open_run(Session& s, Task& task, const LoopOptions& o, const nlohmann::json
     }
     s.optimizer = std::make_unique<torch::optim::AdamW>(task.model().parameters(), options);
     if (s.resumed) load_train_state(s, task, o);
-    write_file_atomic((s.run / "run.json").string(), s.options.dump(2) + "\n");
+    write_file_atomic(s.run.run_json().string(), s.options.dump(2) + "\n");
   });
   if (!s.main) {
     torch::manual_seed(o.seed);
@@ -201,14 +200,14 @@ void write_checkpoint(Session& s, Task& task, const LoopOptions& o, const Datase
                         step);
   check_replicas(*s.dist, task, step);
   if (!s.main) return;
-  fs::path dir = s.run / kNewCheckpoint;
-  fs::remove_all(dir);
-  fs::create_directories(dir / "train_state");
+  const RunFolder dir = s.run.new_checkpoint();
+  fs::remove_all(dir.root);
+  fs::create_directories(dir.train_state());
   task.save(dir);
   // Safetensors written by write_file_atomic: the same state gives the same bytes, and a full disk is reported with
   // the path while the last checkpoint is kept (LibTorch's own writer aborted the process there).
-  save_safetensors((dir / "train_state" / "optimizer.safetensors").string(), adamw_state_tensors(*s.optimizer, task.model()));
-  save_safetensors((dir / "train_state" / "rng.safetensors").string(), rng_states(s.device));
+  save_safetensors(dir.optimizer_state().string(), adamw_state_tensors(*s.optimizer, task.model()));
+  save_safetensors(dir.rng_state().string(), rng_states(s.device));
   nlohmann::json state = {{"step", step},
                           {"epoch", step / sampler.steps_per_epoch()},
                           {"batch_in_epoch", step % sampler.steps_per_epoch()},
@@ -221,8 +220,8 @@ void write_checkpoint(Session& s, Task& task, const LoopOptions& o, const Datase
                           {"kind", task.kind()},
                           {"options", s.options},
                           {"log_window", log_window}};
-  write_file_atomic((dir / "train_state" / "state.json").string(), state.dump(2) + "\n");
-  write_file_atomic((dir / kComplete).string(), std::to_string(step) + "\n");
+  write_file_atomic(dir.state_json().string(), state.dump(2) + "\n");
+  write_file_atomic(dir.complete_marker().string(), std::to_string(step) + "\n");
   swap_in_checkpoint(s.run);
 }
 
@@ -254,7 +253,7 @@ class Checkpointer {
     last_ = step;
     if (!s_.main) return;
     try {
-      log_.plot(s_.run / "loss.png");
+      log_.plot(s_.run.loss_plot());
     } catch (const std::exception& e) {
       progress_.message(std::string("warning: loss plot not drawn: ") + e.what());
     }
@@ -306,7 +305,7 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
   BatchSampler sampler(data.size(), o.batch, o.seed);  // validates the batch size against the data
   open_run(s, task, o, options_json, data);
   task.model().train();
-  LossLog log(s.run, task.T(), o.log_every);
+  LossLog log(s.run.log_csv(), task.T(), o.log_every);
   if (s.main) {
     log.open(s.start, !s.resumed);
     if (s.resumed) log.restore_window(s.log_window);

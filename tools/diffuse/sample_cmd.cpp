@@ -9,6 +9,7 @@
 
 #include "commands.h"
 #include "diffuse/io/files.h"
+#include "diffuse/io/run_folder.h"
 #include "diffuse/models/classifier.h"
 #include "diffuse/sample/denoiser.h"
 #include "diffuse/io/image_io.h"
@@ -66,7 +67,8 @@ GenerateOptions generate_options(const SampleOptions& o, torch::Device device) {
   g.seed = o.seed;
   if (!o.classifier.empty()) {
     fs::path c(o.classifier);
-    g.classifier = load_classifier(fs::exists(c / "classifier") ? (c / "classifier").string() : c.string(), device);
+    const auto folder = RunFolder(c).network("classifier");
+    g.classifier = load_classifier(fs::exists(folder) ? folder.string() : c.string(), device);
     g.classifier->eval();
   }
   if (!o.init_noise.empty()) g.init_noise = load_init_noise(o.init_noise);

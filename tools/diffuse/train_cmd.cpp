@@ -9,6 +9,7 @@
 #include "commands.h"
 #include "diffuse/models/model_folder.h"
 #include "diffuse/io/files.h"
+#include "diffuse/io/run_folder.h"
 #include "diffuse/train/distributed.h"
 #include "diffuse/util/runtime.h"
 #include "diffuse/train/train.h"
@@ -183,7 +184,7 @@ void apply_resumable(LoopOptions& stored, LoopOptions given, const CLI::App* cmd
 }
 
 nlohmann::json stored_options(const std::string& run) {
-  std::string path = (fs::path(run) / "run.json").string();
+  const std::string path = RunFolder(run).run_json().string();
   if (!fs::exists(path))
     throw std::invalid_argument("cannot resume '" + run + "': no run.json there (not a diffuse run folder)");
   return load_json(path);
@@ -356,7 +357,7 @@ void run_train(const CLI::App* cmd, TrainCli& cli) {
   if (c.loop.resume ? !o.vae.empty() : !cli.vae.empty()) {
     // Latent diffusion: a resumed run decodes and encodes with its own copy, RUN/vae.
     if (!c.loop.resume) o.vae = resolve_vae_folder(cli.vae);
-    vae = load_eval_vae(c.loop.resume ? (fs::path(o.loop.out) / "vae").string() : o.vae, o.loop.device);
+    vae = load_eval_vae(c.loop.resume ? RunFolder(o.loop.out).network("vae").string() : o.vae, o.loop.device);
   }
   Dataset data = load_dataset(o.data);
   if (!vae.is_empty()) data = to_latents(vae, data, o.vae, cli.latent_cache);

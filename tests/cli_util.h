@@ -14,8 +14,9 @@ struct CliResult {
   std::string output;
 };
 
-inline CliResult run_cli(const std::string& args) {
-  std::string cmd = std::string("DIFFUSE_SKIP_BLAS_CHECK=1 ") + DIFFUSE_CLI + " " + args + " 2>&1";
+/// A shell command's exit status (128 + signal when killed) and combined output.
+inline CliResult run_shell(const std::string& command) {
+  const std::string cmd = command + " 2>&1";
   CliResult r;
   FILE* pipe = popen(cmd.c_str(), "r");
   if (!pipe) return r;
@@ -25,6 +26,10 @@ inline CliResult run_cli(const std::string& args) {
   int status = pclose(pipe);
   r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   return r;
+}
+
+inline CliResult run_cli(const std::string& args) {
+  return run_shell(std::string("DIFFUSE_SKIP_BLAS_CHECK=1 ") + DIFFUSE_CLI + " " + args);
 }
 
 inline std::string fixture(const std::string& rel) { return std::string(DIFFUSE_FIXTURES) + "/" + rel; }

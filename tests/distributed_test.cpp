@@ -17,20 +17,8 @@
 
 namespace {
 
-diffuse::testing::CliResult run_worker_shell(const std::string& command) {
-  std::string cmd = command + " 2>&1";
-  diffuse::testing::CliResult r;
-  FILE* pipe = popen(cmd.c_str(), "r");
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) r.output.append(buf, n);
-  int status = pclose(pipe);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  return r;
-}
-
 diffuse::testing::CliResult run_worker(const std::string& args) {
-  return run_worker_shell(std::string("timeout 60 ") + DIFFUSE_DIST_WORKER + " " + args);
+  return diffuse::testing::run_shell(std::string("timeout 60 ") + DIFFUSE_DIST_WORKER + " " + args);
 }
 
 }  // namespace
@@ -98,7 +86,7 @@ TEST(Distributed, RanksUseTorchrunAgentStore) {
   const std::string log = "/tmp/diffuse-agent-store-" + std::to_string(getpid());
   std::string cmd = "(env " + env + " RANK=1 LOCAL_RANK=1 timeout 60 " + DIFFUSE_DIST_WORKER + " allreduce > " + log +
                     " 2>&1 &); env " + env + " RANK=0 LOCAL_RANK=0 timeout 60 " + DIFFUSE_DIST_WORKER + " allreduce";
-  auto r = run_worker_shell(cmd);
+  auto r = diffuse::testing::run_shell(cmd);
   std::string other;
   for (int i = 0; i < 500 && other.find("rank 1") == std::string::npos; ++i) {  // rank 1 may end a moment later
     std::this_thread::sleep_for(std::chrono::milliseconds(20));

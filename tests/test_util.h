@@ -5,9 +5,11 @@
 
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <string>
 
 #include <gtest/gtest.h>
+#include <torch/torch.h>
 
 // Multi-process CPU tests run on Gloo: skipped, with the reason, where diffuse was built without it (PyTorch's
 // pip LibTorch ships no gloo headers). Both CI lanes have libgloo-dev, so CI runs them everywhere.
@@ -33,6 +35,16 @@ struct TempDir {
   std::string operator/(const std::string& name) const { return (path / name).string(); }
   std::string str() const { return path.string(); }
 };
+
+/// `ours` holds the same tensor names with the same shapes as `reference` (a diffusers state dict).
+inline void expect_names_and_shapes(const std::map<std::string, torch::Tensor>& ours,
+                                    const std::map<std::string, torch::Tensor>& reference) {
+  ASSERT_EQ(ours.size(), reference.size());
+  for (const auto& [name, t] : reference) {
+    ASSERT_TRUE(ours.count(name)) << "diffusers has " << name << ", diffuse does not";
+    EXPECT_EQ(ours.at(name).sizes(), t.sizes()) << name;
+  }
+}
 
 /// The what() of the exception `f` throws, or "" when it throws none.
 inline std::string error_of(const std::function<void()>& f) {

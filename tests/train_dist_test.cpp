@@ -103,15 +103,7 @@ pid_t rank_pid(pid_t launcher, int rank) {
 
 // The CLI with extra environment variables (as torchrun would set them).
 diffuse::testing::CliResult run_cli_env(const std::string& env, const std::string& args) {
-  std::string cmd = "env DIFFUSE_SKIP_BLAS_CHECK=1 " + env + " " + DIFFUSE_CLI + " " + args + " 2>&1";
-  diffuse::testing::CliResult r;
-  FILE* pipe = popen(cmd.c_str(), "r");
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) r.output.append(buf, n);
-  int status = pclose(pipe);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  return r;
+  return diffuse::testing::run_shell("env DIFFUSE_SKIP_BLAS_CHECK=1 " + env + " " + DIFFUSE_CLI + " " + args);
 }
 
 int64_t step_or_zero(const std::string& run) {

@@ -15,6 +15,7 @@
 using namespace diffuse;
 using diffuse::testing::TempDir;
 using diffuse::testing::expect_error;
+using diffuse::testing::expect_names_and_shapes;
 
 namespace {
 
@@ -29,11 +30,7 @@ TEST(UNet, StateDictNamesAndShapesEqualDiffusers) {
   auto reference = load_safetensors(kUnetDir + "/diffusion_pytorch_model.safetensors");
   UNet2DModel model(fixture_config());
   auto ours = state_dict(*model);
-  ASSERT_EQ(ours.size(), reference.size());
-  for (const auto& [name, t] : reference) {
-    ASSERT_TRUE(ours.count(name)) << "diffusers has " << name << ", diffuse does not";
-    EXPECT_EQ(ours[name].sizes(), t.sizes()) << name;
-  }
+  ASSERT_NO_FATAL_FAILURE(expect_names_and_shapes(ours, reference));
   EXPECT_TRUE(ours.count("down_blocks.1.attentions.0.to_q.weight"));
   EXPECT_TRUE(ours.count("class_embedding.weight"));
 }

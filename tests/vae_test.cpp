@@ -22,6 +22,7 @@
 using namespace diffuse;
 using diffuse::testing::TempDir;
 using diffuse::testing::expect_error;
+using diffuse::testing::expect_names_and_shapes;
 
 namespace {
 
@@ -52,11 +53,7 @@ TEST(Vae, StateDictNamesAndShapesEqualDiffusers) {
   auto reference = load_safetensors(kVaeDir + "/diffusion_pytorch_model.safetensors");
   AutoencoderKL model(fixture_config());
   auto ours = state_dict(*model);
-  ASSERT_EQ(ours.size(), reference.size());
-  for (const auto& [name, t] : reference) {
-    ASSERT_TRUE(ours.count(name)) << "diffusers has " << name << ", diffuse does not";
-    EXPECT_EQ(ours[name].sizes(), t.sizes()) << name;
-  }
+  ASSERT_NO_FATAL_FAILURE(expect_names_and_shapes(ours, reference));
   EXPECT_TRUE(ours.count("encoder.down_blocks.0.downsamplers.0.conv.weight"));
   EXPECT_TRUE(ours.count("decoder.up_blocks.0.upsamplers.0.conv.weight"));
   EXPECT_TRUE(ours.count("decoder.mid_block.attentions.0.group_norm.weight"));

@@ -13,23 +13,12 @@ namespace diffuse {
 namespace {
 // The checks the classifier shares with the UNet run on the equivalent UNet config.
 UNetConfig as_unet_config(const NoisyClassifierConfig& c) {
+  nlohmann::json shared = nlohmann::json::object();
+  json_config::encoder_fields(c, json_config::Writer(shared));
   UNetConfig u;
-  u.sample_size = c.sample_size;
-  u.in_channels = c.in_channels;
+  json_config::encoder_fields(u, json_config::Reader(shared));
   u.out_channels = 1;
-  u.down_block_types = c.down_block_types;
   u.up_block_types.assign(c.down_block_types.size(), "UpBlock2D");
-  u.block_out_channels = c.block_out_channels;
-  u.layers_per_block = c.layers_per_block;
-  u.attention_head_dim = c.attention_head_dim;
-  u.norm_num_groups = c.norm_num_groups;
-  u.norm_eps = c.norm_eps;
-  u.resnet_time_scale_shift = c.resnet_time_scale_shift;
-  u.dropout = c.dropout;
-  u.downsample_padding = c.downsample_padding;
-  u.flip_sin_to_cos = c.flip_sin_to_cos;
-  u.freq_shift = c.freq_shift;
-  u.add_attention = c.add_attention;
   return u;
 }
 }  // namespace
@@ -42,21 +31,8 @@ void NoisyClassifierConfig::validate() const {
 namespace {
 // Every key of NoisyClassifierConfig, once: read by from_json, written by to_json.
 const auto classifier_fields = [](auto& c, auto&& f) {
-  f("sample_size", c.sample_size);
-  f("in_channels", c.in_channels);
+  json_config::encoder_fields(c, f);
   f("num_classes", c.num_classes);
-  f("down_block_types", c.down_block_types);
-  f("block_out_channels", c.block_out_channels);
-  f("layers_per_block", c.layers_per_block);
-  f("attention_head_dim", c.attention_head_dim);
-  f("norm_num_groups", c.norm_num_groups);
-  f("norm_eps", c.norm_eps);
-  f("resnet_time_scale_shift", c.resnet_time_scale_shift);
-  f("dropout", c.dropout);
-  f("downsample_padding", c.downsample_padding);
-  f("flip_sin_to_cos", c.flip_sin_to_cos);
-  f("freq_shift", c.freq_shift, json_config::Style::integral);
-  f("add_attention", c.add_attention);
 };
 }  // namespace
 

@@ -45,6 +45,25 @@ inline void check_levels(const std::vector<int64_t>& channels, const std::vector
              "a divisor of every block_out_channels entry (" + std::to_string(c) + ")");
 }
 
+/// The keys of UNet2DModel's encoder half, which the noisy classifier (an encoder with a classification head)
+/// shares: a field list (see json_fields.h) that both configs' lists include.
+inline constexpr auto encoder_fields = [](auto& c, auto&& f) {
+  f("sample_size", c.sample_size);
+  f("in_channels", c.in_channels);
+  f("down_block_types", c.down_block_types);
+  f("block_out_channels", c.block_out_channels);
+  f("layers_per_block", c.layers_per_block);
+  f("attention_head_dim", c.attention_head_dim);
+  f("norm_num_groups", c.norm_num_groups);
+  f("norm_eps", c.norm_eps);
+  f("resnet_time_scale_shift", c.resnet_time_scale_shift);
+  f("dropout", c.dropout);
+  f("downsample_padding", c.downsample_padding);
+  f("flip_sin_to_cos", c.flip_sin_to_cos);
+  f("freq_shift", c.freq_shift, Style::integral);
+  f("add_attention", c.add_attention);
+};
+
 /// The options every block of a network shares, from config values.
 inline BlockOptions block_options(int64_t temb_channels, int64_t groups, double eps, double dropout,
                                   const std::string& time_scale_shift, std::optional<int64_t> head_dim,

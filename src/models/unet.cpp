@@ -60,29 +60,16 @@ void UNetConfig::validate() const {
 namespace {
 // Every key of UNetConfig, once: read by from_json, written by to_json.
 const auto unet_fields = [](auto& c, auto&& f) {
-  f("sample_size", c.sample_size);
-  f("in_channels", c.in_channels);
+  json_config::encoder_fields(c, f);
   f("out_channels", c.out_channels);
   f("center_input_sample", c.center_input_sample);
   f("time_embedding_type", c.time_embedding_type);
-  f("freq_shift", c.freq_shift, json_config::Style::integral);
-  f("flip_sin_to_cos", c.flip_sin_to_cos);
-  f("down_block_types", c.down_block_types);
   f("up_block_types", c.up_block_types);
-  f("block_out_channels", c.block_out_channels);
-  f("layers_per_block", c.layers_per_block);
   f("mid_block_scale_factor", c.mid_block_scale_factor, json_config::Style::integral);
-  f("downsample_padding", c.downsample_padding);
   f("downsample_type", c.downsample_type);
   f("upsample_type", c.upsample_type);
-  f("dropout", c.dropout);
   f("act_fn", c.act_fn);
-  f("attention_head_dim", c.attention_head_dim);
-  f("norm_num_groups", c.norm_num_groups);
   f("attn_norm_num_groups", c.attn_norm_num_groups);
-  f("norm_eps", c.norm_eps);
-  f("resnet_time_scale_shift", c.resnet_time_scale_shift);
-  f("add_attention", c.add_attention);
   f("class_embed_type", c.class_embed_type);
   f("num_class_embeds", c.num_class_embeds);
   f("num_train_timesteps", c.num_train_timesteps);

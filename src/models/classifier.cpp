@@ -13,10 +13,7 @@ namespace diffuse {
 namespace {
 // The checks the classifier shares with the UNet run on the equivalent UNet config.
 UNetConfig as_unet_config(const NoisyClassifierConfig& c) {
-  nlohmann::json shared = nlohmann::json::object();
-  json_config::encoder_fields(c, json_config::Writer(shared));
-  UNetConfig u;
-  json_config::encoder_fields(u, json_config::Reader(shared));
+  auto u = json_config::with_encoder_of<UNetConfig>(c);
   u.out_channels = 1;
   u.up_block_types.assign(c.down_block_types.size(), "UpBlock2D");
   return u;
@@ -47,18 +44,9 @@ nlohmann::json NoisyClassifierConfig::to_json() const {
 }
 
 NoisyClassifierConfig classifier_config_for(const UNetConfig& unet, int64_t num_classes) {
-  NoisyClassifierConfig c;
-  c.sample_size = unet.sample_size;
-  c.in_channels = unet.in_channels;
+  auto c = json_config::with_encoder_of<NoisyClassifierConfig>(unet);
   c.num_classes = num_classes;
-  c.down_block_types = unet.down_block_types;
-  c.layers_per_block = unet.layers_per_block;
-  c.norm_eps = unet.norm_eps;
-  c.resnet_time_scale_shift = unet.resnet_time_scale_shift;
-  c.downsample_padding = unet.downsample_padding;
-  c.flip_sin_to_cos = unet.flip_sin_to_cos;
-  c.freq_shift = unet.freq_shift;
-  c.add_attention = unet.add_attention;
+  c.dropout = NoisyClassifierConfig().dropout;  // the classifier's own, not the diffusion model's
   c.block_out_channels.clear();
   int64_t groups = unet.norm_num_groups, head_dim = unet.attention_head_dim.value_or(0);
   for (auto ch : unet.block_out_channels) {
@@ -76,10 +64,7 @@ NoisyClassifierImpl::NoisyClassifierImpl(const NoisyClassifierConfig& config) : 
   config_.validate();
   const auto& ch = config_.block_out_channels;
   const int64_t temb = ch[0] * 4;
-  auto options = [&](int64_t channels) {
-    return json_config::block_options(temb, config_.norm_num_groups, config_.norm_eps, config_.dropout,
-                                      config_.resnet_time_scale_shift, config_.attention_head_dim, channels);
-  };
+  auto options = [&](int64_t channels) { return json_config::encoder_block_options(config_, channels); };
   conv_in = register_module(
       "conv_in", torch::nn::Conv2d(torch::nn::Conv2dOptions(config_.in_channels, ch[0], 3).padding(1)));
   time_embedding = register_module("time_embedding", TimestepEmbedding(ch[0], temb));

@@ -64,6 +64,17 @@ inline constexpr auto encoder_fields = [](auto& c, auto&& f) {
   f("add_attention", c.add_attention);
 };
 
+/// A `To` config with the encoder keys of `from` (a UNet's into a classifier's config or back), carried as
+/// config.json would carry them; every other key keeps To's default.
+template <class To, class From>
+To with_encoder_of(const From& from) {
+  nlohmann::json shared = nlohmann::json::object();
+  encoder_fields(from, Writer(shared));
+  To to;
+  encoder_fields(to, Reader(shared));
+  return to;
+}
+
 /// The options every block of a network shares, from config values.
 inline BlockOptions block_options(int64_t temb_channels, int64_t groups, double eps, double dropout,
                                   const std::string& time_scale_shift, std::optional<int64_t> head_dim,
@@ -76,6 +87,14 @@ inline BlockOptions block_options(int64_t temb_channels, int64_t groups, double 
   o.time_scale_shift = parse_time_scale_shift(time_scale_shift);
   o.head_dim = head_dim.value_or(channels);
   return o;
+}
+
+/// The options of the blocks at `channels` of a UNet-style config (UNet2DModel, the noisy classifier): the time
+/// embedding is 4 x the first level's channels.
+template <class Config>
+BlockOptions encoder_block_options(const Config& c, int64_t channels) {
+  return block_options(c.block_out_channels[0] * 4, c.norm_num_groups, c.norm_eps, c.dropout,
+                       c.resnet_time_scale_shift, c.attention_head_dim, channels);
 }
 
 /// The down blocks of a UNet-style encoder (UNet2DModel, the noisy classifier): level i goes from the previous

@@ -103,10 +103,7 @@ UNet2DModelImpl::UNet2DModelImpl(const UNetConfig& config) : config_(config) {
   config_.validate();
   const auto& ch = config_.block_out_channels;
   const int64_t levels = int64_t(ch.size()), temb = ch[0] * 4;
-  auto options = [&](int64_t channels) {
-    return json_config::block_options(temb, config_.norm_num_groups, config_.norm_eps, config_.dropout,
-                         config_.resnet_time_scale_shift, config_.attention_head_dim, channels);
-  };
+  auto options = [&](int64_t channels) { return json_config::encoder_block_options(config_, channels); };
   conv_in = register_module(
       "conv_in", torch::nn::Conv2d(torch::nn::Conv2dOptions(config_.in_channels, ch[0], 3).padding(1)));
   time_embedding = register_module("time_embedding", TimestepEmbedding(ch[0], temb));

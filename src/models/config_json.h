@@ -1,5 +1,6 @@
 // What the networks' config.json readers share beyond the typed fields of io/json_fields.h: size limits, the
-// per-level block lists, the options of every block.
+// per-level block lists, the keys of the UNet's encoder half (which the noisy classifier shares), the options of
+// every block.
 #pragma once
 
 #include <cstdint>

@@ -33,6 +33,10 @@ std::string slow_blas_warning(const BlasCheck& check);
 ///    costs nothing measurable next to a network's operators. libgomp reads the policy only when it starts,
 ///    so when OMP_WAIT_POLICY is unset this re-executes the program (argv as main received it) with it set;
 ///    DIFFUSE_NO_REEXEC=1 (or an explicit OMP_WAIT_POLICY) skips that;
+///  - OpenBLAS's kernels for the CPU's instruction set: when OpenBLAS does not know the CPU's model and falls
+///    back to its generic "Prescott" kernels (Debian 12's 0.3.21 on Sapphire Rapids: 30 instead of 245 GFLOP/s),
+///    the same re-execution sets OPENBLAS_CORETYPE to SkylakeX (AVX-512) or Haswell (AVX2); an explicit
+///    OPENBLAS_CORETYPE is kept;
 ///  - malloc keeps freed memory for reuse instead of unmapping it (no page faults and zeroing of every large
 ///    activation on every pass).
 /// Returns a one-line description of the settings for logs.

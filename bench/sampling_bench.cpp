@@ -27,13 +27,16 @@ struct Setup {
   std::string sampler = "ddim", device_name = "cpu";
   int threads = int(std::thread::hardware_concurrency());
   bool channels_last = false, network = true;
+  at::MemoryFormat memory_format() const {
+    return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  }
 };
 
 // The reference UNet's forward alone at the batch size (for the sampler's overhead); returns its seconds.
 double network_alone(diffuse::UNet2DModel& unet, const Setup& o, const torch::Tensor& x_T, const torch::Tensor& labels,
                      double flops, double matmul, torch::Device device) {
   torch::NoGradGuard no_grad;
-  const auto memory_format = o.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto memory_format = o.memory_format();
   auto t = torch::full({o.batch}, 500.0, torch::kFloat32).to(device);
   unet->forward(x_T.contiguous(memory_format), t, labels.to(device));  // warm-up
   const double s = seconds(device, [&] { unet->forward(x_T.contiguous(memory_format), t, labels.to(device)); });
@@ -47,7 +50,7 @@ double network_alone(diffuse::UNet2DModel& unet, const Setup& o, const torch::Te
 void with_network(diffuse::UNet2DModel& unet, const Setup& o, const torch::Tensor& x_T, const torch::Tensor& labels,
                   double flops, double matmul, torch::Device device) {
   const double forward_s = network_alone(unet, o, x_T, labels, flops, matmul, device);
-  const auto memory_format = o.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto memory_format = o.memory_format();
   int64_t calls = 0, images = 0;
   diffuse::Network net = [&](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& l) {
     ++calls;

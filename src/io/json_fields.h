@@ -181,9 +181,7 @@ inline nlohmann::json with_defaults(nlohmann::json j, const nlohmann::json& defa
 /// A value written as a JSON object by its field list `fields(value, f)` (f: a Writer).
 template <class T, class Fields>
 nlohmann::json write_fields(const T& value, Fields&& fields) {
-  nlohmann::json j = nlohmann::json::object();
-  fields(value, Writer(j));
-  return j;
+  return write_config(value, nlohmann::json::object(), fields);
 }
 /// A T read from JSON object `j` by its field list (absent keys keep T's defaults; `name` names `j` in errors).
 template <class T, class Fields>

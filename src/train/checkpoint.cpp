@@ -87,9 +87,9 @@ void check_run_folder(const LoopOptions& o) {
     throw std::invalid_argument("--overwrite refused: '" + o.out +
                                 "' exists but is not a diffuse run folder (no run.json); remove it yourself");
   std::vector<std::string> foreign;
+  const auto ours = RunFolder::entries();
   for (const auto& entry : fs::directory_iterator(run.root)) {
     const std::string name = entry.path().filename().string();
-    const auto& ours = RunFolder::entries();
     if (std::find(ours.begin(), ours.end(), name) == ours.end()) foreign.push_back(name);
   }
   if (!foreign.empty()) {

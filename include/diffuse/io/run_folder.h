@@ -41,12 +41,19 @@ struct RunFolder {
   std::filesystem::path complete_marker() const { return root / "COMPLETE"; }
   std::filesystem::path old_checkpoint() const { return root / ".checkpoint-old"; }
 
-  /// Every name a run writes at its top level: what --overwrite may delete.
-  static const std::vector<std::string>& entries() {
-    static const std::vector<std::string> names = {
-        "run.json", "log.csv",  "loss.png", "accuracy.csv", "reconstruction.csv", "train_state",
-        "unet",     "unet_ema", "vae",      "vae_ema",      "classifier",         "classifier_ema",
-        "scheduler", ".checkpoint-new", ".checkpoint-old"};
+  /// Every name a run writes at its top level (the paths above): what --overwrite may delete.
+  static std::vector<std::string> entries() {
+    const RunFolder run("");
+    std::vector<std::filesystem::path> paths = {run.run_json(),     run.log_csv(),          run.loss_plot(),
+                                                run.accuracy_csv(), run.reconstruction_csv(), run.train_state(),
+                                                run.scheduler_folder(), run.new_checkpoint().root,
+                                                run.old_checkpoint()};
+    for (const char* kind : {"unet", "vae", "classifier"}) {
+      paths.push_back(run.network(kind));
+      paths.push_back(run.ema_network(kind));
+    }
+    std::vector<std::string> names;
+    for (const auto& p : paths) names.push_back(p.filename().string());
     return names;
   }
 };

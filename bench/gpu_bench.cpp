@@ -1,6 +1,7 @@
 // diffuse on a GPU beside diffusers: the reference UNet's forward (fp32 and bf16 weights), a training step
-// (forward + backward + AdamW, fp32 and bf16 autocast), the whole trainer (diffuse::train on Fashion-MNIST or
-// synthetic shapes) and the DDIM sampling pipeline (diffuse::generate, 10 steps, fp32 and bf16). With
+// (forward + backward + AdamW, fp32 and bf16 autocast, NCHW and channels-last), the whole trainer (diffuse::train
+// on Fashion-MNIST or synthetic shapes) and the DDIM sampling pipeline (diffuse::generate, 10 steps, fp32 and bf16,
+// NCHW and channels-last, eager and CUDA graphs, TF32, CFG). With
 // --diffusers-figures FILE (the JSON that ../shared/device-kit/diffusers_gpu_bench.py writes in the same run)
 // each line also shows diffusers' figure and the ratio.
 //
@@ -21,6 +22,7 @@
 #include "diffuse/core/noise.h"
 #include "diffuse/data/data.h"
 #include "diffuse/models/attention.h"
+#include "diffuse/models/model_folder.h"
 #include "diffuse/models/unet.h"
 #include "diffuse/sample/pipeline.h"
 #include "diffuse/train/train.h"
@@ -94,17 +96,49 @@ void checks(Bench& b) {
             << (out_bf16 - out_cpu).abs().max().item<double>() << "\n";
 }
 
+// The reference UNet (seed 0 weights) as a LoadedRun: v prediction, zero terminal SNR, trailing spacing.
+diffuse::LoadedRun reference_run(torch::Device device, torch::ScalarType dtype = torch::kFloat32, bool channels_last = false) {
+  torch::manual_seed(0);
+  diffuse::LoadedRun run;
+  run.unet = diffuse::UNet2DModel(diffuse::reference_unet_config());
+  run.unet->to(device, dtype);
+  if (channels_last) diffuse::to_channels_last(*run.unet);
+  run.unet->eval();
+  run.scheduler.prediction_type = diffuse::Prediction::v;
+  run.scheduler.rescale_betas_zero_snr = true;
+  run.scheduler.timestep_spacing = diffuse::Spacing::trailing;
+  run.channels = 1;
+  run.height = run.width = 32;
+  run.class_embeds = 11;
+  run.device = device;
+  run.dtype = dtype;
+  run.channels_last = channels_last;
+  return run;
+}
+
+// generate() with its network replayed as CUDA graphs against the eager network: batches of 48 and 16, CFG 3.
+void graph_check(Bench& b) {
+  const auto run = reference_run(b.device);
+  diffuse::GenerateOptions g;
+  g.sampler = "dpmpp_2m";
+  g.steps = 8;
+  g.n = 64;
+  g.batch = 48;
+  g.cfg = 3.0;
+  const auto eager = diffuse::generate(run, g).images;
+  g.cuda_graphs = true;
+  const auto graphed = diffuse::generate(run, g).images;
+  std::cout << "check: dpmpp_2m 8 steps, CFG 3, CUDA graphs vs eager: max |diff| "
+            << (graphed - eager).abs().max().item<double>() << "\n";
+}
+
 void forward_rates(Bench& b, bool channels_last) {
   const auto config = diffuse::reference_unet_config();
   for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
     torch::manual_seed(0);
     diffuse::UNet2DModel model(config);
     model->to(b.device, dtype);
-    if (channels_last) {
-      torch::NoGradGuard no_grad;
-      for (auto& p : model->parameters())
-        if (p.dim() == 4) p.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
-    }
+    if (channels_last) diffuse::to_channels_last(*model);
     model->eval();
     const std::string name = dtype == torch::kFloat32 ? "fp32" : "bf16";
     for (int64_t batch : {int64_t(64), int64_t(256)}) {
@@ -123,14 +157,16 @@ void forward_rates(Bench& b, bool channels_last) {
 
 void step_rates(Bench& b, int64_t batch) {
   const auto config = diffuse::reference_unet_config();
-  for (bool bf16 : {false, true}) {
+  for (auto [bf16, channels_last] : {std::pair{false, false}, {true, false}, {true, true}}) {
     torch::manual_seed(0);
     diffuse::UNet2DModel model(config);
     model->to(b.device);
+    if (channels_last) diffuse::to_channels_last(*model);
     model->train();
     torch::optim::AdamW opt(model->parameters(), torch::optim::AdamWOptions(1e-4));
     auto opts = torch::TensorOptions().device(b.device);
     auto x = torch::randn({batch, 1, 32, 32}, opts), noise = torch::randn_like(x);
+    if (channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
     auto t = torch::randint(0, 1000, {batch}, opts.dtype(torch::kLong));
     auto y = torch::randint(0, 11, {batch}, opts.dtype(torch::kLong));
     const double s = b.time(5, [&] {
@@ -144,8 +180,8 @@ void step_rates(Bench& b, int64_t batch) {
       opt.step();
     });
     const std::string name = bf16 ? "bf16" : "fp32";
-    b.report("train step (torch AdamW) " + name + " batch " + std::to_string(batch), double(batch) / s, "images/s",
-             "diffusers eager train batch " + std::to_string(batch) + " " + name + " images/s");
+    b.report("train step (torch AdamW) " + name + " batch " + std::to_string(batch) + (channels_last ? " NHWC" : ""),
+             double(batch) / s, "images/s", "diffusers eager train batch " + std::to_string(batch) + " " + name + " images/s");
   }
 }
 
@@ -156,7 +192,11 @@ void trainer_rates(Bench& b, int64_t batch, int64_t steps) {
                     ? "fashion-mnist"
                     : "synthetic-shapes";
   auto data = diffuse::load_dataset(spec);
-  for (auto [bf16, graphs] : {std::pair{false, false}, {true, false}, {false, true}, {true, true}}) try {
+  struct Variant {
+    bool bf16, graphs, channels_last;
+  };
+  for (auto [bf16, graphs, channels_last] : {Variant{false, false, false}, Variant{true, false, false}, Variant{false, true, false},
+                                             Variant{true, true, false}, Variant{true, true, true}}) try {
     diffuse::TrainOptions o;
     o.data = spec;
     o.prediction = diffuse::Prediction::v;
@@ -165,6 +205,7 @@ void trainer_rates(Bench& b, int64_t batch, int64_t steps) {
     o.loop.device = b.device.str();
     o.loop.bf16 = bf16;
     o.loop.cuda_graphs = graphs;
+    o.loop.channels_last = channels_last;
     o.loop.hflip = true;
     o.loop.progress = false;
     o.loop.checkpoint_every = 1 << 30;
@@ -183,41 +224,56 @@ void trainer_rates(Bench& b, int64_t batch, int64_t steps) {
     fs::remove_all(o.loop.out);
     const double rate = double((steps - 1 - warm) * batch) / std::chrono::duration<double>(t_last - t_warm).count();
     const std::string name = bf16 ? "bf16" : "fp32";
-    b.report("trainer (diffuse::train) " + name + " batch " + std::to_string(batch) + (graphs ? " graph" : " eager"), rate, "images/s",
+    b.report("trainer (diffuse::train) " + name + " batch " + std::to_string(batch) + (graphs ? " graph" : " eager") +
+                 (channels_last ? " NHWC" : ""),
+             rate, "images/s",
              "diffusers eager train batch " + std::to_string(batch) + " " + name + " images/s");
   } catch (const std::exception& e) {
     std::cout << "trainer " << (bf16 ? "bf16" : "fp32") << (graphs ? " graph" : " eager") << " failed: " << e.what() << "\n";
   }
 }
 
-void sample_rates(Bench& b) {
-  torch::manual_seed(0);
-  diffuse::LoadedRun run;
-  run.unet = diffuse::UNet2DModel(diffuse::reference_unet_config());
-  run.unet->to(b.device);
-  run.unet->eval();
-  run.scheduler.prediction_type = diffuse::Prediction::v;
-  run.scheduler.rescale_betas_zero_snr = true;
-  run.scheduler.timestep_spacing = diffuse::Spacing::trailing;
-  run.channels = 1;
-  run.height = run.width = 32;
-  run.class_embeds = 11;
-  run.device = b.device;
-  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
-    if (dtype != torch::kFloat32) run.unet->to(dtype);
-    run.dtype = dtype;
-    const std::string name = dtype == torch::kFloat32 ? "fp32" : "bf16";
-    for (double cfg : {1.0, 3.0}) {
-      diffuse::GenerateOptions g;
-      g.sampler = "ddim";
-      g.steps = 10;
-      g.n = g.batch = 256;
-      g.cfg = cfg;
-      const double s = b.time(2, [&] { diffuse::generate(run, g); });
-      b.report("DDIM-10 " + name + " batch 256" + (cfg != 1.0 ? " CFG 3" : ""), 256.0 * 10 / s, "image-steps/s",
-               cfg == 1.0 ? "diffusers eager DDIM-10 batch 256 " + name + " image-steps/s" : "");
-    }
+// One DDIM-10 variant of the pipeline at batch 256: the UNet's dtype and layout, graphs, TF32, guidance.
+struct SampleVariant {
+  torch::ScalarType dtype = torch::kFloat32;
+  bool channels_last = false, graphs = false, tf32 = false;
+  double cfg = 1.0;
+  std::string name() const {
+    return std::string("DDIM-10 ") + (dtype == torch::kFloat32 ? "fp32" : "bf16") + " batch 256" +
+           (cfg != 1.0 ? " CFG 3" : "") + (channels_last ? " NHWC" : "") + (graphs ? " graph" : "") + (tf32 ? " TF32" : "");
   }
+};
+
+void sample_rate(Bench& b, const SampleVariant& v) {
+  const auto run = reference_run(b.device, v.dtype, v.channels_last);
+  diffuse::GenerateOptions g;
+  g.sampler = "ddim";
+  g.steps = 10;
+  g.n = g.batch = 256;
+  g.cfg = v.cfg;
+  g.cuda_graphs = v.graphs;
+  at::globalContext().setAllowTF32CuDNN(v.tf32);
+  at::globalContext().setAllowTF32CuBLAS(v.tf32);
+  const double s = b.time(2, [&] { diffuse::generate(run, g); });
+  at::globalContext().setAllowTF32CuDNN(false);
+  at::globalContext().setAllowTF32CuBLAS(false);
+  const bool plain = v.cfg == 1.0 && !v.tf32;
+  b.report(v.name(), 256.0 * 10 / s, "image-steps/s",
+           plain ? std::string("diffusers eager DDIM-10 batch 256 ") + (v.dtype == torch::kFloat32 ? "fp32" : "bf16") + " image-steps/s" : "");
+}
+
+void sample_rates(Bench& b) {
+  const auto bf16 = torch::kBFloat16;
+  for (SampleVariant v : {SampleVariant{}, SampleVariant{torch::kFloat32, false, true}, SampleVariant{torch::kFloat32, true},
+                          SampleVariant{torch::kFloat32, false, false, true}, SampleVariant{torch::kFloat32, true, true, true},
+                          SampleVariant{bf16}, SampleVariant{bf16, false, true}, SampleVariant{bf16, true},
+                          SampleVariant{bf16, true, true}, SampleVariant{torch::kFloat32, false, false, false, 3.0},
+                          SampleVariant{bf16, false, false, false, 3.0}, SampleVariant{bf16, true, true, false, 3.0}})
+    try {
+      sample_rate(b, v);
+    } catch (const std::exception& e) {
+      std::cout << v.name() << " failed: " << e.what() << "\n";
+    }
 }
 
 }  // namespace
@@ -252,6 +308,11 @@ int main(int argc, char** argv) {
             << " GFLOP/s (TF32 off)\n";
   auto wants = [&](const char* part) { return only.find(part) != std::string::npos; };
   if (wants("checks")) checks(b);
+  if (wants("checks")) try {
+      graph_check(b);
+    } catch (const std::exception& e) {
+      std::cout << "check: CUDA graphs in generate() failed: " << e.what() << "\n";
+    }
   if (wants("forward")) forward_rates(b, channels_last);
   if (wants("step")) step_rates(b, train_batch);
   if (wants("sample")) sample_rates(b);

@@ -185,6 +185,21 @@ TEST(ClassifierGuidance, ShiftsTheScoreByScaleTimesGradient) {
   EXPECT_TRUE(torch::equal(e999.eps, eg999.eps));
 }
 
+// A class outside the classifier's is refused at the first guided step (the only step that checks the range).
+TEST(ClassifierGuidance, RefusesAClassOutsideTheClassifiersAtTheFirstStep) {
+  auto sch = rescale_zero_terminal_snr(linear(1000));
+  auto base = make_denoiser(gaussian_x0_network(sch, torch::zeros({6}, torch::kFloat64), 0.5), Prediction::x0, sch);
+  auto guided = classifier_guidance(base, make_classifier(3, 6).fn(), torch::tensor({0, 3}, torch::kLong), 2.0);
+  auto x = make_noise({6}, 2, 3).to(torch::kFloat64);
+  EXPECT_NO_THROW(guided(x, 999));  // SNR 0: the classifier is not consulted
+  try {
+    guided(x, 500);
+    ADD_FAILURE() << "class 3 of a 3-class classifier was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("outside the classifier's 3 classes"), std::string::npos) << e.what();
+  }
+}
+
 // DDPM sees the guidance as a posterior-mean shift of (a' beta / a) scale grad: same noise, two runs.
 TEST(ClassifierGuidance, DdpmMeanShift) {
   auto sch = linear(1000);

@@ -9,7 +9,9 @@
 #include "diffuse/io/image_io.h"
 #include "diffuse/sample/pipeline.h"
 #include "diffuse/io/safetensors.h"
+#include "sample/graphed_network.h"
 #include "test_util.h"
+#include "util/cuda_graph.h"
 #include <torch/torch.h>
 
 using namespace diffuse;
@@ -273,4 +275,70 @@ TEST(Pipeline, NonFiniteSamplesAndHugeCountsAreErrors) {
   diffuse::testing::expect_error([&] { generate(run, g); }, "NaN or infinite");
   g.n = int64_t(1e11);
   diffuse::testing::expect_error([&] { generate(run, g); }, "--n");
+}
+
+// The UNet in channels-last (NHWC) layout: the same images up to float32 summation order.
+TEST(Pipeline, ChannelsLastSamplesTheSameImages) {
+  auto g = two_images("dpmpp_2m", 5);
+  g.n = 3;
+  g.batch = 2;
+  g.cfg = 2.0;
+  const auto want = generate(fixture_run(), g).images;
+  LoadOptions lo;
+  lo.scheduler_file = fixture("scheduler/fixed_scheduler_config.json");
+  lo.vae = "none";
+  lo.channels_last = true;
+  auto run = load_run(fixture("diffusers/unet"), lo);
+  for (const auto& p : run.unet->parameters())
+    if (p.dim() == 4) EXPECT_TRUE(p.is_contiguous(at::MemoryFormat::ChannelsLast));
+  const auto got = generate(run, g).images;
+  EXPECT_TRUE(got.is_contiguous());
+  EXPECT_LT((got - want).abs().max().item<double>(), 1e-4);
+}
+
+// generate()'s graph-replayed network (detail::graphed_network): on the CPU every call runs eagerly through the
+// fixed tensors of its shape; each result equals the network's and stays valid after later calls.
+TEST(Pipeline, GraphedNetworkEqualsTheNetworkAndItsResultsStay) {
+  Network net = [](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& labels) {
+    auto y = x * t.view({-1, 1, 1, 1});
+    return labels.defined() ? y + labels.to(torch::kFloat32).view({-1, 1, 1, 1}) : y;
+  };
+  auto graphed = diffuse::detail::graphed_network(net, 1);
+  std::vector<torch::Tensor> got, want;
+  torch::manual_seed(3);
+  for (int i = 0; i < 4; ++i)
+    for (int64_t n : {2, 3}) {
+      auto x = torch::randn({n, 1, 2, 2});
+      auto t = torch::full({n}, double(i + 1));
+      auto labels = i % 2 ? torch::arange(n, torch::kLong) : torch::Tensor();
+      got.push_back(graphed(x, t, labels));
+      want.push_back(net(x, t, labels));
+    }
+  for (size_t k = 0; k < got.size(); ++k) EXPECT_TRUE(torch::equal(got[k], want[k])) << k;
+}
+
+TEST(Pipeline, CudaGraphsNeedAGpu) {
+  auto g = two_images("ddim", 1);
+  g.cuda_graphs = true;
+  diffuse::testing::expect_error([&] { generate(fixture_run(), g); }, "--device cuda");
+}
+
+// On a GPU: replayed graphs give the images the eager network gives (same kernels, same cuDNN algorithms).
+TEST(Pipeline, CudaGraphsSampleTheSameImagesOnTheGpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  if (!diffuse::detail::GraphedWork::available()) GTEST_SKIP() << "this build has no CUDA graphs";
+  LoadOptions lo;
+  lo.scheduler_file = fixture("scheduler/fixed_scheduler_config.json");
+  lo.vae = "none";
+  lo.device = torch::kCUDA;
+  auto run = load_run(fixture("diffusers/unet"), lo);
+  auto g = two_images("dpmpp_2m", 9);
+  g.n = 6;
+  g.batch = 4;  // two shapes: 4 and 2
+  g.steps = 6;
+  g.cfg = 3.0;
+  const auto eager = generate(run, g).images;
+  g.cuda_graphs = true;
+  const auto graphed = generate(run, g).images;
+  EXPECT_LE((graphed - eager).abs().max().item<double>(), 1e-5);
 }

@@ -304,6 +304,36 @@ TEST(Train, ResumeEqualsUninterruptedBitForBit) {
   EXPECT_EQ(steps_of(dir / "a/log.csv"), steps_of(dir / "b/log.csv"));
 }
 
+// --channels-last: the same training up to float32 summation order, the same checkpoint layout (diffusers'),
+// and a channels-last run resumed from its checkpoint equals its straight run bit for bit.
+TEST(Train, ChannelsLastTrainsTheSameWeightsAndResumes) {
+  TempDir dir;
+  auto make = [&](const std::string& out, bool channels_last) {
+    auto o = tiny_options(out, 6);
+    o.prediction = Prediction::v;
+    o.loop.channels_last = channels_last;
+    return o;
+  };
+  train(make(dir / "nchw", false), shapes16());
+  train(make(dir / "nhwc", true), shapes16());
+  auto a = weights(dir / "nchw/unet"), b = weights(dir / "nhwc/unet");
+  ASSERT_EQ(a.size(), b.size());
+  for (const auto& [name, t] : a) {
+    EXPECT_TRUE(b.at(name).is_contiguous()) << name;
+    EXPECT_LT((t - b.at(name)).abs().max().item<double>(), 1e-4) << name;
+  }
+  TrainHooks stop_at_3;
+  stop_at_3.on_step = [](const TrainStepInfo& s) {
+    if (s.step == 3) std::raise(SIGINT);
+  };
+  EXPECT_TRUE(train(make(dir / "resumed", true), shapes16(), stop_at_3).interrupted);
+  auto o = make(dir / "resumed", true);
+  o.loop.resume = true;
+  EXPECT_EQ(train(o, shapes16()).step, 6);
+  expect_identical(dir / "nhwc/unet", dir / "resumed/unet");
+  expect_identical(dir / "nhwc/unet_ema", dir / "resumed/unet_ema");
+}
+
 // A run stopped between two log rows and resumed ends with a run folder byte-identical to an uninterrupted one's
 // (log.csv but its images/s column, which is wall time). It did not: rows whose last decile was empty were dropped
 // on resume, the row after the checkpoint averaged fewer steps, torch::save keyed the optimizer state by memory

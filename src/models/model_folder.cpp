@@ -11,6 +11,12 @@
 
 namespace diffuse {
 
+void to_channels_last(torch::nn::Module& m) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : m.parameters())
+    if (p.dim() == 4) p.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
+}
+
 std::map<std::string, torch::Tensor> state_dict(torch::nn::Module& m) {
   std::map<std::string, torch::Tensor> out;
   for (const auto& p : m.named_parameters(true)) out[p.key()] = p.value();

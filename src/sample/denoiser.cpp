@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <memory>
 #include <sstream>
 #include <stdexcept>
 
@@ -93,8 +94,11 @@ Network classifier_free_guidance(Network net, CfgOptions o) {
   };
 }
 
-torch::Tensor classifier_log_prob_grad(const Classifier& classifier, const torch::Tensor& x_t, double t,
-                                       const torch::Tensor& labels) {
+namespace {
+// The range check reads the labels back to the host (a device synchronisation): classifier_guidance() asks for
+// it on its first step only, as its labels and classifier stay the same.
+torch::Tensor log_prob_grad(const Classifier& classifier, const torch::Tensor& x_t, double t,
+                            const torch::Tensor& labels, bool check_range) {
   const int64_t n = x_t.size(0);
   check_labels(labels, n, "classifier guidance");
   if (!labels.defined()) throw std::invalid_argument("classifier guidance needs the target class of each image");
@@ -106,13 +110,19 @@ torch::Tensor classifier_log_prob_grad(const Classifier& classifier, const torch
     throw std::runtime_error("the classifier returned shape " + c10::str(logits.sizes()) + ", expected logits [" +
                              std::to_string(n) + ", classes]");
   auto y = labels.to(logits.device()).view({-1, 1});
-  if ((y < 0).any().item<bool>() || (y >= logits.size(1)).any().item<bool>())
+  if (check_range && ((y < 0).any().item<bool>() || (y >= logits.size(1)).any().item<bool>()))
     throw std::invalid_argument("classifier guidance: a target class lies outside the classifier's " +
                                 std::to_string(logits.size(1)) + " classes");
   auto log_p = torch::log_softmax(logits, 1).gather(1, y).sum();
   auto grad = torch::autograd::grad({log_p}, {x}, {}, /*retain_graph=*/false, /*create_graph=*/false,
                                     /*allow_unused=*/true)[0];
   return grad.defined() ? grad.detach() : torch::zeros_like(x_t);
+}
+}  // namespace
+
+torch::Tensor classifier_log_prob_grad(const Classifier& classifier, const torch::Tensor& x_t, double t,
+                                       const torch::Tensor& labels) {
+  return log_prob_grad(classifier, x_t, t, labels, /*check_range=*/true);
 }
 
 Denoiser clip_x0(Denoiser denoiser, double range, bool keep_model_eps) {
@@ -134,11 +144,13 @@ Denoiser classifier_guidance(Denoiser denoiser, Classifier classifier, torch::Te
     throw std::invalid_argument("classifier guidance scale must be finite, got " + std::to_string(scale));
   Denoiser g;
   g.schedule = denoiser.schedule;
-  g.fn = [denoiser, classifier, labels, scale](const torch::Tensor& x, const Level& level) {
+  auto checked = std::make_shared<bool>(false);  // the labels' range, once
+  g.fn = [denoiser, classifier, labels, scale, checked](const torch::Tensor& x, const Level& level) {
     Estimate e = denoiser(x, level);
     const double a = level.a, s = level.s;
     if (a == 0.0 || scale == 0.0) return e;
-    auto grad = classifier_log_prob_grad(classifier, x, level.t, labels);
+    auto grad = log_prob_grad(classifier, x, level.t, labels, /*check_range=*/!*checked);
+    *checked = true;
     return Estimate{e.x0 + (scale * s * s / a) * grad, e.eps - (scale * s) * grad};
   };
   return g;

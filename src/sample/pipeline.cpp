@@ -7,7 +7,10 @@
 
 #include "diffuse/core/levels.h"
 #include "diffuse/io/run_folder.h"
+#include "diffuse/models/model_folder.h"
 #include "diffuse/sample/sampling.h"
+#include "sample/graphed_network.h"
+#include "util/cuda_graph.h"
 
 #include <limits>
 
@@ -54,12 +57,13 @@ std::string ModelFolder::vae() const {
 
 Network LoadedRun::network() const {
   auto u = unet;
-  if (dtype == torch::kFloat32)
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  if (dtype == torch::kFloat32 && !channels_last)
     return [u](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& labels) mutable {
       return u->forward(x, t, labels);
     };
-  return [u, net_dtype = dtype](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& labels) mutable {
-    return u->forward(x.to(net_dtype), t, labels).to(x.scalar_type());
+  return [u, net_dtype = dtype, format](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& labels) mutable {
+    return u->forward(x.to(net_dtype).contiguous(format), t, labels).to(x.scalar_type()).contiguous();
   };
 }
 
@@ -76,6 +80,8 @@ LoadedRun load_run(const std::string& model, const LoadOptions& o) {
   r.unet = load_unet(r.unet_folder, o.device);
   r.unet->eval();
   if (o.dtype != torch::kFloat32) r.unet->to(o.dtype);
+  r.channels_last = o.channels_last;
+  if (o.channels_last) to_channels_last(*r.unet);
   const auto& uc = r.unet->config();
   if (!uc.sample_size) throw std::invalid_argument("the UNet config has no sample_size: cannot tell the image size");
   r.channels = uc.in_channels;
@@ -318,6 +324,11 @@ void check_options(const LoadedRun& run, const GenerateOptions& o) {
     throw std::invalid_argument("the classifier takes " + std::to_string(o.classifier->config().in_channels) +
                                 " channels but the UNet's x_t has " + std::to_string(run.channels) +
                                 (run.vae.is_empty() ? "" : " (a latent model needs a classifier trained on the same latents)"));
+  if (o.cuda_graphs && !run.device.is_cuda())
+    throw std::invalid_argument("CUDA graphs (--cuda-graphs) need a GPU: pass --device cuda, or leave them off");
+  if (o.cuda_graphs && !detail::GraphedWork::available())
+    throw std::invalid_argument("this build of diffuse has no CUDA graphs (they need a CUDA LibTorch 2.1 or later; "
+                                "see docs/cuda.md): leave --cuda-graphs off");
   const auto& x = o.init_noise;
   if (x.defined() && (x.dim() != 4 || x.size(0) < o.n || x.size(1) != run.channels || x.size(2) != run.height ||
                       x.size(3) != run.width))
@@ -407,6 +418,7 @@ Generated generate(const LoadedRun& run, const GenerateOptions& o) {
   Network net = run.network();
   const int64_t null_class = o.null_class >= 0 ? o.null_class : run.class_embeds - 1;
   if (o.cfg != 1.0) net = classifier_free_guidance(net, {o.cfg, o.cfg_rescale, null_class});
+  if (o.cuda_graphs) net = detail::graphed_network(net);
 
   const int64_t batches = (o.n + o.batch - 1) / o.batch, steps = int64_t(levels.size());
   auto t0 = std::chrono::steady_clock::now();

@@ -123,8 +123,8 @@ void load_adamw_state(torch::optim::AdamW& optimizer, torch::nn::Module& model,
     if (n->second.numel() != 1 || n->second.scalar_type() != torch::kInt64) bad("tensor '" + n->first + "' is no int64 scalar");
     auto state = std::make_unique<torch::optim::AdamWParamState>();
     state->step(n->second.item<int64_t>());
-    state->exp_avg(m->second.to(p.options()).clone());
-    state->exp_avg_sq(v->second.to(p.options()).clone());
+    state->exp_avg(torch::empty_like(p, torch::MemoryFormat::Preserve).copy_(m->second));  // p's layout
+    state->exp_avg_sq(torch::empty_like(p, torch::MemoryFormat::Preserve).copy_(v->second));
     optimizer.state()[state_key<StateKey>(p)] = std::move(state);
     used += 3;
   }

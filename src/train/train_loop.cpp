@@ -17,6 +17,7 @@
 #include "diffuse/util/progress.h"
 #include "diffuse/util/runtime.h"
 #include "diffuse/io/safetensors.h"
+#include "diffuse/models/model_folder.h"
 #include "diffuse/train/train.h"
 #include "train/loss_log.h"
 #include "train/optimizer_step.h"
@@ -171,6 +172,13 @@ void open_run(Session& s, Task& task, const LoopOptions& o, const nlohmann::json
                      .betas({o.adam_beta1, o.adam_beta2})
                      .eps(o.adam_eps)
                      .weight_decay(o.weight_decay);
+  auto make_optimizer = [&] {
+    if (o.channels_last) {  // first: AdamW's state takes its parameters' layout
+      to_channels_last(task.model());
+      to_channels_last(task.ema());
+    }
+    s.optimizer = std::make_unique<torch::optim::AdamW>(task.model().parameters(), options);
+  };
   on_main_rank(*s.dist, "load the checkpoint of '" + o.out + "'", [&] {
     if (s.resumed) {
       task.load(s.run, s.device);
@@ -178,14 +186,14 @@ void open_run(Session& s, Task& task, const LoopOptions& o, const nlohmann::json
       torch::manual_seed(o.seed);
       task.create(s.device);
     }
-    s.optimizer = std::make_unique<torch::optim::AdamW>(task.model().parameters(), options);
+    make_optimizer();
     if (s.resumed) load_train_state(s, task, o);
     write_file_atomic(s.run.run_json().string(), s.options.dump(2) + "\n");
   });
   if (!s.main) {
     torch::manual_seed(o.seed);
     task.create(s.device);  // overwritten by rank 0's weights below
-    s.optimizer = std::make_unique<torch::optim::AdamW>(task.model().parameters(), options);
+    make_optimizer();
   }
   if (s.dist->enabled()) share_rank_zero_state(s, task, o);
 }

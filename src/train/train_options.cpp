@@ -52,6 +52,7 @@ constexpr auto loop_fields = [](auto& o, auto&& f) {
   f("device", o.device);
   f("bf16", o.bf16);
   f("cuda_graphs", o.cuda_graphs);
+  f("channels_last", o.channels_last);
   f("checkpoint_every", o.checkpoint_every);
   f("log_every", o.log_every);
   f("progress", o.progress);
@@ -193,6 +194,7 @@ const std::vector<ResumableOption>& resumable_options() {
       {"device", "--device", [](LoopOptions& s, const LoopOptions& g) { s.device = g.device; }},
       {"bf16", "--bf16", [](LoopOptions& s, const LoopOptions& g) { s.bf16 = g.bf16; }},
       {"cuda_graphs", "--cuda-graphs", [](LoopOptions& s, const LoopOptions& g) { s.cuda_graphs = g.cuda_graphs; }},
+      {"channels_last", "--channels-last", [](LoopOptions& s, const LoopOptions& g) { s.channels_last = g.channels_last; }},
       {"checkpoint_every", "--checkpoint-every",
        [](LoopOptions& s, const LoopOptions& g) { s.checkpoint_every = g.checkpoint_every; }},
       {"log_every", "--log-every", [](LoopOptions& s, const LoopOptions& g) { s.log_every = g.log_every; }},

@@ -5,7 +5,7 @@
 #include <limits>
 
 #include "diffuse/util/runtime.h"
-#include "train/cuda_graph.h"
+#include "util/cuda_graph.h"
 #include "train/optimizer_step.h"
 #include "util/torch_compat.h"
 

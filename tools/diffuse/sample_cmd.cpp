@@ -35,7 +35,7 @@ struct SampleOptions {
   double clip_sample = std::numeric_limits<double>::quiet_NaN();  ///< NaN: the scheduler config's; 0: off
   uint64_t seed = 0;
   int order = 0;
-  bool no_images = false, quiet = false, dpmpp3_taylor = false;
+  bool no_images = false, quiet = false, dpmpp3_taylor = false, cuda_graphs = false, channels_last = false, tf32 = false;
 };
 
 torch::Tensor load_init_noise(const std::string& file) {
@@ -65,6 +65,7 @@ GenerateOptions generate_options(const SampleOptions& o, torch::Device device) {
   g.variance = parse_ddpm_variance(o.variance);
   g.clip_sample = o.clip_sample;
   g.seed = o.seed;
+  g.cuda_graphs = o.cuda_graphs;
   if (!o.classifier.empty()) {
     fs::path c(o.classifier);
     const auto folder = RunFolder(c).network("classifier");
@@ -124,6 +125,8 @@ void run_sample(const SampleOptions& o) {
   lo.vae = o.vae;
   lo.device = device;
   lo.dtype = parse_network_dtype(o.dtype, device);
+  lo.channels_last = o.channels_last;
+  if (o.tf32) allow_tf32(device);
   auto run = load_run(o.model, lo);
   if (!run.vae.is_empty() && !o.quiet)
     std::cerr << "latent diffusion: decoding " << run.channels << "x" << run.height << "x" << run.width
@@ -196,6 +199,11 @@ void add_sample_command(CLI::App& app) {
   cmd->add_option("--device", o->device, "cpu, cuda or cuda:N")->capture_default_str();
   cmd->add_option("--dtype", o->dtype, "The UNet's precision: fp32, bf16 or fp16 (GPU); the sampler stays float32")
       ->capture_default_str();
+  cmd->add_flag("--cuda-graphs", o->cuda_graphs, "GPU: capture the network's call once per batch shape as a CUDA graph "
+                "and replay it (same numbers, fewer host launches; pays at small batches)");
+  cmd->add_flag("--channels-last", o->channels_last, "Run the UNet in channels-last (NHWC) layout (GPU tensor cores)");
+  cmd->add_flag("--tf32", o->tf32, "GPU: TF32 convolutions and matrix products for a float32 UNet (10-bit mantissa, "
+                "PyTorch's default for cuDNN; diffuse's default is true float32)");
   cmd->callback([o] { run_sample(*o); });
 }
 

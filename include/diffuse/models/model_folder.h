@@ -1,5 +1,5 @@
 // The model-folder I/O shared by every network: diffusers' layout, config.json + the weights in
-// diffusion_pytorch_model.safetensors, state dicts under diffusers' names.
+// diffusion_pytorch_model.safetensors, state dicts under diffusers' names; and the weights' memory layout.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -13,6 +13,11 @@ namespace diffuse {
 
 /// The parameters and buffers of a module under their dotted names (diffusers' state-dict names).
 std::map<std::string, torch::Tensor> state_dict(torch::nn::Module& m);
+
+/// Puts every 4-D parameter of `m` (convolution weights) in channels-last (NHWC) memory layout, in place; a
+/// convolution with such a weight runs in NHWC (GPUs' tensor cores take it without transposes) and its output is
+/// NHWC too. Values, names and what state_dict / write_model_folder give are unchanged.
+void to_channels_last(torch::nn::Module& m);
 
 /// Copies `tensors` into m's parameters and buffers (converting dtype and device). Throws
 /// std::runtime_error naming `source` and listing missing, unexpected and mis-shaped entries.

@@ -109,7 +109,8 @@ Denoiser clip_x0(Denoiser denoiser, double range, bool keep_model_eps = false);
 /// Algorithm 2 of that paper; for DDPM it shifts the posterior mean by (a_prev beta_t / a_t) * scale * grad,
 /// the x0 form of the same score shift). At SNR 0 (a_t = 0) x_t is independent of y, so the exact
 /// gradient is zero: the classifier is not evaluated there and the estimate passes through unchanged.
-/// `labels`: the target class of each image, int64 [N].
+/// `labels`: the target class of each image, int64 [N]; their range is checked against the classifier's
+/// classes on the first step only (the check reads them back, a wait for the device).
 Denoiser classifier_guidance(Denoiser denoiser, Classifier classifier, torch::Tensor labels, double scale);
 
 }  // namespace diffuse

@@ -55,6 +55,9 @@ struct LoadOptions {
   /// arithmetic, the noise, guidance and the autoencoder stay float32: the network's input is cast down and its
   /// output back up.
   torch::ScalarType dtype = torch::kFloat32;
+  /// The UNet's convolution weights and activations in channels-last (NHWC) layout: the layout GPUs'
+  /// tensor-core convolutions take without transposing. The numbers are the same up to summation order.
+  bool channels_last = false;
 };
 
 /// A model ready to sample from. x_t has shape [channels, height, width] (latents for a latent model).
@@ -67,6 +70,7 @@ struct LoadedRun {
   int64_t class_embeds = 0;    ///< 0: unconditional; else classes 0..class_embeds-2 and the null class last
   torch::Device device = torch::kCPU;
   torch::ScalarType dtype = torch::kFloat32;  ///< the UNet's (LoadOptions::dtype)
+  bool channels_last = false;                 ///< LoadOptions::channels_last
 
   /// The UNet as a Network (eval mode, no gradient bookkeeping by the caller's guard).
   Network network() const;
@@ -100,6 +104,11 @@ struct GenerateOptions {
   uint64_t seed = 0;               ///< image i starts from make_noise(..., seed, i) unless init_noise is given
   torch::Tensor init_noise;        ///< [>= n, C, H, W] float32: x_T of each image, instead of the seeded noise
   std::function<void(const GenerateProgress&)> progress;
+  /// On a GPU: the network's call (with classifier-free guidance) captured once per batch shape as a CUDA graph
+  /// and replayed at every later step (the first 2 calls of a shape run eagerly). Saves the host's kernel
+  /// launches, which bound small batches; the samples are the same numbers. Refused on a CPU or in a build
+  /// without CUDA graphs.
+  bool cuda_graphs = false;
 };
 
 /// Throws std::invalid_argument naming the class or key when `config` asks for sampling diffuse does not do

@@ -97,6 +97,8 @@ struct LoopOptions {
   bool bf16 = false;                    ///< bf16 autocast of the forward pass (CUDA only)
   bool cuda_graphs = true;              ///< one process on a GPU: replay the step's loss and gradients as a
                                         ///< captured CUDA graph (builds against a CUDA LibTorch 2.x)
+  bool channels_last = false;           ///< the networks' convolution weights, activations, gradients and AdamW
+                                        ///< state in channels-last (NHWC) layout; checkpoints are the same
   int64_t checkpoint_every = 1000;
   int64_t log_every = 50;               ///< rows of log.csv (and progress lines when stderr is no TTY)
   bool progress = true;                 ///< progress line on stderr

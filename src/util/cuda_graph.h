@@ -1,6 +1,7 @@
 // A fixed-shape piece of work replayed as one CUDA graph (at::cuda::CUDAGraph): one launch instead of the
-// thousands of kernel launches of a training step's forward and backward, which otherwise keep the host, not
-// the GPU, the bottleneck. Not part of the public API.
+// thousands of kernel launches of a training step's forward and backward or a sampler's network call, which
+// otherwise keep the host, not the GPU, the bottleneck. Used by the trainer (src/train/train_step.cpp) and by
+// generate() (src/sample/graphed_network.cpp). Not part of the public API.
 #pragma once
 
 #include <torch/types.h>
@@ -16,7 +17,8 @@ class GraphedWork {
   static bool available();
   /// `body` must touch only tensors whose storage stays put between calls (its inputs are copied into fixed
   /// tensors before each call; its outputs are the tensors it returns each time), draw its random numbers
-  /// from the device's default generator and launch work on the current stream.
+  /// from the device's default generator and launch work on the current stream. On a device other than a
+  /// GPU, or in a build without CUDA graphs (available() false), every call runs `body` eagerly.
   GraphedWork(torch::Device device, int warmup, std::function<void()> body);
   ~GraphedWork();
   /// The first `warmup` calls run `body` eagerly (cuDNN picks its algorithms, autograd builds its state); the

@@ -342,3 +342,31 @@ TEST(Pipeline, CudaGraphsSampleTheSameImagesOnTheGpu) {
   const auto graphed = generate(run, g).images;
   EXPECT_LE((graphed - eager).abs().max().item<double>(), 1e-5);
 }
+
+// LoadOptions::conv_dtype bf16: the convolutions' weights in bfloat16, every other parameter float32, and the
+// images within bfloat16's rounding of float32's; refused on top of --dtype bf16.
+TEST(Pipeline, ConvolutionsInBf16SampleCloseToFloat32) {
+  auto g = two_images("ddim", 2);
+  const auto want = generate(fixture_run(), g).images;
+  LoadOptions lo;
+  lo.scheduler_file = fixture("scheduler/fixed_scheduler_config.json");
+  lo.vae = "none";
+  lo.conv_dtype = torch::kBFloat16;
+  auto run = load_run(fixture("diffusers/unet"), lo);
+  int64_t conv_weights = 0, bf16 = 0, fp32 = 0;  // a convolution's weight is 4-D; its bias goes with it
+  for (const auto& p : run.unet->named_parameters()) {
+    if (p.value().dim() == 4) EXPECT_EQ(p.value().scalar_type(), torch::kBFloat16) << p.key();
+    conv_weights += p.value().dim() == 4;
+    (p.value().scalar_type() == torch::kBFloat16 ? bf16 : fp32) += 1;
+  }
+  EXPECT_GT(conv_weights, 5);
+  EXPECT_EQ(bf16, 2 * conv_weights);
+  EXPECT_GT(fp32, 5);
+  const auto got = generate(run, g).images;
+  EXPECT_EQ(got.scalar_type(), torch::kFloat32);
+  const double scale = want.abs().max().item<double>();
+  EXPECT_GT((got - want).abs().max().item<double>(), 0.0);  // bf16 did run
+  EXPECT_LT((got - want).abs().max().item<double>(), 0.05 * scale);
+  lo.dtype = torch::kBFloat16;
+  diffuse::testing::expect_error([&] { load_run(fixture("diffusers/unet"), lo); }, "--dtype fp32");
+}

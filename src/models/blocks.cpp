@@ -32,6 +32,11 @@ nn::GroupNorm group_norm(int64_t groups, int64_t channels, double eps) {
 
 }  // namespace
 
+torch::Tensor conv_in_weight_dtype(nn::Conv2d& conv, const torch::Tensor& x) {
+  const auto dtype = conv->weight.scalar_type();
+  return dtype == x.scalar_type() ? conv(x) : conv(x.to(dtype)).to(x.scalar_type());
+}
+
 torch::Tensor timestep_embedding(const torch::Tensor& t, int64_t dim, bool flip_sin_to_cos, double freq_shift,
                                  double scale, double max_period) {
   TORCH_CHECK(t.dim() == 1, "timesteps must be a 1-D tensor [N], got shape ", t.sizes());
@@ -74,7 +79,7 @@ ResnetBlock2DImpl::ResnetBlock2DImpl(const ResnetOptions& o) : options_(o) {
 }
 
 torch::Tensor ResnetBlock2DImpl::forward(const torch::Tensor& x, const torch::Tensor& temb) {
-  auto h = conv1(norm_silu(norm1, x));
+  auto h = conv_in_weight_dtype(conv1, norm_silu(norm1, x));
   torch::Tensor t;
   if (time_emb_proj && temb.defined()) t = time_emb_proj(torch::silu(temb)).unsqueeze(-1).unsqueeze(-1);
   if (options_.time_scale_shift == TimeScaleShift::scale_shift) {
@@ -87,8 +92,8 @@ torch::Tensor ResnetBlock2DImpl::forward(const torch::Tensor& x, const torch::Te
     h = norm_silu(norm2, h);
   }
   if (options_.dropout > 0 && is_training()) h = torch::dropout(h, options_.dropout, true);
-  h = conv2(h);
-  auto skip = conv_shortcut ? conv_shortcut(x) : x;
+  h = conv_in_weight_dtype(conv2, h);
+  auto skip = conv_shortcut ? conv_in_weight_dtype(conv_shortcut, x) : x;
   h = torch::GradMode::is_enabled() ? skip + h : h.add_(skip);
   return options_.output_scale_factor == 1.0 ? h : h / options_.output_scale_factor;
 }
@@ -125,13 +130,13 @@ Downsample2DImpl::Downsample2DImpl(int64_t channels, int64_t padding)
     : padding_(padding), conv(register_module("conv", conv3x3(channels, channels, 2, padding))) {}
 
 torch::Tensor Downsample2DImpl::forward(const torch::Tensor& x) {
-  return conv(padding_ == 0 ? torch::constant_pad_nd(x, {0, 1, 0, 1}) : x);
+  return conv_in_weight_dtype(conv, padding_ == 0 ? torch::constant_pad_nd(x, {0, 1, 0, 1}) : x);
 }
 
 Upsample2DImpl::Upsample2DImpl(int64_t channels) : conv(register_module("conv", conv3x3(channels, channels))) {}
 
 torch::Tensor Upsample2DImpl::forward(const torch::Tensor& x) {
-  return conv(torch::upsample_nearest2d(x, {2 * x.size(2), 2 * x.size(3)}));
+  return conv_in_weight_dtype(conv, torch::upsample_nearest2d(x, {2 * x.size(2), 2 * x.size(3)}));
 }
 
 namespace {

@@ -17,6 +17,13 @@ void to_channels_last(torch::nn::Module& m) {
     if (p.dim() == 4) p.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
 }
 
+void convolutions_to(torch::nn::Module& m, torch::ScalarType dtype) {
+  torch::NoGradGuard no_grad;
+  for (const auto& module : m.modules())
+    if (auto* conv = module->as<torch::nn::Conv2dImpl>())
+      for (auto& p : conv->parameters(/*recurse=*/false)) p.set_data(p.to(dtype));
+}
+
 std::map<std::string, torch::Tensor> state_dict(torch::nn::Module& m) {
   std::map<std::string, torch::Tensor> out;
   for (const auto& p : m.named_parameters(true)) out[p.key()] = p.value();

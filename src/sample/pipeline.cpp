@@ -72,9 +72,14 @@ LoadedRun load_run(const std::string& model, const LoadOptions& o) {
   LoadedRun r;
   r.device = o.device;
   r.dtype = o.dtype;
-  if (o.dtype != torch::kFloat32 && o.dtype != torch::kBFloat16 && o.dtype != torch::kFloat16)
-    throw std::invalid_argument("the UNet runs in float32, bfloat16 or float16, not " +
-                                std::string(c10::toString(o.dtype)));
+  for (auto dtype : {o.dtype, o.conv_dtype})
+    if (dtype != torch::kFloat32 && dtype != torch::kBFloat16 && dtype != torch::kFloat16)
+      throw std::invalid_argument("the UNet runs in float32, bfloat16 or float16, not " +
+                                  std::string(c10::toString(dtype)));
+  if (o.conv_dtype != torch::kFloat32 && o.dtype != torch::kFloat32)
+    throw std::invalid_argument("--conv-dtype lowers only a float32 UNet's convolutions: pass --dtype fp32 with it "
+                                "(or --dtype alone for the whole network)");
+  r.conv_dtype = o.conv_dtype;
   r.unet_folder = folder.unet(o.weights);  // first: a missing model is the error to report
   r.scheduler = SchedulerConfig::load(o.scheduler_file.empty() ? folder.scheduler_config() : o.scheduler_file);
   r.unet = load_unet(r.unet_folder, o.device);
@@ -82,6 +87,7 @@ LoadedRun load_run(const std::string& model, const LoadOptions& o) {
   if (o.dtype != torch::kFloat32) r.unet->to(o.dtype);
   r.channels_last = o.channels_last;
   if (o.channels_last) to_channels_last(*r.unet);
+  if (o.conv_dtype != torch::kFloat32) convolutions_to(*r.unet, o.conv_dtype);
   const auto& uc = r.unet->config();
   if (!uc.sample_size) throw std::invalid_argument("the UNet config has no sample_size: cannot tell the image size");
   r.channels = uc.in_channels;

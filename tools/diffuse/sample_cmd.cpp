@@ -28,7 +28,7 @@ namespace diffuse::cli {
 namespace {
 
 struct SampleOptions {
-  std::string model, out = "samples", sampler, spacing, unipc_variant, device = "cpu", dtype = "fp32", classifier, init_noise, save_raw, vae;
+  std::string model, out = "samples", sampler, spacing, unipc_variant, device = "cpu", dtype = "fp32", conv_dtype = "fp32", classifier, init_noise, save_raw, vae;
   std::string scheduler_path, weights = "auto", variance = "fixed_small";
   int64_t steps = 25, n = 16, batch = 64, class_id = -1, null_class = -1, grid_cols = 0;
   double cfg = 1.0, cfg_rescale = 0.0, classifier_scale = 0.0, eta = std::numeric_limits<double>::quiet_NaN();
@@ -126,6 +126,7 @@ void run_sample(const SampleOptions& o) {
   lo.device = device;
   lo.dtype = parse_network_dtype(o.dtype, device);
   lo.channels_last = o.channels_last;
+  lo.conv_dtype = parse_network_dtype(o.conv_dtype, device);
   if (o.tf32) allow_tf32(device);
   auto run = load_run(o.model, lo);
   if (!run.vae.is_empty() && !o.quiet)
@@ -198,6 +199,9 @@ void add_sample_command(CLI::App& app) {
   cmd->add_flag("--quiet", o->quiet, "No progress line");
   cmd->add_option("--device", o->device, "cpu, cuda or cuda:N")->capture_default_str();
   cmd->add_option("--dtype", o->dtype, "The UNet's precision: fp32, bf16 or fp16 (GPU); the sampler stays float32")
+      ->capture_default_str();
+  cmd->add_option("--conv-dtype", o->conv_dtype, "A float32 UNet's convolutions only in bf16 (or fp16 on a GPU); "
+                  "norms and attention stay float32. 2-3x faster convolutions on CPUs with AMX or AVX512-BF16")
       ->capture_default_str();
   cmd->add_flag("--cuda-graphs", o->cuda_graphs, "GPU: capture the network's call once per batch shape as a CUDA graph "
                 "and replay it (same numbers, fewer host launches; pays at small batches)");

@@ -14,6 +14,10 @@
 
 namespace diffuse {
 
+/// conv(x) run in the dtype of conv's weight: x is cast to it and the result back to x's dtype (nothing is cast
+/// when they agree). With convolutions_to(model, bf16) a float32 network runs only its convolutions in bfloat16.
+torch::Tensor conv_in_weight_dtype(torch::nn::Conv2d& conv, const torch::Tensor& x);
+
 /// Sinusoidal timestep embedding of DDPM (Ho et al. 2020, after Vaswani et al. 2017), exactly as diffusers'
 /// get_timestep_embedding: freq_i = exp(-ln(max_period) * i / (dim/2 - freq_shift)), i < dim/2;
 /// emb = [sin(t freq), cos(t freq)] ([cos, sin] with flip_sin_to_cos), zero-padded to odd dim.

@@ -19,6 +19,11 @@ std::map<std::string, torch::Tensor> state_dict(torch::nn::Module& m);
 /// NHWC too. Values, names and what state_dict / write_model_folder give are unchanged.
 void to_channels_last(torch::nn::Module& m);
 
+/// Casts the weights and biases of every Conv2d inside `m` to `dtype`, leaving its other parameters alone: with
+/// bfloat16, a float32 network runs its convolutions in bfloat16 (conv_in_weight_dtype casts around each one)
+/// and its norms, attention and embeddings in float32. Not for training or saving (write the float32 model).
+void convolutions_to(torch::nn::Module& m, torch::ScalarType dtype);
+
 /// Copies `tensors` into m's parameters and buffers (converting dtype and device). Throws
 /// std::runtime_error naming `source` and listing missing, unexpected and mis-shaped entries.
 void load_state_dict(torch::nn::Module& m, const std::map<std::string, torch::Tensor>& tensors,

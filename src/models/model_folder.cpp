@@ -11,17 +11,26 @@
 
 namespace diffuse {
 
+namespace {
+// The weights and biases of every Conv2d inside m.
+std::vector<torch::Tensor> convolution_parameters(torch::nn::Module& m) {
+  std::vector<torch::Tensor> params;
+  for (const auto& module : m.modules())
+    if (auto* conv = module->as<torch::nn::Conv2dImpl>())
+      for (auto& p : conv->parameters(/*recurse=*/false)) params.push_back(p);
+  return params;
+}
+}  // namespace
+
 void to_channels_last(torch::nn::Module& m) {
   torch::NoGradGuard no_grad;
-  for (auto& p : m.parameters())
+  for (auto& p : convolution_parameters(m))
     if (p.dim() == 4) p.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
 }
 
 void convolutions_to(torch::nn::Module& m, torch::ScalarType dtype) {
   torch::NoGradGuard no_grad;
-  for (const auto& module : m.modules())
-    if (auto* conv = module->as<torch::nn::Conv2dImpl>())
-      for (auto& p : conv->parameters(/*recurse=*/false)) p.set_data(p.to(dtype));
+  for (auto& p : convolution_parameters(m)) p.set_data(p.to(dtype));
 }
 
 std::map<std::string, torch::Tensor> state_dict(torch::nn::Module& m) {

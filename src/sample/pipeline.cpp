@@ -79,7 +79,6 @@ LoadedRun load_run(const std::string& model, const LoadOptions& o) {
   if (o.conv_dtype != torch::kFloat32 && o.dtype != torch::kFloat32)
     throw std::invalid_argument("--conv-dtype lowers only a float32 UNet's convolutions: pass --dtype fp32 with it "
                                 "(or --dtype alone for the whole network)");
-  r.conv_dtype = o.conv_dtype;
   r.unet_folder = folder.unet(o.weights);  // first: a missing model is the error to report
   r.scheduler = SchedulerConfig::load(o.scheduler_file.empty() ? folder.scheduler_config() : o.scheduler_file);
   r.unet = load_unet(r.unet_folder, o.device);

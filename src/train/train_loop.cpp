@@ -172,7 +172,7 @@ void open_run(Session& s, Task& task, const LoopOptions& o, const nlohmann::json
                      .betas({o.adam_beta1, o.adam_beta2})
                      .eps(o.adam_eps)
                      .weight_decay(o.weight_decay);
-  auto make_optimizer = [&] {
+  auto lay_out_and_make_optimizer = [&] {
     if (o.channels_last) {  // first: AdamW's state takes its parameters' layout
       to_channels_last(task.model());
       to_channels_last(task.ema());
@@ -186,14 +186,14 @@ void open_run(Session& s, Task& task, const LoopOptions& o, const nlohmann::json
       torch::manual_seed(o.seed);
       task.create(s.device);
     }
-    make_optimizer();
+    lay_out_and_make_optimizer();
     if (s.resumed) load_train_state(s, task, o);
     write_file_atomic(s.run.run_json().string(), s.options.dump(2) + "\n");
   });
   if (!s.main) {
     torch::manual_seed(o.seed);
     task.create(s.device);  // overwritten by rank 0's weights below
-    make_optimizer();
+    lay_out_and_make_optimizer();
   }
   if (s.dist->enabled()) share_rank_zero_state(s, task, o);
 }

@@ -4,7 +4,6 @@
 #include <ATen/autocast_mode.h>
 #include <torch/cuda.h>
 
-
 #ifdef DIFFUSE_WITH_CUDA_GRAPHS
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>

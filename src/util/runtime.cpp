@@ -41,11 +41,13 @@ torch::Device parse_device(const std::string& name) {
   return device;
 }
 
-void allow_tf32(torch::Device device) {
-  if (!device.is_cuda())
-    throw std::invalid_argument("TF32 (--tf32) is a GPU's float32 mode; on " + device.str() + " leave it off");
-  at::globalContext().setAllowTF32CuDNN(true);
-  at::globalContext().setAllowTF32CuBLAS(true);
+void allow_tf32(torch::Device device, bool allow) {
+  if (!device.is_cuda()) {
+    if (allow) throw std::invalid_argument("TF32 (--tf32) is a GPU's float32 mode; on " + device.str() + " leave it off");
+    return;
+  }
+  at::globalContext().setAllowTF32CuDNN(allow);
+  at::globalContext().setAllowTF32CuBLAS(allow);
 }
 
 CudaBf16Autocast::CudaBf16Autocast(bool enable) : on_(enable) {

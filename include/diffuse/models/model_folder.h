@@ -14,7 +14,7 @@ namespace diffuse {
 /// The parameters and buffers of a module under their dotted names (diffusers' state-dict names).
 std::map<std::string, torch::Tensor> state_dict(torch::nn::Module& m);
 
-/// Puts every 4-D parameter of `m` (convolution weights) in channels-last (NHWC) memory layout, in place; a
+/// Puts the weight of every Conv2d inside `m` in channels-last (NHWC) memory layout, in place; a
 /// convolution with such a weight runs in NHWC (GPUs' tensor cores take it without transposes) and its output is
 /// NHWC too. Values, names and what state_dict / write_model_folder give are unchanged.
 void to_channels_last(torch::nn::Module& m);

@@ -75,7 +75,6 @@ struct LoadedRun {
   torch::Device device = torch::kCPU;
   torch::ScalarType dtype = torch::kFloat32;  ///< the UNet's (LoadOptions::dtype)
   bool channels_last = false;                 ///< LoadOptions::channels_last
-  torch::ScalarType conv_dtype = torch::kFloat32;  ///< LoadOptions::conv_dtype
 
   /// The UNet as a Network (eval mode, no gradient bookkeeping by the caller's guard).
   Network network() const;

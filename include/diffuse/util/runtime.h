@@ -12,8 +12,9 @@ namespace diffuse {
 /// and lets cuDNN time its algorithms for each shape (cudnn.benchmark).
 torch::Device parse_device(const std::string& name);
 /// Lets a GPU's float32 convolutions and matrix products use TF32 (10-bit mantissa: PyTorch's default for cuDNN,
-/// not diffuse's) for the rest of the process. Throws std::invalid_argument on a CPU device (no TF32 there).
-void allow_tf32(torch::Device device);
+/// not diffuse's) for the rest of the process, or (allow false) keeps them float32 again. Throws
+/// std::invalid_argument when TF32 is asked for on a CPU device (no TF32 there); allow false is a no-op there.
+void allow_tf32(torch::Device device, bool allow = true);
 /// "fp32", "bf16" or "fp16": the dtype a network runs in; throws with the fix for an unknown name or fp16 on the CPU.
 torch::ScalarType parse_network_dtype(const std::string& name, torch::Device device);
 

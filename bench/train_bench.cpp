@@ -5,6 +5,7 @@
 // matrix product's GFLOP/s, and peak RSS.
 //
 // usage: train_bench [--batch 64] [--steps 8] [--threads N] [--data fashion-mnist|synthetic-shapes]
+//                    [--conv-dtype fp32|bf16]
 #include <unistd.h>
 
 #include <algorithm>
@@ -59,6 +60,7 @@ double trainer_seconds_per_step(const diffuse::TrainOptions& o, const diffuse::D
 
 int main(int argc, char** argv) {
   int64_t batch = 64, steps = 8;
+  std::string conv_dtype = "fp32";
   int threads = int(std::thread::hardware_concurrency());
   std::string source = std::filesystem::exists(std::string(diffuse::kFashionMnistDir) + "/train-images-idx3-ubyte.gz")
                            ? "fashion-mnist"
@@ -67,9 +69,11 @@ int main(int argc, char** argv) {
                             {{"--batch", bench::to(batch)},
                              {"--steps", bench::to(steps)},
                              {"--threads", bench::to(threads)},
-                             {"--data", bench::to(source)}}))
+                             {"--data", bench::to(source)},
+                             {"--conv-dtype", bench::to(conv_dtype)}}))
     return 2;
-  std::cout << "runtime: " << diffuse::configure_cpu_runtime(argv, threads) << ", batch " << batch << "\n";
+  std::cout << "runtime: " << diffuse::configure_cpu_runtime(argv, threads) << ", batch " << batch
+            << ", convolutions in " << conv_dtype << "\n";
   double matmul = diffuse::matmul_gflops(2048, torch::kCPU);
   std::cout << "matmul 2048x2048 float32: " << matmul << " GFLOP/s\n";
 
@@ -90,6 +94,7 @@ int main(int argc, char** argv) {
   o.loop.checkpoint_every = 1 << 30;
   o.loop.log_every = 1 << 30;
   o.loop.threads = threads;
+  o.loop.conv_dtype = conv_dtype;
   o.loop.out = (std::filesystem::temp_directory_path() / ("diffuse-train-bench-" + std::to_string(getpid()))).string();
   double flops = diffuse::unet_forward_flops(o.unet, 32, 32);
   {

@@ -3,6 +3,7 @@
 // (forward + backward + AdamW), GFLOP/s, fraction of a same-run 2048x2048 matrix product, peak RSS.
 //
 // usage: unet_bench [--batch 64] [--iters 5] [--threads N] [--channels-last 0|1] [--train 0|1] [--device cpu]
+//                   [--conv-dtype fp32|bf16]
 // Runs under configure_cpu_runtime (runtime.h); compare images per CPU-second when the machine is shared.
 #include <unistd.h>
 
@@ -48,7 +49,7 @@ struct Setup {
   int64_t batch = 64;
   int iters = 5, threads = 0;
   bool channels_last = false, train = true;
-  std::string device_name = "cpu";
+  std::string device_name = "cpu", conv_dtype = "fp32";
 };
 
 // forward + backward + AdamW on fixed inputs, after one warm-up step.
@@ -80,10 +81,12 @@ int main(int argc, char** argv) {
                              {"--threads", bench::to(o.threads)},
                              {"--channels-last", bench::to(o.channels_last)},
                              {"--train", bench::to(o.train)},
-                             {"--device", bench::to(o.device_name)}}))
+                             {"--device", bench::to(o.device_name)},
+                             {"--conv-dtype", bench::to(o.conv_dtype)}}))
     return 2;
   const std::string runtime = diffuse::configure_cpu_runtime(argv, o.threads);
   torch::Device device = diffuse::parse_device(o.device_name);
+  diffuse::ConvolutionDtype conv_dtype(diffuse::parse_network_dtype(o.conv_dtype, device, "--conv-dtype"));
   const auto memory_format = o.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 
   auto config = diffuse::reference_unet_config();
@@ -93,7 +96,8 @@ int main(int argc, char** argv) {
   const double flops = diffuse::unet_forward_flops(config, 32, 32);
   std::cout << "reference UNet: " << diffuse::parameter_count(*model) << " parameters, " << flops / 1e9
             << " GFLOP per image forward; batch " << o.batch << ", " << runtime << ", "
-            << (o.channels_last ? "channels-last" : "NCHW") << ", device " << device << "\n";
+            << (o.channels_last ? "channels-last" : "NCHW") << ", convolutions in " << o.conv_dtype << ", device "
+            << device << "\n";
 
   const double matmul = diffuse::matmul_gflops(2048, device);
   double load[3] = {0, 0, 0};

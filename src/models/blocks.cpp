@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 
 #include "diffuse/models/attention.h"
+#include "util/torch_compat.h"
 
 namespace diffuse {
 namespace {
@@ -32,9 +33,23 @@ nn::GroupNorm group_norm(int64_t groups, int64_t channels, double eps) {
 
 }  // namespace
 
-torch::Tensor conv_in_weight_dtype(nn::Conv2d& conv, const torch::Tensor& x) {
-  const auto dtype = conv->weight.scalar_type();
-  return dtype == x.scalar_type() ? conv(x) : conv(x.to(dtype)).to(x.scalar_type());
+namespace {
+thread_local torch::ScalarType guarded_conv_dtype = torch::ScalarType::Undefined;
+}  // namespace
+
+ConvolutionDtype::ConvolutionDtype(torch::ScalarType dtype) : outer_(guarded_conv_dtype) { guarded_conv_dtype = dtype; }
+ConvolutionDtype::~ConvolutionDtype() { guarded_conv_dtype = outer_; }
+
+torch::Tensor convolve(nn::Conv2d& conv, const torch::Tensor& x) {
+  const auto stored = conv->weight.scalar_type();
+  const auto dtype = guarded_conv_dtype == torch::ScalarType::Undefined ? stored : guarded_conv_dtype;
+  if (dtype == stored) return dtype == x.scalar_type() ? conv(x) : conv(x.to(dtype)).to(x.scalar_type());
+  const auto& o = conv->options;
+  const auto* padding = compat::conv2d_zero_padding(o);
+  TORCH_CHECK(padding, "convolve: only numeric zero padding runs under a ConvolutionDtype guard");
+  auto bias = conv->bias.defined() ? conv->bias.to(dtype) : torch::Tensor();
+  return torch::conv2d(x.to(dtype), conv->weight.to(dtype), bias, o.stride(), *padding, o.dilation(), o.groups())
+      .to(x.scalar_type());
 }
 
 torch::Tensor timestep_embedding(const torch::Tensor& t, int64_t dim, bool flip_sin_to_cos, double freq_shift,
@@ -79,7 +94,7 @@ ResnetBlock2DImpl::ResnetBlock2DImpl(const ResnetOptions& o) : options_(o) {
 }
 
 torch::Tensor ResnetBlock2DImpl::forward(const torch::Tensor& x, const torch::Tensor& temb) {
-  auto h = conv_in_weight_dtype(conv1, norm_silu(norm1, x));
+  auto h = convolve(conv1, norm_silu(norm1, x));
   torch::Tensor t;
   if (time_emb_proj && temb.defined()) t = time_emb_proj(torch::silu(temb)).unsqueeze(-1).unsqueeze(-1);
   if (options_.time_scale_shift == TimeScaleShift::scale_shift) {
@@ -92,8 +107,8 @@ torch::Tensor ResnetBlock2DImpl::forward(const torch::Tensor& x, const torch::Te
     h = norm_silu(norm2, h);
   }
   if (options_.dropout > 0 && is_training()) h = torch::dropout(h, options_.dropout, true);
-  h = conv_in_weight_dtype(conv2, h);
-  auto skip = conv_shortcut ? conv_in_weight_dtype(conv_shortcut, x) : x;
+  h = convolve(conv2, h);
+  auto skip = conv_shortcut ? convolve(conv_shortcut, x) : x;
   h = torch::GradMode::is_enabled() ? skip + h : h.add_(skip);
   return options_.output_scale_factor == 1.0 ? h : h / options_.output_scale_factor;
 }
@@ -130,13 +145,13 @@ Downsample2DImpl::Downsample2DImpl(int64_t channels, int64_t padding)
     : padding_(padding), conv(register_module("conv", conv3x3(channels, channels, 2, padding))) {}
 
 torch::Tensor Downsample2DImpl::forward(const torch::Tensor& x) {
-  return conv_in_weight_dtype(conv, padding_ == 0 ? torch::constant_pad_nd(x, {0, 1, 0, 1}) : x);
+  return convolve(conv, padding_ == 0 ? torch::constant_pad_nd(x, {0, 1, 0, 1}) : x);
 }
 
 Upsample2DImpl::Upsample2DImpl(int64_t channels) : conv(register_module("conv", conv3x3(channels, channels))) {}
 
 torch::Tensor Upsample2DImpl::forward(const torch::Tensor& x) {
-  return conv_in_weight_dtype(conv, torch::upsample_nearest2d(x, {2 * x.size(2), 2 * x.size(3)}));
+  return convolve(conv, torch::upsample_nearest2d(x, {2 * x.size(2), 2 * x.size(3)}));
 }
 
 namespace {

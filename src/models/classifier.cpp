@@ -86,7 +86,7 @@ torch::Tensor NoisyClassifierImpl::forward(const torch::Tensor& x_in, const torc
   auto t = broadcast_timesteps(timesteps, n, x_in.device());
   auto emb = time_embedding(timestep_embedding(t, config_.block_out_channels[0], config_.flip_sin_to_cos,
                                                config_.freq_shift).to(x_in.scalar_type()));
-  auto x = conv_in(x_in);
+  auto x = convolve(conv_in, x_in);
   std::vector<torch::Tensor> skips;
   for (auto& block : *down_blocks) {
     x = block->as<DownBlock>()->forward(x, emb, &skips);

@@ -172,13 +172,13 @@ torch::Tensor UNet2DModelImpl::forward(const torch::Tensor& x_in, const torch::T
                                          "(num_class_embeds is null in its config)");
   }
 
-  x = conv_in_weight_dtype(conv_in, x);
+  x = convolve(conv_in, x);
   std::vector<torch::Tensor> skips{x};
   for (auto& block : *down_blocks) x = block->as<DownBlock>()->forward(x, emb, &skips);
   x = mid_block(x, emb);
   for (auto& block : *up_blocks) x = block->as<UpBlock>()->forward(x, emb, &skips);
   auto h = conv_norm_out(x);
-  return conv_in_weight_dtype(conv_out, torch::GradMode::is_enabled() ? torch::silu(h) : torch::silu_(h));
+  return convolve(conv_out, torch::GradMode::is_enabled() ? torch::silu(h) : torch::silu_(h));
 }
 
 namespace {

@@ -181,14 +181,14 @@ VaeEncoderImpl::VaeEncoderImpl(const AutoencoderKLConfig& c) {
 }
 
 torch::Tensor VaeEncoderImpl::forward(torch::Tensor x) {
-  x = conv_in(x);
+  x = convolve(conv_in, x);
   std::vector<torch::Tensor> unused_skips;
   for (auto& block : *down_blocks) {
     x = block->as<DownBlock>()->forward(x, {}, &unused_skips);
     unused_skips.clear();
   }
   x = mid_block->forward(x, torch::Tensor());
-  return conv_out(silu_out(conv_norm_out, x));
+  return convolve(conv_out, silu_out(conv_norm_out, x));
 }
 
 VaeDecoderImpl::VaeDecoderImpl(const AutoencoderKLConfig& c) {
@@ -206,9 +206,9 @@ VaeDecoderImpl::VaeDecoderImpl(const AutoencoderKLConfig& c) {
 }
 
 torch::Tensor VaeDecoderImpl::forward(torch::Tensor z) {
-  auto x = mid_block->forward(conv_in(z), torch::Tensor());
+  auto x = mid_block->forward(convolve(conv_in, z), torch::Tensor());
   for (auto& block : *up_blocks) x = block->as<UpDecoderBlock>()->forward(x);
-  return conv_out(silu_out(conv_norm_out, x));
+  return convolve(conv_out, silu_out(conv_norm_out, x));
 }
 
 AutoencoderKLImpl::AutoencoderKLImpl(const AutoencoderKLConfig& config) : config_(config) {
@@ -230,13 +230,13 @@ DiagonalGaussian AutoencoderKLImpl::encode(const torch::Tensor& x) {
               "divisible by ", f, " (2^(levels - 1)) to decode back to the same size, got ", x.size(2), "x",
               x.size(3), " (pad or crop the images)");
   auto h = encoder(x);
-  return DiagonalGaussian::from_moments(quant_conv ? quant_conv(h) : h);
+  return DiagonalGaussian::from_moments(quant_conv ? convolve(quant_conv, h) : h);
 }
 
 torch::Tensor AutoencoderKLImpl::decode(const torch::Tensor& z) {
   TORCH_CHECK(z.dim() == 4 && z.size(1) == config_.latent_channels, "AutoencoderKL.decode expects latents [N, ",
               config_.latent_channels, ", h, w], got ", z.sizes());
-  return decoder(post_quant_conv ? post_quant_conv(z) : z);
+  return decoder(post_quant_conv ? convolve(post_quant_conv, z) : z);
 }
 
 torch::Tensor AutoencoderKLImpl::forward(const torch::Tensor& x, bool sample_posterior,

@@ -55,6 +55,7 @@ class Task {
 struct Session {
   DistEnv env;
   torch::Device device = torch::kCPU;
+  torch::ScalarType conv_dtype = torch::kFloat32;  ///< what the convolutions compute in (--conv-dtype)
   std::shared_ptr<Distributed> dist;
   Shard shard;
   RunFolder run{""};

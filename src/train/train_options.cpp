@@ -53,6 +53,7 @@ constexpr auto loop_fields = [](auto& o, auto&& f) {
   f("bf16", o.bf16);
   f("cuda_graphs", o.cuda_graphs);
   f("channels_last", o.channels_last);
+  f("conv_dtype", o.conv_dtype);
   f("checkpoint_every", o.checkpoint_every);
   f("log_every", o.log_every);
   f("progress", o.progress);
@@ -195,6 +196,7 @@ const std::vector<ResumableOption>& resumable_options() {
       {"bf16", "--bf16", [](LoopOptions& s, const LoopOptions& g) { s.bf16 = g.bf16; }},
       {"cuda_graphs", "--cuda-graphs", [](LoopOptions& s, const LoopOptions& g) { s.cuda_graphs = g.cuda_graphs; }},
       {"channels_last", "--channels-last", [](LoopOptions& s, const LoopOptions& g) { s.channels_last = g.channels_last; }},
+      {"conv_dtype", "--conv-dtype", [](LoopOptions& s, const LoopOptions& g) { s.conv_dtype = g.conv_dtype; }},
       {"checkpoint_every", "--checkpoint-every",
        [](LoopOptions& s, const LoopOptions& g) { s.checkpoint_every = g.checkpoint_every; }},
       {"log_every", "--log-every", [](LoopOptions& s, const LoopOptions& g) { s.log_every = g.log_every; }},

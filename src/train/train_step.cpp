@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 
+#include "diffuse/models/blocks.h"
 #include "diffuse/util/runtime.h"
 #include "util/cuda_graph.h"
 #include "train/optimizer_step.h"
@@ -104,6 +105,7 @@ StepRunner::Gradients StepRunner::loss_and_gradients() {
   Gradients g;
   {
     CudaBf16Autocast autocast(o_.bf16);
+    ConvolutionDtype conv_dtype(s_.conv_dtype);
     std::tie(g.per_example, g.t) = task_.loss(batch, s_.shard, gen_);
   }
   auto loss = g.per_example.mean();  // of the shard: the mean over ranks of its gradient is the global batch's

@@ -60,14 +60,14 @@ CudaBf16Autocast::~CudaBf16Autocast() {
   at::autocast::clear_cache();
 }
 
-torch::ScalarType parse_network_dtype(const std::string& name, torch::Device device) {
+torch::ScalarType parse_network_dtype(const std::string& name, torch::Device device, const std::string& flag) {
   torch::ScalarType dtype;
   if (name == "fp32" || name == "float32") dtype = torch::kFloat32;
   else if (name == "bf16" || name == "bfloat16") dtype = torch::kBFloat16;
   else if (name == "fp16" || name == "float16") dtype = torch::kFloat16;
-  else throw std::invalid_argument("unknown --dtype '" + name + "' (expected fp32, bf16 or fp16)");
+  else throw std::invalid_argument("unknown " + flag + " '" + name + "' (expected fp32, bf16 or fp16)");
   if (dtype == torch::kFloat16 && device.is_cpu())
-    throw std::invalid_argument("--dtype fp16 needs a GPU (LibTorch's CPU convolutions have no float16; use bf16 or fp32)");
+    throw std::invalid_argument(flag + " fp16 needs a GPU (LibTorch's CPU convolutions have no float16; use bf16 or fp32)");
   return dtype;
 }
 

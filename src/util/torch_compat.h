@@ -7,6 +7,7 @@
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/nn/options/conv.h>
 #include <torch/version.h>
 
 #include <string>
@@ -36,6 +37,19 @@ inline at::Tensor fused_attention(const at::Tensor& q, const at::Tensor& k, cons
   (void)q, (void)k, (void)v, (void)scale;
   return {};
 #endif
+}
+
+// A 2-D convolution's zero padding in pixels, as at::conv2d takes it (the options hold c10::variants in 1.13 and
+// 2.0, std::variants from 2.1 on); nullptr for the "valid" / "same" spellings and the reflect, replicate and
+// circular modes, which diffuse's networks do not use.
+inline const torch::ExpandingArray<2>* conv2d_zero_padding(const torch::nn::detail::ConvNdOptions<2>& o) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
+  using std::get_if;
+#else
+  using c10::get_if;
+#endif
+  if (!get_if<torch::enumtype::kZeros>(&o.padding_mode())) return nullptr;
+  return get_if<torch::ExpandingArray<2>>(&o.padding());
 }
 
 // tensors[i] *= scale for a 0-dim tensor `scale` on their device, without reading it back (2.1 on: one

@@ -126,7 +126,7 @@ void run_sample(const SampleOptions& o) {
   lo.device = device;
   lo.dtype = parse_network_dtype(o.dtype, device);
   lo.channels_last = o.channels_last;
-  lo.conv_dtype = parse_network_dtype(o.conv_dtype, device);
+  lo.conv_dtype = parse_network_dtype(o.conv_dtype, device, "--conv-dtype");
   if (o.tf32) allow_tf32(device);
   auto run = load_run(o.model, lo);
   if (!run.vae.is_empty() && !o.quiet)

@@ -94,6 +94,9 @@ void add_loop_options(CLI::App* cmd, CommonOptions& c) {
   cmd->add_flag("--bf16", l.bf16, "bf16 autocast of the forward pass (CUDA only)");
   cmd->add_option("--cuda-graphs", l.cuda_graphs, "One process on a GPU: replay each step as a captured CUDA graph")
       ->capture_default_str();
+  cmd->add_option("--conv-dtype", l.conv_dtype, "fp32, or bf16: convolutions computed in bf16 from the float32 "
+                  "weights, everything else float32 (CPUs with AMX / AVX-512 BF16; not with --bf16)")
+      ->capture_default_str();
   cmd->add_flag("--channels-last", l.channels_last, "Convolutions in channels-last (NHWC) layout (GPU tensor cores); "
                 "checkpoints are the same");
   cmd->add_option("--checkpoint-every", l.checkpoint_every, "Checkpoint every N steps (also at the end and on "

@@ -14,9 +14,25 @@
 
 namespace diffuse {
 
-/// conv(x) run in the dtype of conv's weight: x is cast to it and the result back to x's dtype (nothing is cast
-/// when they agree). With convolutions_to(model, bf16) a float32 network runs only its convolutions in bfloat16.
-torch::Tensor conv_in_weight_dtype(torch::nn::Conv2d& conv, const torch::Tensor& x);
+/// conv(x) computed in the convolution dtype: a ConvolutionDtype guard's on this thread when one is active, else
+/// conv's weight's. x (and, under a guard, the weight and bias, differentiably) are cast to it and the result back
+/// to x's dtype; nothing is cast when the dtypes agree. So a float32 network runs only its convolutions in
+/// bfloat16 with convolutions_to(model, bf16) (weights stored in bf16: sampling) or under a guard (float32 master
+/// weights whose gradients stay float32: training).
+torch::Tensor convolve(torch::nn::Conv2d& conv, const torch::Tensor& x);
+
+/// Every convolve() on this thread computes in `dtype` for the guard's scope (nested guards restore the outer
+/// one): the mixed precision of `diffuse train --conv-dtype bf16`.
+class ConvolutionDtype {
+ public:
+  explicit ConvolutionDtype(torch::ScalarType dtype);
+  ~ConvolutionDtype();
+  ConvolutionDtype(const ConvolutionDtype&) = delete;
+  ConvolutionDtype& operator=(const ConvolutionDtype&) = delete;
+
+ private:
+  torch::ScalarType outer_;
+};
 
 /// Sinusoidal timestep embedding of DDPM (Ho et al. 2020, after Vaswani et al. 2017), exactly as diffusers'
 /// get_timestep_embedding: freq_i = exp(-ln(max_period) * i / (dim/2 - freq_shift)), i < dim/2;

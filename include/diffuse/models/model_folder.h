@@ -20,7 +20,7 @@ std::map<std::string, torch::Tensor> state_dict(torch::nn::Module& m);
 void to_channels_last(torch::nn::Module& m);
 
 /// Casts the weights and biases of every Conv2d inside `m` to `dtype`, leaving its other parameters alone: with
-/// bfloat16, a float32 network runs its convolutions in bfloat16 (conv_in_weight_dtype casts around each one)
+/// bfloat16, a float32 network runs its convolutions in bfloat16 (convolve casts around each one)
 /// and its norms, attention and embeddings in float32. Not for training or saving (write the float32 model).
 void convolutions_to(torch::nn::Module& m, torch::ScalarType dtype);
 

@@ -99,6 +99,9 @@ struct LoopOptions {
                                         ///< captured CUDA graph (builds against a CUDA LibTorch 2.x)
   bool channels_last = false;           ///< the networks' convolution weights, activations, gradients and AdamW
                                         ///< state in channels-last (NHWC) layout; checkpoints are the same
+  std::string conv_dtype = "fp32";      ///< "bf16": convolutions compute in bfloat16 from the float32 weights
+                                        ///< (ConvolutionDtype; fast on CPUs with AMX or AVX-512 BF16), the rest,
+                                        ///< gradients, AdamW and EMA stay float32; not with bf16
   int64_t checkpoint_every = 1000;
   int64_t log_every = 50;               ///< rows of log.csv (and progress lines when stderr is no TTY)
   bool progress = true;                 ///< progress line on stderr

@@ -15,8 +15,10 @@ torch::Device parse_device(const std::string& name);
 /// not diffuse's) for the rest of the process, or (allow false) keeps them float32 again. Throws
 /// std::invalid_argument when TF32 is asked for on a CPU device (no TF32 there); allow false is a no-op there.
 void allow_tf32(torch::Device device, bool allow = true);
-/// "fp32", "bf16" or "fp16": the dtype a network runs in; throws with the fix for an unknown name or fp16 on the CPU.
-torch::ScalarType parse_network_dtype(const std::string& name, torch::Device device);
+/// "fp32", "bf16" or "fp16": the dtype a network runs in; throws with the fix for an unknown name or fp16 on the CPU,
+/// naming `flag`, the option that gave it.
+torch::ScalarType parse_network_dtype(const std::string& name, torch::Device device,
+                                      const std::string& flag = "--dtype");
 
 struct BlasCheck {
   double gflops = 0;   ///< measured rate of a 1024x1024 float32 product on the CPU

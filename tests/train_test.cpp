@@ -334,6 +334,48 @@ TEST(Train, ChannelsLastTrainsTheSameWeightsAndResumes) {
   expect_identical(dir / "nhwc/unet_ema", dir / "resumed/unet_ema");
 }
 
+// --conv-dtype bf16: the convolutions compute in bf16 from float32 master weights. The losses of 6 steps stay within
+// bf16's rounding of the float32 run's, the checkpoints are float32, run.json records the option, and a run stopped
+// at step 3 and resumed equals its straight run bit for bit. With --bf16, or fp16 on a CPU, it is refused by name.
+TEST(Train, ConvDtypeBf16TrainsCloseToFloat32AndResumes) {
+  TempDir dir;
+  auto make = [&](const std::string& out, const std::string& conv_dtype) {
+    auto o = tiny_options(out, 6);
+    o.loop.conv_dtype = conv_dtype;
+    o.loop.log_every = 1;  // a loss read back every step
+    return o;
+  };
+  std::vector<double> losses[2];
+  for (int i = 0; i < 2; ++i) {
+    TrainHooks hooks;
+    hooks.on_step = [&, i](const TrainStepInfo& s) { losses[i].push_back(s.loss); };
+    train(make(dir / (i ? "bf16" : "fp32"), i ? "bf16" : "fp32"), shapes16(), hooks);
+  }
+  ASSERT_EQ(losses[0].size(), losses[1].size());
+  double worst = 0;
+  for (size_t k = 0; k < losses[0].size(); ++k) {
+    EXPECT_NEAR(losses[1][k], losses[0][k], 0.03 * losses[0][k]) << k;
+    worst = std::max(worst, std::abs(losses[1][k] / losses[0][k] - 1));
+  }
+  std::cout << "bf16 convolutions: losses of 6 steps within " << worst << " (relative) of float32's\n";
+  EXPECT_NE(losses[1], losses[0]);  // bf16 did run
+  for (const auto& [name, t] : weights(dir / "bf16/unet")) EXPECT_EQ(t.scalar_type(), torch::kFloat32) << name;
+  EXPECT_EQ(load_json(dir / "bf16/run.json")["loop"]["conv_dtype"], "bf16");
+  TrainHooks stop_at_3;
+  stop_at_3.on_step = [](const TrainStepInfo& s) {
+    if (s.step == 3) std::raise(SIGINT);
+  };
+  EXPECT_TRUE(train(make(dir / "resumed", "bf16"), shapes16(), stop_at_3).interrupted);
+  auto o = make(dir / "resumed", "bf16");
+  o.loop.resume = true;
+  EXPECT_EQ(train(o, shapes16()).step, 6);
+  expect_identical(dir / "bf16/unet", dir / "resumed/unet");
+  auto both = make(dir / "both", "bf16");
+  both.loop.bf16 = true;
+  diffuse::testing::expect_error([&] { train(both, shapes16()); }, "--conv-dtype bf16 with --bf16");
+  diffuse::testing::expect_error([&] { train(make(dir / "fp16", "fp16"), shapes16()); }, "--conv-dtype fp16 needs a GPU");
+}
+
 // A run stopped between two log rows and resumed ends with a run folder byte-identical to an uninterrupted one's
 // (log.csv but its images/s column, which is wall time). It did not: rows whose last decile was empty were dropped
 // on resume, the row after the checkpoint averaged fewer steps, torch::save keyed the optimizer state by memory

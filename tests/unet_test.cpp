@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <map>
 
 #include <torch/torch.h>
 
@@ -54,6 +55,43 @@ TEST(UNet, ForwardMatchesDiffusers) {
   torch::NoGradGuard no_grad;
   auto cl = model->forward(io["x"].contiguous(at::MemoryFormat::ChannelsLast), io["timesteps"], io["class_labels"]);
   EXPECT_LT((cl - io["out"]).abs().max().item<double>(), 2e-5);
+}
+
+// ConvolutionDtype(bf16) runs a float32 UNet's convolutions in bf16 from its float32 weights: the forward equals,
+// bit for bit, the same UNet's with its convolution weights stored in bf16 (convolutions_to, what sampling with
+// --conv-dtype does); the weights' gradients stay float32 and within bf16's rounding of float32's; the guard's
+// scope ends with it.
+TEST(UNet, ConvolutionDtypeGuardComputesConvolutionsInBf16) {
+  auto io = load_safetensors(kForward);
+  auto model = load_unet(kUnetDir, torch::kCPU);
+  auto forward = [&] { return model->forward(io["x"], io["timesteps"], io["class_labels"]); };
+  const auto fp32_out = forward();
+  fp32_out.square().sum().backward();
+  std::map<std::string, torch::Tensor> fp32_grads;
+  for (const auto& p : model->named_parameters()) fp32_grads[p.key()] = p.value().grad().clone();
+  model->zero_grad();
+  torch::Tensor guarded;
+  {
+    ConvolutionDtype bf16(torch::kBFloat16);
+    guarded = forward();
+  }
+  guarded.square().sum().backward();
+  EXPECT_EQ(guarded.scalar_type(), torch::kFloat32);
+  EXPECT_GT((guarded - fp32_out).abs().max().item<double>(), 0.0);  // bf16 did run
+  EXPECT_LT((guarded - fp32_out).abs().max().item<double>(), 0.05 * fp32_out.abs().max().item<double>());
+  int64_t conv_weights = 0;
+  for (const auto& p : model->named_parameters()) {
+    const auto& g = p.value().grad();
+    ASSERT_EQ(g.scalar_type(), torch::kFloat32) << p.key();
+    const auto& want = fp32_grads.at(p.key());
+    EXPECT_LT((g - want).norm().item<double>(), 0.05 * want.norm().item<double>() + 1e-6) << p.key();
+    conv_weights += p.value().dim() == 4;
+  }
+  EXPECT_GT(conv_weights, 5);
+  EXPECT_TRUE(forward().equal(fp32_out));  // the guard's scope has ended
+  torch::NoGradGuard no_grad;
+  convolutions_to(*model, torch::kBFloat16);
+  EXPECT_TRUE(forward().equal(guarded.detach()));
 }
 
 // Float timesteps (E-TSDM conditions) are embedded as they are: integral floats equal the integer path,

@@ -114,13 +114,13 @@ Session start_session(const LoopOptions& o) {
                                 std::to_string(s.env.world_size) + " processes; pass a multiple of " +
                                 std::to_string(s.env.world_size));
   s.device = rank_device(o.device, s.env);
-  if (o.bf16 && !s.device.is_cuda())
-    throw std::invalid_argument("--bf16 autocast needs --device cuda (on a CPU, --conv-dtype bf16 runs the "
-                                "convolutions alone in bf16)");
   s.conv_dtype = parse_network_dtype(o.conv_dtype, s.device, "--conv-dtype");
   if (s.conv_dtype != torch::kFloat32 && o.bf16)
     throw std::invalid_argument("--conv-dtype " + o.conv_dtype + " with --bf16: autocast already runs the "
                                 "convolutions in bf16; pass one of them");
+  if (o.bf16 && !s.device.is_cuda())
+    throw std::invalid_argument("--bf16 autocast needs --device cuda (on a CPU, --conv-dtype bf16 runs the "
+                                "convolutions alone in bf16)");
   set_threads(o, s.env, s.device);
   return s;
 }

@@ -27,6 +27,16 @@ TEST(Runtime, SlowBlasWarningTellsBusyCoresFromTheReferenceBlas) {
   EXPECT_NE(w.find("apt-get install libopenblas0-pthread"), std::string::npos) << w;
 }
 
+// cpu_bf16_units reads /proc/cpuinfo; the CPUID instruction (the compiler's builtin) is the independent truth for
+// AVX-512 BF16, which every CPU with AMX-BF16 also has.
+TEST(Runtime, Bf16UnitsAgreeWithCpuid) {
+  const auto units = cpu_bf16_units();
+  EXPECT_TRUE(units.empty() || units == "amx_bf16" || units == "avx512_bf16") << units;
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512bf16")) EXPECT_FALSE(units.empty());
+  else EXPECT_NE(units, "avx512_bf16");
+}
+
 TEST(Runtime, ParseDevice) {
   EXPECT_EQ(parse_device("cpu"), torch::Device(torch::kCPU));
   EXPECT_THROW(parse_device("tpu"), std::exception);

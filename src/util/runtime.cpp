@@ -92,6 +92,15 @@ double matmul_gflops(int64_t n, torch::Device device, int reps) {
 }
 
 namespace {
+// The "flags" line of /proc/cpuinfo with a space at each end ("" where there is none).
+std::string cpu_flags() {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(cpuinfo, line))
+    if (line.rfind("flags", 0) == 0) return line + " ";
+  return "";
+}
+
 // OpenBLAS picks its kernels by the CPU's model number at load time. A model it does not know (0.3.21, Debian 12's,
 // on Sapphire Rapids, or a VM that hides the model) gets the generic "Prescott" kernels: a 2048x2048 product ran
 // at 30 GFLOP/s there against 245 with OPENBLAS_CORETYPE=SkylakeX. Returns the kernel set this CPU's instruction
@@ -103,18 +112,20 @@ std::string openblas_core_to_force() {
   std::string core = corename();
   for (auto& ch : core) ch = char(std::tolower(static_cast<unsigned char>(ch)));
   if (core != "prescott") return "";
-  std::ifstream cpuinfo("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(cpuinfo, line)) {
-    if (line.rfind("flags", 0) != 0) continue;
-    auto has = [&](const char* flag) { return (line + " ").find(std::string(" ") + flag + " ") != std::string::npos; };
-    if (has("avx512f") && has("avx512bw") && has("avx512vl") && has("avx512dq")) return "SkylakeX";
-    if (has("avx2") && has("fma")) return "Haswell";
-    return "";
-  }
+  const auto flags = cpu_flags();
+  auto has = [&](const char* flag) { return flags.find(std::string(" ") + flag + " ") != std::string::npos; };
+  if (has("avx512f") && has("avx512bw") && has("avx512vl") && has("avx512dq")) return "SkylakeX";
+  if (has("avx2") && has("fma")) return "Haswell";
   return "";
 }
 }  // namespace
+
+std::string cpu_bf16_units() {
+  const auto flags = cpu_flags();
+  for (const char* unit : {"amx_bf16", "avx512_bf16"})
+    if (flags.find(std::string(" ") + unit + " ") != std::string::npos) return unit;
+  return "";
+}
 
 std::string configure_cpu_runtime(char** argv, int threads) {
   if (!std::getenv("DIFFUSE_NO_REEXEC") && argv && argv[0]) {

@@ -118,6 +118,7 @@ void write_outputs(const SampleOptions& o, const LoadedRun& run, const Generated
 
 void run_sample(const SampleOptions& o) {
   warn_if_slow_blas();
+  if (!o.quiet && o.dtype == "fp32") suggest_bf16_convolutions(o.device, o.conv_dtype);
   auto device = parse_device(o.device);
   LoadOptions lo;
   lo.weights = o.weights;

@@ -94,8 +94,8 @@ void add_loop_options(CLI::App* cmd, CommonOptions& c) {
   cmd->add_flag("--bf16", l.bf16, "bf16 autocast of the forward pass (CUDA only)");
   cmd->add_option("--cuda-graphs", l.cuda_graphs, "One process on a GPU: replay each step as a captured CUDA graph")
       ->capture_default_str();
-  cmd->add_option("--conv-dtype", l.conv_dtype, "fp32, or bf16: convolutions computed in bf16 from the float32 "
-                  "weights, everything else float32 (CPUs with AMX / AVX-512 BF16; not with --bf16)")
+  cmd->add_option("--conv-dtype", l.conv_dtype, "fp32, or bf16 (fp16 on a GPU): convolutions computed in it from "
+                  "the float32 weights, everything else float32 (CPUs with AMX / AVX-512 BF16; not with --bf16)")
       ->capture_default_str();
   cmd->add_flag("--channels-last", l.channels_last, "Convolutions in channels-last (NHWC) layout (GPU tensor cores); "
                 "checkpoints are the same");
@@ -331,6 +331,7 @@ bool begin_training(const CommonOptions& c, const LoopOptions& loop) {
   if (launched_ranks(c, loop)) return false;
   if (this_rank() == 0) {
     warn_if_slow_blas();
+    if (loop.progress) suggest_bf16_convolutions(loop.device, loop.conv_dtype);
     check_run_folder(loop);
   }
   return true;

@@ -92,13 +92,16 @@ double matmul_gflops(int64_t n, torch::Device device, int reps) {
 }
 
 namespace {
-// The "flags" line of /proc/cpuinfo with a space at each end ("" where there is none).
-std::string cpu_flags() {
-  std::ifstream cpuinfo("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(cpuinfo, line))
-    if (line.rfind("flags", 0) == 0) return line + " ";
-  return "";
+// Whether the "flags" line of /proc/cpuinfo names `flag`.
+bool cpu_has(const char* flag) {
+  static const std::string flags = [] {
+    std::ifstream cpuinfo("/proc/cpuinfo");
+    std::string line;
+    while (std::getline(cpuinfo, line))
+      if (line.rfind("flags", 0) == 0) return line + " ";
+    return std::string();
+  }();
+  return flags.find(std::string(" ") + flag + " ") != std::string::npos;
 }
 
 // OpenBLAS picks its kernels by the CPU's model number at load time. A model it does not know (0.3.21, Debian 12's,
@@ -112,18 +115,15 @@ std::string openblas_core_to_force() {
   std::string core = corename();
   for (auto& ch : core) ch = char(std::tolower(static_cast<unsigned char>(ch)));
   if (core != "prescott") return "";
-  const auto flags = cpu_flags();
-  auto has = [&](const char* flag) { return flags.find(std::string(" ") + flag + " ") != std::string::npos; };
-  if (has("avx512f") && has("avx512bw") && has("avx512vl") && has("avx512dq")) return "SkylakeX";
-  if (has("avx2") && has("fma")) return "Haswell";
+  if (cpu_has("avx512f") && cpu_has("avx512bw") && cpu_has("avx512vl") && cpu_has("avx512dq")) return "SkylakeX";
+  if (cpu_has("avx2") && cpu_has("fma")) return "Haswell";
   return "";
 }
 }  // namespace
 
 std::string cpu_bf16_units() {
-  const auto flags = cpu_flags();
   for (const char* unit : {"amx_bf16", "avx512_bf16"})
-    if (flags.find(std::string(" ") + unit + " ") != std::string::npos) return unit;
+    if (cpu_has(unit)) return unit;
   return "";
 }
 

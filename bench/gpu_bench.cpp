@@ -173,7 +173,7 @@ void step_rates(Bench& b, int64_t batch) {
       opt.zero_grad();
       torch::Tensor out;
       {
-        diffuse::CudaBf16Autocast autocast(bf16);
+        diffuse::Bf16Autocast autocast(b.device, bf16);
         out = model->forward(x, t, y);
       }
       torch::mse_loss(out.to(torch::kFloat32), noise).backward();

@@ -118,9 +118,10 @@ Session start_session(const LoopOptions& o) {
   if (s.conv_dtype != torch::kFloat32 && o.bf16)
     throw std::invalid_argument("--conv-dtype " + o.conv_dtype + " with --bf16: autocast already runs the "
                                 "convolutions in bf16; pass one of them");
-  if (o.bf16 && !s.device.is_cuda())
-    throw std::invalid_argument("--bf16 autocast needs --device cuda (on a CPU, --conv-dtype bf16 runs the "
-                                "convolutions alone in bf16)");
+  if (o.bf16 && !s.device.is_cuda() && !(s.device.is_cpu() && cpu_runs_bf16_networks()))
+    throw std::invalid_argument("--bf16 autocast on " + s.device.str() + " needs --device cuda or, on a CPU, "
+                                "LibTorch 2.x (1.13's fails in group_norm); here --conv-dtype bf16 runs the "
+                                "convolutions alone in bf16");
   set_threads(o, s.env, s.device);
   return s;
 }

@@ -104,7 +104,7 @@ StepRunner::Gradients StepRunner::loss_and_gradients() {
   batch.labels = s_.shard.rows(batch.labels);
   Gradients g;
   {
-    CudaBf16Autocast autocast(o_.bf16);
+    Bf16Autocast autocast(s_.device, o_.bf16);
     ConvolutionDtype conv_dtype(s_.conv_dtype);
     std::tie(g.per_example, g.t) = task_.loss(batch, s_.shard, gen_);
   }

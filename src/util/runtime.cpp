@@ -50,13 +50,15 @@ void allow_tf32(torch::Device device, bool allow) {
   at::globalContext().setAllowTF32CuBLAS(allow);
 }
 
-CudaBf16Autocast::CudaBf16Autocast(bool enable) : on_(enable) {
-  if (on_) compat::set_cuda_autocast(true);
+bool cpu_runs_bf16_networks() { return compat::kCpuBf16Autocast; }
+
+Bf16Autocast::Bf16Autocast(torch::Device device, bool enable) : type_(device.type()), on_(enable) {
+  if (on_) compat::set_bf16_autocast(type_, true);
 }
 
-CudaBf16Autocast::~CudaBf16Autocast() {
+Bf16Autocast::~Bf16Autocast() {
   if (!on_) return;
-  compat::set_cuda_autocast(false);
+  compat::set_bf16_autocast(type_, false);
   at::autocast::clear_cache();
 }
 

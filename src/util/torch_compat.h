@@ -17,12 +17,16 @@
 
 namespace diffuse::compat {
 
-// bf16 autocast of CUDA ops (1.13 only has the "GPU" spelling, deprecated in 2.x).
-inline void set_cuda_autocast(bool enabled) {
+// Whether bf16 autocast runs on the CPU: 2.x's does; 1.13's fails in group_norm, so diffuse refuses it there.
+constexpr bool kCpuBf16Autocast = DIFFUSE_TORCH2;
+
+// bf16 autocast of a device type's ops (1.13: CUDA only, in its "GPU" spelling, deprecated in 2.x).
+inline void set_bf16_autocast(at::DeviceType type, bool enabled) {
 #if DIFFUSE_TORCH2
-  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-  at::autocast::set_autocast_enabled(at::kCUDA, enabled);
+  at::autocast::set_autocast_dtype(type, at::kBFloat16);
+  at::autocast::set_autocast_enabled(type, enabled);
 #else
+  TORCH_CHECK(type == at::kCUDA, "bf16 autocast on the CPU needs LibTorch 2.x");
   at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
   at::autocast::set_enabled(enabled);
 #endif

@@ -63,11 +63,9 @@ void warn_if_slow_blas() {
   if (check.slow) std::cerr << diffuse::slow_blas_warning(check) << "\n";
 }
 
-void suggest_bf16_convolutions(const std::string& device, const std::string& conv_dtype) {
-  if (device != "cpu" || conv_dtype != "fp32") return;
+void suggest_bf16(const std::string& device, const std::string& suggestion) {
+  if (device != "cpu") return;
   const auto units = cpu_bf16_units();
-  if (!units.empty())
-    std::cerr << "note: this CPU has " << units << ": --conv-dtype bf16 computes the convolutions in bf16, "
-              << "about 1.3x faster at the same FID on such CPUs (docs/RESULTS.md)\n";
+  if (!units.empty()) std::cerr << "note: this CPU has " << units << ": " << suggestion << " (docs/RESULTS.md)\n";
 }
 }  // namespace diffuse::cli

@@ -91,7 +91,7 @@ void add_loop_options(CLI::App* cmd, CommonOptions& c) {
   cmd->add_option("--ema-decay", l.ema_decay, "EMA decay; at step k it is min(decay, (1+k)/(10+k))")->capture_default_str();
   cmd->add_option("--seed", l.seed, "Seed of initialisation, batches, timesteps and noise")->check(CLI::NonNegativeNumber)->capture_default_str();
   cmd->add_option("--device", l.device, "cpu, cuda or cuda:N")->capture_default_str();
-  cmd->add_flag("--bf16", l.bf16, "bf16 autocast of the forward pass (CUDA only)");
+  cmd->add_flag("--bf16", l.bf16, "bf16 autocast of the forward pass (CUDA; on a CPU with LibTorch 2.x)");
   cmd->add_option("--cuda-graphs", l.cuda_graphs, "One process on a GPU: replay each step as a captured CUDA graph")
       ->capture_default_str();
   cmd->add_option("--conv-dtype", l.conv_dtype, "fp32, or bf16 (fp16 on a GPU): convolutions computed in it from "
@@ -331,7 +331,10 @@ bool begin_training(const CommonOptions& c, const LoopOptions& loop) {
   if (launched_ranks(c, loop)) return false;
   if (this_rank() == 0) {
     warn_if_slow_blas();
-    if (loop.progress) suggest_bf16_convolutions(loop.device, loop.conv_dtype);
+    if (loop.progress && !loop.bf16 && loop.conv_dtype == "fp32")
+      suggest_bf16(loop.device, cpu_runs_bf16_networks()
+                                    ? "--bf16 (autocast) trains about 1.5x faster at the same FID"
+                                    : "--conv-dtype bf16 computes the convolutions in bf16, about 1.3x faster at the same FID");
     check_run_folder(loop);
   }
   return true;

@@ -94,7 +94,7 @@ struct LoopOptions {
   bool resume = false;                  ///< continue the run in `out` from its last checkpoint
   bool overwrite = false;               ///< replace an existing run folder
   std::string device = "cpu";
-  bool bf16 = false;                    ///< bf16 autocast of the forward pass (CUDA only)
+  bool bf16 = false;                    ///< bf16 autocast of the forward pass (CUDA; a CPU with LibTorch 2.x)
   bool cuda_graphs = true;              ///< one process on a GPU: replay the step's loss and gradients as a
                                         ///< captured CUDA graph (builds against a CUDA LibTorch 2.x)
   bool channels_last = false;           ///< the networks' convolution weights, activations, gradients and AdamW

@@ -66,6 +66,20 @@ void expect_identical(const std::string& a, const std::string& b) {
   for (const auto& [name, t] : wa) EXPECT_TRUE(torch::equal(t, wb.at(name))) << a << " vs " << b << ": " << name;
 }
 
+// A run of `options` (6 steps) stopped by SIGINT at step 3 and resumed ends bit-identical, raw and EMA weights, to
+// the uninterrupted run of the same options in `straight`.
+void expect_resumed_equals_straight(TrainOptions options, const std::string& straight) {
+  TrainHooks stop_at_3;
+  stop_at_3.on_step = [](const TrainStepInfo& s) {
+    if (s.step == 3) std::raise(SIGINT);
+  };
+  EXPECT_TRUE(train(options, shapes16(), stop_at_3).interrupted);
+  options.loop.resume = true;
+  EXPECT_EQ(train(options, shapes16()).step, 6);
+  expect_identical(straight + "/unet", options.loop.out + "/unet");
+  expect_identical(straight + "/unet_ema", options.loop.out + "/unet_ema");
+}
+
 bool all_finite(const std::string& folder) {
   for (const auto& [name, t] : weights(folder))
     if (!torch::isfinite(t).all().item<bool>()) return false;
@@ -323,23 +337,14 @@ TEST(Train, ChannelsLastTrainsTheSameWeightsAndResumes) {
     EXPECT_TRUE(b.at(name).is_contiguous()) << name;
     EXPECT_LT((t - b.at(name)).abs().max().item<double>(), 1e-4) << name;
   }
-  TrainHooks stop_at_3;
-  stop_at_3.on_step = [](const TrainStepInfo& s) {
-    if (s.step == 3) std::raise(SIGINT);
-  };
-  EXPECT_TRUE(train(make(dir / "resumed", true), shapes16(), stop_at_3).interrupted);
-  auto o = make(dir / "resumed", true);
-  o.loop.resume = true;
-  EXPECT_EQ(train(o, shapes16()).step, 6);
-  expect_identical(dir / "nhwc/unet", dir / "resumed/unet");
-  expect_identical(dir / "nhwc/unet_ema", dir / "resumed/unet_ema");
+  expect_resumed_equals_straight(make(dir / "resumed", true), dir / "nhwc");
 }
 
 namespace {
 
 // A mixed-precision run against the float32 run of the same options (6 steps, a loss read back every step): the
 // losses stay within 3% of float32's (0.1 to 0.2% on LibTorch 1.13 and 2.6), the checkpoints are float32, and a run stopped at step 3
-// and resumed equals its straight run bit for bit.
+// and resumed equals its straight run bit for bit (raw and EMA).
 void expect_close_to_float32_and_resumable(const std::string& what, const std::function<void(LoopOptions&)>& mixed) {
   TempDir dir;
   auto make = [&](const std::string& out, bool is_mixed) {
@@ -363,15 +368,7 @@ void expect_close_to_float32_and_resumable(const std::string& what, const std::f
   std::cout << what << ": losses of 6 steps within " << worst << " (relative) of float32's\n";
   EXPECT_NE(losses[1], losses[0]) << what << " did not run";
   for (const auto& [name, t] : weights(dir / "mixed/unet")) EXPECT_EQ(t.scalar_type(), torch::kFloat32) << name;
-  TrainHooks stop_at_3;
-  stop_at_3.on_step = [](const TrainStepInfo& s) {
-    if (s.step == 3) std::raise(SIGINT);
-  };
-  EXPECT_TRUE(train(make(dir / "resumed", true), shapes16(), stop_at_3).interrupted);
-  auto o = make(dir / "resumed", true);
-  o.loop.resume = true;
-  EXPECT_EQ(train(o, shapes16()).step, 6);
-  expect_identical(dir / "mixed/unet", dir / "resumed/unet");
+  expect_resumed_equals_straight(make(dir / "resumed", true), dir / "mixed");
 }
 
 }  // namespace

@@ -31,10 +31,9 @@ nn::GroupNorm group_norm(int64_t groups, int64_t channels, double eps) {
   return nn::GroupNorm(nn::GroupNormOptions(groups, channels).eps(eps));
 }
 
-}  // namespace
-
-namespace {
+// The dtype of the innermost ConvolutionDtype guard on this thread (Undefined: none).
 thread_local torch::ScalarType guarded_conv_dtype = torch::ScalarType::Undefined;
+
 }  // namespace
 
 ConvolutionDtype::ConvolutionDtype(torch::ScalarType dtype) : outer_(guarded_conv_dtype) { guarded_conv_dtype = dtype; }

@@ -23,9 +23,9 @@ struct Exit {
 /// Prints a warning (with the fix) when the BLAS runs at reference speed. Once per process;
 /// DIFFUSE_SKIP_BLAS_CHECK=1 skips it. Every command that computes calls it first.
 void warn_if_slow_blas();
-/// A one-line note on stderr, "note: this CPU has amx_bf16: <suggestion>", when a float32 run on the CPU could use
-/// the CPU's bf16 units (cpu_bf16_units).
-void suggest_bf16(const std::string& device, const std::string& suggestion);
+/// A one-line note on stderr when a float32 run on the CPU could use the CPU's bf16 units (cpu_bf16_units): with
+/// LibTorch 2.x (cpu_runs_bf16_networks) `whole_network_bf16`, the command's own bf16 option, else --conv-dtype bf16.
+void suggest_bf16(const std::string& device, const std::string& whole_network_bf16);
 
 /// The program's arguments after argv[0], as main() received them (to re-run this command as several ranks).
 const std::vector<std::string>& program_arguments();

@@ -52,7 +52,8 @@ void with_network(diffuse::UNet2DModel& unet, const Setup& o, const torch::Tenso
   const double forward_s = network_alone(unet, o, x_T, labels, flops, matmul, device);
   const auto memory_format = o.memory_format();
   int64_t calls = 0, images = 0;
-  diffuse::Network net = [&](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& l) {
+  diffuse::Network net = [&](const torch::Tensor& x, const torch::Tensor& t, const diffuse::Conditioning& conditioning) {
+    const auto& l = conditioning.labels;
     ++calls;
     images += x.size(0);
     return unet->forward(x.contiguous(memory_format), t, l);
@@ -78,7 +79,7 @@ void with_network(diffuse::UNet2DModel& unet, const Setup& o, const torch::Tenso
 
 // Each sampler's own arithmetic: a network that returns zeros; best of 3 runs of 20 steps.
 void sampler_arithmetic(const Setup& o, const torch::Tensor& x_T, const torch::Tensor& labels, torch::Device device) {
-  diffuse::Network zeros = [](const torch::Tensor& x, const torch::Tensor&, const torch::Tensor&) {
+  diffuse::Network zeros = [](const torch::Tensor& x, const torch::Tensor&, const diffuse::Conditioning&) {
     return torch::zeros_like(x);
   };
   auto schedule = diffuse::rescale_zero_terminal_snr(diffuse::linear(1000));

@@ -7,7 +7,7 @@ build=${1:-build}
 
 packages=(build-essential cmake libtorch-dev libopenblas0-pthread dataset-fashion-mnist
           libcli11-dev nlohmann-json3-dev libstb-dev libgtest-dev libbenchmark-dev
-          gnuplot-nox zlib1g-dev libgloo-dev)
+          gnuplot-nox zlib1g-dev libgloo-dev libicu-dev)
 scripts/install-packages.sh "${packages[@]}"
 
 if [ ! -f "$build/CMakeCache.txt" ]; then

@@ -16,7 +16,7 @@ build=build-libtorch2
 sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
 
 packages=(libtorch-dev libopenblas0-pthread cmake make g++ dataset-fashion-mnist libcli11-dev
-          nlohmann-json3-dev libstb-dev libgtest-dev libbenchmark-dev gnuplot-nox zlib1g-dev libgloo-dev)
+          nlohmann-json3-dev libstb-dev libgtest-dev libbenchmark-dev gnuplot-nox zlib1g-dev libgloo-dev libicu-dev)
 
 # The first Debian archive this machine's apt sources name (deb822 .sources or one-line .list files).
 host_mirror() {

@@ -57,7 +57,7 @@ namespace {
 constexpr double kSigma = 0.5;
 
 Network exact_network(const Schedule& schedule, Prediction prediction) {
-  return [schedule, prediction](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor&) {
+  return [schedule, prediction](const torch::Tensor& x, const torch::Tensor& t, const diffuse::Conditioning&) {
     int64_t step = std::llround(t[0].item<double>());
     double a = schedule.a_at(step), s = schedule.s_at(step), var = a * a * kSigma * kSigma + s * s;
     auto eps = x * (s / var);
@@ -126,7 +126,7 @@ TEST(AnalyzeLoss, TimestepGrid) {
 namespace {
 // eps(x, c) = g(c) * 1 with g(c) = c^2 / 1000: K(t, t') = sqrt(D) |g(c(t')) - g(c(t))| / |t' - t|.
 Network quadratic_in_t() {
-  return [](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor&) {
+  return [](const torch::Tensor& x, const torch::Tensor& t, const diffuse::Conditioning&) {
     return torch::ones_like(x) * (t.to(x.dtype()).pow(2) / 1000.0).view({-1, 1, 1, 1});
   };
 }
@@ -154,7 +154,7 @@ TEST(AnalyzeLipschitz, KnownDerivativeInT) {
   EXPECT_DOUBLE_EQ(erows[1].condition2, 20.0);
 
   // A v network conditioned on nothing: eps = s_t x_t + a_t v depends on t only through (a_t, s_t).
-  Network zero_v = [](const torch::Tensor& x, const torch::Tensor&, const torch::Tensor&) { return torch::zeros_like(x); };
+  Network zero_v = [](const torch::Tensor& x, const torch::Tensor&, const diffuse::Conditioning&) { return torch::zeros_like(x); };
   auto vrows = lipschitz_per_timestep(zero_v, Prediction::v, schedule, {}, x0, {}, {{500, 510}}, {});
   auto eps = make_noise({1, 8, 8}, 8, 0);
   auto x_t = schedule.a_at(500) * x0 + schedule.s_at(500) * eps;

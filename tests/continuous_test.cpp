@@ -106,7 +106,8 @@ TEST(DiffusersParity040, SamplerLoops) {
   auto f = load_safetensors(kDir + "sampler_loops.safetensors");
   auto cases = parse_json(read_file(kDir + "sampler_loops.json"));
   ASSERT_EQ(cases.size(), 4u);
-  Network net = [&](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& labels) {
+  Network net = [&](const torch::Tensor& x, const torch::Tensor& t, const diffuse::Conditioning& conditioning) {
+    const auto& labels = conditioning.labels;
     return unet->forward(x, t, labels);
   };
   for (const auto& c : cases) {

@@ -21,7 +21,7 @@ torch::Tensor t64(std::vector<double> v, std::vector<int64_t> shape) {
 
 // Ideal x0 network for data N(mu, s0^2 I), as in sampling_test.cpp.
 Network gaussian_x0_network(const Schedule& sch, torch::Tensor mu, double s0) {
-  return [sch, mu, s0](const torch::Tensor& x, const torch::Tensor& tc, const torch::Tensor&) {
+  return [sch, mu, s0](const torch::Tensor& x, const torch::Tensor& tc, const diffuse::Conditioning&) {
     const int64_t t = int64_t(std::llround(tc[0].item<double>()));
     const double a = sch.a_at(t), s = sch.s_at(t);
     return torch::Tensor(mu + (a * s0 * s0 / (a * a * s0 * s0 + s * s)) * (x - a * mu));
@@ -85,7 +85,8 @@ TEST(CfgRescale, MatchesHandComputation) {
 TEST(ClassifierFreeGuidance, OneBatchedCallWithTheNullLabel) {
   int64_t calls = 0;
   torch::Tensor seen_labels, seen_t;
-  Network net = [&](const torch::Tensor& x, const torch::Tensor& tc, const torch::Tensor& labels) {
+  Network net = [&](const torch::Tensor& x, const torch::Tensor& tc, const diffuse::Conditioning& conditioning) {
+    const auto& labels = conditioning.labels;
     ++calls;
     seen_labels = labels;
     seen_t = tc;
@@ -118,7 +119,8 @@ TEST(ClassifierFreeGuidance, OneBatchedCallWithTheNullLabel) {
 TEST(ClassifierFreeGuidance, SamplesWithOneCallPerStep) {
   auto sch = rescale_zero_terminal_snr(linear(1000));
   int64_t calls = 0, batch = 0;
-  Network net = [&](const torch::Tensor& x, const torch::Tensor& tc, const torch::Tensor& labels) {
+  Network net = [&](const torch::Tensor& x, const torch::Tensor& tc, const diffuse::Conditioning& conditioning) {
+    const auto& labels = conditioning.labels;
     ++calls;
     batch = x.size(0);
     return torch::Tensor(0.5 * x + 0.1 * labels.to(x.dtype()).view({-1, 1}));
@@ -237,7 +239,8 @@ TEST(ClassifierGuidance, RaisesTheTargetClassProbabilityAndComposesWithCfg) {
   };
   int64_t net_calls = 0;
   auto ideal = gaussian_x0_network(sch, mu, 0.5);
-  Network conditional = [&](const torch::Tensor& x, const torch::Tensor& tc, const torch::Tensor& labels) {
+  Network conditional = [&](const torch::Tensor& x, const torch::Tensor& tc, const diffuse::Conditioning& conditioning) {
+    const auto& labels = conditioning.labels;
     ++net_calls;
     return ideal(x, tc, labels);
   };
@@ -267,7 +270,7 @@ TEST(ClipX0, ClampsX0AndKeepsThePairConsistent) {
   auto sch = linear(1000);
   auto x0_true = torch::linspace(-0.9, 0.9, 8, torch::kFloat64).reshape({2, 1, 2, 2});
   auto eps_true = torch::linspace(1.0, -1.0, 8, torch::kFloat64).reshape({2, 1, 2, 2});
-  Network off = [&](const torch::Tensor& x, const torch::Tensor&, const torch::Tensor&) {
+  Network off = [&](const torch::Tensor& x, const torch::Tensor&, const diffuse::Conditioning&) {
     return torch::Tensor(eps_true + 0.05);
   };
   auto plain = make_denoiser(off, Prediction::eps, sch);

@@ -299,7 +299,8 @@ TEST(Pipeline, ChannelsLastSamplesTheSameImages) {
 // generate()'s graph-replayed network (detail::graphed_network): on the CPU every call runs eagerly through the
 // fixed tensors of its shape; each result equals the network's and stays valid after later calls.
 TEST(Pipeline, GraphedNetworkEqualsTheNetworkAndItsResultsStay) {
-  Network net = [](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& labels) {
+  Network net = [](const torch::Tensor& x, const torch::Tensor& t, const diffuse::Conditioning& conditioning) {
+    const auto& labels = conditioning.labels;
     auto y = x * t.view({-1, 1, 1, 1});
     return labels.defined() ? y + labels.to(torch::kFloat32).view({-1, 1, 1, 1}) : y;
   };

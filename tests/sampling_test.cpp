@@ -28,7 +28,7 @@ struct Gaussian {
   Network network(const Schedule& schedule, Prediction p, int64_t* calls = nullptr) const {
     auto mu_ = mu;
     double s0_ = s0;
-    return [schedule, p, mu_, s0_, calls](const torch::Tensor& x, const torch::Tensor& tc, const torch::Tensor&) {
+    return [schedule, p, mu_, s0_, calls](const torch::Tensor& x, const torch::Tensor& tc, const diffuse::Conditioning&) {
       if (calls) ++*calls;
       const int64_t t = int64_t(std::llround(tc[0].item<double>()));
       EXPECT_TRUE(torch::equal(tc, torch::full_like(tc, double(t)))) << "one timestep per batch";
@@ -179,7 +179,7 @@ TEST(Denoiser, EpsModelAtSnrZeroIsRefusedWithTheFix) {
 TEST(Denoiser, AppliesTheEtsdmConditionMap) {
   auto sch = linear(1000);
   std::vector<double> seen;
-  Network net = [&](const torch::Tensor& x, const torch::Tensor& tc, const torch::Tensor&) {
+  Network net = [&](const torch::Tensor& x, const torch::Tensor& tc, const diffuse::Conditioning&) {
     EXPECT_EQ(tc.scalar_type(), torch::kFloat32);
     seen.push_back(tc[0].item<double>());
     return torch::zeros_like(x);
@@ -491,7 +491,8 @@ TEST(DiffusersParity, FullSamplerLoops) {
   for (size_t at; (at = text.find("-Infinity")) != std::string::npos;) text.replace(at, 9, "null");
   auto cases = nlohmann::json::parse(text);
   ASSERT_EQ(cases.size(), 5u);
-  Network net = [&](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& labels) {
+  Network net = [&](const torch::Tensor& x, const torch::Tensor& t, const diffuse::Conditioning& conditioning) {
+    const auto& labels = conditioning.labels;
     return unet->forward(x, t, labels);
   };
   for (const auto& c : cases) {

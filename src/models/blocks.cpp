@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 
 #include "diffuse/models/attention.h"
+#include "diffuse/models/transformer.h"
 #include "util/torch_compat.h"
 
 namespace diffuse {
@@ -166,14 +167,32 @@ ResnetBlock2D make_resnet(const BlockOptions& o, int64_t in, int64_t out, double
   r.time_scale_shift = o.time_scale_shift;
   return ResnetBlock2D(r);
 }
-SpatialAttention make_attention(const BlockOptions& o, int64_t channels, int64_t groups, double factor = 1.0) {
+// The attention of a block: a Transformer2D when the options ask for cross-attention, else SpatialAttention.
+std::shared_ptr<torch::nn::Module> make_attention(const BlockOptions& o, int64_t channels, int64_t groups,
+                                                  double factor = 1.0) {
+  if (o.transformer_heads > 0) {
+    TransformerOptions t;
+    t.channels = channels;
+    t.heads = o.transformer_heads;
+    t.context_dim = o.cross_attention_dim;
+    t.groups = o.groups;
+    t.linear_projection = o.use_linear_projection;
+    t.upcast = o.upcast_attention;
+    return Transformer2D(t).ptr();
+  }
   AttentionOptions a;
   a.channels = channels;
   a.head_dim = o.head_dim;
   a.groups = groups;
   a.eps = o.eps;
   a.rescale_output_factor = factor;
-  return SpatialAttention(a);
+  return SpatialAttention(a).ptr();
+}
+
+torch::Tensor attend(const std::shared_ptr<torch::nn::Module>& attention, const torch::Tensor& x,
+                     const torch::Tensor& context) {
+  if (auto* t = attention->as<Transformer2D>()) return t->forward(x, context);
+  return attention->as<SpatialAttention>()->forward(x);
 }
 }  // namespace
 
@@ -189,10 +208,11 @@ DownBlockImpl::DownBlockImpl(const BlockOptions& o, int64_t in_channels, int64_t
   if (downsample) register_module("downsamplers", downsamplers);
 }
 
-torch::Tensor DownBlockImpl::forward(torch::Tensor x, const torch::Tensor& temb, std::vector<torch::Tensor>* skips) {
+torch::Tensor DownBlockImpl::forward(torch::Tensor x, const torch::Tensor& temb, std::vector<torch::Tensor>* skips,
+                                     const torch::Tensor& context) {
   for (size_t i = 0; i < resnets->size(); ++i) {
     x = resnets[i]->as<ResnetBlock2D>()->forward(x, temb);
-    if (!attentions->is_empty()) x = attentions[i]->as<SpatialAttention>()->forward(x);
+    if (!attentions->is_empty()) x = attend(attentions[i], x, context);
     skips->push_back(x);
   }
   if (!downsamplers->is_empty()) {
@@ -216,13 +236,14 @@ UpBlockImpl::UpBlockImpl(const BlockOptions& o, int64_t in_channels, int64_t pre
   if (upsample) register_module("upsamplers", upsamplers);
 }
 
-torch::Tensor UpBlockImpl::forward(torch::Tensor x, const torch::Tensor& temb, std::vector<torch::Tensor>* skips) {
+torch::Tensor UpBlockImpl::forward(torch::Tensor x, const torch::Tensor& temb, std::vector<torch::Tensor>* skips,
+                                   const torch::Tensor& context) {
   for (size_t i = 0; i < resnets->size(); ++i) {
     TORCH_CHECK(!skips->empty(), "UpBlock: ran out of skip connections");
     x = torch::cat({x, skips->back()}, 1);
     skips->pop_back();
     x = resnets[i]->as<ResnetBlock2D>()->forward(x, temb);
-    if (!attentions->is_empty()) x = attentions[i]->as<SpatialAttention>()->forward(x);
+    if (!attentions->is_empty()) x = attend(attentions[i], x, context);
   }
   if (!upsamplers->is_empty()) x = upsamplers[0]->as<Upsample2D>()->forward(x);
   return x;
@@ -239,10 +260,10 @@ MidBlockImpl::MidBlockImpl(const BlockOptions& o, int64_t channels, bool attenti
   register_module("resnets", resnets);
 }
 
-torch::Tensor MidBlockImpl::forward(torch::Tensor x, const torch::Tensor& temb) {
+torch::Tensor MidBlockImpl::forward(torch::Tensor x, const torch::Tensor& temb, const torch::Tensor& context) {
   x = resnets[0]->as<ResnetBlock2D>()->forward(x, temb);
   for (size_t i = 1; i < resnets->size(); ++i) {
-    if (!attentions->is_empty()) x = attentions[i - 1]->as<SpatialAttention>()->forward(x);
+    if (!attentions->is_empty()) x = attend(attentions[i - 1], x, context);
     x = resnets[i]->as<ResnetBlock2D>()->forward(x, temb);
   }
   return x;

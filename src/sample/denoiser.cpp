@@ -32,10 +32,50 @@ void check_labels(const torch::Tensor& labels, int64_t n, const char* what) {
 }
 }  // namespace
 
+Conditioning Conditioning::text(torch::Tensor context, torch::Tensor uncond_context) {
+  Conditioning c;
+  c.context = std::move(context);
+  c.uncond_context = std::move(uncond_context);
+  return c;
+}
+
+Conditioning Conditioning::to(torch::Device device) const {
+  Conditioning c;
+  auto move = [&](const torch::Tensor& t) { return t.defined() ? t.to(device) : t; };
+  c.labels = move(labels);
+  c.context = move(context);
+  c.uncond_context = move(uncond_context);
+  return c;
+}
+
+Conditioning Conditioning::slice(int64_t begin, int64_t end) const {
+  Conditioning c;
+  auto rows = [&](const torch::Tensor& t) { return t.defined() ? t.slice(0, begin, end) : t; };
+  c.labels = rows(labels);
+  c.context = rows(context);
+  c.uncond_context = rows(uncond_context);
+  return c;
+}
+
+void Conditioning::check(int64_t n, const char* what) const {
+  check_labels(labels, n, what);
+  for (const auto* t : {&context, &uncond_context}) {
+    if (!t->defined()) continue;
+    if (t->dim() != 3 || t->size(0) != n)
+      throw std::invalid_argument(std::string(what) + ": expected a text context [" + std::to_string(n) +
+                                  ", L, D] (one per image), got " + c10::str(t->sizes()));
+    if (!t->is_floating_point())
+      throw std::invalid_argument(std::string(what) + ": a text context must be floating point");
+  }
+  if (context.defined() && uncond_context.defined() && context.sizes() != uncond_context.sizes())
+    throw std::invalid_argument(std::string(what) + ": the prompt's context " + c10::str(context.sizes()) +
+                                " and the negative prompt's " + c10::str(uncond_context.sizes()) + " differ in shape");
+}
+
 torch::Tensor call_network(const Network& net, const EtsdmConfig& etsdm, const torch::Tensor& x_t, double t,
-                           const torch::Tensor& labels) {
+                           const Conditioning& conditioning) {
   auto condition = etsdm.condition(torch::full({x_t.size(0)}, t, torch::TensorOptions(torch::kFloat32).device(x_t.device())));
-  auto out = net(x_t, condition, labels.defined() ? labels.to(x_t.device()) : labels);
+  auto out = net(x_t, condition, conditioning.to(x_t.device()));
   if (!out.defined() || out.sizes() != x_t.sizes())
     throw std::runtime_error("the network returned shape " + (out.defined() ? c10::str(out.sizes()) : "none") +
                              " for input " + c10::str(x_t.sizes()) + " (expected the input's shape)");
@@ -43,14 +83,14 @@ torch::Tensor call_network(const Network& net, const EtsdmConfig& etsdm, const t
 }
 
 Denoiser make_denoiser(Network net, Prediction prediction, Schedule schedule, EtsdmConfig etsdm,
-                       torch::Tensor labels) {
+                       Conditioning labels) {
   if (!net) throw std::invalid_argument("make_denoiser: no network given");
-  if (labels.defined()) check_labels(labels, labels.numel(), "make_denoiser");
+  if (labels.labels.defined()) check_labels(labels.labels, labels.labels.numel(), "make_denoiser");
   Denoiser d;
   d.schedule = schedule;
   d.fn = [net, prediction, etsdm, labels](const torch::Tensor& x, const Level& level) {
     const int64_t n = x.size(0);
-    check_labels(labels, n, "denoiser");
+    labels.check(n, "denoiser");
     auto a = torch::scalar_tensor(level.a, torch::kFloat64);
     auto s = torch::scalar_tensor(level.s, torch::kFloat64);
     // An eps model at SNR 0: convert() throws the std::domain_error that names the fix, before the network runs.
@@ -80,16 +120,22 @@ Network classifier_free_guidance(Network net, CfgOptions o) {
   if (!(o.rescale >= 0.0 && o.rescale <= 1.0))
     throw std::invalid_argument("classifier-free guidance rescale (phi) must lie in [0, 1], got " +
                                 std::to_string(o.rescale));
-  if (o.null_label < 0)
-    throw std::invalid_argument("classifier-free guidance needs the null (unconditional) class label, got " +
-                                std::to_string(o.null_label) + " (by convention num_class_embeds - 1)");
-  return [net, o](const torch::Tensor& x, const torch::Tensor& t_condition, const torch::Tensor& labels) {
-    if (!labels.defined())
-      throw std::invalid_argument("classifier-free guidance needs class labels (pass --class) on a class-conditional model");
-    if (o.scale == 1.0) return net(x, t_condition, labels);  // cfg_combine(c, u, 1, phi) == c
+  return [net, o](const torch::Tensor& x, const torch::Tensor& t_condition, const Conditioning& c) {
+    if (c.empty())
+      throw std::invalid_argument("classifier-free guidance needs class labels (pass --class) or a prompt on a "
+                                  "conditional model");
+    if (c.labels.defined() && o.null_label < 0)
+      throw std::invalid_argument("classifier-free guidance needs the null (unconditional) class label, got " +
+                                  std::to_string(o.null_label) + " (by convention num_class_embeds - 1)");
+    if (c.context.defined() && !c.uncond_context.defined())
+      throw std::invalid_argument("classifier-free guidance on a text context needs the negative (or empty) prompt's "
+                                  "context (Conditioning::uncond_context)");
+    if (o.scale == 1.0) return net(x, t_condition, c);  // cfg_combine(c, u, 1, phi) == c
     const int64_t n = x.size(0);
-    auto out = net(torch::cat({x, x}), torch::cat({t_condition, t_condition}),
-                   torch::cat({labels, torch::full_like(labels, o.null_label)}));
+    Conditioning both;
+    if (c.labels.defined()) both.labels = torch::cat({c.labels, torch::full_like(c.labels, o.null_label)});
+    if (c.context.defined()) both.context = torch::cat({c.context, c.uncond_context});
+    auto out = net(torch::cat({x, x}), torch::cat({t_condition, t_condition}), both);
     return cfg_combine(out.narrow(0, 0, n), out.narrow(0, n, n), o.scale, o.rescale);
   };
 }

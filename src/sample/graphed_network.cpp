@@ -15,17 +15,21 @@ namespace {
 
 // The fixed tensors of one input shape and the work that reads and writes them.
 struct Slot {
-  torch::Tensor x, t, labels, out;
+  torch::Tensor x, t, out;
+  Conditioning c;
   std::unique_ptr<GraphedWork> work;
 };
 
-std::vector<int64_t> shape_key(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& labels) {
+std::vector<int64_t> shape_key(const torch::Tensor& x, const torch::Tensor& t, const Conditioning& c) {
   std::vector<int64_t> key(x.sizes().begin(), x.sizes().end());
   key.push_back(int64_t(x.scalar_type()));
   key.push_back(int64_t(x.suggest_memory_format()));
   key.insert(key.end(), t.sizes().begin(), t.sizes().end());
   key.push_back(int64_t(t.scalar_type()));
-  key.push_back(labels.defined() ? labels.size(0) : -1);
+  for (const auto* part : {&c.labels, &c.context, &c.uncond_context}) {
+    key.push_back(part->defined() ? part->dim() : -1);
+    if (part->defined()) key.insert(key.end(), part->sizes().begin(), part->sizes().end());
+  }
   return key;
 }
 
@@ -33,19 +37,28 @@ std::vector<int64_t> shape_key(const torch::Tensor& x, const torch::Tensor& t, c
 
 Network graphed_network(Network net, int warmup) {
   auto slots = std::make_shared<std::map<std::vector<int64_t>, std::unique_ptr<Slot>>>();
-  return [net, warmup, slots](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& labels) {
-    auto& slot = (*slots)[shape_key(x, t, labels)];
+  return [net, warmup, slots](const torch::Tensor& x, const torch::Tensor& t, const Conditioning& c) {
+    auto& slot = (*slots)[shape_key(x, t, c)];
+    auto fixed = [&](torch::Tensor& into, const torch::Tensor& from) {
+      if (!from.defined()) return;
+      if (into.defined()) into.copy_(from);
+      else into = from.to(x.device()).clone();
+    };
     if (!slot) {
       slot = std::make_unique<Slot>();
       slot->x = x.clone();
       slot->t = t.clone();
-      if (labels.defined()) slot->labels = labels.to(x.device()).clone();
+      fixed(slot->c.labels, c.labels);
+      fixed(slot->c.context, c.context);
+      fixed(slot->c.uncond_context, c.uncond_context);
       Slot* s = slot.get();
-      slot->work = std::make_unique<GraphedWork>(x.device(), warmup, [s, net] { s->out = net(s->x, s->t, s->labels); });
+      slot->work = std::make_unique<GraphedWork>(x.device(), warmup, [s, net] { s->out = net(s->x, s->t, s->c); });
     } else {
       slot->x.copy_(x);
       slot->t.copy_(t);
-      if (labels.defined()) slot->labels.copy_(labels);
+      fixed(slot->c.labels, c.labels);
+      fixed(slot->c.context, c.context);
+      fixed(slot->c.uncond_context, c.uncond_context);
     }
     slot->work->run();
     return slot->out.clone();

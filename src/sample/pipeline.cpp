@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "diffuse/core/levels.h"
+#include "diffuse/io/files.h"
 #include "diffuse/io/run_folder.h"
 #include "diffuse/models/model_folder.h"
 #include "diffuse/sample/sampling.h"
@@ -13,6 +14,7 @@
 #include "util/cuda_graph.h"
 
 #include <limits>
+#include <set>
 
 namespace fs = std::filesystem;
 
@@ -53,19 +55,144 @@ std::string ModelFolder::vae() const {
   return "";
 }
 
+std::string ModelFolder::pipeline_of(const std::string& unet_folder) {
+  const auto parent = fs::path(unet_folder).parent_path();
+  if (fs::exists(parent / "model_index.json") || fs::exists(parent / "text_encoder" / "config.json")) return parent.string();
+  return "";
+}
+
 // ---------------------------------------------------------------- loading
 
 Network LoadedRun::network() const {
-  auto u = unet;
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  if (dtype == torch::kFloat32 && !channels_last)
-    return [u](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& labels) mutable {
-      return u->forward(x, t, labels);
+  const bool as_is = dtype == torch::kFloat32 && !channels_last;
+  auto input = [net_dtype = dtype, format, as_is](const torch::Tensor& x) {
+    return as_is ? x : x.to(net_dtype).contiguous(format);
+  };
+  auto output = [as_is](const torch::Tensor& y, const torch::Tensor& x) {
+    return as_is ? y : y.to(x.scalar_type()).contiguous();
+  };
+  if (is_text()) {
+    auto u = text_unet;
+    return [u, input, output](const torch::Tensor& x, const torch::Tensor& t, const Conditioning& c) mutable {
+      if (!c.context.defined()) throw std::invalid_argument("a text-to-image UNet needs a text context (a prompt)");
+      return output(u->forward(input(x), t, c.context), x);
     };
-  return [u, net_dtype = dtype, format](const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& labels) mutable {
-    return u->forward(x.to(net_dtype).contiguous(format), t, labels).to(x.scalar_type()).contiguous();
+  }
+  auto u = unet;
+  return [u, input, output](const torch::Tensor& x, const torch::Tensor& t, const Conditioning& c) mutable {
+    return output(u->forward(input(x), t, c.labels), x);
   };
 }
+
+namespace {
+
+// A pipeline's model_index.json: the components diffuse reads must be the classes it implements; the ones it does
+// not use (safety checker, feature extractor, image encoder) are named in a note.
+void check_model_index(const fs::path& pipeline, std::vector<std::string>& notes) {
+  const auto path = pipeline / "model_index.json";
+  if (!fs::exists(path)) return;
+  const auto index = load_json(path.string());
+  if (!index.is_object()) throw std::runtime_error("'" + path.string() + "' is not a JSON object");
+  const std::map<std::string, std::string> expected = {{"unet", "UNet2DConditionModel"}, {"text_encoder", "CLIPTextModel"},
+                                                       {"tokenizer", "CLIPTokenizer"}, {"vae", "AutoencoderKL"}};
+  const std::set<std::string> skipped = {"safety_checker", "feature_extractor", "image_encoder"};
+  std::vector<std::string> unused;
+  for (const auto& [key, value] : index.items()) {
+    if (key.empty() || key[0] == '_' || !value.is_array() || value.size() != 2) continue;
+    const bool present = !value[1].is_null();
+    if (expected.count(key)) {
+      if (value[1] != expected.at(key))
+        throw std::runtime_error("'" + path.string() + "': " + key + " is " + value[1].dump() + ", diffuse reads " +
+                                 expected.at(key) + " (Stable Diffusion 1.x / 2.x pipelines)");
+    } else if (key != "scheduler" && present) {
+      if (!skipped.count(key))
+        throw std::runtime_error("'" + path.string() + "': component " + key + " (" + value[1].dump() +
+                                 ") is not part of the Stable Diffusion 1.x / 2.x pipeline diffuse samples "
+                                 "(SDXL and other pipelines are not supported)");
+      unused.push_back(key);
+    }
+  }
+  if (!unused.empty()) {
+    std::string names;
+    for (const auto& u : unused) names += (names.empty() ? "" : ", ") + u + "/";
+    notes.push_back("the pipeline's " + names + " not used (diffuse runs no safety checker or image encoder)");
+  }
+}
+
+// The text encoder and tokenizer of a text-conditioned UNet's pipeline, checked against the UNet.
+void load_text_parts(LoadedRun& r, const LoadOptions& o) {
+  const auto pipeline = ModelFolder::pipeline_of(r.unet_folder);
+  if (pipeline.empty())
+    throw std::invalid_argument("'" + r.unet_folder + "' is a text-conditioned UNet (UNet2DConditionModel) without its "
+                                "pipeline: pass the folder holding model_index.json, text_encoder/ and tokenizer/");
+  check_model_index(pipeline, r.notes);
+  // The widths are compared before any weights are read: a mismatch is a pipeline put together from two models.
+  const auto text_config_path = (fs::path(pipeline) / "text_encoder" / "config.json").string();
+  const auto unet_width = read_model_config(r.unet_folder).value("cross_attention_dim", nlohmann::json());
+  const auto text_width = fs::exists(text_config_path) ? load_json(text_config_path).value("hidden_size", nlohmann::json())
+                                                        : nlohmann::json();
+  if (unet_width.is_number_integer() && text_width.is_number_integer() && unet_width != text_width)
+    throw std::invalid_argument("the UNet's cross_attention_dim is " + unet_width.dump() +
+                                " but the text encoder's hidden_size is " + text_width.dump() + " ('" + pipeline +
+                                "': unet/ and text_encoder/ come from different models)");
+  r.text_unet = load_unet_condition(r.unet_folder, o.device);
+  r.text_unet->eval();
+  r.text_encoder = load_clip_text_model((fs::path(pipeline) / "text_encoder").string(), o.device);
+  auto tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load((fs::path(pipeline) / "tokenizer").string()));
+  tokenizer->normalization = o.text_normalization;
+  r.tokenizer = tokenizer;
+  const auto& uc = r.text_unet->config();
+  const auto& tc = r.text_encoder->config();
+  if (uc.cross_attention_dim != tc.hidden_size)
+    throw std::invalid_argument("the UNet's cross_attention_dim is " + std::to_string(uc.cross_attention_dim) +
+                                " but the text encoder's hidden_size is " + std::to_string(tc.hidden_size) +
+                                " ('" + pipeline + "': unet/ and text_encoder/ come from different models)");
+  if (tokenizer->vocab_size() > tc.vocab_size || tokenizer->max_length() > tc.max_position_embeddings)
+    throw std::invalid_argument("the tokenizer (" + std::to_string(tokenizer->vocab_size()) + " tokens, window " +
+                                std::to_string(tokenizer->max_length()) + ") does not fit the text encoder (vocab_size " +
+                                std::to_string(tc.vocab_size) + ", max_position_embeddings " +
+                                std::to_string(tc.max_position_embeddings) + ") in '" + pipeline + "'");
+  if (!uc.sample_size) throw std::invalid_argument("the UNet config has no sample_size: cannot tell the image size");
+  if (o.dtype != torch::kFloat32) r.text_unet->to(o.dtype);
+  if (o.channels_last) to_channels_last(*r.text_unet);
+  if (o.conv_dtype != torch::kFloat32) convolutions_to(*r.text_unet, o.conv_dtype);
+  r.channels = uc.in_channels;
+  r.height = r.width = *uc.sample_size;
+}
+
+}  // namespace
+
+torch::Tensor encode_prompts(const LoadedRun& run, const std::vector<std::string>& prompts, int64_t clip_skip,
+                             std::vector<std::string>* notes) {
+  if (!run.is_text()) throw std::invalid_argument("prompts need a text-to-image pipeline; this model has no text encoder");
+  torch::NoGradGuard no_grad;
+  std::vector<int64_t> ids;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const auto tokens = run.tokenizer->encode_padded(prompts[i]);
+    if (!tokens.dropped.empty() && notes)
+      notes->push_back("prompt " + std::to_string(i) + " has " + std::to_string(tokens.tokens) + " tokens, more than the " +
+                       std::to_string(run.tokenizer->max_length() - 2) + " the text encoder reads: dropped \"" +
+                       tokens.dropped + "\"");
+    ids.insert(ids.end(), tokens.ids.begin(), tokens.ids.end());
+  }
+  auto text_encoder = run.text_encoder;
+  const auto ids_tensor = torch::tensor(ids, torch::kLong).view({int64_t(prompts.size()), run.tokenizer->max_length()});
+  return text_encoder->encode(ids_tensor.to(run.device), clip_skip);
+}
+
+namespace {
+void load_vae_of(LoadedRun& r, const ModelFolder& folder, const LoadOptions& o) {
+  r.vae_folder = o.vae == "none" ? "" : o.vae.empty() ? folder.vae() : resolve_vae_folder(o.vae);
+  if (r.vae_folder.empty()) return;
+  r.vae = load_vae(r.vae_folder, o.device);
+  r.vae->eval();
+  if (r.vae->config().latent_channels != r.channels)
+    throw std::invalid_argument("the autoencoder '" + r.vae_folder + "' has " +
+                                std::to_string(r.vae->config().latent_channels) + " latent channels but the UNet takes " +
+                                std::to_string(r.channels) + " (pass the --vae the model was trained with, or --vae none)");
+}
+}  // namespace
 
 LoadedRun load_run(const std::string& model, const LoadOptions& o) {
   ModelFolder folder(model);
@@ -81,6 +208,11 @@ LoadedRun load_run(const std::string& model, const LoadOptions& o) {
                                 "(or --dtype alone for the whole network)");
   r.unet_folder = folder.unet(o.weights);  // first: a missing model is the error to report
   r.scheduler = SchedulerConfig::load(o.scheduler_file.empty() ? folder.scheduler_config() : o.scheduler_file);
+  if (read_model_config(r.unet_folder).value("_class_name", "") == "UNet2DConditionModel") {
+    load_text_parts(r, o);
+    load_vae_of(r, folder, o);
+    return r;
+  }
   r.unet = load_unet(r.unet_folder, o.device);
   r.unet->eval();
   if (o.dtype != torch::kFloat32) r.unet->to(o.dtype);
@@ -92,15 +224,7 @@ LoadedRun load_run(const std::string& model, const LoadOptions& o) {
   r.channels = uc.in_channels;
   r.height = r.width = *uc.sample_size;
   r.class_embeds = uc.num_class_embeds.value_or(0);
-  r.vae_folder = o.vae == "none" ? "" : o.vae.empty() ? folder.vae() : resolve_vae_folder(o.vae);
-  if (!r.vae_folder.empty()) {
-    r.vae = load_vae(r.vae_folder, o.device);
-    r.vae->eval();
-    if (r.vae->config().latent_channels != r.channels)
-      throw std::invalid_argument("the autoencoder '" + r.vae_folder + "' has " +
-                                  std::to_string(r.vae->config().latent_channels) + " latent channels but the UNet takes " +
-                                  std::to_string(r.channels) + " (pass the --vae the model was trained with, or --vae none)");
-  }
+  load_vae_of(r, folder, o);
   return r;
 }
 
@@ -209,8 +333,23 @@ bool final_step_to_clean_data(const std::string& sampler, const SchedulerConfig&
   return true;
 }
 
+namespace {
+// diffusers' scheduler classes diffuse samples as the class does (sampler_for), and those it names and refuses.
+bool implemented_class(const std::string& cls) {
+  static const std::set<std::string> classes = {
+      "",  "DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+      "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", kFlowClass};
+  return classes.count(cls) > 0;
+}
+}  // namespace
+
 std::string sampler_for(const SchedulerConfig& config) {
   const auto cls = class_of(config);
+  if (!implemented_class(cls))
+    throw std::invalid_argument("the scheduler config names " + cls + ", which diffuse does not implement; pass --sampler "
+                                "(ddim, dpmpp_2m, unipc, euler, ...) to sample with one of diffuse's samplers on this "
+                                "config's schedule (it says so on stderr), or --scheduler with a config of a class it "
+                                "implements");
   if (cls == "DDPMScheduler") return "ddpm";
   if (cls == "EulerDiscreteScheduler" || cls == kFlowClass) return "euler";
   if (cls == "EulerAncestralDiscreteScheduler") return "euler_ancestral";
@@ -307,13 +446,32 @@ std::vector<Level> sampling_levels(const SchedulerConfig& config, const std::str
 
 namespace {
 
-void check_options(const LoadedRun& run, const GenerateOptions& o) {
+// The latent (or pixel) size x_t has: the config's, or --height / --width in pixels, checked against the
+// autoencoder's factor and the UNet's levels.
+std::pair<int64_t, int64_t> sample_size(const LoadedRun& run, const GenerateOptions& o) {
+  if (o.height == 0 && o.width == 0) return {run.height, run.width};
+  const int64_t factor = run.vae.is_empty() ? 1 : run.vae->config().downsample_factor();
+  const int64_t levels = run.is_text() ? int64_t(run.text_unet->config().block_out_channels.size())
+                                       : int64_t(run.unet->config().block_out_channels.size());
+  const int64_t multiple = factor << (levels - 1);
+  auto latent = [&](int64_t pixels, int64_t fallback, const char* flag) {
+    if (pixels == 0) return fallback;
+    if (pixels < 0 || pixels % multiple != 0)
+      throw std::invalid_argument(std::string(flag) + " " + std::to_string(pixels) + " is not a positive multiple of " +
+                                  std::to_string(multiple) + " (the autoencoder's factor " + std::to_string(factor) +
+                                  " times the UNet's " + std::to_string(multiple / factor) + ")");
+    return pixels / factor;
+  };
+  return {latent(o.height, run.height, "--height"), latent(o.width, run.width, "--width")};
+}
+
+void check_options(const LoadedRun& run, const GenerateOptions& o, int64_t height, int64_t width) {
   check_samplable(run.scheduler);
   if (o.n < 1) throw std::invalid_argument("--n must be >= 1, got " + std::to_string(o.n));
-  const double bytes = double(o.n) * double(run.channels * run.height * run.width) * 4.0;
+  const double bytes = double(o.n) * double(run.channels * height * width) * 4.0;
   if (bytes > double(int64_t(1) << 36))
     throw std::invalid_argument("--n " + std::to_string(o.n) + " images of " + std::to_string(run.channels) + "x" +
-                                std::to_string(run.height) + "x" + std::to_string(run.width) +
+                                std::to_string(height) + "x" + std::to_string(width) +
                                 " would hold more than 64 GiB of samples; sample in several runs with --seed");
   if (o.batch < 1) throw std::invalid_argument("--batch must be >= 1, got " + std::to_string(o.batch));
   if (o.cfg_rescale < 0 || o.cfg_rescale > 1)
@@ -321,8 +479,20 @@ void check_options(const LoadedRun& run, const GenerateOptions& o) {
   if (o.class_id >= 0 && (run.class_embeds == 0 || o.class_id >= run.class_embeds))
     throw std::invalid_argument("--class " + std::to_string(o.class_id) + " but the model has " +
                                 std::to_string(run.class_embeds) + " class embeddings");
-  if (o.cfg != 1.0 && run.class_embeds == 0)
-    throw std::invalid_argument("--cfg needs a class-conditional model; this one has no class embeddings");
+  if (o.cfg != 1.0 && run.class_embeds == 0 && !run.is_text())
+    throw std::invalid_argument("--cfg needs a class-conditional or text-to-image model; this one has no class embeddings");
+  if (run.is_text() && o.prompts.empty())
+    throw std::invalid_argument("this is a text-to-image pipeline: pass --prompt TEXT (or --prompts FILE)");
+  if (!run.is_text() && (!o.prompts.empty() || !o.negative_prompts.empty()))
+    throw std::invalid_argument("--prompt needs a text-to-image pipeline (a folder with model_index.json, unet/, "
+                                "text_encoder/ and tokenizer/); this model has no text encoder");
+  if (!o.negative_prompts.empty() && o.cfg == 1.0)
+    throw std::invalid_argument("--negative-prompt acts through classifier-free guidance: pass --cfg above 1 with it");
+  if (run.is_text() && (o.clip_skip < 0 || o.clip_skip >= run.text_encoder->config().num_hidden_layers))
+    throw std::invalid_argument("--clip-skip must lie in [0, " +
+                                std::to_string(run.text_encoder->config().num_hidden_layers - 1) + "], got " +
+                                std::to_string(o.clip_skip));
+  if (o.classifier && run.is_text()) throw std::invalid_argument("classifier guidance needs class labels, not prompts");
   if (o.classifier_scale != 0 && !o.classifier)
     throw std::invalid_argument("--classifier-scale needs --classifier RUN");
   if (o.classifier && o.classifier->config().in_channels != run.channels)
@@ -335,10 +505,10 @@ void check_options(const LoadedRun& run, const GenerateOptions& o) {
     throw std::invalid_argument("this build of diffuse has no CUDA graphs (they need a CUDA LibTorch 2.1 or later; "
                                 "see docs/cuda.md): leave --cuda-graphs off");
   const auto& x = o.init_noise;
-  if (x.defined() && (x.dim() != 4 || x.size(0) < o.n || x.size(1) != run.channels || x.size(2) != run.height ||
-                      x.size(3) != run.width))
+  if (x.defined() && (x.dim() != 4 || x.size(0) < o.n || x.size(1) != run.channels || x.size(2) != height ||
+                      x.size(3) != width))
     throw std::invalid_argument("the initial noise (--init-noise) must be [>= " + std::to_string(o.n) + ", " + std::to_string(run.channels) +
-                                ", " + std::to_string(run.height) + ", " + std::to_string(run.width) + "]");
+                                ", " + std::to_string(height) + ", " + std::to_string(width) + "]");
 }
 
 bool clip_from_config(const GenerateOptions& o) { return std::isnan(o.clip_sample); }
@@ -362,7 +532,7 @@ std::vector<int64_t> image_labels(const LoadedRun& run, const GenerateOptions& o
 
 // The denoiser of one batch: the (guided) network, its prediction and schedule, the batch's labels.
 Denoiser batch_denoiser(const LoadedRun& run, const GenerateOptions& o, const Network& net, const Schedule& schedule,
-                        const torch::Tensor& y, double clip_range) {
+                        const Conditioning& y, double clip_range) {
   auto denoiser = make_denoiser(net, run.scheduler.prediction_type, schedule, run.scheduler.etsdm, y);
   // The scheduler config's clip_sample keeps diffusers' meaning (the network's eps); --clip-sample recomputes eps.
   if (clip_range > 0) denoiser = clip_x0(denoiser, clip_range, clip_from_config(o));
@@ -371,7 +541,7 @@ Denoiser batch_denoiser(const LoadedRun& run, const GenerateOptions& o, const Ne
     Classifier clf = [classifier](const torch::Tensor& x_t, const torch::Tensor& t) mutable {
       return classifier->forward(x_t, t);
     };
-    denoiser = classifier_guidance(denoiser, clf, y, o.classifier_scale);
+    denoiser = classifier_guidance(denoiser, clf, y.labels, o.classifier_scale);
   }
   return denoiser;
 }
@@ -407,12 +577,47 @@ SamplerOptions sampler_options(const LoadedRun& run, const GenerateOptions& o) {
 
 }  // namespace
 
+namespace {
+
+// What a scheduler class diffuse does not sample as diffusers does, said once per run.
+void note_substitution(const SchedulerConfig& config, const GenerateOptions& o, const std::string& sampler,
+                       std::vector<std::string>& notes) {
+  const auto cls = class_of(config);
+  if (!implemented_class(cls))
+    notes.push_back("the scheduler config names " + cls + ", which diffuse does not implement: sampling with " + sampler +
+                    " (--sampler) on its schedule and timestep_spacing; results differ from diffusers' " + cls);
+  if (cls == "HeunDiscreteScheduler" && canonical_sampler_name(sampler) == "heun")
+    notes.push_back("diffuse's heun integrates in the angle phi = atan(s / a), not in sigma as diffusers' "
+                    "HeunDiscreteScheduler: the samples differ from diffusers' (0.7% to 18% at 10 steps)");
+}
+
+// The text states of images [first, first + count): prompt i mod P for image i.
+torch::Tensor rows_for(const torch::Tensor& states, int64_t first, int64_t count) {
+  auto idx = torch::arange(first, first + count, torch::kLong).remainder(states.size(0)).to(states.device());
+  return states.index_select(0, idx);
+}
+
+}  // namespace
+
 Generated generate(const LoadedRun& run, const GenerateOptions& o) {
   torch::NoGradGuard no_grad;
-  check_options(run, o);
+  const auto [height, width] = sample_size(run, o);
+  check_options(run, o, height, width);
   Generated g;
   g.clip_range = clip_range_of(run, o);
   g.sampler = o.sampler.empty() ? sampler_for(run.scheduler) : canonical_sampler_name(o.sampler);
+  note_substitution(run.scheduler, o, g.sampler, g.notes);
+  torch::Tensor prompt_states, negative_states;
+  if (run.is_text()) {
+    prompt_states = encode_prompts(run, o.prompts, o.clip_skip, &g.notes);
+    // diffusers' encode_prompt applies clip_skip to the prompt only; the negative prompt's states are the last layer's.
+    const auto negatives = o.negative_prompts.empty() ? std::vector<std::string>{""} : o.negative_prompts;
+    if (o.cfg != 1.0) negative_states = encode_prompts(run, negatives, 0, &g.notes);
+    for (int64_t i = 0; i < o.n; ++i) {
+      g.prompts.push_back(o.prompts[size_t(i) % o.prompts.size()]);
+      g.negative_prompts.push_back(o.cfg == 1.0 ? "" : negatives[size_t(i) % negatives.size()]);
+    }
+  }
   auto sampler = get_sampler(g.sampler);
   g.spacing = o.spacing.value_or(run.scheduler.timestep_spacing);
   const Schedule schedule = run.scheduler.schedule();
@@ -431,11 +636,14 @@ Generated generate(const LoadedRun& run, const GenerateOptions& o) {
   for (int64_t b = 0; b < batches; ++b) {
     const int64_t first = b * o.batch, count = std::min(o.batch, o.n - first);
     auto x = o.init_noise.defined() ? o.init_noise.slice(0, first, first + count).to(torch::kFloat32)
-                                    : make_noise({run.channels, run.height, run.width}, count, o.seed, first, 0, run.device);
-    torch::Tensor y;
+                                    : make_noise({run.channels, height, width}, count, o.seed, first, 0, run.device);
+    Conditioning y;
     if (run.class_embeds > 0)
       y = torch::tensor(std::vector<int64_t>(g.labels.begin() + first, g.labels.begin() + first + count), torch::kLong)
               .to(run.device);
+    if (run.is_text())
+      y = Conditioning::text(rows_for(prompt_states, first, count),
+                             negative_states.defined() ? rows_for(negative_states, first, count) : torch::Tensor());
     SamplerOptions so = sampler_options(run, o);
     so.first_image = first;
     if (o.progress)

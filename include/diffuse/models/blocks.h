@@ -135,7 +135,12 @@ struct BlockOptions {
   double eps = 1e-5;
   double dropout = 0.0;
   TimeScaleShift time_scale_shift = TimeScaleShift::add;
-  int64_t head_dim = 8;  ///< attention head dimension
+  int64_t head_dim = 8;  ///< attention head dimension (SpatialAttention)
+  /// > 0: the blocks' attention is a Transformer2DModel of this many heads attending to a text context of
+  /// cross_attention_dim (UNet2DConditionModel's CrossAttn blocks); 0: SpatialAttention (UNet2DModel's Attn blocks).
+  int64_t transformer_heads = 0;
+  int64_t cross_attention_dim = 0;
+  bool use_linear_projection = false, upcast_attention = false;
 };
 
 /// DownBlock2D / AttnDownBlock2D: `layers` resnets (each followed by attention when `attention`),
@@ -144,8 +149,9 @@ class DownBlockImpl : public torch::nn::Module {
  public:
   DownBlockImpl(const BlockOptions& options, int64_t in_channels, int64_t out_channels, int64_t layers,
                 bool attention, bool downsample, int64_t downsample_padding);
-  /// Appends the block's skip outputs to `skips`.
-  torch::Tensor forward(torch::Tensor x, const torch::Tensor& temb, std::vector<torch::Tensor>* skips);
+  /// Appends the block's skip outputs to `skips`. context: the text states a Transformer2D attends to, or undefined.
+  torch::Tensor forward(torch::Tensor x, const torch::Tensor& temb, std::vector<torch::Tensor>* skips,
+                        const torch::Tensor& context = {});
 
  private:
   torch::nn::ModuleList resnets, attentions, downsamplers;
@@ -158,20 +164,21 @@ class UpBlockImpl : public torch::nn::Module {
  public:
   UpBlockImpl(const BlockOptions& options, int64_t in_channels, int64_t prev_output_channels,
               int64_t out_channels, int64_t layers, bool attention, bool upsample);
-  torch::Tensor forward(torch::Tensor x, const torch::Tensor& temb, std::vector<torch::Tensor>* skips);
+  torch::Tensor forward(torch::Tensor x, const torch::Tensor& temb, std::vector<torch::Tensor>* skips,
+                        const torch::Tensor& context = {});
 
  private:
   torch::nn::ModuleList resnets, attentions, upsamplers;
 };
 TORCH_MODULE(UpBlock);
 
-/// UNetMidBlock2D: resnet, (attention, resnet) x layers. Attention has a group norm of `attn_groups`
-/// groups (0: none); output_scale_factor applies to every resnet and attention.
+/// UNetMidBlock2D / UNetMidBlock2DCrossAttn: resnet, (attention, resnet) x layers. SpatialAttention has a group
+/// norm of `attn_groups` groups (0: none); output_scale_factor applies to every resnet and SpatialAttention.
 class MidBlockImpl : public torch::nn::Module {
  public:
   MidBlockImpl(const BlockOptions& options, int64_t channels, bool attention, int64_t attn_groups,
                double output_scale_factor, int64_t layers = 1);
-  torch::Tensor forward(torch::Tensor x, const torch::Tensor& temb);
+  torch::Tensor forward(torch::Tensor x, const torch::Tensor& temb, const torch::Tensor& context = {});
 
  private:
   torch::nn::ModuleList resnets, attentions;

@@ -3,7 +3,8 @@
 //
 // Notation as in schedule.h: x_t = a_t x0 + s_t eps with a_t = sqrt(alpha_bar[t]), s_t = sqrt(1 - alpha_bar[t]).
 //
-//   Network     the model in its own prediction space: (x_t, t_condition, labels) -> eps, v or x0.
+//   Conditioning  what a network is conditioned on besides x_t and t: class labels and/or a text context.
+//   Network     the model in its own prediction space: (x_t, t_condition, conditioning) -> eps, v or x0.
 //   Level       a point of the noise path: the time t the network is conditioned on (real: an integer training
 //               timestep, a fractional one between them, or a flow model's sigma * 1000) and x_t = a x0 + s eps.
 //   Denoiser    (x_t, level) -> Estimate {x0, eps}. Samplers call only this; an integer timestep of the
@@ -25,17 +26,39 @@
 
 namespace diffuse {
 
-/// A network in its own prediction space. x: [N, ...]; t_condition: float32 [N], the timestep the
-/// network is conditioned on (t itself, or its E-TSDM map); labels: int64 [N], or undefined for an
-/// unconditional model. Returns a tensor shaped like x.
-using Network = std::function<torch::Tensor(const torch::Tensor& x, const torch::Tensor& t_condition,
-                                            const torch::Tensor& labels)>;
+/// What a network is conditioned on besides x_t and t, per image, carried untouched from the batch or the prompt to
+/// the network (k-diffusion's extra_args, diffusers' class_labels / encoder_hidden_states). Samplers never look
+/// inside; classifier-free guidance builds its unconditional half from it (the null class, or uncond_context).
+struct Conditioning {
+  torch::Tensor labels;          ///< int64 [N] class labels, or undefined
+  torch::Tensor context;         ///< float [N, L, D] text encoder states (encoder_hidden_states), or undefined
+  torch::Tensor uncond_context;  ///< [N, L, D]: the negative (or empty) prompt's states, CFG's unconditional half
 
-/// net(x_t, etsdm.condition(t), labels) for a batch at one time t (labels moved to x_t's device, or
-/// undefined), its output's shape checked against x_t's: the one place the network is conditioned. A real t is
-/// passed on as float32, so an integer t gives exactly what it always did.
+  Conditioning() = default;
+  /// Class labels alone (implicit: a label tensor is a conditioning, as before text existed).
+  Conditioning(torch::Tensor class_labels) : labels(std::move(class_labels)) {}
+  static Conditioning text(torch::Tensor context, torch::Tensor uncond_context = {});
+  bool empty() const { return !labels.defined() && !context.defined(); }
+  /// Every tensor moved to `device` (undefined ones stay undefined).
+  Conditioning to(torch::Device device) const;
+  /// Images [begin, end) of the batch.
+  Conditioning slice(int64_t begin, int64_t end) const;
+  /// Throws std::invalid_argument naming `what` unless every defined tensor has n rows (labels int64 [n], contexts
+  /// [n, L, D] of one shape).
+  void check(int64_t n, const char* what) const;
+};
+
+/// A network in its own prediction space. x: [N, ...]; t_condition: float32 [N], the timestep the
+/// network is conditioned on (t itself, or its E-TSDM map); conditioning: labels and/or text context of N images
+/// (empty for an unconditional model). Returns a tensor shaped like x.
+using Network = std::function<torch::Tensor(const torch::Tensor& x, const torch::Tensor& t_condition,
+                                            const Conditioning& conditioning)>;
+
+/// net(x_t, etsdm.condition(t), conditioning) for a batch at one time t (conditioning moved to x_t's device),
+/// its output's shape checked against x_t's: the one place the network is conditioned. A real t is passed on as
+/// float32, so an integer t gives exactly what it always did.
 torch::Tensor call_network(const Network& net, const EtsdmConfig& etsdm, const torch::Tensor& x_t, double t,
-                           const torch::Tensor& labels);
+                           const Conditioning& conditioning);
 
 
 
@@ -61,16 +84,16 @@ struct Denoiser {
 /// (x_t - a x0) / s; eps -> x0 = (x_t - s eps) / a; flow -> x0 = (x_t - s u) / (a + s), eps = (x_t + a u) / (a + s).
 /// Nothing divides by a_t except eps -> x0, so an
 /// eps model at SNR 0 (a_t = 0, where eps carries no information about x0) throws std::domain_error
-/// naming the fix (Lin et al. 2023, section 3.2). `labels`: int64 [N] (moved to x_t's device), or
-/// undefined for an unconditional model.
+/// naming the fix (Lin et al. 2023, section 3.2). `conditioning`: of the N images (moved to x_t's device), or
+/// empty for an unconditional model.
 Denoiser make_denoiser(Network net, Prediction prediction, Schedule schedule, EtsdmConfig etsdm = {},
-                       torch::Tensor labels = {});
+                       Conditioning conditioning = {});
 
 /// Classifier-free guidance (Ho & Salimans 2022) with the rescale of Lin et al. 2023, Algorithm 2.
 struct CfgOptions {
   double scale = 1.0;        ///< w: 0 unconditional, 1 conditional, > 1 guided
   double rescale = 0.0;      ///< phi in [0, 1]: 0 plain CFG, Lin et al. use 0.7
-  int64_t null_label = -1;   ///< the unconditional class; by convention num_class_embeds - 1. Required.
+  int64_t null_label = -1;   ///< the unconditional class; by convention num_class_embeds - 1. Required for labels.
 };
 
 /// Lin et al. 2023, Algorithm 2 on model outputs: cfg = uncond + w (cond - uncond);
@@ -78,11 +101,12 @@ struct CfgOptions {
 /// axis; returns cfg * (phi * factor + 1 - phi).
 torch::Tensor cfg_combine(const torch::Tensor& cond, const torch::Tensor& uncond, double scale, double rescale);
 
-/// Wraps a class-conditional network: one call of `net` on the batch [x; x] with labels
-/// [labels; null_label], combined by cfg_combine. The combination acts on the model output in its own
+/// Wraps a conditional network: one call of `net` on the batch [x; x] with labels [labels; null_label] and text
+/// contexts [context; uncond_context] (the negative or empty prompt's), combined by cfg_combine. The combination acts on the model output in its own
 /// prediction space, as diffusers' pipelines and Lin et al. do; without rescale this is the same in
 /// every space (the conversions are affine in the output at fixed x_t), with rescale the std ratio is
-/// that of the network's target (v for a v model). The wrapped network refuses undefined labels.
+/// that of the network's target (v for a v model). The wrapped network refuses an empty conditioning, and a text
+/// context without its unconditional half.
 Network classifier_free_guidance(Network net, CfgOptions options);
 
 /// A noisy classifier: (x_t [N, ...], t [N]) -> logits [N, C], t int64 at integer times, float32 between them.

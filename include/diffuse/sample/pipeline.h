@@ -23,14 +23,17 @@
 #include "diffuse/core/schedule.h"
 #include "diffuse/core/scheduler_config.h"
 #include "diffuse/models/unet.h"
+#include "diffuse/models/unet_condition.h"
 #include "diffuse/models/vae.h"
+#include "diffuse/text/clip_text.h"
+#include "diffuse/text/clip_tokenizer.h"
 
 namespace diffuse {
 
 /// Where the parts of a model folder live, in one place: a diffuse run folder (unet_ema/, unet/, scheduler/,
-/// vae/ of a latent run), a diffusers pipeline's unet/ folder (scheduler/ and, beside model_index.json, vae/
-/// in the parent), or a bare diffusers UNet2DModel folder (config.json + weights, scheduler_config.json
-/// beside it).
+/// vae/ of a latent run), a diffusers pipeline folder (model_index.json, unet/, scheduler/, vae/ and for
+/// text-to-image text_encoder/ and tokenizer/) or its unet/ folder, or a bare diffusers UNet2DModel folder
+/// (config.json + weights, scheduler_config.json beside it).
 struct ModelFolder {
   std::filesystem::path root;
 
@@ -44,6 +47,9 @@ struct ModelFolder {
   /// model_index.json. Empty for a pixel model.
   std::string vae() const;
   std::filesystem::path run_json() const { return root / "run.json"; }
+  /// The pipeline folder holding `unet_folder` (the one with model_index.json, or a diffuse run whose unet is
+  /// text-conditioned): where text_encoder/ and tokenizer/ are. Empty when there is none.
+  static std::string pipeline_of(const std::string& unet_folder);
 };
 
 struct LoadOptions {
@@ -62,11 +68,19 @@ struct LoadOptions {
   /// back, while norms, attention and embeddings stay float32 (convolutions_to). On CPUs whose oneDNN has bf16
   /// kernels (AMX, AVX512-BF16) the convolutions, most of the network's time, run 2-3x faster; elsewhere slower.
   torch::ScalarType conv_dtype = torch::kFloat32;
+  /// Text-to-image pipelines: the tokenizer's normalisation (transformers', which diffusers pipelines use, or
+  /// original CLIP's).
+  TextNormalization text_normalization = TextNormalization::transformers;
 };
 
 /// A model ready to sample from. x_t has shape [channels, height, width] (latents for a latent model).
+/// A text-to-image pipeline (Stable Diffusion 1.x / 2.x) holds text_unet, text_encoder and tokenizer instead of unet.
 struct LoadedRun {
   UNet2DModel unet{nullptr};
+  UNet2DConditionModel text_unet{nullptr};
+  ClipTextModel text_encoder{nullptr};
+  std::shared_ptr<const ClipTokenizer> tokenizer;
+  std::vector<std::string> notes;  ///< what loading skipped or assumed (pipeline components not used), for stderr
   SchedulerConfig scheduler;
   AutoencoderKL vae{nullptr};  ///< empty for a pixel model
   std::string unet_folder, vae_folder;
@@ -78,7 +92,15 @@ struct LoadedRun {
 
   /// The UNet as a Network (eval mode, no gradient bookkeeping by the caller's guard).
   Network network() const;
+  bool is_text() const { return !text_unet.is_empty(); }
 };
+
+/// The text encoder's states for each prompt ([P, L, D] on the run's device) as diffusers' encode_prompt gives
+/// them: tokenized (padded / truncated to the tokenizer's model_max_length), then the CLIP text model, clip_skip
+/// layers before the last. A prompt longer than the tokenizer's window adds a note to `notes` naming what was
+/// dropped. Throws std::invalid_argument for invalid UTF-8.
+torch::Tensor encode_prompts(const LoadedRun& run, const std::vector<std::string>& prompts, int64_t clip_skip = 0,
+                             std::vector<std::string>* notes = nullptr);
 
 /// Loads the UNet, its scheduler config and, for a latent model, its autoencoder, checking that they fit.
 LoadedRun load_run(const std::string& model, const LoadOptions& options = {});
@@ -98,6 +120,10 @@ struct GenerateOptions {
   bool dpmpp3_taylor = false;      ///< dpmpp_3m*: the third-order D2 weight (SamplerOptions::dpmpp3_taylor)
   int64_t n = 16, batch = 64;
   int64_t class_id = -1;           ///< -1: image i asks for class i mod (class_embeds - 1)
+  std::vector<std::string> prompts;           ///< text-to-image: image i gets prompts[i mod P] (required)
+  std::vector<std::string> negative_prompts;  ///< CFG's unconditional half: image i gets [i mod P]; none: ""
+  int64_t clip_skip = 0;                      ///< diffusers' clip_skip: the text states clip_skip layers early
+  int64_t height = 0, width = 0;   ///< image size in pixels (a latent model: a multiple of the VAE's factor); 0: the config's
   int64_t null_class = -1;         ///< -1: class_embeds - 1
   double cfg = 1.0, cfg_rescale = 0.0;
   NoisyClassifier classifier{nullptr};
@@ -147,6 +173,8 @@ struct Generated {
   torch::Tensor images;    ///< [n, C, H, W] float32 on the CPU, the model's range ([-1, 1] for images)
   torch::Tensor latents;   ///< for a latent model: what the sampler produced, before decoding
   std::vector<int64_t> labels;     ///< the class image i asked for (-1 for an unconditional model)
+  std::vector<std::string> prompts, negative_prompts;  ///< image i's (text-to-image)
+  std::vector<std::string> notes;  ///< what the caller should tell the user (truncated prompts, substitutions)
   std::string sampler;             ///< the sampler used (GenerateOptions::sampler, or the config's)
   std::vector<double> timesteps;   ///< the network times walked, from noise to data
   Spacing spacing = Spacing::leading;

@@ -1,0 +1,261 @@
+// Text-to-image (Stable Diffusion 1.x / 2.x shaped pipelines) against diffusers 0.40 and transformers' CLIP: the
+// tiny random-weight pipelines of tests/fixtures/text-to-image (README there; generator in
+// tests/fixtures/generators/gen_fixtures_t2i.py). Every stage is compared: token ids exactly, tensors to float32
+// rounding, and a whole 10-step CFG run with rescale and negative prompts.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "diffuse/io/files.h"
+#include "diffuse/io/safetensors.h"
+#include "diffuse/models/model_folder.h"
+#include "diffuse/models/unet_condition.h"
+#include "diffuse/models/vae.h"
+#include "diffuse/sample/pipeline.h"
+#include "diffuse/text/clip_text.h"
+#include "diffuse/text/clip_tokenizer.h"
+#include "test_util.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using diffuse::testing::expect_error;
+
+std::string fixture(const std::string& variant) { return std::string(DIFFUSE_FIXTURES) + "/text-to-image/" + variant; }
+std::string pipe(const std::string& variant) { return fixture(variant) + "/pipe"; }
+
+struct Reference {
+  std::map<std::string, torch::Tensor> t;
+  nlohmann::json j;
+  explicit Reference(const std::string& variant)
+      : t(diffuse::load_safetensors(fixture(variant) + "/reference.safetensors")),
+        j(diffuse::load_json(fixture(variant) + "/reference.json")) {}
+  const torch::Tensor& operator[](const std::string& name) const { return t.at(name); }
+};
+
+// Within float32 rounding of a computation of this depth: |a - b| <= 1e-5 * max(1, max |b|) elementwise.
+void expect_close(const torch::Tensor& ours, const torch::Tensor& reference, const std::string& what, double rel = 1e-5) {
+  ASSERT_EQ(ours.sizes(), reference.sizes()) << what;
+  const double scale = std::max(1.0, reference.abs().max().item<double>());
+  const double diff = (ours.to(torch::kFloat64) - reference.to(torch::kFloat64)).abs().max().item<double>();
+  EXPECT_LE(diff, rel * scale) << what << ": max |diff| " << diff << " at scale " << scale;
+}
+
+std::vector<int64_t> ids_of(const nlohmann::json& j) { return j.get<std::vector<int64_t>>(); }
+
+class TextToImage : public ::testing::TestWithParam<std::string> {};
+INSTANTIATE_TEST_SUITE_P(Sd, TextToImage, ::testing::Values("sd1", "sd2"));
+
+TEST_P(TextToImage, TokenizerIdsEqualTransformersClipTokenizer) {
+  const Reference ref(GetParam());
+  auto tokenizer = diffuse::ClipTokenizer::load(pipe(GetParam()) + "/tokenizer");
+  EXPECT_EQ(tokenizer.pad_id(), ref.j["tokenizer"]["pad_id"].get<int64_t>());
+  EXPECT_EQ(tokenizer.max_length(), 77);
+  int k = 0;
+  for (const auto& c : ref.j["token_cases"]) {
+    const auto text = c["text"].get<std::string>();
+    EXPECT_EQ(tokenizer.tokenize(text), c["bpe_tokens"].get<std::vector<std::string>>()) << text;
+    EXPECT_EQ(tokenizer.encode(text), ids_of(c["ids_full"])) << text;
+    const auto padded = tokenizer.encode_padded(text);
+    EXPECT_EQ(padded.ids, ids_of(c["ids_77"])) << text;
+    const auto stored = ref[("tokens." + std::to_string(k++) + ".ids_77")];
+    EXPECT_EQ(padded.ids, std::vector<int64_t>(stored.data_ptr<int64_t>(), stored.data_ptr<int64_t>() + stored.numel()));
+    EXPECT_EQ(!padded.dropped.empty(), c["truncated"].get<bool>()) << text;
+  }
+  // The 173-token prompt: what truncation dropped is named (its text as transformers' convert_tokens_to_string gives
+  // it: each word's "</w>" as a space, so punctuation stands apart).
+  const auto long_prompt = ref.j["token_cases"][2]["text"].get<std::string>();
+  const auto dropped = tokenizer.encode_padded(long_prompt).dropped;
+  EXPECT_NE(dropped.find("studio lighting , sharp focus , 8 k"), std::string::npos) << dropped;
+}
+
+TEST_P(TextToImage, ClipStyleNormalizationMatchesTheFixturesSecondReading) {
+  const Reference ref(GetParam());
+  auto tokenizer = diffuse::ClipTokenizer::load(pipe(GetParam()) + "/tokenizer");
+  tokenizer.normalization = diffuse::TextNormalization::clip;
+  for (const auto& c : ref.j["token_cases"])
+    EXPECT_EQ(tokenizer.encode(c["text"].get<std::string>()), ids_of(c["ids_full_clipstyle"])) << c["text"];
+}
+
+TEST(ClipTokenizer, InvalidUtf8AndBrokenFilesAreClearErrors) {
+  auto tokenizer = diffuse::ClipTokenizer::load(pipe("sd2") + "/tokenizer");
+  expect_error([&] { tokenizer.encode("caf\xc3"); }, "not valid UTF-8 (byte 3)");
+  expect_error([&] { tokenizer.encode("\xff\xfe"); }, "not valid UTF-8");
+  diffuse::testing::TempDir dir;
+  expect_error([&] { diffuse::ClipTokenizer::load(dir.str()); }, "vocab.json");
+  fs::copy_file(pipe("sd2") + "/tokenizer/vocab.json", dir / "vocab.json");
+  expect_error([&] { diffuse::ClipTokenizer::load(dir.str()); }, "merges.txt");
+  std::ofstream(dir / "merges.txt") << "#version: 0.2\na b c\n";
+  expect_error([&] { diffuse::ClipTokenizer::load(dir.str()); }, "line 2");
+  std::ofstream(dir / "vocab.json") << "{\"a\": 1,";
+  expect_error([&] { diffuse::ClipTokenizer::load(dir.str()); }, "vocab.json");
+}
+
+TEST_P(TextToImage, TextEncoderEqualsCLIPTextModel) {
+  const Reference ref(GetParam());
+  auto te = diffuse::load_clip_text_model(pipe(GetParam()) + "/text_encoder", torch::kCPU);
+  torch::NoGradGuard no_grad;
+  const auto out = te->forward(ref["text.input_ids"]);
+  expect_close(out.last_hidden_state, ref["text.last_hidden_state"], "last_hidden_state");
+  expect_close(out.pooler_output, ref["text.pooler_output"], "pooler_output");
+  ASSERT_EQ(out.hidden_states.size(), 4u);
+  for (size_t i = 0; i < 4; ++i)
+    expect_close(out.hidden_states[i], ref["text.hidden_states." + std::to_string(i)], "hidden_states." + std::to_string(i));
+  expect_close(te->encode(ref["text.input_ids"], 1), ref["text.clip_skip1"], "clip_skip 1");
+}
+
+TEST_P(TextToImage, UNetEqualsUNet2DConditionModel) {
+  const Reference ref(GetParam());
+  auto unet = diffuse::load_unet_condition(pipe(GetParam()) + "/unet", torch::kCPU);
+  unet->eval();
+  torch::NoGradGuard no_grad;
+  expect_close(unet->forward(ref["unet.sample"], ref["unet.timesteps"], ref["unet.encoder_hidden_states"]), ref["unet.out"],
+               "unet t = [999, 500, 1]");
+  expect_close(unet->forward(ref["unet.sample"], torch::tensor(250), ref["unet.encoder_hidden_states"]),
+               ref["unet.out_t_scalar_250"], "unet t = 250");
+  // The training target and loss of the pipeline's schedule (v for sd2 with zero terminal SNR, eps for sd1).
+  auto pred = unet->forward(ref["train.noisy"], ref["train.timesteps"], ref["unet.encoder_hidden_states"]);
+  expect_close(pred, ref["train.unet_out"], "unet on noisy latents");
+  EXPECT_NEAR(torch::mse_loss(pred, ref["train.v_target"]).item<double>(), ref["train.mse"].item<double>(),
+              1e-5 * ref["train.mse"].item<double>());
+}
+
+TEST_P(TextToImage, AutoencoderOfThePipelineEqualsAutoencoderKL) {
+  const Reference ref(GetParam());
+  auto vae = diffuse::load_vae(pipe(GetParam()) + "/vae", torch::kCPU);
+  vae->eval();
+  torch::NoGradGuard no_grad;
+  const auto posterior = vae->encode(ref["vae.image"]);
+  expect_close(posterior.mean, ref["vae.latent_mean"], "vae mean");
+  expect_close(posterior.std, ref["vae.latent_std"], "vae std");
+  expect_close(vae->decode(ref["vae.decode_in"]), ref["vae.decode_out"], "vae decode");
+}
+
+TEST_P(TextToImage, EncodePromptEqualsDiffusers) {
+  const Reference ref(GetParam());
+  auto run = diffuse::load_run(pipe(GetParam()));
+  ASSERT_TRUE(run.is_text());
+  const auto prompts = ref.j["prompts"].get<std::vector<std::string>>();
+  const auto negatives = ref.j["negative_prompts"].get<std::vector<std::string>>();
+  const std::vector<std::string> two(prompts.begin(), prompts.begin() + 2);
+  expect_close(diffuse::encode_prompts(run, two), ref["encode_prompt.prompt_embeds"], "prompt_embeds");
+  expect_close(diffuse::encode_prompts(run, negatives), ref["encode_prompt.negative_prompt_embeds"], "negative_prompt_embeds");
+  expect_close(diffuse::encode_prompts(run, two, 1), ref["encode_prompt.prompt_embeds_clip_skip1"], "clip_skip 1");
+  std::vector<std::string> notes;
+  diffuse::encode_prompts(run, {prompts[2]}, 0, &notes);
+  ASSERT_EQ(notes.size(), 1u);
+  EXPECT_NE(notes[0].find("dropped"), std::string::npos) << notes[0];
+}
+
+// The whole pipeline: 10 DDIM steps (sd2: trailing, v, zero terminal SNR; sd1: leading, eps), CFG 7.5 with rescale
+// 0.7 and negative prompts, from the fixture's initial latents, 64x96 pixels. Every latent after every step and the
+// decoded image equal diffusers' StableDiffusionPipeline to float32 rounding. At sd2's first step (t = 999, SNR 0)
+// diffusers' DDIMScheduler computes x0 = a x_t - s v with a = 0 exactly, as diffuse does, so no difference is expected.
+TEST_P(TextToImage, WholePipelineEqualsStableDiffusionPipeline) {
+  const Reference ref(GetParam());
+  auto run = diffuse::load_run(pipe(GetParam()));
+  const auto prompts = ref.j["prompts"].get<std::vector<std::string>>();
+  diffuse::GenerateOptions o;
+  o.prompts = {prompts[0], prompts[1]};
+  o.negative_prompts = ref.j["negative_prompts"].get<std::vector<std::string>>();
+  o.n = 2;
+  o.steps = 10;
+  o.cfg = 7.5;
+  o.cfg_rescale = 0.7;
+  o.height = 64;
+  o.width = 96;
+  o.init_noise = ref["pipe.init_latents"];
+  std::vector<torch::Tensor> steps;
+  const auto g = diffuse::generate(run, o);
+  EXPECT_EQ(g.sampler, "ddim");
+  const auto& ts = ref["pipe.timesteps"];
+  ASSERT_EQ(g.timesteps.size(), size_t(ts.numel()));
+  for (int64_t i = 0; i < ts.numel(); ++i) EXPECT_EQ(g.timesteps[size_t(i)], double(ts[i].item<int64_t>()));
+  expect_close(g.latents, ref["pipe.final_latents"], "final latents", 2e-5);
+  expect_close((g.images / 2 + 0.5).clamp(0, 1).permute({0, 2, 3, 1}), ref["pipe.image"], "image", 2e-5);
+  EXPECT_EQ(g.prompts, o.prompts);
+  EXPECT_EQ(g.negative_prompts, o.negative_prompts);
+}
+
+TEST(UNetCondition, ConfigRoundTripsAndRefusesWhatItDoesNotBuild) {
+  const auto json = diffuse::load_json(pipe("sd2") + "/unet/config.json");
+  const auto c = diffuse::UNetConditionConfig::from_json(json);
+  EXPECT_EQ(c.heads, (std::vector<int64_t>{2, 4, 4}));
+  EXPECT_TRUE(c.use_linear_projection);
+  EXPECT_EQ(diffuse::UNetConditionConfig::from_json(c.to_json()).to_json(), c.to_json());
+  EXPECT_EQ(c.to_json()["attention_head_dim"], json["attention_head_dim"]);
+  auto with = [&](const std::string& key, nlohmann::json value) {
+    auto j = json;
+    j[key] = value;
+    return j;
+  };
+  expect_error([&] { diffuse::UNetConditionConfig::from_json(with("addition_embed_type", "text_time")); },
+               "'addition_embed_type'");
+  expect_error([&] { diffuse::UNetConditionConfig::from_json(with("transformer_layers_per_block", 2)); },
+               "'transformer_layers_per_block'");
+  expect_error([&] { diffuse::UNetConditionConfig::from_json(with("frobnicate", 1)); }, "'frobnicate'");
+  EXPECT_NO_THROW(diffuse::UNetConditionConfig::from_json(with("transformer_layers_per_block", {1, 1, 1})));
+  auto bad_heads = diffuse::UNetConditionConfig::from_json(with("attention_head_dim", {2, 3, 4}));
+  expect_error([&] { bad_heads.validate(); }, "'attention_head_dim'");
+}
+
+TEST(UNetCondition, SavedFolderLoadsWithTheSameOutputs) {
+  diffuse::testing::TempDir dir;
+  auto unet = diffuse::load_unet_condition(pipe("sd1") + "/unet", torch::kCPU);
+  diffuse::save_unet_condition(unet, dir / "unet");
+  auto again = diffuse::load_unet_condition(dir / "unet", torch::kCPU);
+  torch::NoGradGuard no_grad;
+  auto x = torch::randn({1, 4, 8, 8});
+  auto ctx = torch::randn({1, 77, 32});
+  EXPECT_TRUE(torch::equal(unet->forward(x, torch::tensor(10), ctx), again->forward(x, torch::tensor(10), ctx)));
+}
+
+TEST(TextPipeline, BadInputIsOneClearError) {
+  diffuse::testing::TempDir dir;
+  fs::copy(pipe("sd2"), dir / "p", fs::copy_options::recursive);
+  for (auto& e : fs::recursive_directory_iterator(dir.path)) fs::permissions(e.path(), fs::perms::owner_write, fs::perm_options::add);
+  auto run = diffuse::load_run(dir / "p");
+  diffuse::GenerateOptions o;
+  o.n = 1;
+  o.steps = 2;
+  expect_error([&] { diffuse::generate(run, o); }, "pass --prompt");
+  o.prompts = {"a cat"};
+  o.height = 60;
+  expect_error([&] { diffuse::generate(run, o); }, "--height 60 is not a positive multiple of 32");
+  o.height = 0;
+  o.negative_prompts = {"dog"};
+  expect_error([&] { diffuse::generate(run, o); }, "--negative-prompt acts through classifier-free guidance");
+  // A text encoder of another width than the UNet's cross_attention_dim.
+  auto te_config = diffuse::load_json(dir / "p/text_encoder/config.json");
+  auto unet_config = diffuse::load_json(dir / "p/unet/config.json");
+  unet_config["cross_attention_dim"] = 16;
+  diffuse::write_file_atomic(dir / "p/unet/config.json", unet_config.dump());
+  expect_error([&] { diffuse::load_run(dir / "p"); }, "cross_attention_dim");
+  unet_config["cross_attention_dim"] = 32;
+  diffuse::write_file_atomic(dir / "p/unet/config.json", unet_config.dump());
+  // A truncated weight file, a missing tokenizer file, non-finite weights.
+  const auto weights = dir / "p/text_encoder/model.safetensors";
+  const auto bytes = diffuse::read_file(weights);
+  diffuse::write_file_atomic(weights, bytes.substr(0, bytes.size() / 2));
+  expect_error([&] { diffuse::load_run(dir / "p"); }, "model.safetensors");
+  diffuse::write_file_atomic(weights, bytes);
+  fs::remove(dir / "p/tokenizer/merges.txt");
+  expect_error([&] { diffuse::load_run(dir / "p"); }, "merges.txt");
+  fs::copy_file(pipe("sd2") + "/tokenizer/merges.txt", dir / "p/tokenizer/merges.txt");
+  auto tensors = diffuse::load_safetensors(weights);
+  tensors.begin()->second[0] = std::numeric_limits<float>::quiet_NaN();
+  diffuse::save_safetensors(weights, tensors);
+  expect_error([&] { diffuse::load_run(dir / "p"); }, "NaN or infinite");
+}
+
+TEST(UNetConditionSlow, FullSizeConfigsBuildWithTheirParameterCounts) {
+  // SD 1.5 and SD 2.1's unet/config.json, random weights: the parameter counts diffusers reports for them.
+  diffuse::UNet2DConditionModel sd15(diffuse::sd15_unet_config());
+  EXPECT_EQ(diffuse::parameter_count(*sd15), 859520964);
+  diffuse::UNet2DConditionModel sd21(diffuse::sd21_unet_config());
+  EXPECT_EQ(diffuse::parameter_count(*sd21), 865910724);
+}
+
+}  // namespace

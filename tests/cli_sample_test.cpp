@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "cli_util.h"
+#include "test_util.h"
 #include "diffuse/io/files.h"
 #include "diffuse/io/safetensors.h"
 #include "diffuse/core/scheduler_config.h"
@@ -92,4 +93,44 @@ TEST(CliSample, BadInputGetsOneErrorLine) {
     EXPECT_NE(r.output.find("error:"), std::string::npos) << c.args << "\n" << r.output;
     EXPECT_NE(r.output.find(c.needle), std::string::npos) << c.args << "\n" << r.output;
   }
+}
+
+// The whole Stable Diffusion run of tests/fixtures/text-to-image through the CLI: two prompts (one with Unicode, CJK
+// and emoji), two negative prompts (one empty), CFG 7.5 with rescale 0.7, 10 steps, the fixture's initial latents.
+// The latents it saves and the image it decodes equal diffusers' StableDiffusionPipeline to float32 rounding.
+TEST(CliSample, TextToImageEqualsStableDiffusionPipeline) {
+  for (const std::string variant : {"sd1", "sd2"}) {
+    diffuse::testing::TempDir dir;
+    const auto root = diffuse::testing::fixture("text-to-image/" + variant);
+    const auto ref = diffuse::load_safetensors(root + "/reference.safetensors");
+    const auto j = diffuse::load_json(root + "/reference.json");
+    std::string prompts, negatives;
+    for (int i = 0; i < 2; ++i) {
+      prompts += j["prompts"][i].get<std::string>() + "\n";
+      negatives += j["negative_prompts"][i].get<std::string>() + "\n";
+    }
+    diffuse::write_file_atomic(dir / "prompts.txt", prompts);
+    diffuse::write_file_atomic(dir / "negatives.txt", negatives);
+    diffuse::save_safetensors(dir / "noise.safetensors", {{"noise", ref.at("pipe.init_latents")}});
+    auto r = diffuse::testing::run_cli("sample --model " + root + "/pipe --prompts " + (dir / "prompts.txt") +
+                                       " --negative-prompts " + (dir / "negatives.txt") + " --cfg 7.5 --cfg-rescale 0.7 "
+                                       "--steps 10 --n 2 --height 64 --width 96 --init-noise " + (dir / "noise.safetensors") +
+                                       " --save-raw " + (dir / "raw.safetensors") + " --out " + (dir / "out") + " --quiet");
+    ASSERT_EQ(r.code, 0) << r.output;
+    const auto raw = diffuse::load_safetensors(dir / "raw.safetensors");
+    const auto& want = ref.at("pipe.final_latents");
+    EXPECT_LE((raw.at("latents") - want).abs().max().item<double>(), 2e-5 * std::max(1.0, want.abs().max().item<double>()))
+        << variant;
+    const auto image = (raw.at("sample") / 2 + 0.5).clamp(0, 1).permute({0, 2, 3, 1});
+    EXPECT_LE((image - ref.at("pipe.image")).abs().max().item<double>(), 2e-5) << variant;
+    // Each PNG names its prompt, negative prompt and settings in a "parameters" text chunk.
+    const auto png = diffuse::read_file(dir / "out/000001.png");
+    EXPECT_NE(png.find("iTXtparameters"), std::string::npos);
+    EXPECT_NE(png.find("Steps: 10, Sampler: ddim"), std::string::npos);
+    EXPECT_NE(diffuse::read_file(dir / "out/000000.png").find("Negative prompt: lowres, bad anatomy"), std::string::npos);
+  }
+  auto bad = diffuse::testing::run_cli("sample --model " + diffuse::testing::fixture("text-to-image/sd1/pipe") +
+                                       " --prompts /nonexistent/prompts.txt --quiet");
+  EXPECT_EQ(bad.code, 1);
+  EXPECT_NE(bad.output.find("error: cannot read '/nonexistent/prompts.txt'"), std::string::npos) << bad.output;
 }

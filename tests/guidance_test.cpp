@@ -110,7 +110,8 @@ TEST(ClassifierFreeGuidance, OneBatchedCallWithTheNullLabel) {
   EXPECT_EQ(seen_labels.size(0), 2);  // w = 1 needs no unconditional pass
   EXPECT_LT(max_abs(same - cond), 1e-15);
 
-  EXPECT_THROW(classifier_free_guidance(net, {7.5, 0.7, -1}), std::invalid_argument);
+  // Without a null label, labels cannot be guided (a text context brings its own unconditional half instead).
+  EXPECT_THROW(classifier_free_guidance(net, {7.5, 0.7, -1})(x, tc, labels), std::invalid_argument);
   EXPECT_THROW(classifier_free_guidance(net, {7.5, 1.5, 10}), std::invalid_argument);
   EXPECT_THROW(guided(x, tc, torch::Tensor()), std::invalid_argument);
 }
@@ -290,3 +291,26 @@ TEST(ClipX0, ClampsX0AndKeepsThePairConsistent) {
   }
   EXPECT_THROW(clip_x0(plain, 0.0), std::invalid_argument);
 }
+
+namespace {
+// Classifier-free guidance on a text context: one call on [x; x] with contexts [context; uncond_context], combined
+// by cfg_combine; a context without its unconditional half is refused.
+TEST(ClassifierFreeGuidance, TextContextBatchesThePromptAndTheNegativePrompt) {
+  using namespace diffuse;
+  torch::Tensor seen;
+  Network net = [&](const torch::Tensor& x, const torch::Tensor&, const Conditioning& c) {
+    seen = c.context;
+    return torch::Tensor(x + c.context.mean({1, 2}).view({-1, 1, 1, 1}));
+  };
+  auto x = torch::randn({2, 4, 3, 3});
+  auto tc = torch::full({2}, 500.0f);
+  auto context = torch::randn({2, 5, 8}), negative = torch::randn({2, 5, 8});
+  auto guided = classifier_free_guidance(net, {5.0, 0.0, -1});
+  auto out = guided(x, tc, Conditioning::text(context, negative));
+  ASSERT_EQ(seen.size(0), 4);
+  EXPECT_TRUE(torch::equal(seen, torch::cat({context, negative})));
+  auto cond = net(x, tc, Conditioning::text(context)), uncond = net(x, tc, Conditioning::text(negative));
+  EXPECT_LT((out - cfg_combine(cond, uncond, 5.0, 0.0)).abs().max().item<double>(), 1e-6);
+  EXPECT_THROW(guided(x, tc, Conditioning::text(context)), std::invalid_argument);
+}
+}  // namespace

@@ -9,6 +9,7 @@
 #include <fstream>
 
 #include "diffuse/io/files.h"
+#include "diffuse/io/image_io.h"
 #include "diffuse/io/safetensors.h"
 #include "diffuse/models/model_folder.h"
 #include "diffuse/models/unet_condition.h"
@@ -258,4 +259,40 @@ TEST(UNetConditionSlow, FullSizeConfigsBuildWithTheirParameterCounts) {
   EXPECT_EQ(diffuse::parameter_count(*sd21), 865910724);
 }
 
+}  // namespace
+
+namespace {
+TEST(TextPipeline, ExampleTxt2ImgRuns) {
+  diffuse::testing::TempDir dir;
+  const auto png = dir / "cat.png";
+  const auto code = std::system((std::string(DIFFUSE_EXAMPLE_TXT2IMG) + " " + pipe("sd2") + " 'a cat, white background' " +
+                                 png + " 'blurry' 2> " + (dir / "log.txt")).c_str());
+  ASSERT_EQ(code, 0) << diffuse::read_file(dir / "log.txt");
+  const auto image = diffuse::read_image(png);
+  EXPECT_EQ(image.sizes(), (torch::IntArrayRef{3, 64, 64}));
+}
+}  // namespace
+
+namespace {
+// SD 1.x pipelines ship PNDMScheduler, which diffuse does not implement: refused by name, never sampled as DDIM
+// without a word; with --sampler the substitution is stated.
+TEST(TextPipeline, AnUnimplementedSchedulerClassIsRefusedOrNamed) {
+  diffuse::testing::TempDir dir;
+  auto config = diffuse::load_json(pipe("sd1") + "/scheduler/scheduler_config.json");
+  config["_class_name"] = "PNDMScheduler";
+  config["skip_prk_steps"] = true;
+  diffuse::write_file_atomic(dir / "scheduler_config.json", config.dump());
+  diffuse::LoadOptions lo;
+  lo.scheduler_file = dir / "scheduler_config.json";
+  auto run = diffuse::load_run(pipe("sd1"), lo);
+  diffuse::GenerateOptions o;
+  o.prompts = {"a cat"};
+  o.n = 1;
+  o.steps = 2;
+  expect_error([&] { diffuse::generate(run, o); }, "names PNDMScheduler, which diffuse does not implement");
+  o.sampler = "ddim";
+  const auto g = diffuse::generate(run, o);
+  ASSERT_EQ(g.notes.size(), 1u);
+  EXPECT_NE(g.notes[0].find("PNDMScheduler"), std::string::npos) << g.notes[0];
+}
 }  // namespace

@@ -1,6 +1,8 @@
 #include "diffuse/io/image_io.h"
 
+#include <algorithm>
 #include <cmath>
+#include <zlib.h>
 #include <cstring>
 #include <stdexcept>
 
@@ -187,6 +189,38 @@ std::string encode_png(const torch::Tensor& image) {
 }
 
 void write_png(const std::string& path, const torch::Tensor& image) { write_file_atomic(path, encode_png(image)); }
+
+namespace {
+void put_u32(std::string& out, uint32_t v) {
+  for (int shift = 24; shift >= 0; shift -= 8) out.push_back(char((v >> shift) & 0xff));
+}
+}  // namespace
+
+std::string with_png_text(const std::string& png, const std::string& key, const std::string& value) {
+  // PNG 1.2, sections 4.2.3.3 (iTXt) and 4.2.3.1 (tEXt): a keyword of 1-79 Latin-1 characters, NUL, then the text.
+  // ASCII text goes in tEXt (Latin-1), anything else in uncompressed iTXt (UTF-8), as PIL's PngInfo writes them.
+  if (key.empty() || key.size() > 79 || key.find('\0') != std::string::npos)
+    throw std::invalid_argument("PNG text key must be 1 to 79 characters without NUL, got '" + key + "'");
+  if (png.size() < 33 || png.compare(12, 4, "IHDR") != 0) throw std::invalid_argument("with_png_text: not a PNG");
+  const bool ascii = std::all_of(value.begin(), value.end(), [](char c) { return (unsigned char)c < 0x80; });
+  std::string chunk = ascii ? "tEXt" : "iTXt";
+  chunk += key;
+  chunk.push_back('\0');
+  if (!ascii) chunk.append(std::string("\0\0\0\0", 4));  // not compressed, method 0, no language tag, no translated key
+  chunk += value;
+  std::string out = png.substr(0, 33);  // signature (8) and IHDR (4 + 4 + 13 + 4)
+  put_u32(out, uint32_t(chunk.size() - 4));
+  out += chunk;
+  put_u32(out, uint32_t(crc32(0, reinterpret_cast<const Bytef*>(chunk.data()), uInt(chunk.size()))));
+  out += png.substr(33);
+  return out;
+}
+
+void write_png(const std::string& path, const torch::Tensor& image, const std::map<std::string, std::string>& text) {
+  auto bytes = encode_png(image);
+  for (const auto& [key, value] : text) bytes = with_png_text(bytes, key, value);
+  write_file_atomic(path, bytes);
+}
 
 // ---------------------------------------------------------------- 5x7 bitmap font
 

@@ -1,5 +1,6 @@
-// diffuse sample: images from a trained model (a diffuse run folder or a diffusers UNet2DModel folder)
-// with any sampler, spacing, classifier-free guidance (with rescale) and classifier guidance.
+// diffuse sample: images from a trained model (a diffuse run folder, a diffusers UNet2DModel folder, or a Stable
+// Diffusion pipeline folder with prompts) with any sampler, spacing, classifier-free guidance (with rescale and
+// negative prompts) and classifier guidance.
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
@@ -30,6 +31,8 @@ namespace {
 struct SampleOptions {
   std::string model, out = "samples", sampler, spacing, unipc_variant, device = "cpu", dtype = "fp32", conv_dtype = "fp32", classifier, init_noise, save_raw, vae;
   std::string scheduler_path, weights = "auto", variance = "fixed_small";
+  std::string prompt, negative_prompt, prompts_file, negative_prompts_file, text_normalization = "transformers";
+  int64_t clip_skip = 0, height = 0, width = 0;
   int64_t steps = 25, n = 16, batch = 64, class_id = -1, null_class = -1, grid_cols = 0;
   double cfg = 1.0, cfg_rescale = 0.0, classifier_scale = 0.0, eta = std::numeric_limits<double>::quiet_NaN();
   double clip_sample = std::numeric_limits<double>::quiet_NaN();  ///< NaN: the scheduler config's; 0: off
@@ -46,8 +49,30 @@ torch::Tensor load_init_noise(const std::string& file) {
   return it->second.to(torch::kFloat32);
 }
 
+// A prompt option (`text`) or the lines of a prompt file (`file`, one prompt per line; empty lines kept only where
+// they mean something: an empty negative prompt).
+std::vector<std::string> prompts_of(const std::string& text, const std::string& file, const char* flag,
+                                    const char* file_flag, bool keep_empty) {
+  if (!text.empty() && !file.empty())
+    throw std::invalid_argument(std::string("pass ") + flag + " or " + file_flag + " FILE, not both");
+  if (file.empty()) return text.empty() ? std::vector<std::string>{} : std::vector<std::string>{text};
+  std::istringstream lines(read_file(file));
+  std::vector<std::string> prompts;
+  for (std::string line; std::getline(lines, line);) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (keep_empty || !line.empty()) prompts.push_back(line);
+  }
+  if (prompts.empty()) throw std::invalid_argument("'" + file + "' holds no prompt (one per line)");
+  return prompts;
+}
+
 GenerateOptions generate_options(const SampleOptions& o, torch::Device device) {
   GenerateOptions g;
+  g.prompts = prompts_of(o.prompt, o.prompts_file, "--prompt", "--prompts", false);
+  g.negative_prompts = prompts_of(o.negative_prompt, o.negative_prompts_file, "--negative-prompt", "--negative-prompts", true);
+  g.clip_skip = o.clip_skip;
+  g.height = o.height;
+  g.width = o.width;
   g.sampler = o.sampler;
   g.steps = o.steps;
   if (!o.spacing.empty()) g.spacing = parse_spacing(o.spacing);
@@ -87,6 +112,19 @@ void remove_earlier_samples(const fs::path& out) {
   }
 }
 
+// The "parameters" text of a PNG (the convention of AUTOMATIC1111's web UI, which other tools read): the prompt,
+// the negative prompt, then the settings.
+std::string png_parameters(const SampleOptions& o, const Generated& g, int64_t i) {
+  std::ostringstream p;
+  p << g.prompts[size_t(i)] << "\n";
+  if (!g.negative_prompts[size_t(i)].empty()) p << "Negative prompt: " << g.negative_prompts[size_t(i)] << "\n";
+  p << "Steps: " << g.timesteps.size() << ", Sampler: " << g.sampler << ", Spacing: " << to_string(g.spacing)
+    << ", CFG scale: " << o.cfg << ", CFG rescale: " << o.cfg_rescale << ", Seed: " << o.seed << ", Image index: " << i
+    << ", Size: " << g.images.size(3) << "x" << g.images.size(2) << ", Model: " << fs::path(o.model).filename().string()
+    << (o.clip_skip ? ", Clip skip: " + std::to_string(o.clip_skip) : "") << ", Generator: diffuse";
+  return p.str();
+}
+
 void write_outputs(const SampleOptions& o, const LoadedRun& run, const Generated& g) {
   fs::create_directories(o.out);
   if (!o.no_images) remove_earlier_samples(o.out);
@@ -100,7 +138,9 @@ void write_outputs(const SampleOptions& o, const LoadedRun& run, const Generated
   for (int64_t i = 0; i < o.n; ++i) {
     std::ostringstream name;
     name << std::setw(6) << std::setfill('0') << i << ".png";
-    write_png((fs::path(o.out) / name.str()).string(), g.images[i]);
+    std::map<std::string, std::string> text;
+    if (run.is_text()) text["parameters"] = png_parameters(o, g, i);
+    write_png((fs::path(o.out) / name.str()).string(), g.images[i], text);
   }
   if (run.class_embeds > 0) {  // the class each image was asked for, read by diffuse eval
     std::ostringstream csv;
@@ -117,6 +157,7 @@ void write_outputs(const SampleOptions& o, const LoadedRun& run, const Generated
 }
 
 void run_sample(const SampleOptions& o) {
+  if (o.batch < 1) throw std::invalid_argument("--batch must be >= 1, got " + std::to_string(o.batch));
   warn_if_slow_blas();
   if (!o.quiet && o.dtype == "fp32" && o.conv_dtype == "fp32")
     suggest_bf16(o.device, "--dtype bf16 samples about 2.9x faster at the same FID");
@@ -129,12 +170,16 @@ void run_sample(const SampleOptions& o) {
   lo.dtype = parse_network_dtype(o.dtype, device);
   lo.channels_last = o.channels_last;
   lo.conv_dtype = parse_network_dtype(o.conv_dtype, device, "--conv-dtype");
+  if (o.text_normalization != "transformers" && o.text_normalization != "clip")
+    throw std::invalid_argument("--text-normalization must be transformers or clip, got '" + o.text_normalization + "'");
+  lo.text_normalization = o.text_normalization == "clip" ? TextNormalization::clip : TextNormalization::transformers;
   if (o.tf32) allow_tf32(device);
+  auto g = generate_options(o, device);  // first: an unreadable prompt file is reported before the model loads
   auto run = load_run(o.model, lo);
+  for (const auto& note : run.notes) std::cerr << "note: " << note << "\n";
   if (!run.vae.is_empty() && !o.quiet)
     std::cerr << "latent diffusion: decoding " << run.channels << "x" << run.height << "x" << run.width
               << " latents through '" << run.vae_folder << "' (scaling_factor " << run.vae->config().scaling_factor << ")\n";
-  auto g = generate_options(o, device);
   const int64_t total = (o.n + o.batch - 1) / o.batch * o.steps;
   Progress progress(!o.quiet, 0, total, 1, "step");
   auto t0 = std::chrono::steady_clock::now();
@@ -147,6 +192,7 @@ void run_sample(const SampleOptions& o) {
   };
   auto out = generate(run, g);
   progress.finish();
+  for (const auto& note : out.notes) std::cerr << "note: " << note << "\n";
   write_outputs(o, run, out);
   const double secs = out.seconds;
   std::cout << "sampled " << o.n << " images (" << out.sampler << ", " << out.timesteps.size() << " steps, "
@@ -161,8 +207,23 @@ void run_sample(const SampleOptions& o) {
 
 void add_sample_command(CLI::App& app) {
   auto o = std::make_shared<SampleOptions>();
-  auto* cmd = app.add_subcommand("sample", "Sample images from a trained model (diffuse run or diffusers UNet2DModel folder)");
-  cmd->add_option("--model", o->model, "Run folder (unet_ema/ or unet/ + scheduler/) or a diffusers UNet2DModel folder")->required();
+  auto* cmd = app.add_subcommand("sample", "Sample images from a trained model (diffuse run, diffusers UNet2DModel folder, "
+                                           "or Stable Diffusion 1.x / 2.x pipeline folder with --prompt)");
+  cmd->add_option("--model", o->model, "Run folder (unet_ema/ or unet/ + scheduler/), a diffusers UNet2DModel folder, or a "
+                                       "diffusers StableDiffusionPipeline folder (model_index.json)")->required();
+  cmd->add_option("--prompt", o->prompt, "Text-to-image: the prompt of every image");
+  cmd->add_option("--prompts", o->prompts_file, "Text-to-image: a file of prompts, one per line (image i gets line i mod P)");
+  cmd->add_option("--negative-prompt", o->negative_prompt, "Text-to-image: CFG's unconditional half (default: the empty "
+                                                           "prompt); needs --cfg above 1");
+  cmd->add_option("--negative-prompts", o->negative_prompts_file, "Text-to-image: a file of negative prompts, one per "
+                                                                 "line (image i gets line i mod P; empty lines count)");
+  cmd->add_option("--clip-skip", o->clip_skip, "Text-to-image: use the text encoder's states this many layers before "
+                                               "the last (diffusers' clip_skip)")->capture_default_str();
+  cmd->add_option("--text-normalization", o->text_normalization, "Tokenizer: transformers (what diffusers pipelines feed "
+                  "the model) or clip (original CLIP's: no special-token or CJK split)")->capture_default_str();
+  cmd->add_option("--height", o->height, "Image height in pixels (latent models: a multiple of the VAE's factor times "
+                                         "the UNet's; default: the config's sample_size)");
+  cmd->add_option("--width", o->width, "Image width in pixels (as --height)");
   cmd->add_option("--scheduler", o->scheduler_path, "scheduler_config.json (default: found beside the model)");
   cmd->add_option("--weights", o->weights, "auto (EMA when present), ema or raw")->capture_default_str();
   cmd->add_option("--sampler", o->sampler, "ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, "

@@ -4,6 +4,7 @@
 
 #include <torch/types.h>
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,11 @@ int64_t image_file_channels(const std::string& path);
 void write_png(const std::string& path, const torch::Tensor& image);
 /// The PNG bytes of [C, H, W] (as write_png would write them).
 std::string encode_png(const torch::Tensor& image);
+/// `png` with a text chunk `key` = `value` after its header: tEXt for ASCII text, iTXt (UTF-8) otherwise, as PIL
+/// writes them (so A1111-style "parameters" with a Unicode prompt read back in other tools).
+std::string with_png_text(const std::string& png, const std::string& key, const std::string& value);
+/// write_png with text chunks (with_png_text), e.g. {"parameters", prompt and settings}.
+void write_png(const std::string& path, const torch::Tensor& image, const std::map<std::string, std::string>& text);
 
 struct GridOptions {
   int64_t cols = 0;   ///< images per row; 0: ceil(sqrt(N))

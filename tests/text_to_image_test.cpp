@@ -296,3 +296,37 @@ TEST(TextPipeline, AnUnimplementedSchedulerClassIsRefusedOrNamed) {
   EXPECT_NE(g.notes[0].find("PNDMScheduler"), std::string::npos) << g.notes[0];
 }
 }  // namespace
+
+namespace {
+// Image to image. diffusers' get_timesteps: int(steps * strength) steps from the end of the walk. At strength 1 on a
+// zero-terminal-SNR schedule (sd2) the first level has a = 0, so the init image has no weight and the run equals
+// text to image exactly; at 0.5 the walk is the full walk's second half, from a_t x0 + s_t eps.
+TEST(TextPipeline, ImageToImageRunsTheTailOfTheWalk) {
+  EXPECT_EQ(diffuse::partial_walk_start(50, 0.8), 10);
+  EXPECT_EQ(diffuse::partial_walk_start(10, 0.55), 5);
+  EXPECT_EQ(diffuse::partial_walk_start(10, 1.0), 0);
+  expect_error([] { diffuse::partial_walk_start(10, 0.05); }, "runs no step");
+  expect_error([] { diffuse::partial_walk_start(10, 1.5); }, "(0, 1]");
+  auto run = diffuse::load_run(pipe("sd2"));
+  diffuse::GenerateOptions o;
+  o.prompts = {"a white bald eagle on a white background"};
+  o.n = 2;
+  o.steps = 10;
+  o.cfg = 5;
+  o.height = 64;
+  o.width = 96;
+  const auto text = diffuse::generate(run, o);
+  o.init_images = torch::rand({1, 3, 64, 96}) * 2 - 1;
+  o.height = o.width = 0;
+  o.strength = 1.0;
+  const auto full = diffuse::generate(run, o);
+  EXPECT_TRUE(torch::allclose(full.latents, text.latents, 1e-5, 1e-6));
+  o.strength = 0.5;
+  const auto half = diffuse::generate(run, o);
+  ASSERT_EQ(half.timesteps.size(), 5u);
+  EXPECT_EQ(half.timesteps, std::vector<double>(text.timesteps.begin() + 5, text.timesteps.end()));
+  EXPECT_FALSE(torch::allclose(half.latents, text.latents, 1e-3, 1e-3));
+  o.init_images = torch::rand({1, 3, 60, 96});
+  expect_error([&] { diffuse::generate(run, o); }, "--height 60 is not a positive multiple of 32");
+}
+}  // namespace

@@ -15,6 +15,7 @@
 
 #include <limits>
 #include <set>
+#include <tuple>
 
 namespace fs = std::filesystem;
 
@@ -446,9 +447,21 @@ std::vector<Level> sampling_levels(const SchedulerConfig& config, const std::str
 
 namespace {
 
-// The latent (or pixel) size x_t has: the config's, or --height / --width in pixels, checked against the
-// autoencoder's factor and the UNet's levels.
-std::pair<int64_t, int64_t> sample_size(const LoadedRun& run, const GenerateOptions& o) {
+// The latent (or pixel) size x_t has: the config's, or --height / --width in pixels (image to image: the init
+// images' size), checked against the autoencoder's factor and the UNet's levels.
+std::pair<int64_t, int64_t> sample_size(const LoadedRun& run, const GenerateOptions& o_in) {
+  GenerateOptions o = o_in;
+  if (o.init_images.defined()) {
+    if (o.init_images.dim() != 4 || o.init_images.size(0) < 1)
+      throw std::invalid_argument("init images must be [M, C, H, W], got " + c10::str(o.init_images.sizes()));
+    for (auto [given, size, flag] : {std::tuple<int64_t, int64_t, const char*>{o.height, o.init_images.size(2), "--height"},
+                                     {o.width, o.init_images.size(3), "--width"}})
+      if (given != 0 && given != size)
+        throw std::invalid_argument(std::string(flag) + " " + std::to_string(given) + " differs from the init image's " +
+                                    std::to_string(size) + " (resize the image, or leave " + flag + " out)");
+    o.height = o.init_images.size(2);
+    o.width = o.init_images.size(3);
+  }
   if (o.height == 0 && o.width == 0) return {run.height, run.width};
   const int64_t factor = run.vae.is_empty() ? 1 : run.vae->config().downsample_factor();
   const int64_t levels = run.is_text() ? int64_t(run.text_unet->config().block_out_channels.size())
@@ -579,6 +592,28 @@ SamplerOptions sampler_options(const LoadedRun& run, const GenerateOptions& o) {
 
 namespace {
 
+// Image to image's start: the init images (rows i mod M) encoded (latent models; the posterior sampled with noise
+// of (seed, i)) and noised to `level` with the batch's noise x: a x0 + s x.
+torch::Tensor noised_init(const LoadedRun& run, const GenerateOptions& o, const torch::Tensor& noise, const Level& level,
+                          int64_t first, int64_t count) {
+  auto idx = torch::arange(first, first + count, torch::kLong).remainder(o.init_images.size(0));
+  auto images = o.init_images.index_select(0, idx).to(run.device, torch::kFloat32);
+  torch::Tensor x0 = images;
+  if (!run.vae.is_empty()) {
+    auto vae = run.vae;
+    if (images.size(1) != vae->config().in_channels)
+      throw std::invalid_argument("the init image has " + std::to_string(images.size(1)) + " channels, the autoencoder takes " +
+                                  std::to_string(vae->config().in_channels));
+    const auto posterior = vae->encode(images);
+    auto eps = make_noise(posterior.mean.sizes().slice(1), count, o.seed, first, kEncoderNoiseStream, run.device);
+    x0 = posterior.sample_from(eps) * vae->config().scaling_factor;
+  }
+  if (x0.sizes() != noise.sizes())
+    throw std::invalid_argument("the init image gives x0 of shape " + c10::str(x0.sizes()) + ", the model samples " +
+                                c10::str(noise.sizes()));
+  return level.a * x0 + level.s * noise.to(x0.device());
+}
+
 // What a scheduler class diffuse does not sample as diffusers does, said once per run.
 void note_substitution(const SchedulerConfig& config, const GenerateOptions& o, const std::string& sampler,
                        std::vector<std::string>& notes) {
@@ -598,6 +633,16 @@ torch::Tensor rows_for(const torch::Tensor& states, int64_t first, int64_t count
 }
 
 }  // namespace
+
+int64_t partial_walk_start(int64_t steps, double strength) {
+  if (!(strength > 0 && strength <= 1))
+    throw std::invalid_argument("--strength must lie in (0, 1], got " + std::to_string(strength));
+  const int64_t run_steps = std::min(int64_t(double(steps) * strength), steps);
+  if (run_steps < 1)
+    throw std::invalid_argument("--strength " + std::to_string(strength) + " of " + std::to_string(steps) +
+                                " steps runs no step (int(steps * strength) = 0): raise --strength or --steps");
+  return steps - run_steps;
+}
 
 Generated generate(const LoadedRun& run, const GenerateOptions& o) {
   torch::NoGradGuard no_grad;
@@ -622,7 +667,10 @@ Generated generate(const LoadedRun& run, const GenerateOptions& o) {
   g.spacing = o.spacing.value_or(run.scheduler.timestep_spacing);
   const Schedule schedule = run.scheduler.schedule();
   Level end;
-  const auto levels = sampling_levels(run.scheduler, g.sampler, o.steps, o.spacing, end);
+  auto levels = sampling_levels(run.scheduler, g.sampler, o.steps, o.spacing, end);
+  const int64_t walk_steps = int64_t(levels.size());
+  if (o.init_images.defined())
+    levels.erase(levels.begin(), levels.begin() + partial_walk_start(walk_steps, o.strength));
   for (const auto& l : levels) g.timesteps.push_back(l.t);
   g.labels = image_labels(run, o);
   Network net = run.network();
@@ -644,8 +692,10 @@ Generated generate(const LoadedRun& run, const GenerateOptions& o) {
     if (run.is_text())
       y = Conditioning::text(rows_for(prompt_states, first, count),
                              negative_states.defined() ? rows_for(negative_states, first, count) : torch::Tensor());
+    if (o.init_images.defined()) x = noised_init(run, o, x, levels.front(), first, count);
     SamplerOptions so = sampler_options(run, o);
     so.first_image = first;
+    so.walk_steps = walk_steps;
     if (o.progress)
       so.callback = [&](const StepInfo& info) {
         o.progress({b * steps + info.step + 1, batches * steps, int64_t(std::llround(info.t))});

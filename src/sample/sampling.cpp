@@ -186,8 +186,9 @@ torch::Tensor dpmpp_loop(const Denoiser& d, const Timesteps& ts, const torch::Te
     const double one_minus = 1.0 - q * q_eta;
     int order = std::min<int>(max_order, int(hist.size()) + 1);
     if (!std::isfinite(h)) order = 1;
-    if (o.lower_order_final && n < 15 && st.i == n - 1) order = 1;
-    if (o.lower_order_final && n < 15 && st.i == n - 2) order = std::min(order, 2);
+    const bool few = (o.walk_steps > 0 ? o.walk_steps : n) < 15;
+    if (o.lower_order_final && few && st.i == n - 1) order = 1;
+    if (o.lower_order_final && few && st.i == n - 2) order = std::min(order, 2);
     auto x0 = e.x0;
     if (order == 2) x0 = e.x0 + (h / (2.0 * (lambda - hist.lambda[0]))) * (e.x0 - hist.x0[0]);  // + D1 / 2
     auto x_next = (st.s_next / st.s * q_eta) * x + (st.a_next * one_minus) * x0;

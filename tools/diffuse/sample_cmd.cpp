@@ -32,6 +32,8 @@ struct SampleOptions {
   std::string model, out = "samples", sampler, spacing, unipc_variant, device = "cpu", dtype = "fp32", conv_dtype = "fp32", classifier, init_noise, save_raw, vae;
   std::string scheduler_path, weights = "auto", variance = "fixed_small";
   std::string prompt, negative_prompt, prompts_file, negative_prompts_file, text_normalization = "transformers";
+  std::string init_image;
+  double strength = 0.8;
   int64_t clip_skip = 0, height = 0, width = 0;
   int64_t steps = 25, n = 16, batch = 64, class_id = -1, null_class = -1, grid_cols = 0;
   double cfg = 1.0, cfg_rescale = 0.0, classifier_scale = 0.0, eta = std::numeric_limits<double>::quiet_NaN();
@@ -73,6 +75,10 @@ GenerateOptions generate_options(const SampleOptions& o, torch::Device device) {
   g.clip_skip = o.clip_skip;
   g.height = o.height;
   g.width = o.width;
+  if (!o.init_image.empty()) {
+    g.init_images = read_image(o.init_image, 3).unsqueeze(0);
+    g.strength = o.strength;
+  }
   g.sampler = o.sampler;
   g.steps = o.steps;
   if (!o.spacing.empty()) g.spacing = parse_spacing(o.spacing);
@@ -224,6 +230,11 @@ void add_sample_command(CLI::App& app) {
   cmd->add_option("--height", o->height, "Image height in pixels (latent models: a multiple of the VAE's factor times "
                                          "the UNet's; default: the config's sample_size)");
   cmd->add_option("--width", o->width, "Image width in pixels (as --height)");
+  cmd->add_option("--init-image", o->init_image, "Image to image: start every image from this RGB image (PNG, JPEG, BMP; "
+                                                 "its size must suit the model, as --height / --width)");
+  cmd->add_option("--strength", o->strength, "Image to image: the fraction of the --steps walk to run, from the noise "
+                                             "level int(steps * strength) steps before its end (diffusers' strength)")
+      ->capture_default_str();
   cmd->add_option("--scheduler", o->scheduler_path, "scheduler_config.json (default: found beside the model)");
   cmd->add_option("--weights", o->weights, "auto (EMA when present), ema or raw")->capture_default_str();
   cmd->add_option("--sampler", o->sampler, "ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, "

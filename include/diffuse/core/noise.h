@@ -19,6 +19,8 @@ namespace diffuse {
 /// (make_noise_by_tensor_ops), so no host work or copy enters a GPU sampler's loop.
 torch::Tensor make_noise(torch::IntArrayRef shape_per_image, int64_t n, uint64_t seed, int64_t first_image = 0,
                          uint32_t stream = 0, torch::Device device = torch::kCPU);
+/// The stream of the noise that samples an autoencoder's posterior for image to image (no sampler step reaches it).
+constexpr uint32_t kEncoderNoiseStream = 0xffffffffu;
 
 /// make_noise's recipe as whole-tensor integer operations on `device` (Philox's 32x32-bit products from
 /// 16-bit halves in int64, Box-Muller in float64): what make_noise runs off the CPU. The same numbers up to

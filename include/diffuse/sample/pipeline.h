@@ -133,6 +133,12 @@ struct GenerateOptions {
   double clip_sample = std::numeric_limits<double>::quiet_NaN();  ///< NaN: the scheduler config's; 0: off
   uint64_t seed = 0;               ///< image i starts from make_noise(..., seed, i) unless init_noise is given
   torch::Tensor init_noise;        ///< [>= n, C, H, W] float32: x_T of each image, instead of the seeded noise
+  /// Image to image (SDEdit, Meng et al. 2022, as diffusers' img2img pipelines): [M, C, H, W] images in [-1, 1];
+  /// image i starts from init_images[i mod M] (encoded by the VAE of a latent model, its posterior sampled with
+  /// noise of (seed, i)), noised to the level the walk reaches after (1 - strength) of its steps, and is sampled
+  /// from there (partial_walk_start). init_noise, when given, is the noise added.
+  torch::Tensor init_images;
+  double strength = 0.8;           ///< (0, 1]: the fraction of the walk image to image runs (diffusers' default)
   std::function<void(const GenerateProgress&)> progress;
   /// On a GPU: the network's call (with classifier-free guidance) captured once per batch shape as a CUDA graph
   /// and replayed at every later step (the first 2 calls of a shape run eagerly). Saves the host's kernel
@@ -168,6 +174,11 @@ std::string sampler_for(const SchedulerConfig& config);
 /// (final_step_to_clean_data).
 std::vector<Level> sampling_levels(const SchedulerConfig& config, const std::string& sampler, int64_t steps,
                                    std::optional<Spacing> spacing, Level& end);
+
+/// Image to image: the first step of a walk of `steps` steps that (diffusers' img2img get_timesteps) runs
+/// int(steps * strength) of them: steps - int(steps * strength). Throws std::invalid_argument when that leaves no
+/// step or strength is outside (0, 1].
+int64_t partial_walk_start(int64_t steps, double strength);
 
 struct Generated {
   torch::Tensor images;    ///< [n, C, H, W] float32 on the CPU, the model's range ([-1, 1] for images)

@@ -75,6 +75,9 @@ struct SamplerOptions {
   /// dpmpp_* and unipc: first-order last step (and at most second order on the one before) when fewer than 15
   /// steps (diffusers' lower_order_final).
   bool lower_order_final = true;
+  /// The steps of the whole walk when the levels given are its tail (image to image): diffusers counts these for
+  /// lower_order_final's "fewer than 15"; 0: the levels given are the whole walk.
+  int64_t walk_steps = 0;
   int order = 2;                   ///< unipc: the solver order, 1 to 3 (diffusers' solver_order)
   /// dpmpp_3m*: weigh the second divided difference by its Taylor coefficient, twice diffusers' (which makes the
   /// method third order; diffusers' is second order, see src/sample/sampling.cpp). Off: diffusers' update.

@@ -57,7 +57,8 @@ torch::Tensor BasicTransformerBlockImpl::forward(const torch::Tensor& x_in, cons
   auto x = attn1(norm1(x_in)) + x_in;
   x = attn2(norm2(x), context) + x;
   auto gates = geglu(norm3(x)).chunk(2, -1);
-  return ff_out(gates[0] * torch::gelu(gates[1])) + x;
+  auto gated = torch::GradMode::is_enabled() ? gates[0] * torch::gelu(gates[1]) : torch::gelu(gates[1]).mul_(gates[0]);
+  return ff_out(gated) + x;
 }
 
 Transformer2DImpl::Transformer2DImpl(const TransformerOptions& o) : options_(o) {

@@ -15,6 +15,7 @@
 #include "diffuse/models/unet_condition.h"
 #include "diffuse/models/vae.h"
 #include "diffuse/sample/pipeline.h"
+#include "diffuse/sample/single_file.h"
 #include "diffuse/text/clip_text.h"
 #include "diffuse/text/clip_tokenizer.h"
 #include "test_util.h"
@@ -328,5 +329,55 @@ TEST(TextPipeline, ImageToImageRunsTheTailOfTheWalk) {
   EXPECT_FALSE(torch::allclose(half.latents, text.latents, 1e-3, 1e-3));
   o.init_images = torch::rand({1, 3, 60, 96});
   expect_error([&] { diffuse::generate(run, o); }, "--height 60 is not a positive multiple of 32");
+}
+}  // namespace
+
+namespace {
+// Single-file checkpoints: tests/fixtures/text-to-image/*/single_file.safetensors hold each tiny pipeline's networks
+// in the original layout (made by tests/fixtures/generators/gen_single_file.py, which checks with diffusers' own
+// single-file converters that they map back to the pipeline folder exactly). Read through diffuse's key map with the
+// folder's configs (heads are not in the shapes), the UNet, text encoder and VAE give the folder's outputs.
+TEST_P(TextToImage, SingleFileCheckpointLoadsIntoTheSameNetworks) {
+  const Reference ref(GetParam());
+  diffuse::LoadOptions lo;
+  lo.single_file_config = pipe(GetParam());
+  lo.v_prediction = GetParam() == "sd2";
+  auto run = diffuse::load_run(fixture(GetParam()) + "/single_file.safetensors", lo);
+  ASSERT_TRUE(run.is_text());
+  torch::NoGradGuard no_grad;
+  expect_close(run.text_unet->forward(ref["unet.sample"], ref["unet.timesteps"], ref["unet.encoder_hidden_states"]),
+               ref["unet.out"], "single-file unet");
+  expect_close(run.text_encoder->forward(ref["text.input_ids"]).last_hidden_state, ref["text.last_hidden_state"],
+               "single-file text encoder");
+  expect_close(run.vae->decode(ref["vae.decode_in"]), ref["vae.decode_out"], "single-file vae");
+  EXPECT_EQ(run.scheduler.prediction_type, GetParam() == "sd2" ? diffuse::Prediction::v : diffuse::Prediction::eps);
+  diffuse::LoadOptions bare;
+  expect_error([&] { diffuse::load_run(fixture(GetParam()) + "/single_file.safetensors", bare); }, "holds no tokenizer");
+}
+
+// The full-size originals: names and shapes of an SD 1.5 and an SD 2.1 original-layout file (written by the generator
+// from diffusers models and checked by diffusers' converters). Every tensor maps to a diffusers name of the network
+// built from the inferred config, with its shape: SD 1.5's and SD 2.1's own configs.
+TEST(SingleFileSlow, FullSizeOriginalLayoutsMapOntoTheDiffusersNetworks) {
+  for (const std::string family : {"sd15", "sd21"}) {
+    const auto names = diffuse::load_json(std::string(DIFFUSE_FIXTURES) + "/text-to-image/" + family + "_original_names.json");
+    std::map<std::string, torch::Tensor> tensors;
+    for (const auto& [name, shape] : names.items())
+      tensors[name] = torch::zeros(shape.get<std::vector<int64_t>>(), torch::kFloat16);
+    diffuse::testing::TempDir dir;
+    diffuse::save_safetensors(dir / "model.safetensors", tensors);
+    tensors.clear();
+    diffuse::SingleFileOptions o;
+    o.v_prediction = family == "sd21";
+    const auto ckpt = diffuse::read_original_checkpoint(dir / "model.safetensors", o);
+    const auto want = family == "sd21" ? diffuse::sd21_unet_config() : diffuse::sd15_unet_config();
+    EXPECT_EQ(ckpt.unet_config.to_json(), want.to_json()) << family;
+    diffuse::UNet2DConditionModel unet(ckpt.unet_config);
+    diffuse::testing::expect_names_and_shapes(diffuse::state_dict(*unet), ckpt.unet);
+    diffuse::ClipTextModel text(ckpt.text_config);
+    diffuse::testing::expect_names_and_shapes(diffuse::state_dict(*text), ckpt.text_encoder);
+    diffuse::AutoencoderKL vae(ckpt.vae_config);
+    diffuse::testing::expect_names_and_shapes(diffuse::state_dict(*vae), ckpt.vae);
+  }
 }
 }  // namespace

@@ -10,6 +10,7 @@
 #include "diffuse/io/run_folder.h"
 #include "diffuse/models/model_folder.h"
 #include "diffuse/sample/sampling.h"
+#include "diffuse/sample/single_file.h"
 #include "sample/graphed_network.h"
 #include "util/cuda_graph.h"
 
@@ -121,6 +122,32 @@ void check_model_index(const fs::path& pipeline, std::vector<std::string>& notes
   }
 }
 
+// What every text pipeline needs once its networks are read: the tokenizer, the checks that the parts fit, the UNet's
+// precision and layout, x_t's shape.
+void finish_text_parts(LoadedRun& r, ClipTokenizer tokenizer_in, const LoadOptions& o, const std::string& source) {
+  auto tokenizer = std::make_shared<ClipTokenizer>(std::move(tokenizer_in));
+  tokenizer->normalization = o.text_normalization;
+  r.tokenizer = tokenizer;
+  r.text_unet->eval();
+  const auto& uc = r.text_unet->config();
+  const auto& tc = r.text_encoder->config();
+  if (uc.cross_attention_dim != tc.hidden_size)
+    throw std::invalid_argument("the UNet's cross_attention_dim is " + std::to_string(uc.cross_attention_dim) +
+                                " but the text encoder's hidden_size is " + std::to_string(tc.hidden_size) +
+                                " ('" + source + "': the UNet and text encoder come from different models)");
+  if (tokenizer->vocab_size() > tc.vocab_size || tokenizer->max_length() > tc.max_position_embeddings)
+    throw std::invalid_argument("the tokenizer (" + std::to_string(tokenizer->vocab_size()) + " tokens, window " +
+                                std::to_string(tokenizer->max_length()) + ") does not fit the text encoder (vocab_size " +
+                                std::to_string(tc.vocab_size) + ", max_position_embeddings " +
+                                std::to_string(tc.max_position_embeddings) + ") of '" + source + "'");
+  if (!uc.sample_size) throw std::invalid_argument("the UNet config has no sample_size: cannot tell the image size");
+  if (o.dtype != torch::kFloat32) r.text_unet->to(o.dtype);
+  if (o.channels_last) to_channels_last(*r.text_unet);
+  if (o.conv_dtype != torch::kFloat32) convolutions_to(*r.text_unet, o.conv_dtype);
+  r.channels = uc.in_channels;
+  r.height = r.width = *uc.sample_size;
+}
+
 // The text encoder and tokenizer of a text-conditioned UNet's pipeline, checked against the UNet.
 void load_text_parts(LoadedRun& r, const LoadOptions& o) {
   const auto pipeline = ModelFolder::pipeline_of(r.unet_folder);
@@ -138,28 +165,51 @@ void load_text_parts(LoadedRun& r, const LoadOptions& o) {
                                 " but the text encoder's hidden_size is " + text_width.dump() + " ('" + pipeline +
                                 "': unet/ and text_encoder/ come from different models)");
   r.text_unet = load_unet_condition(r.unet_folder, o.device);
-  r.text_unet->eval();
   r.text_encoder = load_clip_text_model((fs::path(pipeline) / "text_encoder").string(), o.device);
-  auto tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load((fs::path(pipeline) / "tokenizer").string()));
-  tokenizer->normalization = o.text_normalization;
-  r.tokenizer = tokenizer;
-  const auto& uc = r.text_unet->config();
-  const auto& tc = r.text_encoder->config();
-  if (uc.cross_attention_dim != tc.hidden_size)
-    throw std::invalid_argument("the UNet's cross_attention_dim is " + std::to_string(uc.cross_attention_dim) +
-                                " but the text encoder's hidden_size is " + std::to_string(tc.hidden_size) +
-                                " ('" + pipeline + "': unet/ and text_encoder/ come from different models)");
-  if (tokenizer->vocab_size() > tc.vocab_size || tokenizer->max_length() > tc.max_position_embeddings)
-    throw std::invalid_argument("the tokenizer (" + std::to_string(tokenizer->vocab_size()) + " tokens, window " +
-                                std::to_string(tokenizer->max_length()) + ") does not fit the text encoder (vocab_size " +
-                                std::to_string(tc.vocab_size) + ", max_position_embeddings " +
-                                std::to_string(tc.max_position_embeddings) + ") in '" + pipeline + "'");
-  if (!uc.sample_size) throw std::invalid_argument("the UNet config has no sample_size: cannot tell the image size");
-  if (o.dtype != torch::kFloat32) r.text_unet->to(o.dtype);
-  if (o.channels_last) to_channels_last(*r.text_unet);
-  if (o.conv_dtype != torch::kFloat32) convolutions_to(*r.text_unet, o.conv_dtype);
-  r.channels = uc.in_channels;
-  r.height = r.width = *uc.sample_size;
+  finish_text_parts(r, ClipTokenizer::load((fs::path(pipeline) / "tokenizer").string()), o, pipeline);
+}
+
+// A single-file checkpoint (original layout) read into the same modules; the tokenizer, which such a file lacks,
+// from --tokenizer or the config folder.
+void load_single_file(LoadedRun& r, const std::string& path, const LoadOptions& o) {
+  auto ckpt = read_original_checkpoint(path, {o.v_prediction, o.single_file_config});
+  r.notes.insert(r.notes.end(), ckpt.notes.begin(), ckpt.notes.end());
+  r.unet_folder = path;
+  r.scheduler = o.scheduler_file.empty() ? SchedulerConfig::from_json(ckpt.scheduler_config)
+                                         : SchedulerConfig::load(o.scheduler_file);
+  const std::string tokenizer = !o.tokenizer.empty()                 ? o.tokenizer
+                                : !o.single_file_config.empty() ? (fs::path(o.single_file_config) / "tokenizer").string()
+                                                                     : "";
+  if (tokenizer.empty())
+    throw std::invalid_argument("'" + path + "' is a single-file checkpoint, which holds no tokenizer: pass --tokenizer "
+                                "FOLDER (the tokenizer/ folder of a Stable Diffusion pipeline: CLIP's vocab.json and "
+                                "merges.txt, the same for SD 1.x and 2.x but for SD 2.x's pad token)");
+  try {
+    ckpt.unet_config.validate();
+    ckpt.text_config.validate();
+    ckpt.vae_config.validate();
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error("'" + path + "': " + e.what());
+  }
+  if (ckpt.unet_config.cross_attention_dim != ckpt.text_config.hidden_size)
+    throw std::invalid_argument("'" + path + "': the UNet's cross_attention_dim " +
+                                std::to_string(ckpt.unet_config.cross_attention_dim) + " differs from the text encoder's "
+                                "width " + std::to_string(ckpt.text_config.hidden_size));
+  r.text_unet = UNet2DConditionModel(ckpt.unet_config);
+  load_state_dict(*r.text_unet, ckpt.unet, path + " (model.diffusion_model.)");
+  r.text_unet->to(o.device);
+  r.text_encoder = ClipTextModel(ckpt.text_config);
+  load_state_dict(*r.text_encoder, ckpt.text_encoder, path + " (cond_stage_model.)");
+  r.text_encoder->to(o.device);
+  r.text_encoder->eval();
+  if (o.vae != "none") {
+    r.vae = AutoencoderKL(ckpt.vae_config);
+    load_state_dict(*r.vae, ckpt.vae, path + " (first_stage_model.)");
+    r.vae->to(o.device);
+    r.vae->eval();
+    r.vae_folder = path;
+  }
+  finish_text_parts(r, ClipTokenizer::load(tokenizer), o, path);
 }
 
 }  // namespace
@@ -197,6 +247,15 @@ void load_vae_of(LoadedRun& r, const ModelFolder& folder, const LoadOptions& o) 
 
 LoadedRun load_run(const std::string& model, const LoadOptions& o) {
   ModelFolder folder(model);
+  if (fs::is_regular_file(model)) {
+    LoadedRun r;
+    r.device = o.device;
+    r.dtype = o.dtype;
+    r.channels_last = o.channels_last;
+    load_single_file(r, model, o);
+    if (!o.vae.empty() && o.vae != "none") load_vae_of(r, folder, o);
+    return r;
+  }
   LoadedRun r;
   r.device = o.device;
   r.dtype = o.dtype;

@@ -32,8 +32,9 @@ struct SampleOptions {
   std::string model, out = "samples", sampler, spacing, unipc_variant, device = "cpu", dtype = "fp32", conv_dtype = "fp32", classifier, init_noise, save_raw, vae;
   std::string scheduler_path, weights = "auto", variance = "fixed_small";
   std::string prompt, negative_prompt, prompts_file, negative_prompts_file, text_normalization = "transformers";
-  std::string init_image;
+  std::string init_image, tokenizer, single_file_config;
   double strength = 0.8;
+  bool v_prediction = false;
   int64_t clip_skip = 0, height = 0, width = 0;
   int64_t steps = 25, n = 16, batch = 64, class_id = -1, null_class = -1, grid_cols = 0;
   double cfg = 1.0, cfg_rescale = 0.0, classifier_scale = 0.0, eta = std::numeric_limits<double>::quiet_NaN();
@@ -179,6 +180,9 @@ void run_sample(const SampleOptions& o) {
   if (o.text_normalization != "transformers" && o.text_normalization != "clip")
     throw std::invalid_argument("--text-normalization must be transformers or clip, got '" + o.text_normalization + "'");
   lo.text_normalization = o.text_normalization == "clip" ? TextNormalization::clip : TextNormalization::transformers;
+  lo.tokenizer = o.tokenizer;
+  lo.v_prediction = o.v_prediction;
+  lo.single_file_config = o.single_file_config;
   if (o.tf32) allow_tf32(device);
   auto g = generate_options(o, device);  // first: an unreadable prompt file is reported before the model loads
   auto run = load_run(o.model, lo);
@@ -230,6 +234,12 @@ void add_sample_command(CLI::App& app) {
   cmd->add_option("--height", o->height, "Image height in pixels (latent models: a multiple of the VAE's factor times "
                                          "the UNet's; default: the config's sample_size)");
   cmd->add_option("--width", o->width, "Image width in pixels (as --height)");
+  cmd->add_option("--tokenizer", o->tokenizer, "Single-file checkpoints (--model FILE.safetensors in the original "
+                                               "SD layout): the tokenizer/ folder to use (such files hold none)");
+  cmd->add_flag("--v-prediction", o->v_prediction, "Single-file checkpoints: the model predicts v (SD 2.x 768-v models; "
+                                                  "the file does not say)");
+  cmd->add_option("--single-file-config", o->single_file_config, "Single-file checkpoints: a pipeline folder whose "
+                  "configs (unet/, vae/, text_encoder/, scheduler/, tokenizer/) to use instead of the inferred ones");
   cmd->add_option("--init-image", o->init_image, "Image to image: start every image from this RGB image (PNG, JPEG, BMP; "
                                                  "its size must suit the model, as --height / --width)");
   cmd->add_option("--strength", o->strength, "Image to image: the fraction of the --steps walk to run, from the noise "

@@ -71,6 +71,12 @@ struct LoadOptions {
   /// Text-to-image pipelines: the tokenizer's normalisation (transformers', which diffusers pipelines use, or
   /// original CLIP's).
   TextNormalization text_normalization = TextNormalization::transformers;
+  /// Single-file checkpoints (a .safetensors file as `model`, read by read_original_checkpoint): the tokenizer
+  /// folder (such files hold none), v prediction (they do not record it), and optionally a pipeline folder whose
+  /// configs to use instead of the inferred ones.
+  std::string tokenizer;
+  bool v_prediction = false;
+  std::string single_file_config;
 };
 
 /// A model ready to sample from. x_t has shape [channels, height, width] (latents for a latent model).

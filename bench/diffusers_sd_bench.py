@@ -1,0 +1,92 @@
+"""diffusers beside diffuse on the CPU: the Stable Diffusion 1.5-shaped UNet2DConditionModel (random weights), batch 2
+(one CFG pair) at 64x64 latents, and a whole StableDiffusionPipeline run, timed in the Debian 13 root that
+bench/sd_compare.sh prepares (python3-torch 2.6, diffusers and transformers from ../shared/device-kit sources).
+usage: diffusers_sd_bench.py make PIPE TOKENIZER_DIR     write a random-weight SD 1.5-shaped pipeline folder
+       diffusers_sd_bench.py unet fp32|bf16 ITERS        seconds per UNet forward (bf16: CPU autocast)
+       diffusers_sd_bench.py pipe PIPE STEPS             seconds of a StableDiffusionPipeline run (1 image, CFG 7.5)
+The import-time stubs are those of tests/fixtures/generators/gen_fixtures_t2i.py (huggingface_hub, tokenizers)."""
+import os, resource, sys, tempfile, time, types
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "generators"))
+import stubhub  # noqa: E402
+stubhub._Finder.roots = ("huggingface_hub", "torchsde", "tokenizers")
+_fake = tempfile.mkdtemp(prefix="sd-bench-dist-")
+for _name, _ver in (("huggingface_hub", "0.24.6"), ("transformers", None)):
+    if _ver is None:
+        _ver = open(next(p for p in (os.path.join(d, "transformers", "__init__.py") for d in sys.path) if os.path.exists(p))
+                    ).read().split('__version__ = "')[1].split('"')[0]
+    os.makedirs(f"{_fake}/{_name}-{_ver}.dist-info")
+    open(f"{_fake}/{_name}-{_ver}.dist-info/METADATA", "w").write(
+        f"Metadata-Version: 2.1\nName: {_name.replace('_', '-')}\nVersion: {_ver}\n")
+sys.path.append(_fake)
+import huggingface_hub, huggingface_hub.utils  # noqa: E402,E401
+
+
+class _Split:
+    def __init__(self, sd, filename_pattern="model{suffix}.safetensors", **_):
+        f = filename_pattern.format(suffix="")
+        self.filename_to_tensors, self.tensor_to_filename = {f: list(sd)}, {k: f for k in sd}
+        self.is_sharded, self.metadata = False, {"total_size": sum(v.numel() * v.element_size() for v in sd.values())}
+
+
+huggingface_hub.split_torch_state_dict_into_shards = lambda sd, **kw: _Split(sd, **kw)
+huggingface_hub.utils.validate_hf_hub_args = lambda fn: fn
+_rae = types.ModuleType("diffusers.models.autoencoders.autoencoder_rae")
+_rae.AutoencoderRAE = type("AutoencoderRAE", (), {})
+sys.modules[_rae.__name__] = _rae
+
+import torch  # noqa: E402
+import transformers.tokenization_utils_base as _tub  # noqa: E402
+if not _tub.is_tokenizers_available():
+    _tub.AddedToken.__hash__ = lambda self: hash(self.content)
+    _tub.AddedToken.__eq__ = lambda self, o: self.__dict__ == o.__dict__ if isinstance(o, _tub.AddedToken) else NotImplemented
+    _tub.AddedToken.__setstate__ = lambda self, d: self.__dict__.update(d)
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # the rest are the class defaults
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512)
+
+
+def peak_gib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+mode = sys.argv[1]
+if mode == "make":
+    torch.manual_seed(0)
+    tok = CLIPTokenizer(f"{sys.argv[3]}/vocab.json", f"{sys.argv[3]}/merges.txt", pad_token="<|endoftext|>",
+                        model_max_length=77)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                      num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                                      projection_dim=768))
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=AutoencoderKL(**SD15_VAE), text_encoder=te, tokenizer=tok,
+                                   unet=UNet2DConditionModel(**SD15_UNET), scheduler=sched, safety_checker=None,
+                                   feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    pipe.save_pretrained(sys.argv[2], safe_serialization=True)
+    print("wrote", sys.argv[2])
+elif mode == "unet":
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).eval()
+    x, ctx, t = torch.randn(2, 4, 64, 64), torch.randn(2, 77, 768), torch.full((2,), 500)
+    bf16 = sys.argv[2] == "bf16"
+    times = []
+    for i in range(int(sys.argv[3]) + 1):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            t0 = time.perf_counter()
+            unet(x, t, encoder_hidden_states=ctx)
+            times.append(time.perf_counter() - t0)
+    print(f"diffusers UNet forward {sys.argv[2]}: best {min(times[1:]):.2f} s, mean {sum(times[1:]) / len(times[1:]):.2f} s "
+          f"(warm-up {times[0]:.2f} s); peak RSS {peak_gib():.2f} GiB; torch {torch.__version__}", flush=True)
+elif mode == "pipe":
+    pipe = StableDiffusionPipeline.from_pretrained(sys.argv[2], safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    t0 = time.perf_counter()
+    pipe("a photo of an astronaut riding a horse on mars", num_inference_steps=int(sys.argv[3]), guidance_scale=7.5,
+         height=512, width=512, generator=torch.Generator().manual_seed(0))
+    print(f"diffusers StableDiffusionPipeline {sys.argv[3]} steps: {time.perf_counter() - t0:.1f} s; "
+          f"peak RSS {peak_gib():.2f} GiB", flush=True)

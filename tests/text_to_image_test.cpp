@@ -381,3 +381,66 @@ TEST(SingleFileSlow, FullSizeOriginalLayoutsMapOntoTheDiffusersNetworks) {
   }
 }
 }  // namespace
+
+namespace {
+// Full size, random weights made here: an SD 1.5-shaped pipeline folder (the UNet, CLIP ViT-L's text tower, SD's
+// autoencoder) and an SD 2.1-shaped single-file checkpoint in the original layout (every tensor of
+// sd21_original_names.json) load and sample one CFG step at 64x64 pixels.
+TEST(TextPipelineSlow, FullSizeSd15FolderAndSd21SingleFileLoadAndSample) {
+  diffuse::testing::TempDir dir;
+  const auto folder = dir / "sd15";
+  fs::create_directories(folder);
+  for (const char* part : {"tokenizer", "scheduler"})
+    fs::copy(pipe("sd1") + "/" + part, folder + "/" + part, fs::copy_options::recursive);
+  fs::copy_file(pipe("sd1") + "/model_index.json", folder + "/model_index.json");
+  {
+    diffuse::UNet2DConditionModel unet(diffuse::sd15_unet_config());
+    diffuse::save_unet_condition(unet, folder + "/unet");
+  }
+  diffuse::ClipTextConfig tc;
+  tc.vocab_size = 49408;
+  tc.hidden_size = 768;
+  tc.intermediate_size = 3072;
+  tc.num_hidden_layers = 12;
+  tc.num_attention_heads = 12;
+  diffuse::ClipTextModel te(tc);
+  diffuse::save_clip_text_model(te, folder + "/text_encoder");
+  diffuse::AutoencoderKLConfig vc;
+  vc.block_out_channels = {128, 256, 512, 512};
+  vc.down_block_types.assign(4, "DownEncoderBlock2D");
+  vc.up_block_types.assign(4, "UpDecoderBlock2D");
+  vc.layers_per_block = 2;
+  vc.sample_size = 512;
+  diffuse::AutoencoderKL vae(vc);
+  diffuse::save_vae(vae, folder + "/vae");
+  diffuse::GenerateOptions o;
+  o.prompts = {"a photo of a cat"};
+  o.n = 1;
+  o.steps = 1;
+  o.cfg = 7.5;
+  o.height = o.width = 64;
+  {
+    auto run = diffuse::load_run(folder);
+    const auto g = diffuse::generate(run, o);
+    EXPECT_EQ(g.images.sizes(), (torch::IntArrayRef{1, 3, 64, 64}));
+    EXPECT_TRUE(torch::isfinite(g.images).all().item<bool>());
+  }
+  fs::remove_all(folder);
+  const auto names = diffuse::load_json(std::string(DIFFUSE_FIXTURES) + "/text-to-image/sd21_original_names.json");
+  std::map<std::string, torch::Tensor> tensors;
+  torch::manual_seed(0);
+  for (const auto& [name, shape] : names.items())
+    tensors[name] = (torch::randn(shape.get<std::vector<int64_t>>()) * 0.02).to(torch::kFloat16);
+  diffuse::save_safetensors(dir / "sd21.safetensors", tensors);
+  tensors.clear();
+  diffuse::LoadOptions lo;
+  lo.tokenizer = pipe("sd2") + "/tokenizer";
+  lo.v_prediction = true;
+  auto run = diffuse::load_run(dir / "sd21.safetensors", lo);
+  EXPECT_EQ(diffuse::parameter_count(*run.text_unet), 865910724);
+  EXPECT_EQ(run.text_encoder->config().num_hidden_layers, 23);
+  const auto g = diffuse::generate(run, o);
+  EXPECT_EQ(g.images.sizes(), (torch::IntArrayRef{1, 3, 64, 64}));
+  EXPECT_TRUE(torch::isfinite(g.images).all().item<bool>());
+}
+}  // namespace

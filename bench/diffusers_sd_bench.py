@@ -5,42 +5,12 @@ usage: diffusers_sd_bench.py make PIPE TOKENIZER_DIR     write a random-weight S
        diffusers_sd_bench.py unet fp32|bf16 ITERS        seconds per UNet forward (bf16: CPU autocast)
        diffusers_sd_bench.py pipe PIPE STEPS             seconds of a StableDiffusionPipeline run (1 image, CFG 7.5)
 The import-time stubs are those of tests/fixtures/generators/gen_fixtures_t2i.py (huggingface_hub, tokenizers)."""
-import os, resource, sys, tempfile, time, types
+import os, resource, sys, time
+
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "generators"))
-import stubhub  # noqa: E402
-stubhub._Finder.roots = ("huggingface_hub", "torchsde", "tokenizers")
-_fake = tempfile.mkdtemp(prefix="sd-bench-dist-")
-for _name, _ver in (("huggingface_hub", "0.24.6"), ("transformers", None)):
-    if _ver is None:
-        _ver = open(next(p for p in (os.path.join(d, "transformers", "__init__.py") for d in sys.path) if os.path.exists(p))
-                    ).read().split('__version__ = "')[1].split('"')[0]
-    os.makedirs(f"{_fake}/{_name}-{_ver}.dist-info")
-    open(f"{_fake}/{_name}-{_ver}.dist-info/METADATA", "w").write(
-        f"Metadata-Version: 2.1\nName: {_name.replace('_', '-')}\nVersion: {_ver}\n")
-sys.path.append(_fake)
-import huggingface_hub, huggingface_hub.utils  # noqa: E402,E401
-
-
-class _Split:
-    def __init__(self, sd, filename_pattern="model{suffix}.safetensors", **_):
-        f = filename_pattern.format(suffix="")
-        self.filename_to_tensors, self.tensor_to_filename = {f: list(sd)}, {k: f for k in sd}
-        self.is_sharded, self.metadata = False, {"total_size": sum(v.numel() * v.element_size() for v in sd.values())}
-
-
-huggingface_hub.split_torch_state_dict_into_shards = lambda sd, **kw: _Split(sd, **kw)
-huggingface_hub.utils.validate_hf_hub_args = lambda fn: fn
-_rae = types.ModuleType("diffusers.models.autoencoders.autoencoder_rae")
-_rae.AutoencoderRAE = type("AutoencoderRAE", (), {})
-sys.modules[_rae.__name__] = _rae
-
+import t2i_env  # noqa: E402,F401  (stubs before diffusers / transformers)
 import torch  # noqa: E402
-import transformers.tokenization_utils_base as _tub  # noqa: E402
-if not _tub.is_tokenizers_available():
-    _tub.AddedToken.__hash__ = lambda self: hash(self.content)
-    _tub.AddedToken.__eq__ = lambda self, o: self.__dict__ == o.__dict__ if isinstance(o, _tub.AddedToken) else NotImplemented
-    _tub.AddedToken.__setstate__ = lambda self, d: self.__dict__.update(d)
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 

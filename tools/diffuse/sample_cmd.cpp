@@ -188,8 +188,10 @@ void run_sample(const SampleOptions& o) {
   auto run = load_run(o.model, lo);
   for (const auto& note : run.notes) std::cerr << "note: " << note << "\n";
   if (!run.vae.is_empty() && !o.quiet)
-    std::cerr << "latent diffusion: decoding " << run.channels << "x" << run.height << "x" << run.width
-              << " latents through '" << run.vae_folder << "' (scaling_factor " << run.vae->config().scaling_factor << ")\n";
+    std::cerr << "latent diffusion: decoding " << run.channels << "-channel latents ("
+              << (o.height || o.width || !o.init_image.empty() ? std::string("of the requested size")
+                                                               : std::to_string(run.height) + "x" + std::to_string(run.width))
+              << ") through '" << run.vae_folder << "' (scaling_factor " << run.vae->config().scaling_factor << ")\n";
   const int64_t total = (o.n + o.batch - 1) / o.batch * o.steps;
   Progress progress(!o.quiet, 0, total, 1, "step");
   auto t0 = std::chrono::steady_clock::now();

@@ -106,10 +106,10 @@ UNetConditionConfig infer_unet(const std::map<std::string, torch::Tensor>& u, co
     c.down_block_types.push_back(cross ? "CrossAttnDownBlock2D" : "DownBlock2D");
     c.up_block_types[size_t(levels - 1 - b)] = cross ? "CrossAttnUpBlock2D" : "UpBlock2D";
   }
-  const auto& conv_in = need(u, "input_blocks.0.0.weight", path);
+  const torch::Tensor conv_in = need(u, "input_blocks.0.0.weight", path);
   c.in_channels = conv_in.size(1);
   c.out_channels = need(u, "out.2.weight", path).size(0);
-  const auto& proj_in = need(u, "input_blocks.1.1.proj_in.weight", path);
+  const torch::Tensor proj_in = need(u, "input_blocks.1.1.proj_in.weight", path);
   c.use_linear_projection = proj_in.dim() == 2;
   c.cross_attention_dim = need(u, "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", path).size(1);
   // Heads are not in the shapes: SD 1.x has 8 per level, SD 2.x heads of width 64 (its attention_head_dim [5, 10, 20,

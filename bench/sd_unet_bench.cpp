@@ -6,7 +6,8 @@
 // bench/sd_compare.sh (docs/RESULTS.md).
 //
 // usage: sd_unet_bench [--config sd15|sd21] [--batch 2] [--size 64] [--iters 3] [--dtype fp32] [--conv-dtype fp32]
-//                      [--channels-last 0] [--train 0] [--threads N]
+//                      [--channels-last 0] [--train 0] [--threads N] [--device cpu|cuda]
+// (on a GPU, diffusers' eager step with SDPA is the figure to compare with: docs/cuda.md)
 #include <iostream>
 #include <string>
 
@@ -29,14 +30,14 @@ torch::ScalarType dtype_of(const std::string& name) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string config = "sd15", dtype = "fp32", conv_dtype = "fp32";
+  std::string config = "sd15", dtype = "fp32", conv_dtype = "fp32", device_name = "cpu";
   int64_t batch = 2, size = 64, iters = 3, threads = 0;
   bool channels_last = false, train = false;
   if (!bench::parse_options(argc, argv, {{"--config", bench::to(config)}, {"--batch", bench::to(batch)},
                                          {"--size", bench::to(size)}, {"--iters", bench::to(iters)},
                                          {"--dtype", bench::to(dtype)}, {"--conv-dtype", bench::to(conv_dtype)},
                                          {"--channels-last", bench::to(channels_last)}, {"--train", bench::to(train)},
-                                         {"--threads", bench::to(threads)}}))
+                                         {"--threads", bench::to(threads)}, {"--device", bench::to(device_name)}}))
     return 2;
   const auto runtime = diffuse::configure_cpu_runtime(argv, int(threads));
   torch::manual_seed(0);
@@ -44,24 +45,25 @@ int main(int argc, char** argv) {
   auto t0 = bench::Clock::now();
   diffuse::UNet2DConditionModel unet(c);
   const double build_s = bench::seconds_since(t0);
+  const torch::Device device(device_name);
   const auto net_dtype = dtype_of(dtype);
-  if (net_dtype != torch::kFloat32) unet->to(net_dtype);
+  unet->to(device, net_dtype);
   if (dtype_of(conv_dtype) != torch::kFloat32) diffuse::convolutions_to(*unet, dtype_of(conv_dtype));
   if (channels_last) diffuse::to_channels_last(*unet);
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  auto x = torch::randn({batch, c.in_channels, size, size}).to(net_dtype).contiguous(format);
-  auto context = torch::randn({batch, 77, c.cross_attention_dim}).to(net_dtype);
-  auto t = torch::full({batch}, 500.0f);
+  auto x = torch::randn({batch, c.in_channels, size, size}).to(device, net_dtype).contiguous(format);
+  auto context = torch::randn({batch, 77, c.cross_attention_dim}).to(device, net_dtype);
+  auto t = torch::full({batch}, 500.0f, torch::TensorOptions().device(device));
   std::cout << "sd_unet_bench: " << config << " UNet2DConditionModel, " << diffuse::parameter_count(*unet)
             << " parameters (built in " << build_s << " s), batch " << batch << " at " << size << "x" << size
             << " latents, dtype " << dtype << ", conv-dtype " << conv_dtype << (channels_last ? ", channels-last" : "")
-            << "; " << runtime << "\n";
+            << ", " << device << "; " << runtime << "\n";
   double best = 1e30, mean = 0;
   if (!train) {
     unet->eval();
     torch::NoGradGuard no_grad;
     for (int64_t i = 0; i <= iters; ++i) {
-      const double s = bench::seconds(torch::kCPU, [&] { unet->forward(x, t, context); });
+      const double s = bench::seconds(device, [&] { unet->forward(x, t, context); });
       if (i == 0) {
         std::cout << "first forward (warm-up) " << s << " s\n";
         continue;
@@ -77,7 +79,7 @@ int main(int argc, char** argv) {
   torch::optim::AdamW adam(unet->parameters(), torch::optim::AdamWOptions(1e-5));
   auto target = torch::randn_like(x);
   for (int64_t i = 0; i <= iters; ++i) {
-    const double s = bench::seconds(torch::kCPU, [&] {
+    const double s = bench::seconds(device, [&] {
       adam.zero_grad();
       torch::mse_loss(unet->forward(x, t, context).to(torch::kFloat32), target.to(torch::kFloat32)).backward();
       adam.step();

@@ -386,3 +386,54 @@ TEST(Train, RectifiedFlowRunSamplesAsFlowMatching) {
     EXPECT_NE(bad.output.find(needle), std::string::npos) << args << "\n" << bad.output;
   }
 }
+
+namespace {
+// The scheduler classes of tests/fixtures/diffusers-0.40-classes (diffusers 0.40, the UNet of ../diffusers-0.40): a
+// DDIMScheduler whose leading walk with steps_offset 0 ends at t = 0 and whose end (set_alpha_to_one false) is
+// alpha_bar[0], a zero-length last step diffusers takes, samples as diffusers does; the classes diffuse does not
+// implement (PNDM, LMS) are refused by name, and HeunDiscreteScheduler, sampled by diffuse's angle-space heun, says so.
+TEST(DiffusersParity040Classes, ZeroLengthLastStepAndUnimplementedClasses) {
+  const std::string classes = std::string(DIFFUSE_FIXTURES) + "/diffusers-0.40-classes/";
+  auto f = load_safetensors(classes + "sampler_loops.safetensors");
+  auto cases = parse_json(read_file(classes + "sampler_loops.json"));
+  diffuse::testing::TempDir dir;
+  int checked = 0;
+  for (const auto& c : cases) {
+    const std::string name = c.at("name"), cls = c.at("scheduler");
+    auto jc = c.at("scheduler_config");
+    jc["_class_name"] = cls;
+    write_file_atomic(dir / "config.json", jc.dump());
+    LoadOptions lo;
+    lo.scheduler_file = dir / "config.json";
+    lo.vae = "none";
+    auto run = load_run(kDir + "unet", lo);
+    const auto labels = c.at("class_labels").get<std::vector<int64_t>>();
+    GenerateOptions g;
+    g.steps = c.at("num_inference_steps");
+    g.n = 1;
+    g.class_id = labels[0];
+    g.init_noise = f.at(name + ".init_noise").narrow(0, 0, 1);
+    if (cls == "PNDMScheduler" || cls == "LMSDiscreteScheduler") {
+      diffuse::testing::expect_error([&] { generate(run, g); }, "names " + cls + ", which diffuse does not implement");
+      ++checked;
+    } else if (cls == "HeunDiscreteScheduler") {
+      const auto out = generate(run, g);
+      ASSERT_FALSE(out.notes.empty()) << name;
+      EXPECT_NE(out.notes[0].find("HeunDiscreteScheduler"), std::string::npos) << out.notes[0];
+      ++checked;
+    } else if (name == "ddim_no_alpha_one_offset0") {
+      for (size_t i = 0; i < labels.size(); ++i) {
+        g.class_id = labels[i];
+        g.init_noise = f.at(name + ".init_noise").narrow(0, int64_t(i), 1);
+        const auto out = generate(run, g);
+        ASSERT_EQ(out.timesteps.back(), 0.0);
+        const double diff = max_abs(out.images[0] - f.at(name + ".sample")[int64_t(i)]);
+        std::cout << name << " image " << i << ": max |diffuse - diffusers| = " << diff << "\n";
+        EXPECT_LT(diff, 1e-4) << name;
+      }
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, 6);
+}
+}  // namespace

@@ -78,8 +78,11 @@ std::string describe(const Level& l) {
   return "(t = " + std::to_string(l.t) + ", a = " + std::to_string(l.a) + ", s = " + std::to_string(l.s) + ")";
 }
 
-// Validates the walk and turns it into steps.
-std::vector<Step> make_steps(const Schedule& schedule, const Timesteps& walk, const SamplerOptions& o) {
+// Validates the walk and turns it into steps. zero_length_last: the last step may end at its own level (DDIMScheduler
+// with set_alpha_to_one false walking to t = 0, whose end is alpha_bar[0]: diffusers takes that step, x' = a x0 + s
+// eps, which differs from x where x0 was clamped). Only samplers whose update is defined at h = 0 allow it.
+std::vector<Step> make_steps(const Schedule& schedule, const Timesteps& walk, const SamplerOptions& o,
+                             bool zero_length_last = false) {
   if (walk.integer.empty() && walk.levels.empty())
     throw std::invalid_argument("sampler: empty timestep list (expected 1 <= S <= T timesteps)");
   if (!walk.integer.empty() && !walk.levels.empty())
@@ -101,7 +104,8 @@ std::vector<Step> make_steps(const Schedule& schedule, const Timesteps& walk, co
                                   " (a >= 0, s > 0 where the network is called, all finite)");
     if (!(st.a_next > 0))
       throw std::invalid_argument("sampler: a step cannot end at SNR 0, level " + describe(st.next));
-    if (!(st.a * st.s_next < st.a_next * st.s))
+    const bool zero_length = zero_length_last && st.last && st.a * st.s_next == st.a_next * st.s;
+    if (!(st.a * st.s_next < st.a_next * st.s) && !zero_length)
       throw std::invalid_argument("sampler: levels must have strictly decreasing noise, got " + describe(st.cur) +
                                   " then " + describe(st.next));
     steps.push_back(st);
@@ -132,7 +136,7 @@ template <class NoiseStd>
 torch::Tensor ddim_family(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o,
                           NoiseStd noise_std) {
   torch::NoGradGuard no_grad;
-  auto steps = make_steps(d.schedule, ts, o);
+  auto steps = make_steps(d.schedule, ts, o, /*zero_length_last=*/true);
   auto x = x_T;
   for (const auto& st : steps) {
     Estimate e = d(x, st.cur);

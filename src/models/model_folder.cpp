@@ -128,14 +128,28 @@ void check_model_kind(const nlohmann::json& config, const std::string& path, con
                            ", not " + kind.what + " (" + kind.hint + ")");
 }
 
-void write_model_folder(torch::nn::Module& m, const nlohmann::json& config, const std::string& folder) {
+std::string find_weights_file(const std::string& folder, const std::vector<std::string>& names, const std::string& hint) {
+  for (const auto& name : names)
+    if (std::filesystem::exists(std::filesystem::path(folder) / name)) return (std::filesystem::path(folder) / name).string();
+  throw std::runtime_error("'" + folder + "' has no " + names.front() + (names.size() > 1 ? " (nor its variants)" : "") +
+                           hint);
+}
+
+void check_finite_weights(const std::map<std::string, torch::Tensor>& tensors, const std::string& source) {
+  for (const auto& [name, t] : tensors)
+    if (t.is_floating_point() && !torch::isfinite(t).all().item<bool>())
+      throw std::runtime_error("'" + source + "': tensor " + name + " holds NaN or infinite values");
+}
+
+void write_model_folder(torch::nn::Module& m, const nlohmann::json& config, const std::string& folder,
+                        const std::string& weights_file) {
   std::error_code ec;
   std::filesystem::create_directories(folder, ec);
   if (ec) throw std::runtime_error("cannot create folder '" + folder + "': " + ec.message());
   std::map<std::string, torch::Tensor> weights;
   for (const auto& [name, t] : state_dict(m)) weights[name] = t.detach().to(torch::kCPU, torch::kFloat32);
   // diffusers writes the same metadata.
-  save_safetensors((std::filesystem::path(folder) / kWeightsFile).string(), weights, {{"format", "pt"}});
+  save_safetensors((std::filesystem::path(folder) / weights_file).string(), weights, {{"format", "pt"}});
   write_file_atomic((std::filesystem::path(folder) / kConfigFile).string(), config.dump(2) + "\n");
 }
 

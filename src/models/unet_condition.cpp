@@ -246,19 +246,14 @@ UNet2DConditionModel load_unet_condition(const std::string& folder, torch::Devic
   } catch (const std::invalid_argument& e) {
     throw std::runtime_error("'" + path + "': " + e.what());
   }
-  std::string weights;
-  for (const char* name : {kWeightsFile, "diffusion_pytorch_model.fp16.safetensors"})
-    if (weights.empty() && fs::exists(fs::path(folder) / name)) weights = (fs::path(folder) / name).string();
-  if (weights.empty())
-    throw std::runtime_error("'" + folder + "' has no " + kWeightsFile + " (nor its .fp16 variant)" +
-                             (fs::exists(fs::path(folder) / "diffusion_pytorch_model.safetensors.index.json")
-                                  ? std::string(": sharded weights are not read yet, merge the shards into one file")
-                                  : std::string()));
+  const auto weights = find_weights_file(
+      folder, {kWeightsFile, "diffusion_pytorch_model.fp16.safetensors"},
+      fs::exists(fs::path(folder) / "diffusion_pytorch_model.safetensors.index.json")
+          ? ": sharded weights are not read yet, merge the shards into one file"
+          : "");
   UNet2DConditionModel model(config);
   auto tensors = load_safetensors(weights);
-  for (const auto& [name, t] : tensors)
-    if (t.is_floating_point() && !torch::isfinite(t).all().item<bool>())
-      throw std::runtime_error("'" + weights + "': tensor " + name + " holds NaN or infinite values");
+  check_finite_weights(tensors, weights);
   load_state_dict(*model, tensors, weights);
   model->to(device);
   return model;

@@ -48,15 +48,6 @@ Conditioning Conditioning::to(torch::Device device) const {
   return c;
 }
 
-Conditioning Conditioning::slice(int64_t begin, int64_t end) const {
-  Conditioning c;
-  auto rows = [&](const torch::Tensor& t) { return t.defined() ? t.slice(0, begin, end) : t; };
-  c.labels = rows(labels);
-  c.context = rows(context);
-  c.uncond_context = rows(uncond_context);
-  return c;
-}
-
 void Conditioning::check(int64_t n, const char* what) const {
   check_labels(labels, n, what);
   for (const auto* t : {&context, &uncond_context}) {
@@ -83,19 +74,19 @@ torch::Tensor call_network(const Network& net, const EtsdmConfig& etsdm, const t
 }
 
 Denoiser make_denoiser(Network net, Prediction prediction, Schedule schedule, EtsdmConfig etsdm,
-                       Conditioning labels) {
+                       Conditioning conditioning) {
   if (!net) throw std::invalid_argument("make_denoiser: no network given");
-  if (labels.labels.defined()) check_labels(labels.labels, labels.labels.numel(), "make_denoiser");
+  if (conditioning.labels.defined()) check_labels(conditioning.labels, conditioning.labels.numel(), "make_denoiser");
   Denoiser d;
   d.schedule = schedule;
-  d.fn = [net, prediction, etsdm, labels](const torch::Tensor& x, const Level& level) {
+  d.fn = [net, prediction, etsdm, conditioning](const torch::Tensor& x, const Level& level) {
     const int64_t n = x.size(0);
-    labels.check(n, "denoiser");
+    conditioning.check(n, "denoiser");
     auto a = torch::scalar_tensor(level.a, torch::kFloat64);
     auto s = torch::scalar_tensor(level.s, torch::kFloat64);
     // An eps model at SNR 0: convert() throws the std::domain_error that names the fix, before the network runs.
     if (prediction == Prediction::eps && level.a == 0.0) to_x0(prediction, x, x, a, s);
-    auto out = call_network(net, etsdm, x, level.t, labels);
+    auto out = call_network(net, etsdm, x, level.t, conditioning);
     return Estimate{to_x0(prediction, out, x, a, s), to_eps(prediction, out, x, a, s)};
   };
   return d;

@@ -39,26 +39,22 @@ Network graphed_network(Network net, int warmup) {
   auto slots = std::make_shared<std::map<std::vector<int64_t>, std::unique_ptr<Slot>>>();
   return [net, warmup, slots](const torch::Tensor& x, const torch::Tensor& t, const Conditioning& c) {
     auto& slot = (*slots)[shape_key(x, t, c)];
-    auto fixed = [&](torch::Tensor& into, const torch::Tensor& from) {
+    const bool fresh = !slot;
+    if (fresh) slot = std::make_unique<Slot>();
+    // The fixed tensors: copies of the first call's inputs, overwritten in place by every later call's.
+    auto fix = [&](torch::Tensor& into, const torch::Tensor& from) {
       if (!from.defined()) return;
       if (into.defined()) into.copy_(from);
       else into = from.to(x.device()).clone();
     };
-    if (!slot) {
-      slot = std::make_unique<Slot>();
-      slot->x = x.clone();
-      slot->t = t.clone();
-      fixed(slot->c.labels, c.labels);
-      fixed(slot->c.context, c.context);
-      fixed(slot->c.uncond_context, c.uncond_context);
+    fix(slot->x, x);
+    fix(slot->t, t);
+    fix(slot->c.labels, c.labels);
+    fix(slot->c.context, c.context);
+    fix(slot->c.uncond_context, c.uncond_context);
+    if (fresh) {
       Slot* s = slot.get();
       slot->work = std::make_unique<GraphedWork>(x.device(), warmup, [s, net] { s->out = net(s->x, s->t, s->c); });
-    } else {
-      slot->x.copy_(x);
-      slot->t.copy_(t);
-      fixed(slot->c.labels, c.labels);
-      fixed(slot->c.context, c.context);
-      fixed(slot->c.uncond_context, c.uncond_context);
     }
     slot->work->run();
     return slot->out.clone();

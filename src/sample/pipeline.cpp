@@ -122,6 +122,15 @@ void check_model_index(const fs::path& pipeline, std::vector<std::string>& notes
   }
 }
 
+// The UNet attends to the text encoder's states: its cross_attention_dim must be their width. Checked before any
+// weights are read (a mismatch is a pipeline put together from two models).
+void check_text_width(int64_t cross_attention_dim, int64_t hidden_size, const std::string& source) {
+  if (cross_attention_dim != hidden_size)
+    throw std::invalid_argument("the UNet's cross_attention_dim is " + std::to_string(cross_attention_dim) +
+                                " but the text encoder's hidden_size is " + std::to_string(hidden_size) + " ('" + source +
+                                "': the UNet and text encoder come from different models)");
+}
+
 // What every text pipeline needs once its networks are read: the tokenizer, the checks that the parts fit, the UNet's
 // precision and layout, x_t's shape.
 void finish_text_parts(LoadedRun& r, ClipTokenizer tokenizer_in, const LoadOptions& o, const std::string& source) {
@@ -131,10 +140,6 @@ void finish_text_parts(LoadedRun& r, ClipTokenizer tokenizer_in, const LoadOptio
   r.text_unet->eval();
   const auto& uc = r.text_unet->config();
   const auto& tc = r.text_encoder->config();
-  if (uc.cross_attention_dim != tc.hidden_size)
-    throw std::invalid_argument("the UNet's cross_attention_dim is " + std::to_string(uc.cross_attention_dim) +
-                                " but the text encoder's hidden_size is " + std::to_string(tc.hidden_size) +
-                                " ('" + source + "': the UNet and text encoder come from different models)");
   if (tokenizer->vocab_size() > tc.vocab_size || tokenizer->max_length() > tc.max_position_embeddings)
     throw std::invalid_argument("the tokenizer (" + std::to_string(tokenizer->vocab_size()) + " tokens, window " +
                                 std::to_string(tokenizer->max_length()) + ") does not fit the text encoder (vocab_size " +
@@ -155,15 +160,12 @@ void load_text_parts(LoadedRun& r, const LoadOptions& o) {
     throw std::invalid_argument("'" + r.unet_folder + "' is a text-conditioned UNet (UNet2DConditionModel) without its "
                                 "pipeline: pass the folder holding model_index.json, text_encoder/ and tokenizer/");
   check_model_index(pipeline, r.notes);
-  // The widths are compared before any weights are read: a mismatch is a pipeline put together from two models.
   const auto text_config_path = (fs::path(pipeline) / "text_encoder" / "config.json").string();
   const auto unet_width = read_model_config(r.unet_folder).value("cross_attention_dim", nlohmann::json());
   const auto text_width = fs::exists(text_config_path) ? load_json(text_config_path).value("hidden_size", nlohmann::json())
                                                         : nlohmann::json();
-  if (unet_width.is_number_integer() && text_width.is_number_integer() && unet_width != text_width)
-    throw std::invalid_argument("the UNet's cross_attention_dim is " + unet_width.dump() +
-                                " but the text encoder's hidden_size is " + text_width.dump() + " ('" + pipeline +
-                                "': unet/ and text_encoder/ come from different models)");
+  if (unet_width.is_number_integer() && text_width.is_number_integer())
+    check_text_width(unet_width.get<int64_t>(), text_width.get<int64_t>(), pipeline);
   r.text_unet = load_unet_condition(r.unet_folder, o.device);
   r.text_encoder = load_clip_text_model((fs::path(pipeline) / "text_encoder").string(), o.device);
   finish_text_parts(r, ClipTokenizer::load((fs::path(pipeline) / "tokenizer").string()), o, pipeline);
@@ -191,10 +193,7 @@ void load_single_file(LoadedRun& r, const std::string& path, const LoadOptions& 
   } catch (const std::invalid_argument& e) {
     throw std::runtime_error("'" + path + "': " + e.what());
   }
-  if (ckpt.unet_config.cross_attention_dim != ckpt.text_config.hidden_size)
-    throw std::invalid_argument("'" + path + "': the UNet's cross_attention_dim " +
-                                std::to_string(ckpt.unet_config.cross_attention_dim) + " differs from the text encoder's "
-                                "width " + std::to_string(ckpt.text_config.hidden_size));
+  check_text_width(ckpt.unet_config.cross_attention_dim, ckpt.text_config.hidden_size, path);
   r.text_unet = UNet2DConditionModel(ckpt.unet_config);
   load_state_dict(*r.text_unet, ckpt.unet, path + " (model.diffusion_model.)");
   r.text_unet->to(o.device);
@@ -508,8 +507,8 @@ namespace {
 
 // The latent (or pixel) size x_t has: the config's, or --height / --width in pixels (image to image: the init
 // images' size), checked against the autoencoder's factor and the UNet's levels.
-std::pair<int64_t, int64_t> sample_size(const LoadedRun& run, const GenerateOptions& o_in) {
-  GenerateOptions o = o_in;
+std::pair<int64_t, int64_t> sample_size(const LoadedRun& run, const GenerateOptions& o) {
+  int64_t height = o.height, width = o.width;
   if (o.init_images.defined()) {
     if (o.init_images.dim() != 4 || o.init_images.size(0) < 1)
       throw std::invalid_argument("init images must be [M, C, H, W], got " + c10::str(o.init_images.sizes()));
@@ -518,10 +517,10 @@ std::pair<int64_t, int64_t> sample_size(const LoadedRun& run, const GenerateOpti
       if (given != 0 && given != size)
         throw std::invalid_argument(std::string(flag) + " " + std::to_string(given) + " differs from the init image's " +
                                     std::to_string(size) + " (resize the image, or leave " + flag + " out)");
-    o.height = o.init_images.size(2);
-    o.width = o.init_images.size(3);
+    height = o.init_images.size(2);
+    width = o.init_images.size(3);
   }
-  if (o.height == 0 && o.width == 0) return {run.height, run.width};
+  if (height == 0 && width == 0) return {run.height, run.width};
   const int64_t factor = run.vae.is_empty() ? 1 : run.vae->config().downsample_factor();
   const int64_t levels = run.is_text() ? int64_t(run.text_unet->config().block_out_channels.size())
                                        : int64_t(run.unet->config().block_out_channels.size());
@@ -534,7 +533,7 @@ std::pair<int64_t, int64_t> sample_size(const LoadedRun& run, const GenerateOpti
                                   " times the UNet's " + std::to_string(multiple / factor) + ")");
     return pixels / factor;
   };
-  return {latent(o.height, run.height, "--height"), latent(o.width, run.width, "--width")};
+  return {latent(height, run.height, "--height"), latent(width, run.width, "--width")};
 }
 
 void check_options(const LoadedRun& run, const GenerateOptions& o, int64_t height, int64_t width) {
@@ -651,12 +650,18 @@ SamplerOptions sampler_options(const LoadedRun& run, const GenerateOptions& o) {
 
 namespace {
 
+// Rows first, ..., first + count - 1 of a batch that repeats `rows` cyclically: row i mod M of `rows` for image i (the
+// prompt of image i, its init image).
+torch::Tensor cyclic_rows(const torch::Tensor& rows, int64_t first, int64_t count) {
+  auto idx = torch::arange(first, first + count, torch::kLong).remainder(rows.size(0)).to(rows.device());
+  return rows.index_select(0, idx);
+}
+
 // Image to image's start: the init images (rows i mod M) encoded (latent models; the posterior sampled with noise
 // of (seed, i)) and noised to `level` with the batch's noise x: a x0 + s x.
 torch::Tensor noised_init(const LoadedRun& run, const GenerateOptions& o, const torch::Tensor& noise, const Level& level,
                           int64_t first, int64_t count) {
-  auto idx = torch::arange(first, first + count, torch::kLong).remainder(o.init_images.size(0));
-  auto images = o.init_images.index_select(0, idx).to(run.device, torch::kFloat32);
+  auto images = cyclic_rows(o.init_images, first, count).to(run.device, torch::kFloat32);
   torch::Tensor x0 = images;
   if (!run.vae.is_empty()) {
     auto vae = run.vae;
@@ -683,12 +688,6 @@ void note_substitution(const SchedulerConfig& config, const GenerateOptions& o, 
   if (cls == "HeunDiscreteScheduler" && canonical_sampler_name(sampler) == "heun")
     notes.push_back("diffuse's heun integrates in the angle phi = atan(s / a), not in sigma as diffusers' "
                     "HeunDiscreteScheduler: the samples differ from diffusers' (0.7% to 18% at 10 steps)");
-}
-
-// The text states of images [first, first + count): prompt i mod P for image i.
-torch::Tensor rows_for(const torch::Tensor& states, int64_t first, int64_t count) {
-  auto idx = torch::arange(first, first + count, torch::kLong).remainder(states.size(0)).to(states.device());
-  return states.index_select(0, idx);
 }
 
 }  // namespace
@@ -749,8 +748,8 @@ Generated generate(const LoadedRun& run, const GenerateOptions& o) {
       y = torch::tensor(std::vector<int64_t>(g.labels.begin() + first, g.labels.begin() + first + count), torch::kLong)
               .to(run.device);
     if (run.is_text())
-      y = Conditioning::text(rows_for(prompt_states, first, count),
-                             negative_states.defined() ? rows_for(negative_states, first, count) : torch::Tensor());
+      y = Conditioning::text(cyclic_rows(prompt_states, first, count),
+                             negative_states.defined() ? cyclic_rows(negative_states, first, count) : torch::Tensor());
     if (o.init_images.defined()) x = noised_init(run, o, x, levels.front(), first, count);
     SamplerOptions so = sampler_options(run, o);
     so.first_image = first;

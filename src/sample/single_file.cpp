@@ -9,6 +9,7 @@
 
 #include "diffuse/io/files.h"
 #include "diffuse/io/safetensors.h"
+#include "diffuse/models/model_folder.h"
 
 namespace fs = std::filesystem;
 
@@ -296,12 +297,12 @@ OriginalCheckpoint read_original_checkpoint(const std::string& path, const Singl
   const auto all = load_safetensors(path);
   OriginalCheckpoint c;
   std::vector<std::string> leftover;
+  std::map<std::string, torch::Tensor> networks;  // what the networks read: checked finite
   for (const auto& [name, t] : all) {
     const bool ours = starts_with(name, kUnetPrefix) || starts_with(name, kVaePrefix) ||
                       starts_with(name, kClipPrefix) || starts_with(name, kOpenClipPrefix);
     if (ours && name != "cond_stage_model.transformer.text_model.embeddings.position_ids") {
-      if (t.is_floating_point() && !torch::isfinite(t).all().item<bool>())
-        throw std::runtime_error("'" + path + "': tensor " + name + " holds NaN or infinite values");
+      networks.emplace(name, t);
       continue;
     }
     if (!is_training_leftover(name))
@@ -309,6 +310,7 @@ OriginalCheckpoint read_original_checkpoint(const std::string& path, const Singl
                                "(SDXL and other models are not read)");
     leftover.push_back(name);
   }
+  check_finite_weights(networks, path);
   if (!leftover.empty())
     c.notes.push_back(std::to_string(leftover.size()) + " tensors of '" + path + "' not used (EMA copies and schedule "
                       "buffers, e.g. " + leftover.front() + ")");

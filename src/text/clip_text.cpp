@@ -186,20 +186,14 @@ ClipTextModel load_clip_text_model(const std::string& folder, torch::Device devi
   } catch (const std::invalid_argument& e) {
     throw std::runtime_error("'" + config_path + "': " + e.what());
   }
-  std::string weights;
-  for (const char* name : {"model.safetensors", "model.fp16.safetensors"})
-    if (weights.empty() && fs::exists(fs::path(folder) / name)) weights = (fs::path(folder) / name).string();
-  if (weights.empty())
-    throw std::runtime_error("'" + folder + "' has no model.safetensors" +
-                             (fs::exists(fs::path(folder) / "pytorch_model.bin")
-                                  ? std::string(" (only pytorch_model.bin, a pickle diffuse does not read: convert it to "
-                                                "safetensors)")
-                                  : std::string()));
+  const auto weights = find_weights_file(
+      folder, {"model.safetensors", "model.fp16.safetensors"},
+      fs::exists(fs::path(folder) / "pytorch_model.bin")
+          ? " (only pytorch_model.bin, a pickle diffuse does not read: convert it to safetensors)"
+          : "");
   auto tensors = load_safetensors(weights);
   tensors.erase("text_model.embeddings.position_ids");  // a buffer older transformers versions saved: arange(L)
-  for (const auto& [name, t] : tensors)
-    if (t.is_floating_point() && !torch::isfinite(t).all().item<bool>())
-      throw std::runtime_error("'" + weights + "': tensor " + name + " holds NaN or infinite values");
+  check_finite_weights(tensors, weights);
   ClipTextModel model(config);
   load_state_dict(*model, tensors, weights);
   model->to(device);
@@ -208,13 +202,7 @@ ClipTextModel load_clip_text_model(const std::string& folder, torch::Device devi
 }
 
 void save_clip_text_model(ClipTextModel& model, const std::string& folder) {
-  std::error_code ec;
-  std::filesystem::create_directories(folder, ec);
-  if (ec) throw std::runtime_error("cannot create folder '" + folder + "': " + ec.message());
-  std::map<std::string, torch::Tensor> weights;
-  for (const auto& [name, t] : state_dict(*model)) weights[name] = t.detach().to(torch::kCPU, torch::kFloat32);
-  save_safetensors((std::filesystem::path(folder) / "model.safetensors").string(), weights, {{"format", "pt"}});
-  write_file_atomic((std::filesystem::path(folder) / "config.json").string(), model->config().to_json().dump(2) + "\n");
+  write_model_folder(*model, model->config().to_json(), folder, "model.safetensors");
 }
 
 }  // namespace diffuse

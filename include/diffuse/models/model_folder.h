@@ -8,6 +8,7 @@
 
 #include <map>
 #include <string>
+#include <vector>
 
 namespace diffuse {
 
@@ -36,8 +37,16 @@ constexpr const char* kWeightsFile = "diffusion_pytorch_model.safetensors";
 nlohmann::json read_model_config(const std::string& folder);
 /// Loads `folder`/diffusion_pytorch_model.safetensors into m (see load_state_dict).
 void read_model_weights(torch::nn::Module& m, const std::string& folder);
-/// Creates `folder` if needed and writes the weights (float32) then config.json, each atomically.
-void write_model_folder(torch::nn::Module& m, const nlohmann::json& config, const std::string& folder);
+/// Creates `folder` if needed and writes the weights (float32, as `weights_file`) then config.json, each atomically.
+void write_model_folder(torch::nn::Module& m, const nlohmann::json& config, const std::string& folder,
+                        const std::string& weights_file = kWeightsFile);
+
+/// The first of `names` (a weights file and its variants, e.g. diffusion_pytorch_model.safetensors then
+/// diffusion_pytorch_model.fp16.safetensors) that exists in `folder`; throws naming the folder, the first name and
+/// `hint` when none does.
+std::string find_weights_file(const std::string& folder, const std::vector<std::string>& names, const std::string& hint = "");
+/// Throws std::runtime_error naming `source` and the tensor when a floating-point tensor holds NaN or infinity.
+void check_finite_weights(const std::map<std::string, torch::Tensor>& tensors, const std::string& source);
 
 /// What a model folder must be: config.json's `_class_name` (`required`: diffusers' own files may lack it),
 /// what errors call it (with its article), and what to pass or do instead.

@@ -41,8 +41,6 @@ struct Conditioning {
   bool empty() const { return !labels.defined() && !context.defined(); }
   /// Every tensor moved to `device` (undefined ones stay undefined).
   Conditioning to(torch::Device device) const;
-  /// Images [begin, end) of the batch.
-  Conditioning slice(int64_t begin, int64_t end) const;
   /// Throws std::invalid_argument naming `what` unless every defined tensor has n rows (labels int64 [n], contexts
   /// [n, L, D] of one shape).
   void check(int64_t n, const char* what) const;

@@ -187,21 +187,6 @@ std::vector<fs::path> sorted_entries(const fs::path& dir, bool dirs) {
   return out;
 }
 
-// Centre-crop to a square, then resize to size x size (bilinear, antialiased when shrinking).
-torch::Tensor square_resize(const torch::Tensor& img, int64_t size) {
-  int64_t h = img.size(1), w = img.size(2), m = std::min(h, w);
-  auto sq = img.narrow(1, (h - m) / 2, m).narrow(2, (w - m) / 2, m);
-  if (m == size) return sq;
-  namespace F = torch::nn::functional;
-  return F::interpolate(sq.unsqueeze(0), F::InterpolateFuncOptions()
-                                             .size(std::vector<int64_t>{size, size})
-                                             .mode(torch::kBilinear)
-                                             .align_corners(false)
-                                             .antialias(m > size))
-      .squeeze(0)
-      .clamp(-1.0, 1.0);
-}
-
 }  // namespace
 
 Dataset load_image_folder(const std::string& dir, int64_t size, int64_t channels) {
@@ -241,7 +226,7 @@ Dataset load_image_folder(const std::string& dir, int64_t size, int64_t channels
   at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       try {
-        d.images[i].copy_(square_resize(read_image(files[size_t(i)].string(), channels), size));
+        d.images[i].copy_(center_square_resize(read_image(files[size_t(i)].string(), channels), size));
       } catch (const std::exception& e) {
         errors[size_t(i)] = e.what();
       }

@@ -143,6 +143,20 @@ const stbi_uc* data_of(const std::string& bytes) { return reinterpret_cast<const
 
 constexpr int64_t kMaxImagePixels = int64_t(1) << 26;  // 8192 x 8192
 
+torch::Tensor center_square_resize(const torch::Tensor& img, int64_t size) {
+  int64_t h = img.size(1), w = img.size(2), m = std::min(h, w);
+  auto sq = img.narrow(1, (h - m) / 2, m).narrow(2, (w - m) / 2, m);
+  if (m == size) return sq;
+  namespace F = torch::nn::functional;
+  return F::interpolate(sq.unsqueeze(0), F::InterpolateFuncOptions()
+                                             .size(std::vector<int64_t>{size, size})
+                                             .mode(torch::kBilinear)
+                                             .align_corners(false)
+                                             .antialias(m > size))
+      .squeeze(0)
+      .clamp(-1.0, 1.0);
+}
+
 int64_t image_file_channels(const std::string& path) {
   const std::string bytes = image_bytes(path);
   int w = 0, h = 0, comp = 0;

@@ -39,6 +39,7 @@ thread_local torch::ScalarType guarded_conv_dtype = torch::ScalarType::Undefined
 
 ConvolutionDtype::ConvolutionDtype(torch::ScalarType dtype) : outer_(guarded_conv_dtype) { guarded_conv_dtype = dtype; }
 ConvolutionDtype::~ConvolutionDtype() { guarded_conv_dtype = outer_; }
+torch::ScalarType ConvolutionDtype::current() { return guarded_conv_dtype; }
 
 torch::Tensor convolve(nn::Conv2d& conv, const torch::Tensor& x) {
   const auto stored = conv->weight.scalar_type();

@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include "diffuse/io/files.h"
+#include "diffuse/io/hash.h"
 #include "diffuse/io/safetensors.h"
 
 namespace diffuse {
@@ -157,6 +158,39 @@ int64_t parameter_count(torch::nn::Module& m) {
   int64_t n = 0;
   for (const auto& p : m.parameters()) n += p.numel();
   return n;
+}
+
+namespace {
+// Strings end with a NUL; tensors add their dtype and shape, then their bytes.
+void add(Fnv1a& f, const std::string& s) {
+  f.add(s.data(), s.size());
+  f.add("\0", 1);
+}
+void add(Fnv1a& f, const torch::Tensor& t) {
+  auto c = t.detach().to(torch::kCPU).contiguous();
+  add(f, c10::str(c.scalar_type(), c.sizes()));
+  f.add(c.data_ptr(), c.numel() * c.element_size());
+}
+}  // namespace
+
+std::string weights_fingerprint(torch::nn::Module& m, const std::string& config) {
+  Fnv1a f;
+  add(f, config);
+  for (const auto& p : m.named_parameters()) {
+    add(f, p.key());
+    add(f, p.value());
+  }
+  for (const auto& b : m.named_buffers()) {
+    add(f, b.key());
+    add(f, b.value());
+  }
+  return f.hex();
+}
+
+std::string tensors_fingerprint(const std::vector<torch::Tensor>& tensors) {
+  Fnv1a f;
+  for (const auto& t : tensors) add(f, t);
+  return f.hex();
 }
 
 }  // namespace diffuse

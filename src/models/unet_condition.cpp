@@ -8,6 +8,7 @@
 #include "diffuse/io/files.h"
 #include "diffuse/io/safetensors.h"
 #include "diffuse/models/model_folder.h"
+#include "diffuse/models/recompute.h"
 #include "diffuse/models/unet.h"
 #include "models/config_json.h"
 
@@ -227,11 +228,49 @@ torch::Tensor UNet2DConditionModelImpl::forward(const torch::Tensor& x_in, const
   auto ctx = context.to(x.device(), x.scalar_type());
   x = convolve(conv_in, x);
   std::vector<torch::Tensor> skips{x};
-  for (auto& block : *down_blocks) x = block->as<DownBlock>()->forward(x, emb, &skips, ctx);
-  x = mid_block->forward(x, emb, ctx);
-  for (auto& block : *up_blocks) x = block->as<UpBlock>()->forward(x, emb, &skips, ctx);
+  if (checkpointing_ && torch::GradMode::is_enabled()) {
+    x = checkpointed_blocks(x, emb, ctx, skips);
+  } else {
+    for (auto& block : *down_blocks) x = block->as<DownBlock>()->forward(x, emb, &skips, ctx);
+    x = mid_block->forward(x, emb, ctx);
+    for (auto& block : *up_blocks) x = block->as<UpBlock>()->forward(x, emb, &skips, ctx);
+  }
   auto h = conv_norm_out(x);
   return convolve(conv_out, torch::GradMode::is_enabled() ? torch::silu(h) : torch::silu_(h));
+}
+
+torch::Tensor UNet2DConditionModelImpl::checkpointed_blocks(torch::Tensor x, const torch::Tensor& emb,
+                                                           const torch::Tensor& ctx, std::vector<torch::Tensor>& skips) {
+  // A down block's output is its last skip, so only the skips leave it (no tensor twice).
+  for (auto& block : *down_blocks) {
+    auto* b = block->as<DownBlock>();
+    auto outs = recomputed_in_backward(
+        [b](const std::vector<torch::Tensor>& in) {
+          std::vector<torch::Tensor> local;
+          b->forward(in[0], in[1], &local, in[2]);
+          return local;
+        },
+        {x, emb, ctx});
+    skips.insert(skips.end(), outs.begin(), outs.end());
+    x = outs.back();
+  }
+  auto* mid = mid_block.get();
+  x = recomputed_in_backward([mid](const std::vector<torch::Tensor>& in) { return std::vector<torch::Tensor>{mid->forward(in[0], in[1], in[2])}; },
+                             {x, emb, ctx})[0];
+  for (auto& block : *up_blocks) {
+    auto* b = block->as<UpBlock>();
+    const auto taken = size_t(b->skips_taken());
+    std::vector<torch::Tensor> inputs = {x, emb, ctx};
+    inputs.insert(inputs.end(), skips.end() - long(taken), skips.end());
+    skips.resize(skips.size() - taken);
+    x = recomputed_in_backward(
+        [b](const std::vector<torch::Tensor>& in) {
+          std::vector<torch::Tensor> local(in.begin() + 3, in.end());
+          return std::vector<torch::Tensor>{b->forward(in[0], in[1], &local, in[2])};
+        },
+        inputs)[0];
+  }
+  return x;
 }
 
 UNet2DConditionModel load_unet_condition(const std::string& folder, torch::Device device) {

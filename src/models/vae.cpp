@@ -343,33 +343,9 @@ ReconstructionStats reconstruction_stats(AutoencoderKL& model, const torch::Tens
 }  // namespace diffuse
 
 namespace diffuse {
-namespace {
-
-// A model's fingerprint: strings end with a NUL; tensors add their dtype and shape, then their bytes.
-void add(Fnv1a& f, const std::string& s) {
-  f.add(s.data(), s.size());
-  f.add("\0", 1);
-}
-void add(Fnv1a& f, const torch::Tensor& t) {
-  auto c = t.detach().to(torch::kCPU).contiguous();
-  add(f, c10::str(c.scalar_type(), c.sizes()));
-  f.add(c.data_ptr(), c.numel() * c.element_size());
-}
-
-}  // namespace
 
 std::string vae_fingerprint(AutoencoderKL& model) {
-  Fnv1a f;
-  add(f, model->config().to_json().dump());
-  for (const auto& p : model->named_parameters()) {
-    add(f, p.key());
-    add(f, p.value());
-  }
-  for (const auto& b : model->named_buffers()) {
-    add(f, b.key());
-    add(f, b.value());
-  }
-  return f.hex();
+  return weights_fingerprint(*model, model->config().to_json().dump());
 }
 
 Dataset encode_dataset(AutoencoderKL& model, const Dataset& data, int64_t batch, uint64_t seed) {
@@ -406,12 +382,10 @@ std::string default_latent_cache_dir() {
 }
 
 LatentCache cached_latents(AutoencoderKL& model, const Dataset& data, const std::string& dir, int64_t batch) {
-  Fnv1a key;
-  add(key, data.images);
-  add(key, data.labels);
+  const std::string key = tensors_fingerprint({data.images, data.labels});
   const std::string fingerprint = vae_fingerprint(model);
   LatentCache r;
-  r.path = dir + "/" + key.hex() + ".safetensors";
+  r.path = dir + "/" + key + ".safetensors";
   std::error_code ec;
   if (std::filesystem::exists(r.path, ec)) {
     try {

@@ -242,6 +242,7 @@ struct GradientAverager::State {
   std::vector<Bucket> buckets;
   std::vector<std::pair<size_t, size_t>> where;  // param -> (bucket, slot)
   std::vector<unsigned> seen;                    // gradients received per param this step
+  unsigned passes = 1;                           // backward passes per step
   std::vector<unsigned> hook_ids;
   size_t next_launch = 0;
   std::mutex mu;
@@ -250,8 +251,12 @@ struct GradientAverager::State {
     std::lock_guard<std::mutex> lock(mu);
     auto [b, slot] = where[i];
     auto& bucket = buckets[b];
-    ++seen[i];
-    bucket.flat.slice(0, bucket.offsets[slot], bucket.offsets[slot] + grad.numel()).copy_(grad.flatten());
+    auto part = bucket.flat.slice(0, bucket.offsets[slot], bucket.offsets[slot] + grad.numel());
+    if (seen[i]++ == 0)
+      part.copy_(grad.flatten());
+    else
+      part.add_(grad.flatten());
+    if (seen[i] < passes) return;
     ++bucket.filled;
     // Launch every consecutive full bucket, in index order on every rank.
     while (next_launch < buckets.size() && buckets[next_launch].filled == buckets[next_launch].members.size()) {
@@ -262,10 +267,11 @@ struct GradientAverager::State {
 };
 
 GradientAverager::GradientAverager(std::shared_ptr<Distributed> dist, std::vector<torch::Tensor> params,
-                                   int64_t bucket_bytes)
+                                   int64_t bucket_bytes, unsigned passes)
     : state_(std::make_shared<State>()) {
   auto& s = *state_;
   s.dist = std::move(dist);
+  s.passes = passes;
   for (auto& p : params)
     if (p.requires_grad()) s.params.push_back(p);
   if (!s.dist->enabled()) return;
@@ -309,9 +315,10 @@ void GradientAverager::finish() {
   if (!s.dist->enabled()) return;
   torch::NoGradGuard no_grad;
   for (size_t k = 0; k < s.params.size(); ++k)
-    if (s.seen[k] != 1)
+    if (s.seen[k] != s.passes)
       throw std::logic_error("parameter " + std::to_string(k) + " received " + std::to_string(s.seen[k]) +
-                             " gradients in one backward; data-parallel training needs exactly one");
+                             " gradients in " + std::to_string(s.passes) +
+                             " backward passes; data-parallel training needs exactly one per pass");
   double inv = 1.0 / double(s.dist->world_size());
   for (auto& b : s.buckets) {
     b.pending->wait();

@@ -57,6 +57,7 @@ void validate_loop(const LoopOptions& o) {
   auto bad = [](const std::string& what) { throw std::invalid_argument(what); };
   if (o.steps < 1) bad("--steps must be at least 1, got " + std::to_string(o.steps));
   if (o.batch < 1) bad("--batch must be at least 1, got " + std::to_string(o.batch));
+  if (o.accumulate < 1) bad("--accumulate must be at least 1, got " + std::to_string(o.accumulate));
   if (!(o.lr > 0) || !std::isfinite(o.lr)) bad("--lr must be a positive number, got " + std::to_string(o.lr));
   if (o.warmup < 0) bad("--warmup must be >= 0");
   if (o.lr_schedule != "constant" && o.lr_schedule != "cosine")
@@ -113,6 +114,10 @@ Session start_session(const LoopOptions& o) {
     throw std::invalid_argument("--batch " + std::to_string(o.batch) + " is the global batch and must divide among " +
                                 std::to_string(s.env.world_size) + " processes; pass a multiple of " +
                                 std::to_string(s.env.world_size));
+  if ((o.batch / s.env.world_size) % o.accumulate != 0)
+    throw std::invalid_argument("--batch " + std::to_string(o.batch) + " gives " + std::to_string(o.batch / s.env.world_size) +
+                                " images per process, which --accumulate " + std::to_string(o.accumulate) +
+                                " does not divide into equal parts");
   s.device = rank_device(o.device, s.env);
   s.conv_dtype = parse_network_dtype(o.conv_dtype, s.device, "--conv-dtype");
   if (s.conv_dtype != torch::kFloat32 && o.bf16)
@@ -336,7 +341,7 @@ TrainResult run_loop(Task& task, const LoopOptions& o, const nlohmann::json& opt
   StopSignals signals;
   TrainResult result = first_result(s, o);
   auto params = task.model().parameters();
-  GradientAverager averager(s.dist, params);  // no-op for one process
+  GradientAverager averager(s.dist, params, 16 << 20, unsigned(o.accumulate));  // no-op for one process
   StepRunner runner(s, task, o, data, sampler, averager, params);
   if (runner.graphed()) progress.message("CUDA graph: steps after the first " + std::to_string(StepRunner::kGraphWarmup) +
                                          " replay one captured graph (--cuda-graphs false: eager)");

@@ -34,6 +34,7 @@ constexpr auto schedule_fields = [](auto& s, auto&& f) {
 constexpr auto loop_fields = [](auto& o, auto&& f) {
   f("steps", o.steps);
   f("batch", o.batch);
+  f("accumulate", o.accumulate);
   f("lr", o.lr);
   f("warmup", o.warmup);
   f("lr_schedule", o.lr_schedule);
@@ -201,6 +202,8 @@ const std::vector<ResumableOption>& resumable_options() {
        [](LoopOptions& s, const LoopOptions& g) { s.checkpoint_every = g.checkpoint_every; }},
       {"log_every", "--log-every", [](LoopOptions& s, const LoopOptions& g) { s.log_every = g.log_every; }},
       {"threads", "--threads", [](LoopOptions& s, const LoopOptions& g) { s.threads = g.threads; }},
+      // Memory against speed, like threads: the sums split differently, the draws are the same.
+      {"accumulate", "--accumulate", [](LoopOptions& s, const LoopOptions& g) { s.accumulate = g.accumulate; }},
       {"dist_timeout", "--dist-timeout", [](LoopOptions& s, const LoopOptions& g) { s.dist_timeout = g.dist_timeout; }},
   };
   return table;

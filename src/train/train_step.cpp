@@ -70,7 +70,8 @@ StepRunner::StepRunner(Session& s, Task& task, const LoopOptions& o, const Datas
                        GradientAverager& averager, std::vector<torch::Tensor> params)
     : s_(s), task_(task), o_(o), averager_(averager), params_(std::move(params)),
       batches_(data, sampler, s.device, o.batch), gen_(step_generator(s.device, o.seed)) {
-  if (o.cuda_graphs && s.device.is_cuda() && !s.dist->enabled() && batches_.resident() && GraphedWork::available())
+  if (o.cuda_graphs && o.accumulate == 1 && s.device.is_cuda() && !s.dist->enabled() && batches_.resident() &&
+      GraphedWork::available())
     graph_ = std::make_unique<GraphedWork>(s.device, kGraphWarmup, [this] { last_ = loss_and_gradients(); });
 }
 
@@ -100,20 +101,30 @@ StepOutcome StepRunner::step(int64_t step) {
 
 StepRunner::Gradients StepRunner::loss_and_gradients() {
   auto batch = batches_.gather(o_, gen_);
-  batch.images = s_.shard.rows(batch.images);
-  batch.labels = s_.shard.rows(batch.labels);
-  Gradients g;
-  {
-    Bf16Autocast autocast(s_.device, o_.bf16);
-    ConvolutionDtype conv_dtype(s_.conv_dtype);
-    std::tie(g.per_example, g.t) = task_.loss(batch, s_.shard, gen_);
+  compat::zero_grads(params_);  // in place: a graph's gradients stay where it captured them
+  // Each part draws the whole batch's numbers from the step generator's state (a copy per part) and keeps its rows.
+  const int64_t parts = o_.accumulate, part_size = s_.shard.size / parts;
+  std::vector<torch::Tensor> per_example, ts;
+  for (int64_t p = 0; p < parts; ++p) {
+    const Shard part{s_.shard.begin + p * part_size, part_size, s_.shard.global};
+    Batch rows{part.rows(batch.images), part.rows(batch.labels)};
+    at::Generator gen = parts == 1 ? gen_ : gen_.clone();
+    torch::Tensor loss_rows, t;
+    {
+      Bf16Autocast autocast(s_.device, o_.bf16);
+      ConvolutionDtype conv_dtype(s_.conv_dtype);
+      std::tie(loss_rows, t) = task_.loss(rows, part, gen);
+    }
+    // The mean over the shard (parts of equal size): the mean over ranks of its gradient is the global batch's.
+    (parts == 1 ? loss_rows.mean() : loss_rows.sum() / double(s_.shard.size)).backward();
+    per_example.push_back(loss_rows.detach());
+    ts.push_back(t);
   }
-  auto loss = g.per_example.mean();  // of the shard: the mean over ranks of its gradient is the global batch's
-  compat::zero_grads(params_);       // in place: a graph's gradients stay where it captured them
-  loss.backward();
   averager_.finish();
+  Gradients g;
+  g.per_example = parts == 1 ? per_example[0] : torch::cat(per_example);
+  g.t = parts == 1 ? ts[0] : torch::cat(ts);
   g.grad_norm = clip_gradients(params_, o_.grad_clip > 0 ? o_.grad_clip : std::numeric_limits<double>::infinity());
-  g.per_example = g.per_example.detach();
   return g;
 }
 

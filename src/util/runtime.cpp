@@ -52,12 +52,21 @@ void allow_tf32(torch::Device device, bool allow) {
 
 bool cpu_runs_bf16_networks() { return compat::kCpuBf16Autocast; }
 
-Bf16Autocast::Bf16Autocast(torch::Device device, bool enable) : type_(device.type()), on_(enable) {
-  if (on_) compat::set_bf16_autocast(type_, true);
+namespace {
+thread_local c10::optional<c10::DeviceType> active_autocast;
 }
+
+Bf16Autocast::Bf16Autocast(torch::Device device, bool enable) : type_(device.type()), on_(enable) {
+  if (!on_) return;
+  compat::set_bf16_autocast(type_, true);
+  active_autocast = type_;
+}
+
+c10::optional<c10::DeviceType> Bf16Autocast::active() { return active_autocast; }
 
 Bf16Autocast::~Bf16Autocast() {
   if (!on_) return;
+  active_autocast = c10::nullopt;
   compat::set_bf16_autocast(type_, false);
   at::autocast::clear_cache();
 }

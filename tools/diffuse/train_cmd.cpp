@@ -12,6 +12,7 @@
 #include "diffuse/io/run_folder.h"
 #include "diffuse/train/distributed.h"
 #include "diffuse/util/runtime.h"
+#include "diffuse/train/text_train.h"
 #include "diffuse/train/train.h"
 #include "diffuse/models/vae.h"
 
@@ -72,9 +73,13 @@ void add_data_options(CLI::App* cmd, CommonOptions& c) {
   cmd->add_flag("--hflip", c.loop.hflip, "Random horizontal flips");
 }
 
+// The help group of the loop options: they apply to every trainer, a fine-tune (--model) included.
+constexpr const char* kLoopGroup = "Run and optimisation";
+
 // The run folder, the optimisation and the processes.
 void add_loop_options(CLI::App* cmd, CommonOptions& c) {
   auto& l = c.loop;
+  const auto first = cmd->get_options().size();
   cmd->add_option("--out", l.out, "Run folder (diffusers layout; refused if it exists, see --resume/--overwrite)")
       ->required();
   cmd->add_flag("--resume", l.resume, resume_help());
@@ -111,6 +116,12 @@ void add_loop_options(CLI::App* cmd, CommonOptions& c) {
   cmd->add_option("--dist-timeout", l.dist_timeout, "Seconds a data-parallel rank waits for the others before it "
                                                     "stops with an error (a dead or hung rank)")
       ->capture_default_str();
+  cmd->add_option("--accumulate", l.accumulate, "Gradient accumulation: each process's rows of a --batch go through "
+                                                "the network in this many parts (less memory, the same step up to "
+                                                "float rounding)")
+      ->capture_default_str();
+  auto options = cmd->get_options();
+  for (size_t i = first; i < options.size(); ++i) const_cast<CLI::Option*>(options[i])->group(kLoopGroup);
 }
 
 // `noised`: the model sees noised images (a noise schedule) and has attention levels (not the autoencoder).
@@ -341,6 +352,7 @@ bool begin_training(const CommonOptions& c, const LoopOptions& loop) {
 struct TrainCli {
   CommonOptions common;
   TrainOptions train;
+  TextTrainOptions text;  ///< --model: a Stable Diffusion fine-tune
   std::string prediction = "eps", loss_weight = "uniform", spacing = "trailing";
   bool unconditional = false;
   std::string vae, latent_cache;
@@ -348,7 +360,78 @@ struct TrainCli {
   std::string time_scale_shift = "default";
 };
 
+// The help group of the options that belong to a fine-tune (--model); with --model only these, the loop group's,
+// and kFineTuneShared may be given.
+constexpr const char* kFineTuneGroup = "Fine-tuning a Stable Diffusion pipeline (--model)";
+const std::vector<std::string> kFineTuneShared = {"--data", "--data-limit", "--hflip", "--prediction", "--zero-snr",
+                                                  "--spacing", "--loss-weight", "--min-snr-gamma", "--offset-noise",
+                                                  "--latent-cache", "--help"};
+
+void check_fine_tune_flags(const CLI::App* cmd) {
+  for (const auto* opt : cmd->get_options()) {
+    if (opt->count() == 0 || opt->get_group() == kLoopGroup || opt->get_group() == kFineTuneGroup) continue;
+    const std::string name = opt->get_name();
+    if (std::find(kFineTuneShared.begin(), kFineTuneShared.end(), name) == kFineTuneShared.end())
+      throw std::invalid_argument(name + " does not apply with --model: the pipeline fixes the network and its "
+                                         "schedule (see diffuse train --help, \"" + kFineTuneGroup + "\")");
+  }
+  if (cmd->get_option("--data")->count() == 0)
+    throw std::invalid_argument("--model needs --data: a folder of images with captions (same-named .txt files or "
+                                "metadata.jsonl)");
+}
+
+// diffuse train --model PIPE: the fine-tune of text_train.h.
+void run_text_train(const CLI::App* cmd, TrainCli& cli) {
+  auto& c = cli.common;
+  TextTrainOptions o;
+  if (c.loop.resume) {
+    check_resume_options(cmd);
+    o = TextTrainOptions::from_json(stored_options(c.loop.out));
+    apply_resumable(o.loop, c.loop, cmd, c.quiet);
+  } else {
+    check_fine_tune_flags(cmd);
+    o = cli.text;
+    o.data = c.data.source;
+    o.captions.limit = c.data.limit;
+    if (cmd->get_option("--prediction")->count()) o.prediction = parse_prediction(cli.prediction);
+    o.zero_snr = c.schedule.zero_snr;
+    o.spacing = parse_spacing(cli.spacing);
+    o.loss_weight = parse_loss_weight(cli.loss_weight);
+    o.min_snr_gamma = cli.train.min_snr_gamma;
+    o.offset_noise = cli.train.offset_noise;
+    o.loop = c.loop;
+    o.loop.progress = !c.quiet;
+  }
+  if (!begin_training(c, o.loop)) return;
+  const bool report = this_rank() == 0;
+  auto data = prepare_text_training(o, cli.latent_cache.empty() ? default_latent_cache_dir() : cli.latent_cache,
+                                    report ? &std::cerr : nullptr);
+  if (report) {
+    for (const auto& note : data.notes) std::cerr << "note: " << note << "\n";
+    auto u = data.pipeline.text_unet;
+    const auto& sc = data.scheduler;
+    std::cerr << "model: UNet2DConditionModel " << parameter_count(*u) / 1e6 << "M parameters from '"
+              << (o.loop.resume ? o.loop.out : o.model) << "' (text encoder and autoencoder frozen); "
+              << to_string(sc.prediction_type) << " prediction, loss weight " << to_string(o.loss_weight)
+              << (sc.rescale_betas_zero_snr ? ", zero terminal SNR" : "")
+              << (o.offset_noise > 0 ? ", offset noise " + std::to_string(o.offset_noise) : "")
+              << (o.caption_dropout > 0 ? ", caption dropout " + std::to_string(o.caption_dropout) : "")
+              << (o.gradient_checkpointing ? ", gradient checkpointing" : "") << "; sampling spacing "
+              << to_string(sc.timestep_spacing) << "\n";
+  }
+  finish(quiet_unless_rank0([&] { return train_text(o, data); }), "train");
+}
+
+// Whether this invocation fine-tunes a pipeline: --model, or --resume of such a run.
+bool is_fine_tune(const TrainCli& cli) {
+  if (!cli.text.model.empty()) return true;
+  const auto& loop = cli.common.loop;
+  if (!loop.resume || !fs::exists(RunFolder(loop.out).run_json())) return false;
+  return TextTrainOptions::is_text_run(stored_options(loop.out));
+}
+
 void run_train(const CLI::App* cmd, TrainCli& cli) {
+  if (is_fine_tune(cli)) return run_text_train(cmd, cli);
   auto& c = cli.common;
   TrainOptions fresh = cli.train;
   if (!c.loop.resume) {
@@ -485,6 +568,32 @@ void run_train_vae(const CLI::App* cmd, VaeCli& cli) {
   finish(quiet_unless_rank0([&] { return train_vae(o, data, heldout, &std::cout); }), "train-vae");
 }
 
+void add_fine_tune_options(CLI::App* cmd, TextTrainOptions& t) {
+  auto g = [&](CLI::Option* opt) { opt->group(kFineTuneGroup); };
+  g(cmd->add_option("--model", t.model, "Fine-tune this Stable Diffusion 1.x / 2.x pipeline's UNet (a diffusers folder, "
+                                        "a diffuse fine-tune run or a single-file .safetensors) on --data, a folder "
+                                        "of images with captions; --prediction defaults to the pipeline's"));
+  g(cmd->add_option("--resolution", t.captions.resolution, "Images: shorter side resized to this, centre cropped")
+        ->capture_default_str());
+  g(cmd->add_option("--crop", t.captions.crop, "center (random is refused: latents are cached per image)")
+        ->capture_default_str());
+  g(cmd->add_option("--alpha", t.captions.alpha, "Images with alpha: flatten (onto white, counted) or refuse")
+        ->capture_default_str());
+  g(cmd->add_option("--bad-files", t.captions.bad_files, "Unreadable images or missing captions: refuse (stop at the "
+                                                         "first) or skip (counted, the first named)")
+        ->capture_default_str());
+  g(cmd->add_option("--caption-dropout", t.caption_dropout, "Probability of training on the empty caption (the "
+                                                            "unconditional half of classifier-free guidance)")
+        ->capture_default_str());
+  g(cmd->add_flag("--gradient-checkpointing", t.gradient_checkpointing, "Recompute each UNet block in the backward pass "
+                                                                        "instead of keeping its activations (less "
+                                                                        "memory, about a third more time)"));
+  g(cmd->add_option("--tokenizer", t.tokenizer, "Single-file --model: the tokenizer folder (vocab.json, merges.txt)"));
+  g(cmd->add_flag("--v-prediction", t.source_v_prediction, "Single-file --model: it predicts v (SD 2.x 768-v)"));
+  g(cmd->add_option("--single-file-config", t.single_file_config, "Single-file --model: a pipeline folder whose "
+                                                                  "configs to use instead of the inferred ones"));
+}
+
 void add_diffusion_train_command(CLI::App& app) {
   auto cli = std::make_shared<TrainCli>();
   auto* cmd = app.add_subcommand("train", "Train a diffusion UNet (diffusers UNet2DModel) into a run folder");
@@ -493,7 +602,10 @@ void add_diffusion_train_command(CLI::App& app) {
       "scheduler/scheduler_config.json, train_state/, run.json, log.csv (loss per step and per timestep decile) "
       "and loss.png. Ctrl-C or SIGTERM checkpoints and stops; --resume continues bit-exactly.\n"
       "Example: diffuse train --data fashion-mnist --out runs/fm --steps 20000 --prediction v --schedule linear "
-      "--zero-snr --loss-weight min-snr");
+      "--zero-snr --loss-weight min-snr\n"
+      "Fine-tuning Stable Diffusion with Lin et al.'s recipe: diffuse train --model sd-2-1-base --data captions/ --out "
+      "runs/sd --prediction v --zero-snr --spacing trailing --lr 1e-5 --lr-schedule constant --batch 8 --accumulate 4 "
+      "--gradient-checkpointing (the run is a diffusers pipeline folder: diffuse sample --model runs/sd --prompt ...)");
   add_common_options(cmd, cli->common);
   auto& t = cli->train;
   cmd->add_option("--prediction", cli->prediction, "What the network predicts: eps, v or x0 (flow with --path rectified-flow)")
@@ -535,6 +647,7 @@ void add_diffusion_train_command(CLI::App& app) {
   cmd->add_option("--time-scale-shift", cli->time_scale_shift, "How resnets take the time embedding: default or "
                                                                "scale_shift")
       ->capture_default_str();
+  add_fine_tune_options(cmd, cli->text);
   cmd->callback([cmd, cli] { run_train(cmd, *cli); });
 }
 

@@ -20,6 +20,10 @@ torch::Tensor read_image(const std::string& path, int64_t channels = 0);
 /// Channels stored in an image file (1 to 4) without decoding it; throws naming the file when unreadable.
 int64_t image_file_channels(const std::string& path);
 
+/// Centre-crops [C, H, W] to a square and resizes it to size x size (bilinear, antialiased when shrinking, clamped
+/// to [-1, 1]): the crop of a shorter side resized to `size`.
+torch::Tensor center_square_resize(const torch::Tensor& image, int64_t size);
+
 /// Writes [C, H, W] (C = 1, 3 or 4) as PNG, atomically. Float input is taken as [-1, 1]; uint8 as is.
 void write_png(const std::string& path, const torch::Tensor& image);
 /// The PNG bytes of [C, H, W] (as write_png would write them).

@@ -22,6 +22,8 @@ struct RunFolder {
   std::filesystem::path ema_network(const std::string& kind) const { return root / (kind + "_ema"); }
   std::filesystem::path scheduler_folder() const { return root / "scheduler"; }
   std::filesystem::path scheduler_config() const { return scheduler_folder() / "scheduler_config.json"; }
+  /// A text-to-image fine-tune's pipeline parts besides the UNet (text_train.h).
+  std::filesystem::path model_index() const { return root / "model_index.json"; }
 
   // diffuse's own files.
   std::filesystem::path run_json() const { return root / "run.json"; }
@@ -48,6 +50,8 @@ struct RunFolder {
                                                 run.accuracy_csv(), run.reconstruction_csv(), run.train_state(),
                                                 run.scheduler_folder(), run.new_checkpoint().root,
                                                 run.old_checkpoint()};
+    paths.push_back(run.model_index());
+    for (const char* frozen : {"text_encoder", "tokenizer"}) paths.push_back(run.root / frozen);
     for (const char* kind : {"unet", "vae", "classifier"}) {
       paths.push_back(run.network(kind));
       paths.push_back(run.ema_network(kind));

@@ -29,6 +29,8 @@ class ConvolutionDtype {
   ~ConvolutionDtype();
   ConvolutionDtype(const ConvolutionDtype&) = delete;
   ConvolutionDtype& operator=(const ConvolutionDtype&) = delete;
+  /// The dtype of the innermost guard on this thread (Undefined: none).
+  static torch::ScalarType current();
 
  private:
   torch::ScalarType outer_;
@@ -166,6 +168,8 @@ class UpBlockImpl : public torch::nn::Module {
               int64_t out_channels, int64_t layers, bool attention, bool upsample);
   torch::Tensor forward(torch::Tensor x, const torch::Tensor& temb, std::vector<torch::Tensor>* skips,
                         const torch::Tensor& context = {});
+  /// How many skips forward takes from the back of `skips`.
+  int64_t skips_taken() const { return int64_t(resnets->size()); }
 
  private:
   torch::nn::ModuleList resnets, attentions, upsamplers;

@@ -45,6 +45,12 @@ void write_model_folder(torch::nn::Module& m, const nlohmann::json& config, cons
 /// diffusion_pytorch_model.fp16.safetensors) that exists in `folder`; throws naming the folder, the first name and
 /// `hint` when none does.
 std::string find_weights_file(const std::string& folder, const std::vector<std::string>& names, const std::string& hint = "");
+/// A 64-bit FNV-1a fingerprint (16 hex digits) of `config` and every parameter and buffer of `m` (names, dtypes,
+/// shapes, bytes): changes whenever the weights or the config change. What the latent and text caches key on.
+std::string weights_fingerprint(torch::nn::Module& m, const std::string& config);
+/// The same fingerprint of tensors alone (each one's dtype, shape and bytes, in order): cache keys of data.
+std::string tensors_fingerprint(const std::vector<torch::Tensor>& tensors);
+
 /// Throws std::runtime_error naming `source` and the tensor when a floating-point tensor holds NaN or infinity.
 void check_finite_weights(const std::map<std::string, torch::Tensor>& tensors, const std::string& source);
 

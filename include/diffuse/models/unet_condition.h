@@ -60,9 +60,16 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
   /// cross_attention_dim] (encoder_hidden_states).
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& timesteps, const torch::Tensor& context);
   const UNetConditionConfig& config() const { return config_; }
+  /// Gradient checkpointing (recompute.h) of each down, mid and up block while gradients are recorded: the
+  /// activations inside a block are recomputed in the backward pass instead of kept. Not saved with the model.
+  void set_gradient_checkpointing(bool on) { checkpointing_ = on; }
 
  private:
+  /// The down, mid and up blocks, each through recomputed_in_backward.
+  torch::Tensor checkpointed_blocks(torch::Tensor x, const torch::Tensor& emb, const torch::Tensor& ctx,
+                                    std::vector<torch::Tensor>& skips);
   UNetConditionConfig config_;
+  bool checkpointing_ = false;
   torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
   TimestepEmbedding time_embedding{nullptr};
   torch::nn::ModuleList down_blocks, up_blocks;

@@ -82,10 +82,12 @@ class Distributed {
 /// parameters; checked in finish()).
 class GradientAverager {
  public:
+  /// `passes`: backward passes per step (gradient accumulation): each parameter's gradients of the passes are
+  /// summed and its bucket sent after the last.
   GradientAverager(std::shared_ptr<Distributed> dist, std::vector<torch::Tensor> params,
-                   int64_t bucket_bytes = 16 << 20);
+                   int64_t bucket_bytes = 16 << 20, unsigned passes = 1);
   ~GradientAverager();
-  /// Call after backward(): waits for every bucket and writes the averaged gradients into .grad().
+  /// Call after the step's backward passes: waits for every bucket and writes the averaged gradients into .grad().
   void finish();
   int64_t bucket_count() const;
 

@@ -78,7 +78,11 @@ UNetConfig make_unet_config(const UNetShape& shape, int64_t size, int64_t channe
 /// What every trainer shares: optimisation, seeds, the run folder and its checkpoints.
 struct LoopOptions {
   int64_t steps = 10000;
-  int64_t batch = 64;
+  int64_t batch = 64;                   ///< images per optimizer step (the global batch: all ranks together)
+  /// Gradient accumulation: each rank's rows of a step's batch go through the network in this many equal parts whose
+  /// gradients add up before the one optimizer step (less memory; batch / world size must divide by it). The draws
+  /// are those of the whole batch, so the step equals the unaccumulated one up to float summation order.
+  int64_t accumulate = 1;
   double lr = 2e-4;
   int64_t warmup = 200;                 ///< linear warmup from 0 over this many steps
   std::string lr_schedule = "cosine";   ///< cosine (from lr after warmup to min_lr at the last step) or constant

@@ -60,6 +60,8 @@ class Bf16Autocast {
   ~Bf16Autocast();
   Bf16Autocast(const Bf16Autocast&) = delete;
   Bf16Autocast& operator=(const Bf16Autocast&) = delete;
+  /// The device type whose autocast a guard on this thread has on, or nullopt.
+  static c10::optional<c10::DeviceType> active();
 
  private:
   c10::DeviceType type_;

@@ -4,6 +4,8 @@ bench/sd_compare.sh prepares (python3-torch 2.6, diffusers and transformers from
 usage: diffusers_sd_bench.py make PIPE TOKENIZER_DIR     write a random-weight SD 1.5-shaped pipeline folder
        diffusers_sd_bench.py unet fp32|bf16 ITERS        seconds per UNet forward (bf16: CPU autocast)
        diffusers_sd_bench.py pipe PIPE STEPS             seconds of a StableDiffusionPipeline run (1 image, CFG 7.5)
+       diffusers_sd_bench.py train ITERS CKPT            seconds per training step (batch 1 at 64x64: forward, MSE,
+                                                         backward, AdamW), CKPT 1: enable_gradient_checkpointing()
 The import-time stubs are those of tests/fixtures/generators/gen_fixtures_t2i.py (huggingface_hub, tokenizers)."""
 import os, resource, sys, time
 
@@ -52,6 +54,24 @@ elif mode == "unet":
             times.append(time.perf_counter() - t0)
     print(f"diffusers UNet forward {sys.argv[2]}: best {min(times[1:]):.2f} s, mean {sum(times[1:]) / len(times[1:]):.2f} s "
           f"(warm-up {times[0]:.2f} s); peak RSS {peak_gib():.2f} GiB; torch {torch.__version__}", flush=True)
+elif mode == "train":
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).train()
+    if sys.argv[3] == "1":
+        unet.enable_gradient_checkpointing()
+    adam = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    x, ctx, t = torch.randn(1, 4, 64, 64), torch.randn(1, 77, 768), torch.full((1,), 500)
+    target = torch.randn_like(x)
+    times = []
+    for i in range(int(sys.argv[2]) + 1):
+        t0 = time.perf_counter()
+        adam.zero_grad()
+        torch.nn.functional.mse_loss(unet(x, t, encoder_hidden_states=ctx).sample, target).backward()
+        adam.step()
+        times.append(time.perf_counter() - t0)
+    print(f"diffusers UNet training step, gradient checkpointing {'on' if sys.argv[3] == '1' else 'off'}: best "
+          f"{min(times[1:]):.2f} s, mean {sum(times[1:]) / len(times[1:]):.2f} s (warm-up {times[0]:.2f} s); "
+          f"peak RSS {peak_gib():.2f} GiB", flush=True)
 elif mode == "pipe":
     pipe = StableDiffusionPipeline.from_pretrained(sys.argv[2], safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

@@ -2,11 +2,12 @@
 // SD 2.1's (--config sd21), batch 2 (one CFG pair) at 64x64 latents, text states [2, 77, D]: seconds per forward
 // (a sampler step), and with --train 1 per training step (forward + backward + AdamW), peak RSS. Variants: --dtype
 // fp32|bf16 (the whole network's weights and activations), --conv-dtype bf16 (a float32 network's convolutions
-// only, convolutions_to), --channels-last 0|1. diffusers' figure for the same step is measured beside it by
-// bench/sd_compare.sh (docs/RESULTS.md).
+// only, convolutions_to), --channels-last 0|1, --gradient-checkpointing 0|1 (training: each block recomputed in the
+// backward pass). diffusers' figures for the same steps are measured beside it by bench/sd_compare.sh (sampling) and
+// bench/sd_train_compare.sh (training) (docs/RESULTS.md).
 //
 // usage: sd_unet_bench [--config sd15|sd21] [--batch 2] [--size 64] [--iters 3] [--dtype fp32] [--conv-dtype fp32]
-//                      [--channels-last 0] [--train 0] [--threads N] [--device cpu|cuda]
+//                      [--channels-last 0] [--train 0] [--gradient-checkpointing 0] [--threads N] [--device cpu|cuda]
 // (on a GPU, diffusers' eager step with SDPA is the figure to compare with: docs/cuda.md)
 #include <iostream>
 #include <string>
@@ -32,12 +33,13 @@ torch::ScalarType dtype_of(const std::string& name) {
 int main(int argc, char** argv) {
   std::string config = "sd15", dtype = "fp32", conv_dtype = "fp32", device_name = "cpu";
   int64_t batch = 2, size = 64, iters = 3, threads = 0;
-  bool channels_last = false, train = false;
+  bool channels_last = false, train = false, checkpointing = false;
   if (!bench::parse_options(argc, argv, {{"--config", bench::to(config)}, {"--batch", bench::to(batch)},
                                          {"--size", bench::to(size)}, {"--iters", bench::to(iters)},
                                          {"--dtype", bench::to(dtype)}, {"--conv-dtype", bench::to(conv_dtype)},
                                          {"--channels-last", bench::to(channels_last)}, {"--train", bench::to(train)},
-                                         {"--threads", bench::to(threads)}, {"--device", bench::to(device_name)}}))
+                                         {"--threads", bench::to(threads)}, {"--device", bench::to(device_name)},
+                                         {"--gradient-checkpointing", bench::to(checkpointing)}}))
     return 2;
   const auto runtime = diffuse::configure_cpu_runtime(argv, int(threads));
   torch::manual_seed(0);
@@ -76,6 +78,8 @@ int main(int argc, char** argv) {
     return 0;
   }
   unet->train();
+  unet->set_gradient_checkpointing(checkpointing);
+  std::cout << "gradient checkpointing " << (checkpointing ? "on" : "off") << "\n";
   torch::optim::AdamW adam(unet->parameters(), torch::optim::AdamWOptions(1e-5));
   auto target = torch::randn_like(x);
   for (int64_t i = 0; i <= iters; ++i) {

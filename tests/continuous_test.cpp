@@ -260,6 +260,7 @@ TEST(ZeroSnr, EverySamplerOnSigmaSpacingsAndFlowPathsIsFinite) {
   for (const auto& [name, levels] : walks) {
     ASSERT_EQ(levels.front().a, 0.0) << name;
     for (const auto& sampler : sampler_names()) {
+      if (sampler == "plms") continue;  // PNDMScheduler's own loop: integer t, a > 0, S + 1 calls (Plms.*)
       for (auto variant : {UniPcVariant::bh1, UniPcVariant::bh2}) {
         SamplerOptions o;
         o.order = 3;
@@ -390,9 +391,10 @@ TEST(Train, RectifiedFlowRunSamplesAsFlowMatching) {
 namespace {
 // The scheduler classes of tests/fixtures/diffusers-0.40-classes (diffusers 0.40, the UNet of ../diffusers-0.40): a
 // DDIMScheduler whose leading walk with steps_offset 0 ends at t = 0 and whose end (set_alpha_to_one false) is
-// alpha_bar[0], a zero-length last step diffusers takes, samples as diffusers does; the classes diffuse does not
-// implement (PNDM, LMS) are refused by name, and HeunDiscreteScheduler, sampled by diffuse's angle-space heun, says so.
-TEST(DiffusersParity040Classes, ZeroLengthLastStepAndUnimplementedClasses) {
+// alpha_bar[0], a zero-length last step diffusers takes, and PNDMScheduler as Stable Diffusion ships it (PLMS) sample
+// as diffusers does; PNDM's PRK warm-up and LMS are refused by name, and HeunDiscreteScheduler, sampled by diffuse's
+// angle-space heun, says so.
+TEST(DiffusersParity040Classes, ZeroLengthLastStepPlmsAndUnimplementedClasses) {
   const std::string classes = std::string(DIFFUSE_FIXTURES) + "/diffusers-0.40-classes/";
   auto f = load_safetensors(classes + "sampler_loops.safetensors");
   auto cases = parse_json(read_file(classes + "sampler_loops.json"));
@@ -413,7 +415,10 @@ TEST(DiffusersParity040Classes, ZeroLengthLastStepAndUnimplementedClasses) {
     g.n = 1;
     g.class_id = labels[0];
     g.init_noise = f.at(name + ".init_noise").narrow(0, 0, 1);
-    if (cls == "PNDMScheduler" || cls == "LMSDiscreteScheduler") {
+    if (name == "pndm_prk_linear") {
+      diffuse::testing::expect_error([&] { generate(run, g); }, "PNDMScheduler with skip_prk_steps false");
+      ++checked;
+    } else if (cls == "LMSDiscreteScheduler") {
       diffuse::testing::expect_error([&] { generate(run, g); }, "names " + cls + ", which diffuse does not implement");
       ++checked;
     } else if (cls == "HeunDiscreteScheduler") {
@@ -421,12 +426,12 @@ TEST(DiffusersParity040Classes, ZeroLengthLastStepAndUnimplementedClasses) {
       ASSERT_FALSE(out.notes.empty()) << name;
       EXPECT_NE(out.notes[0].find("HeunDiscreteScheduler"), std::string::npos) << out.notes[0];
       ++checked;
-    } else if (name == "ddim_no_alpha_one_offset0") {
+    } else if (name == "ddim_no_alpha_one_offset0" || name == "pndm_plms_sd15") {
       for (size_t i = 0; i < labels.size(); ++i) {
         g.class_id = labels[i];
         g.init_noise = f.at(name + ".init_noise").narrow(0, int64_t(i), 1);
         const auto out = generate(run, g);
-        ASSERT_EQ(out.timesteps.back(), 0.0);
+        if (name == "ddim_no_alpha_one_offset0") ASSERT_EQ(out.timesteps.back(), 0.0);
         const double diff = max_abs(out.images[0] - f.at(name + ".sample")[int64_t(i)]);
         std::cout << name << " image " << i << ": max |diffuse - diffusers| = " << diff << "\n";
         EXPECT_LT(diff, 1e-4) << name;

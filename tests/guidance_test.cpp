@@ -247,6 +247,7 @@ TEST(ClassifierGuidance, RaisesTheTargetClassProbabilityAndComposesWithCfg) {
   };
   auto ts = spaced_timesteps(1000, 20, Spacing::trailing);
   for (const auto& name : sampler_names()) {
+    if (name == "plms") continue;  // PNDMScheduler's own loop: integer t, a > 0, S + 1 calls (Plms.*)
     auto plain = make_denoiser(conditional, Prediction::x0, sch, {}, y);
     auto with_cfg = make_denoiser(classifier_free_guidance(conditional, {3.0, 0.7, 2}), Prediction::x0, sch, {}, y);
     SamplerOptions o;

@@ -8,6 +8,7 @@
 
 #include "diffuse/io/files.h"
 #include "diffuse/io/safetensors.h"
+#include "diffuse/core/levels.h"
 #include "diffuse/sample/sampling.h"
 #include "diffuse/core/scheduler_config.h"
 #include "diffuse/models/unet.h"
@@ -233,7 +234,8 @@ TEST(ZeroSnr, OneStepFromPureNoiseGivesTheDataMean) {
   auto sch = rescale_zero_terminal_snr(linear(1000));
   auto g = test_data();
   auto x_T = noise64(4, 8, 9);
-  for (const auto& name : sampler_names())
+  for (const auto& name : sampler_names()) {
+    if (name == "plms") continue;  // PNDMScheduler's own loop: integer t, a > 0, S + 1 calls (Plms.*)
     for (auto p : {Prediction::v, Prediction::x0})
       for (auto variance : {DdpmVariance::fixed_small, DdpmVariance::fixed_large}) {
         SamplerOptions o;
@@ -241,6 +243,7 @@ TEST(ZeroSnr, OneStepFromPureNoiseGivesTheDataMean) {
         auto x = get_sampler(name)(make_denoiser(g.network(sch, p), p, sch), {999}, x_T, o);
         EXPECT_LT(max_abs(x - g.mu), 1e-12) << name << " " << to_string(p);
       }
+  }
 }
 
 // Lin et al. 2023: every sampler x spacing x prediction type on a zero-terminal-SNR schedule gives finite
@@ -250,7 +253,8 @@ TEST(ZeroSnr, EverySamplerSpacingAndPredictionIsFinite) {
   auto sch = rescale_zero_terminal_snr(scaled_linear(1000));
   auto g = test_data();
   auto x_T = noise64(3, 8, 4);
-  for (const auto& name : sampler_names())
+  for (const auto& name : sampler_names()) {
+    if (name == "plms") continue;  // PNDMScheduler's own loop: integer t, a > 0, S + 1 calls (Plms.*)
     for (auto spacing : {Spacing::leading, Spacing::linspace, Spacing::trailing})
       for (auto p : {Prediction::eps, Prediction::v, Prediction::x0})
         for (int64_t S : {1, 7, 25}) {
@@ -273,6 +277,7 @@ TEST(ZeroSnr, EverySamplerSpacingAndPredictionIsFinite) {
           EXPECT_TRUE(torch::isfinite(x).all().item<bool>()) << what;
           if (ts[0] == 999) EXPECT_LT(max_abs(first_x0 - g.mu), 1e-12) << what;
         }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -419,6 +424,7 @@ TEST(SamplerReproducibility, ImagesDoNotDependOnTheBatch) {
   auto d = make_denoiser(g32.network(sch, Prediction::v), Prediction::v, sch);
   auto ts = spaced_timesteps(1000, 10, Spacing::trailing);
   for (const auto& name : sampler_names()) {
+    if (name == "plms") continue;  // PNDMScheduler's own loop: integer t, a > 0, S + 1 calls (Plms.*)
     SamplerOptions all, part;
     all.seed = part.seed = 123;
     part.first_image = 4;
@@ -436,6 +442,7 @@ TEST(Samplers, NetworkEvaluations) {
   auto ts = spaced_timesteps(1000, 10, Spacing::trailing);
   for (bool to_one : {true, false})
     for (const auto& name : sampler_names()) {
+      if (name == "plms") continue;  // PNDMScheduler's own loop: integer t, a > 0, S + 1 calls (Plms.*)
       int64_t calls = 0;
       SamplerOptions o;
       o.set_alpha_to_one = to_one;
@@ -466,7 +473,7 @@ TEST(Samplers, BadInputIsRefused) {
   o.eta = -1;
   EXPECT_THROW(sample_euler_ancestral(d, {500, 10}, x, o), std::invalid_argument);
   try {
-    get_sampler("plms");
+    get_sampler("lms");
     FAIL();
   } catch (const std::invalid_argument& e) {
     EXPECT_NE(std::string(e.what()).find("dpmpp_2m_sde"), std::string::npos) << e.what();
@@ -536,4 +543,53 @@ TEST(DiffusersParity, FullSamplerLoops) {
     EXPECT_LT(diff, 5e-6 * std::max(1.0, scale)) << name << ": max |diffuse - diffusers| = " << diff;
     std::cout << name << ": max |diffuse - diffusers| = " << diff << " (max |sample| " << scale << ")\n";
   }
+}
+
+// PNDMScheduler's PLMS (its agreement with diffusers is DiffusersParity040Classes): S + 1 network calls for S
+// timesteps, the second timestep twice; integer timesteps only; a > 0 where it steps from (it divides by a, as
+// diffusers does); eps or v outputs; no partial walk; and on Gaussian data it converges with the steps.
+TEST(Plms, OwnRules) {
+  auto sch = scaled_linear(1000);
+  auto g = test_data();
+  auto x_T = noise64(2, 8, 1);
+  int64_t calls = 0;
+  auto d = make_denoiser(g.network(sch, Prediction::eps, &calls), Prediction::eps, sch);
+  auto ts = spaced_timesteps(1000, 10, Spacing::leading, 1);
+  std::vector<double> called;
+  SamplerOptions o;
+  o.callback = [&](const StepInfo& info) { called.push_back(info.t); };
+  sample_plms(d, ts, x_T, o);
+  EXPECT_EQ(calls, 11);
+  ASSERT_EQ(called.size(), 11u);
+  EXPECT_EQ(called[1], called[2]);
+  EXPECT_EQ(called[1], double(ts[1]));
+  // Converges: 50 steps against 200 (the exact ODE solution is the limit), closer than 10 steps.
+  auto x50 = sample_plms(d, spaced_timesteps(1000, 50, Spacing::leading, 1), x_T);
+  auto x200 = sample_plms(d, spaced_timesteps(1000, 200, Spacing::leading, 1), x_T);
+  auto x10 = sample_plms(d, ts, x_T);
+  EXPECT_LT(max_abs(x50 - x200), 0.2 * max_abs(x10 - x200));
+  // v outputs: diffusers combines the v's and converts the result at the step's start. With one call that is the eps
+  // step exactly; with many, another multistep method on the same ODE: it converges to the same solution.
+  SamplerOptions v;
+  v.prediction = Prediction::v;
+  auto dv = make_denoiser(g.network(sch, Prediction::v), Prediction::v, sch);
+  EXPECT_LT(max_abs(sample_plms(dv, {951}, x_T, v) - sample_plms(d, {951}, x_T)), 1e-12);
+  EXPECT_GT(max_abs(sample_plms(dv, ts, x_T, v) - x10), 1e-6);
+  const auto reference = sample_plms(d, spaced_timesteps(1000, 1000, Spacing::leading), x_T);
+  std::vector<double> errors;
+  for (int64_t S : {10, 50, 200})
+    errors.push_back(max_abs(sample_plms(dv, spaced_timesteps(1000, S, Spacing::leading, 1), x_T, v) - reference));
+  EXPECT_LT(errors[1], errors[0]);
+  EXPECT_LT(errors[2], errors[1]);
+  // Refusals: zero terminal SNR, levels that are not integer timesteps, x0 outputs, a partial walk.
+  auto z = rescale_zero_terminal_snr(scaled_linear(1000));
+  auto dz = make_denoiser(g.network(z, Prediction::v), Prediction::v, z);
+  EXPECT_THROW(sample_plms(dz, spaced_timesteps(1000, 10, Spacing::trailing), x_T, v), std::invalid_argument);
+  EXPECT_THROW(sample_plms(d, Timesteps(spaced_levels(sch, 10, Spacing::karras)), x_T), std::invalid_argument);
+  SamplerOptions x0;
+  x0.prediction = Prediction::x0;
+  EXPECT_THROW(sample_plms(d, ts, x_T, x0), std::invalid_argument);
+  SamplerOptions part;
+  part.walk_steps = 20;
+  EXPECT_THROW(sample_plms(d, ts, x_T, part), std::invalid_argument);
 }

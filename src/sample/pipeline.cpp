@@ -378,7 +378,7 @@ bool final_step_to_clean_data(const std::string& sampler, const SchedulerConfig&
   get_sampler(sampler);  // validates the name
   const std::string name = canonical_sampler_name(sampler);
   if (class_of(config) == kFlowClass) return true;
-  if (name == "ddim") return config.set_alpha_to_one;
+  if (name == "ddim" || name == "plms") return config.set_alpha_to_one;
   if (name.rfind("dpmpp_", 0) == 0 || name == "unipc") {
     // Without the key: "zero", the default of diffusers since 0.26 (0.25's DPMSolverMultistepScheduler ended at
     // alpha_bar[0] with a full-order last step, which leaves visible noise: FID-FMNIST 225 against 158 at 25 steps).
@@ -397,7 +397,8 @@ namespace {
 bool implemented_class(const std::string& cls) {
   static const std::set<std::string> classes = {
       "",  "DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-      "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", kFlowClass};
+      "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", kFlowClass,
+      "PNDMScheduler"};
   return classes.count(cls) > 0;
 }
 }  // namespace
@@ -410,6 +411,14 @@ std::string sampler_for(const SchedulerConfig& config) {
                                 "config's schedule (it says so on stderr), or --scheduler with a config of a class it "
                                 "implements");
   if (cls == "DDPMScheduler") return "ddpm";
+  if (cls == "PNDMScheduler") {
+    // diffusers' default is false (the Runge-Kutta warm-up); Stable Diffusion's configs set it true.
+    if (key_or(config, "skip_prk_steps", false) != true)
+      throw std::invalid_argument("the scheduler config names PNDMScheduler with skip_prk_steps false: its Runge-Kutta "
+                                  "warm-up (PRK) is not implemented; set skip_prk_steps true for PLMS alone (what "
+                                  "Stable Diffusion ships), or pass --sampler");
+    return "plms";
+  }
   if (cls == "EulerDiscreteScheduler" || cls == kFlowClass) return "euler";
   if (cls == "EulerAncestralDiscreteScheduler") return "euler_ancestral";
   if (cls == "HeunDiscreteScheduler") return "heun";
@@ -642,6 +651,7 @@ SamplerOptions sampler_options(const LoadedRun& run, const GenerateOptions& o) {
                      : unipc_class   ? parse_unipc_variant(key_or(run.scheduler, "solver_type", "bh2").get<std::string>())
                                      : UniPcVariant::bh2;
   so.lower_order_final = key_or(run.scheduler, "lower_order_final", true).get<bool>();
+  so.prediction = run.scheduler.prediction_type;
   so.seed = o.seed;
   return so;
 }
@@ -685,6 +695,10 @@ void note_substitution(const SchedulerConfig& config, const GenerateOptions& o, 
   if (!implemented_class(cls))
     notes.push_back("the scheduler config names " + cls + ", which diffuse does not implement: sampling with " + sampler +
                     " (--sampler) on its schedule and timestep_spacing; results differ from diffusers' " + cls);
+  if (cls == "PNDMScheduler" && key_or(config, "skip_prk_steps", false) != true)
+    notes.push_back("the scheduler config's PNDMScheduler has skip_prk_steps false, whose Runge-Kutta warm-up diffuse "
+                    "does not implement: sampling with " + sampler + " (--sampler) on its schedule; results differ "
+                    "from diffusers'");
   if (cls == "HeunDiscreteScheduler" && canonical_sampler_name(sampler) == "heun")
     notes.push_back("diffuse's heun integrates in the angle phi = atan(s / a), not in sigma as diffusers' "
                     "HeunDiscreteScheduler: the samples differ from diffusers' (0.7% to 18% at 10 steps)");
@@ -736,7 +750,9 @@ Generated generate(const LoadedRun& run, const GenerateOptions& o) {
   if (o.cfg != 1.0) net = classifier_free_guidance(net, {o.cfg, o.cfg_rescale, null_class});
   if (o.cuda_graphs) net = detail::graphed_network(net);
 
-  const int64_t batches = (o.n + o.batch - 1) / o.batch, steps = int64_t(levels.size());
+  // PLMS calls the network once more than it has timesteps (the second one twice).
+  const int64_t batches = (o.n + o.batch - 1) / o.batch,
+                steps = int64_t(levels.size()) + (g.sampler == "plms" && levels.size() >= 2 ? 1 : 0);
   auto t0 = std::chrono::steady_clock::now();
   std::vector<torch::Tensor> outputs;
   for (int64_t b = 0; b < batches; ++b) {

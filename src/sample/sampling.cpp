@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 #include <stdexcept>
@@ -453,43 +454,130 @@ torch::Tensor sample_unipc(const Denoiser& d, const Timesteps& ts, const torch::
   return x;
 }
 
+// PNDMScheduler.step_plms as diffusers writes it. Its call list repeats the second timestep: the first call's output
+// steps t0 -> t0 - r (r = T / S) and is kept; the second, at t1 on that result, is averaged with it and the step is
+// taken again from t0; then each call adds its output to the last four and steps with the Adams-Bashforth weights.
+torch::Tensor sample_plms(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o) {
+  torch::NoGradGuard no_grad;
+  const auto steps = make_steps(d.schedule, ts, o);
+  const int64_t n = int64_t(steps.size()), T = d.schedule.T(), ratio = T / n;
+  if (o.walk_steps != 0 && o.walk_steps != n)
+    throw std::invalid_argument("plms: a walk that starts mid-schedule (image to image) is not implemented: "
+                                "PNDMScheduler's call list and counter would start mid-way; pass --sampler ddim");
+  if (o.prediction != Prediction::eps && o.prediction != Prediction::v)
+    throw std::invalid_argument("plms: PNDMScheduler combines eps or v outputs, not " + to_string(o.prediction));
+  std::vector<int64_t> calls;
+  for (const auto& st : steps) {
+    if (st.cur.t != std::floor(st.cur.t)) throw std::invalid_argument("plms: needs integer timesteps (PNDMScheduler's)");
+    calls.push_back(int64_t(st.cur.t));
+  }
+  if (n >= 2) calls.insert(calls.begin() + 1, calls[1]);
+  const Level end = steps.back().next;
+  auto level = [&](int64_t t) { return t >= 0 ? level_at(d.schedule, t) : end; };
+  std::vector<torch::Tensor> outputs;  // the last four kept network outputs, oldest first
+  torch::Tensor x = x_T, start;
+  for (size_t k = 0; k < calls.size(); ++k) {
+    const Level at = level(calls[k]);
+    const Estimate e = d(x, at);
+    // The raw output: eps, or v = a eps - s x0 (exact for the denoiser's v -> (x0, eps) conversion).
+    torch::Tensor raw = o.prediction == Prediction::v ? at.a * e.eps - at.s * e.x0 : e.eps;
+    int64_t from = calls[k], to = calls[k] - ratio;
+    if (k == 1) {
+      from = calls[k] + ratio, to = calls[k];
+      if (from >= T) throw std::invalid_argument("plms: t + T / S = " + std::to_string(from) + " is outside the schedule");
+    } else {
+      outputs.push_back(raw);
+      if (outputs.size() > 4) outputs.erase(outputs.begin());
+    }
+    const auto m = outputs.size();
+    torch::Tensor out;
+    if (m == 1 && k == 0) {
+      out = raw;
+      start = x;
+    } else if (m == 1 && k == 1) {
+      out = (raw + outputs[0]) / 2;
+      x = start;
+    } else if (m == 2) {
+      out = (3 * outputs[1] - outputs[0]) / 2;
+    } else if (m == 3) {
+      out = (23 * outputs[2] - 16 * outputs[1] + 5 * outputs[0]) / 12;
+    } else {
+      out = (55 * outputs[3] - 59 * outputs[2] + 37 * outputs[1] - 9 * outputs[0]) / 24;
+    }
+    // The DDIM transfer from `from` to `to` with eps' (v' converted at `from` with this x, as diffusers does).
+    const Level f = level(from), p = level(to);
+    if (!(f.a > 0))
+      throw std::invalid_argument("plms: PNDMScheduler's step divides by sqrt(alpha_bar_t), which is 0 at t = " +
+                                  std::to_string(from) + " (zero terminal SNR); sample this schedule with ddim, "
+                                  "dpmpp_2m or unipc");
+    const torch::Tensor eps = o.prediction == Prediction::v ? f.a * out + f.s * x : out;
+    const torch::Tensor x0 = (x - f.s * eps) / f.a;
+    x = p.a * x0 + p.s * eps;
+    Step st;
+    st.i = int64_t(k);
+    st.last = k + 1 == calls.size();
+    st.cur = at;
+    st.next = p;
+    notify(o, st, int64_t(calls.size()), x, e.x0);
+  }
+  return x;
+}
+
+const std::vector<SamplerInfo>& sampler_table() {
+  static const std::vector<SamplerInfo> table = {
+      {"ddpm", {}, sample_ddpm, true, "ancestral sampling (DDPMScheduler), --variance fixed_small/fixed_large"},
+      {"ddim", {}, sample_ddim, false, "DDIM (DDIMScheduler), --eta for its stochastic family"},
+      {"euler", {}, sample_euler, false, "Euler on the probability-flow ODE (EulerDiscreteScheduler, flow matching)"},
+      {"euler_ancestral", {"euler_a"}, sample_euler_ancestral, true, "Euler ancestral (EulerAncestralDiscreteScheduler)"},
+      {"heun", {}, sample_heun, false, "Heun in the angle phi = atan(s / a), diffuse's own (not HeunDiscreteScheduler's sigma)"},
+      {"dpmpp_2m", {"dpmpp2m", "dpm++2m", "dpm++_2m"}, sample_dpmpp_2m, false, "DPM-Solver++(2M) (DPMSolverMultistepScheduler)"},
+      {"dpmpp_2m_sde", {"dpmpp2m_sde", "dpm++2m_sde", "dpm++_2m_sde"}, sample_dpmpp_2m_sde, true, "DPM-Solver++(2M) SDE"},
+      {"dpmpp_3m", {"dpmpp3m", "dpm++3m", "dpm++_3m"}, sample_dpmpp_3m, false, "DPM-Solver++(3M), solver_order 3"},
+      {"dpmpp_3m_sde", {"dpmpp3m_sde", "dpm++3m_sde", "dpm++_3m_sde"}, sample_dpmpp_3m_sde, true, "DPM-Solver++(3M) SDE"},
+      {"unipc", {}, sample_unipc, false, "UniPC (UniPCMultistepScheduler), --order, --unipc-variant"},
+      {"plms", {"pndm"}, sample_plms, false, "PNDMScheduler's PLMS (skip_prk_steps; Stable Diffusion 1.x's default)"},
+  };
+  return table;
+}
+
 const std::vector<std::string>& sampler_names() {
-  static const std::vector<std::string> names = {"ddpm",     "ddim",         "euler",    "euler_ancestral",
-                                                 "heun",     "dpmpp_2m",     "dpmpp_2m_sde", "dpmpp_3m",
-                                                 "dpmpp_3m_sde", "unipc"};
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> v;
+    for (const auto& s : sampler_table()) v.push_back(s.name);
+    return v;
+  }();
   return names;
 }
 
 std::string canonical_sampler_name(const std::string& name) {
-  if (name == "euler_a") return "euler_ancestral";
-  if (name == "dpmpp2m" || name == "dpm++2m" || name == "dpm++_2m") return "dpmpp_2m";
-  if (name == "dpmpp2m_sde" || name == "dpm++2m_sde" || name == "dpm++_2m_sde") return "dpmpp_2m_sde";
-  if (name == "dpmpp3m" || name == "dpm++3m" || name == "dpm++_3m") return "dpmpp_3m";
-  if (name == "dpmpp3m_sde" || name == "dpm++3m_sde" || name == "dpm++_3m_sde") return "dpmpp_3m_sde";
+  for (const auto& s : sampler_table())
+    if (std::find(s.aliases.begin(), s.aliases.end(), name) != s.aliases.end()) return s.name;
   return name;
 }
 
-Sampler get_sampler(const std::string& name_in) {
+namespace {
+const SamplerInfo& sampler_info(const std::string& name_in) {
   const std::string name = canonical_sampler_name(name_in);
-  if (name == "ddpm") return sample_ddpm;
-  if (name == "ddim") return sample_ddim;
-  if (name == "euler") return sample_euler;
-  if (name == "euler_ancestral") return sample_euler_ancestral;
-  if (name == "heun") return sample_heun;
-  if (name == "dpmpp_2m") return sample_dpmpp_2m;
-  if (name == "dpmpp_2m_sde") return sample_dpmpp_2m_sde;
-  if (name == "dpmpp_3m") return sample_dpmpp_3m;
-  if (name == "dpmpp_3m_sde") return sample_dpmpp_3m_sde;
-  if (name == "unipc") return sample_unipc;
+  for (const auto& s : sampler_table())
+    if (s.name == name) return s;
   std::ostringstream list;
   for (const auto& n : sampler_names()) list << (list.tellp() > 0 ? ", " : "") << n;
   throw std::invalid_argument("unknown sampler '" + name_in + "' (expected one of " + list.str() + ")");
 }
+}  // namespace
 
-bool is_stochastic(const std::string& name_in) {
-  get_sampler(name_in);  // validates
-  const std::string name = canonical_sampler_name(name_in);
-  return name == "ddpm" || name == "euler_ancestral" || name == "dpmpp_2m_sde" || name == "dpmpp_3m_sde";
+Sampler get_sampler(const std::string& name) { return sampler_info(name).fn; }
+
+bool is_stochastic(const std::string& name) { return sampler_info(name).stochastic; }
+
+std::string sampler_help() {
+  std::string out;
+  for (const auto& s : sampler_table()) {
+    out += (out.empty() ? "" : "; ") + s.name;
+    if (!s.aliases.empty()) out += " (" + s.aliases.front() + ")";
+    out += ": " + s.help;
+  }
+  return out;
 }
 
 }  // namespace diffuse

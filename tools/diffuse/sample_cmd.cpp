@@ -249,8 +249,7 @@ void add_sample_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--scheduler", o->scheduler_path, "scheduler_config.json (default: found beside the model)");
   cmd->add_option("--weights", o->weights, "auto (EMA when present), ema or raw")->capture_default_str();
-  cmd->add_option("--sampler", o->sampler, "ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, "
-                                           "dpmpp_3m_sde, unipc (default: the scheduler config's class, e.g. "
+  cmd->add_option("--sampler", o->sampler, sampler_help() + " (default: the scheduler config's class, e.g. "
                                            "UniPCMultistepScheduler -> unipc; ddim without one)");
   cmd->add_option("--order", o->order, "unipc's order 1-3 (default: the config's solver_order, else 2)");
   cmd->add_option("--unipc-variant", o->unipc_variant, "unipc's B(h): bh1 or bh2 (default: the config's solver_type, else bh2)");

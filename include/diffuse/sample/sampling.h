@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "diffuse/core/prediction.h"
 #include "diffuse/sample/denoiser.h"
 #include "diffuse/core/noise.h"
 
@@ -79,6 +80,8 @@ struct SamplerOptions {
   /// lower_order_final's "fewer than 15"; 0: the levels given are the whole walk.
   int64_t walk_steps = 0;
   int order = 2;                   ///< unipc: the solver order, 1 to 3 (diffusers' solver_order)
+  /// plms: what the network predicts (eps or v): PNDMScheduler combines the raw outputs of its steps.
+  Prediction prediction = Prediction::eps;
   /// dpmpp_3m*: weigh the second divided difference by its Taylor coefficient, twice diffusers' (which makes the
   /// method third order; diffusers' is second order, see src/sample/sampling.cpp). Off: diffusers' update.
   bool dpmpp3_taylor = false;
@@ -137,14 +140,35 @@ torch::Tensor sample_dpmpp_3m_sde(const Denoiser& d, const Timesteps& timesteps,
 torch::Tensor sample_unipc(const Denoiser& d, const Timesteps& timesteps, const torch::Tensor& x,
                            const SamplerOptions& options = {});
 
-/// ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, unipc.
+/// PNDMScheduler's pseudo linear multistep method (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models
+/// on Manifolds"; diffusers' step_plms, skip_prk_steps): Adams-Bashforth combinations (orders 1 to 4) of the network's
+/// raw outputs (options.prediction: eps, or v converted to eps at the step's start as diffusers does) through the
+/// DDIM transfer, with diffusers' second call at the second timestep (a Heun-like first step): S + 1 network calls
+/// for S integer timesteps, each step going from t to t - T / S (not to the next listed timestep where a linspace
+/// walk differs). The transfer divides by a_t, as PNDM's does: refused at zero terminal SNR (a = 0), and for a walk
+/// that starts mid-schedule (image to image).
+torch::Tensor sample_plms(const Denoiser& d, const Timesteps& timesteps, const torch::Tensor& x,
+                          const SamplerOptions& options = {});
+
+/// One row of the sampler table: every sampler diffuse has, the spellings it accepts, and what --help says.
+struct SamplerInfo {
+  std::string name;
+  std::vector<std::string> aliases;
+  Sampler fn;
+  bool stochastic = false;  ///< draws noise after the initial x_T (at its default eta)
+  std::string help;
+};
+/// The one table behind sampler_names, get_sampler, canonical_sampler_name, is_stochastic and the CLI's help.
+const std::vector<SamplerInfo>& sampler_table();
+/// The table's names, in its order.
 const std::vector<std::string>& sampler_names();
-/// The sampler of that name (also accepts euler_a, dpmpp2m, dpmpp2m_sde, dpm++2m, dpm++2m_sde);
-/// throws std::invalid_argument listing the names.
+/// The sampler of that name or alias; throws std::invalid_argument listing the names.
 Sampler get_sampler(const std::string& name);
-/// The sampler's own name for one of its accepted spellings (euler_a, dpm++2m, ...); others unchanged.
+/// The sampler's own name for one of its aliases (euler_a, dpm++2m, ...); others unchanged.
 std::string canonical_sampler_name(const std::string& name);
 /// Whether the named sampler draws noise after the initial x_T (for its default eta).
 bool is_stochastic(const std::string& name);
+/// "name: help" lines of the table, for --help.
+std::string sampler_help();
 
 }  // namespace diffuse

@@ -485,7 +485,7 @@ TEST(Samplers, BadInputIsRefused) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Parity with diffusers 0.25 (tests/fixtures/diffusers/README of the shared fixtures): full DDIM loops
+// Parity with diffusers 0.25 (tests/fixtures/diffusers/README.md, made by generators/gen_fixtures_0.25.py): full DDIM loops
 // (leading and trailing spacing, eps and v prediction, zero terminal SNR and not) and a DPM-Solver++(2M)
 // loop with lower_order_final, all with the fixture UNet as the model.
 TEST(DiffusersParity, FullSamplerLoops) {

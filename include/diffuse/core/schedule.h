@@ -73,7 +73,9 @@ Schedule make_schedule(const ScheduleSpec& spec);
 
 /// The continuous-time view of a discrete schedule: tau in [0, 1] maps to the fractional index
 /// tau * (T - 1), interpolated linearly in log-SNR (in a_t on an interval that ends at SNR 0,
-/// where log-SNR is -inf). Used for continuous-time training; works on any device.
+/// where log-SNR is -inf). Works on any device. Not used by the trainer or the samplers (which walk the discrete
+/// schedule's levels or levels.h's); kept as the continuous view of a schedule for library users, tested in
+/// schedule_test.
 struct ContinuousSchedule {
   explicit ContinuousSchedule(const Schedule& schedule);
   /// a(tau), s(tau) for a tensor of tau in [0, 1] (any device, float32 or float64 out like tau).

@@ -154,8 +154,9 @@ struct GenerateOptions {
 };
 
 /// Throws std::invalid_argument naming the class or key when `config` asks for sampling diffuse does not do
-/// (EDM, VE-SDE and consistency classes; thresholding, beta sigmas, dynamic shifting and the like set to anything
-/// but their neutral value), with the edit that samples without it. generate() checks.
+/// (EDM, VE-SDE and consistency classes; thresholding, dynamic shifting and the like set to anything but their
+/// neutral value; a sigma spacing key on a class that does not read it), with the edit that samples without it.
+/// generate() checks.
 void check_samplable(const SchedulerConfig& config);
 
 /// Whether `sampler`'s last step, driven by `config`, ends at the clean data (alpha_bar = 1) or at alpha_bar[0],

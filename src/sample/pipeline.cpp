@@ -66,6 +66,7 @@ std::string ModelFolder::pipeline_of(const std::string& unet_folder) {
 // ---------------------------------------------------------------- loading
 
 Network LoadedRun::network() const {
+  if (custom) return custom;
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const bool as_is = dtype == torch::kFloat32 && !channels_last;
   auto input = [net_dtype = dtype, format, as_is](const torch::Tensor& x) {
@@ -243,6 +244,26 @@ void load_vae_of(LoadedRun& r, const ModelFolder& folder, const LoadOptions& o) 
                                 std::to_string(r.channels) + " (pass the --vae the model was trained with, or --vae none)");
 }
 }  // namespace
+
+LoadedRun network_run(Network network, SchedulerConfig scheduler, int64_t channels, int64_t height, int64_t width,
+                      int64_t class_embeds, torch::Device device) {
+  if (!network) throw std::invalid_argument("network_run: no network given");
+  if (channels < 1 || height < 1 || width < 1)
+    throw std::invalid_argument("network_run: channels, height and width must be positive");
+  if (class_embeds == 1 || class_embeds < 0)
+    throw std::invalid_argument("network_run: class_embeds must be 0 or at least 2 (the classes and the null class)");
+  scheduler.schedule();  // validates
+  LoadedRun r;
+  r.custom = std::move(network);
+  r.scheduler = std::move(scheduler);
+  r.channels = channels;
+  r.height = height;
+  r.width = width;
+  r.class_embeds = class_embeds;
+  r.device = device;
+  r.unet_folder = "(a network given as a callable)";
+  return r;
+}
 
 LoadedRun load_run(const std::string& model, const LoadOptions& o) {
   ModelFolder folder(model);
@@ -531,8 +552,9 @@ std::pair<int64_t, int64_t> sample_size(const LoadedRun& run, const GenerateOpti
   }
   if (height == 0 && width == 0) return {run.height, run.width};
   const int64_t factor = run.vae.is_empty() ? 1 : run.vae->config().downsample_factor();
-  const int64_t levels = run.is_text() ? int64_t(run.text_unet->config().block_out_channels.size())
-                                       : int64_t(run.unet->config().block_out_channels.size());
+  const int64_t levels = run.is_text()          ? int64_t(run.text_unet->config().block_out_channels.size())
+                        : !run.unet.is_empty() ? int64_t(run.unet->config().block_out_channels.size())
+                                               : 1;  // a custom network: any size
   const int64_t multiple = factor << (levels - 1);
   auto latent = [&](int64_t pixels, int64_t fallback, const char* flag) {
     if (pixels == 0) return fallback;

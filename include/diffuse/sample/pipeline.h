@@ -96,7 +96,10 @@ struct LoadedRun {
   torch::ScalarType dtype = torch::kFloat32;  ///< the UNet's (LoadOptions::dtype)
   bool channels_last = false;                 ///< LoadOptions::channels_last
 
-  /// The UNet as a Network (eval mode, no gradient bookkeeping by the caller's guard).
+  /// Any network given as a callable (network_run): sampled instead of a UNet.
+  Network custom;
+
+  /// The UNet (or the custom network) as a Network (eval mode, no gradient bookkeeping by the caller's guard).
   Network network() const;
   bool is_text() const { return !text_unet.is_empty(); }
 };
@@ -110,6 +113,13 @@ torch::Tensor encode_prompts(const LoadedRun& run, const std::vector<std::string
 
 /// Loads the UNet, its scheduler config and, for a latent model, its autoencoder, checking that they fit.
 LoadedRun load_run(const std::string& model, const LoadOptions& options = {});
+
+/// A model made of any network (x_t, t, conditioning) -> its prediction of `scheduler.prediction_type` (t: the
+/// training timestep, possibly fractional), for generate(): the scheduler class's sampler and walk, classifier-free
+/// guidance over class labels (class_embeds > 0: classes 0..class_embeds-2, the null class last), batching and the
+/// (seed, image) noise, all as for a loaded UNet. x_t is [channels, height, width] per image.
+LoadedRun network_run(Network network, SchedulerConfig scheduler, int64_t channels, int64_t height, int64_t width,
+                      int64_t class_embeds = 0, torch::Device device = torch::kCPU);
 
 /// What generate() reports while it runs: after each sampler step of each batch.
 struct GenerateProgress {

@@ -513,13 +513,16 @@ std::vector<Level> sampling_levels(const SchedulerConfig& config, const std::str
     // A sigma spacing's last level is sigma[0]: a last step to alpha_bar[0] would have length 0 (diffusers' karras
     // with final_sigmas_type sigma_min). Where the config asks for that explicitly it is refused; a config that only
     // lacks final_sigmas_type (DDIMScheduler configs under dpmpp_*, diffusers 0.25's default) ends at the clean data.
-    const bool explicit_end = canonical_sampler_name(sampler) == "ddim" ? !config.set_alpha_to_one
-                                                                        : key_or(config, "final_sigmas_type", "") == "sigma_min";
-    if (!clean && explicit_end)
+    // Where the config asks for that end explicitly, the last step has length 0: dpmpp_* take it as
+    // DPMSolverMultistepScheduler does with final_sigmas_type sigma_min (the identity); the others refuse it.
+    const std::string name = canonical_sampler_name(sampler);
+    const bool explicit_end = name == "ddim" ? !config.set_alpha_to_one
+                                             : key_or(config, "final_sigmas_type", "") == "sigma_min";
+    if (!clean && explicit_end && name.rfind("dpmpp_", 0) != 0)
       throw std::invalid_argument(to_string(sp) + " sigmas end at sigma[0], where this config's last step ends too "
-                                  "(set_alpha_to_one false or final_sigmas_type sigma_min): set it to end at the clean "
-                                  "data, or pass an integer --spacing");
-    end = Level{-1, 1, 0};
+                                  "(set_alpha_to_one false or final_sigmas_type sigma_min), a zero-length step " + name +
+                                  " does not take: set it to end at the clean data, or pass an integer --spacing");
+    if (!(explicit_end && !clean)) end = Level{-1, 1, 0};
     // DPMSolverMultistep and UniPC round a karras level's network time (not an exponential or beta one's).
     return spaced_levels(schedule, steps, sp, 0, 7.0, /*round_t=*/multistep && sp == Spacing::karras);
   }

@@ -180,12 +180,18 @@ struct History {
 torch::Tensor dpmpp_loop(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o,
                          int max_order, double eta) {
   torch::NoGradGuard no_grad;
-  auto steps = make_steps(d.schedule, ts, o);
+  auto steps = make_steps(d.schedule, ts, o, /*zero_length_last=*/true);
   const int64_t n = int64_t(steps.size());
   auto x = x_T;
   History hist;
   for (const auto& st : steps) {
     Estimate e = d(x, st.cur);
+    if (st.a * st.s_next == st.a_next * st.s) {
+      // A zero-length last step (karras to sigma_min with final_sigmas_type sigma_min): diffusers' update there is
+      // the identity at every order (h = 0), and the network is still called at that level.
+      notify(o, st, n, x, e.x0);
+      continue;
+    }
     const double q = st.q(), h = st.h(), lambda = st.lambda();
     const double q_eta = std::pow(q, eta);  // pow(0, 0) = 1: the ODE keeps x
     const double one_minus = 1.0 - q * q_eta;

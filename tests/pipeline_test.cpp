@@ -414,3 +414,37 @@ TEST(NetworkRun, GaussianDenoiserExampleSamplesTheDataThroughThreeClasses) {
   }
   EXPECT_EQ(samplers, (std::vector<std::string>{"ddim", "dpmpp_2m", "plms"}));
 }
+
+// sampler_settings: what a config implies, in one value (the keys that silently change results when forgotten).
+TEST(SamplerSettings, ReadEveryKeyThatChangesTheLoop) {
+  SchedulerConfig dpm;
+  dpm.extra["_class_name"] = "DPMSolverMultistepScheduler";
+  dpm.extra["solver_order"] = 3;
+  dpm.extra["lower_order_final"] = false;
+  dpm.extra["final_sigmas_type"] = "sigma_min";
+  auto s = sampler_settings(dpm);
+  EXPECT_EQ(s.sampler, "dpmpp_3m");
+  EXPECT_FALSE(s.options.lower_order_final);
+  EXPECT_FALSE(s.options.set_alpha_to_one);
+  SchedulerConfig unipc;
+  unipc.extra["_class_name"] = "UniPCMultistepScheduler";
+  unipc.extra["solver_order"] = 3;
+  unipc.extra["solver_type"] = "bh1";
+  s = sampler_settings(unipc);
+  EXPECT_EQ(s.sampler, "unipc");
+  EXPECT_EQ(s.options.order, 3);
+  EXPECT_EQ(s.options.unipc_variant, UniPcVariant::bh1);
+  EXPECT_TRUE(s.options.set_alpha_to_one);
+  SchedulerConfig pndm;
+  pndm.extra["_class_name"] = "PNDMScheduler";
+  pndm.extra["skip_prk_steps"] = true;
+  pndm.prediction_type = Prediction::v;
+  pndm.set_alpha_to_one = false;
+  s = sampler_settings(pndm);
+  EXPECT_EQ(s.sampler, "plms");
+  EXPECT_EQ(s.options.prediction, Prediction::v);
+  EXPECT_FALSE(s.options.set_alpha_to_one);
+  SchedulerConfig lms;
+  lms.extra["_class_name"] = "LMSDiscreteScheduler";
+  EXPECT_THROW(sampler_settings(lms), std::invalid_argument);
+}

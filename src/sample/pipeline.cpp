@@ -455,6 +455,28 @@ std::string sampler_for(const SchedulerConfig& config) {
 }
 
 namespace {
+// The options a config's keys set for `sampler` (without checking that the class is implemented).
+SamplerOptions config_sampler_options(const SchedulerConfig& config, const std::string& sampler) {
+  SamplerOptions so;
+  const bool unipc_class = class_of(config) == "UniPCMultistepScheduler";
+  so.order = unipc_class ? key_or(config, "solver_order", 2).get<int>() : 2;
+  so.unipc_variant = unipc_class ? parse_unipc_variant(key_or(config, "solver_type", "bh2").get<std::string>())
+                                 : UniPcVariant::bh2;
+  so.lower_order_final = key_or(config, "lower_order_final", true).get<bool>();
+  so.prediction = config.prediction_type;
+  so.set_alpha_to_one = final_step_to_clean_data(sampler, config);
+  return so;
+}
+}  // namespace
+
+SamplerSettings sampler_settings(const SchedulerConfig& config) {
+  SamplerSettings r;
+  r.sampler = sampler_for(config);
+  r.options = config_sampler_options(config, r.sampler);
+  return r;
+}
+
+namespace {
 
 // DPMSolverMultistep's and UniPC's linspace and leading: S + 1 points, the last (t = 0 side) dropped.
 std::vector<int64_t> multistep_timesteps(int64_t T, int64_t S, Spacing spacing, int64_t steps_offset) {
@@ -664,19 +686,14 @@ torch::Tensor decode(const LoadedRun& run, const torch::Tensor& latents, int64_t
 
 namespace {
 
-// The sampler options a config's class implies (solver_order, solver_type of UniPC), under the caller's.
-SamplerOptions sampler_options(const LoadedRun& run, const GenerateOptions& o) {
-  SamplerOptions so;
+// The sampler options a config's class implies (sampler_settings), under the caller's.
+SamplerOptions sampler_options(const LoadedRun& run, const GenerateOptions& o, const std::string& sampler) {
+  SamplerOptions so = config_sampler_options(run.scheduler, sampler);
   so.eta = o.eta;
   so.variance = o.variance;
   so.dpmpp3_taylor = o.dpmpp3_taylor;
-  const bool unipc_class = class_of(run.scheduler) == "UniPCMultistepScheduler";
-  so.order = o.order ? o.order : unipc_class ? key_or(run.scheduler, "solver_order", 2).get<int>() : 2;
-  so.unipc_variant = o.unipc_variant ? *o.unipc_variant
-                     : unipc_class   ? parse_unipc_variant(key_or(run.scheduler, "solver_type", "bh2").get<std::string>())
-                                     : UniPcVariant::bh2;
-  so.lower_order_final = key_or(run.scheduler, "lower_order_final", true).get<bool>();
-  so.prediction = run.scheduler.prediction_type;
+  if (o.order) so.order = o.order;
+  if (o.unipc_variant) so.unipc_variant = *o.unipc_variant;
   so.seed = o.seed;
   return so;
 }
@@ -792,7 +809,7 @@ Generated generate(const LoadedRun& run, const GenerateOptions& o) {
       y = Conditioning::text(cyclic_rows(prompt_states, first, count),
                              negative_states.defined() ? cyclic_rows(negative_states, first, count) : torch::Tensor());
     if (o.init_images.defined()) x = noised_init(run, o, x, levels.front(), first, count);
-    SamplerOptions so = sampler_options(run, o);
+    SamplerOptions so = sampler_options(run, o, g.sampler);
     so.first_image = first;
     so.walk_steps = walk_steps;
     if (o.progress)

@@ -179,8 +179,18 @@ bool final_step_to_clean_data(const std::string& sampler, const SchedulerConfig&
 /// The sampler a scheduler config's diffusers class stands for: DDIMScheduler ddim, DDPMScheduler ddpm,
 /// EulerDiscreteScheduler euler, EulerAncestralDiscreteScheduler euler_ancestral, HeunDiscreteScheduler heun,
 /// DPMSolverMultistepScheduler dpmpp_2m / dpmpp_3m (solver_order; _sde for sde-dpmsolver++),
-/// UniPCMultistepScheduler unipc, FlowMatchEulerDiscreteScheduler euler; ddim for any other or no class.
+/// UniPCMultistepScheduler unipc, FlowMatchEulerDiscreteScheduler euler, PNDMScheduler (skip_prk_steps) plms; ddim
+/// without a class; a class diffuse does not implement throws, naming it.
 std::string sampler_for(const SchedulerConfig& config);
+
+/// What a scheduler config implies for sampling, in one value: the sampler (sampler_for) and its options from the
+/// config's keys (solver_order and solver_type of UniPC, lower_order_final, prediction_type for plms,
+/// set_alpha_to_one). Forgetting one of these by hand changes results silently; generate() starts from this.
+struct SamplerSettings {
+  std::string sampler;
+  SamplerOptions options;
+};
+SamplerSettings sampler_settings(const SchedulerConfig& config);
 
 /// The levels a sampler walks for `steps` steps as the config's diffusers class would (the end level in `end`):
 /// a FlowMatchEulerDiscreteScheduler config gives rectified-flow levels (shift); otherwise the spacing (default:

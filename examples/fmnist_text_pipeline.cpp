@@ -11,6 +11,8 @@
 //                                                         captions of the first 1000 test images, in order)
 //        fmnist_text_pipeline pipeline OUT VAE TEXT_PIPE  assembles the pipeline folder (TEXT_PIPE: a pipeline
 //                                                         whose text_encoder/ and tokenizer/ are copied)
+//        fmnist_text_pipeline grey SAMPLES OUT            the sample PNGs as 1-channel images (luminance), for
+//                                                         diffuse eval's Fashion-MNIST feature network
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -114,6 +116,19 @@ int pipeline(const std::string& out, const std::string& vae, const std::string& 
   return 0;
 }
 
+int grey(const std::string& samples, const std::string& out) {
+  fs::create_directories(out);
+  int64_t n = 0;
+  for (const auto& e : fs::directory_iterator(samples)) {
+    const auto name = e.path().filename().string();
+    if (e.path().extension() != ".png" || name == "grid.png") continue;
+    diffuse::write_png((fs::path(out) / name).string(), diffuse::read_image(e.path().string(), 1));
+    ++n;
+  }
+  std::cout << "wrote " << n << " grey images to " << out << "\n";
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -122,8 +137,9 @@ int main(int argc, char** argv) {
     if (mode == "captions" && argc == 4) return captions(argv[2], std::stoll(argv[3]));
     if (mode == "prompts" && argc == 4) return prompts(argv[2], argv[3]);
     if (mode == "pipeline" && argc == 5) return pipeline(argv[2], argv[3], argv[4]);
+    if (mode == "grey" && argc == 4) return grey(argv[2], argv[3]);
     std::cerr << "usage: fmnist_text_pipeline captions DIR COUNT | prompts dark|bright|plain|data FILE | "
-                 "pipeline OUT VAE TEXT_PIPE\n";
+                 "pipeline OUT VAE TEXT_PIPE | grey SAMPLES OUT\n";
     return 2;
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";

@@ -38,14 +38,17 @@ train_run train "$runs/t2i-unchanged" --model "$runs/t2i-base" $common $flawed -
 train_run train "$runs/t2i-recipe" --model "$runs/t2i-base" $common --prediction v --zero-snr --spacing trailing \
   --steps $tune_steps --lr 1e-4 --lr-schedule constant --warmup 0 --ema-decay 0.999
 
-g="--sampler ddim --steps 50 --spacing trailing --cfg 7.5 --cfg-rescale 0.7 --batch 250"
+settings="--sampler ddim --steps 50 --spacing trailing --cfg 7.5 --cfg-rescale 0.7"
+g="$settings --batch 250"
 for name in unchanged recipe; do
   sample_run "$runs/t2i-$name" "$out/samples-$name" $g --prompts "$out/prompts-data.txt" --n $n
   for kind in dark bright; do
     sample_run "$runs/t2i-$name" "$out/samples-$name-$kind" $g --prompts "$out/prompts-$kind.txt" --n 200
   done
   "$diffuse" analyze brightness --samples "$out/samples-$name" --data fashion-mnist-brightness:test
-  eval_run "$out/samples-$name" --no-labels --reference fashion-mnist-brightness:test
+  # diffuse eval's feature network reads 1-channel images: the (grey) RGB samples' luminance.
+  [ -d "$out/samples-$name-grey" ] || "$tool" grey "$out/samples-$name" "$out/samples-$name-grey"
+  eval_run "$out/samples-$name-grey" --no-labels --reference fashion-mnist-brightness:test
   for kind in dark bright; do
     "$diffuse" analyze brightness --samples "$out/samples-$name-$kind" --data fashion-mnist-brightness:test > /dev/null
   done
@@ -58,11 +61,11 @@ data_mean() { awk -F, -v k="$1" '$1 == k { print $3 }' "$out/caption-stats.csv";
 {
   echo "model,fid_fmnist,fid_floor,w1,sample_mean,data_mean,dark_prompt_mean,dark_data_mean,bright_prompt_mean,bright_data_mean"
   for name in unchanged recipe; do
-    echo "$name,$(eval_row "$out/samples-$name" FID-FMNIST FID-FMNIST:floor),$(json "$out/samples-$name" w1),$(json "$out/samples-$name" sample_mean),$(json "$out/samples-$name" data_mean),$(json "$out/samples-$name-dark" sample_mean),$(data_mean dark),$(json "$out/samples-$name-bright" sample_mean),$(data_mean bright)"
+    echo "$name,$(eval_row "$out/samples-$name-grey" FID-FMNIST FID-FMNIST:floor),$(json "$out/samples-$name" w1),$(json "$out/samples-$name" sample_mean),$(json "$out/samples-$name" data_mean),$(json "$out/samples-$name-dark" sample_mean),$(data_mean dark),$(json "$out/samples-$name-bright" sample_mean),$(data_mean bright)"
   done
 } | tee "$out/results.csv"
 cp "$out/results.csv" "$(dirname "$0")/results.csv"
 for name in unchanged recipe; do
-  sample_run "$runs/t2i-$name" "$out/grid-$name" $g --prompts "$out/prompts-dark.txt" --n 20 --grid-cols 10 --batch 20
+  sample_run "$runs/t2i-$name" "$out/grid-$name" $settings --prompts "$out/prompts-dark.txt" --n 20 --grid-cols 10 --batch 20
   cp "$out/grid-$name/grid.png" "$(dirname "$0")/grid-$name-dark.png"
 done

@@ -24,6 +24,7 @@
 #include "diffuse/io/image_io.h"
 #include "diffuse/models/unet_condition.h"
 #include "diffuse/models/vae.h"
+#include "diffuse/train/text_train.h"
 
 namespace fs = std::filesystem;
 
@@ -105,13 +106,7 @@ int pipeline(const std::string& out, const std::string& vae, const std::string& 
   s.extra["_class_name"] = "DDIMScheduler";
   fs::create_directories(out + "/scheduler");
   s.save(out + "/scheduler/scheduler_config.json");
-  const nlohmann::json index = {{"_class_name", "StableDiffusionPipeline"}, {"_diffusers_version", "0.40.0"},
-                                {"feature_extractor", {nullptr, nullptr}},  {"safety_checker", {nullptr, nullptr}},
-                                {"requires_safety_checker", false},         {"scheduler", {"diffusers", "DDIMScheduler"}},
-                                {"text_encoder", {"transformers", "CLIPTextModel"}},
-                                {"tokenizer", {"transformers", "CLIPTokenizer"}},
-                                {"unet", {"diffusers", "UNet2DConditionModel"}}, {"vae", {"diffusers", "AutoencoderKL"}}};
-  diffuse::write_file_atomic(out + "/model_index.json", index.dump(2) + "\n");
+  diffuse::write_file_atomic(out + "/model_index.json", diffuse::stable_diffusion_model_index().dump(2) + "\n");
   std::cout << "wrote " << out << "\n";
   return 0;
 }

@@ -11,6 +11,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "diffuse/io/safetensors.h"
+
 // Multi-process CPU tests run on Gloo: skipped, with the reason, where diffuse was built without it (PyTorch's
 // pip LibTorch ships no gloo headers). Both CI lanes have libgloo-dev, so CI runs them everywhere.
 #ifdef DIFFUSE_WITH_GLOO
@@ -35,6 +37,18 @@ struct TempDir {
   std::string operator/(const std::string& name) const { return (path / name).string(); }
   std::string str() const { return path.string(); }
 };
+
+/// A model folder's weights (diffusion_pytorch_model.safetensors) by name.
+inline std::map<std::string, torch::Tensor> folder_weights(const std::string& folder) {
+  return diffuse::load_safetensors(folder + "/diffusion_pytorch_model.safetensors");
+}
+
+/// The two model folders hold the same tensors, bit for bit.
+inline void expect_identical_weights(const std::string& a, const std::string& b) {
+  auto wa = folder_weights(a), wb = folder_weights(b);
+  ASSERT_EQ(wa.size(), wb.size());
+  for (const auto& [name, t] : wa) EXPECT_TRUE(torch::equal(t, wb.at(name))) << a << " vs " << b << ": " << name;
+}
 
 /// `ours` holds the same tensor names with the same shapes as `reference` (a diffusers state dict).
 inline void expect_names_and_shapes(const std::map<std::string, torch::Tensor>& ours,

@@ -22,6 +22,8 @@ namespace fs = std::filesystem;
 using namespace diffuse;
 using diffuse::testing::error_of;
 using diffuse::testing::TempDir;
+using diffuse::testing::expect_identical_weights;
+using diffuse::testing::folder_weights;
 
 namespace {
 
@@ -69,18 +71,8 @@ TextTrainOptions tiny_options(const std::string& data, const std::string& out, i
   return o;
 }
 
-std::map<std::string, torch::Tensor> weights(const std::string& folder) {
-  return load_safetensors(folder + "/diffusion_pytorch_model.safetensors");
-}
-
-void expect_identical(const std::string& a, const std::string& b) {
-  auto wa = weights(a), wb = weights(b);
-  ASSERT_EQ(wa.size(), wb.size());
-  for (const auto& [name, t] : wa) ASSERT_TRUE(torch::equal(t, wb.at(name))) << a << " vs " << b << ": " << name;
-}
-
 double max_difference(const std::string& a, const std::string& b) {
-  auto wa = weights(a), wb = weights(b);
+  auto wa = folder_weights(a), wb = folder_weights(b);
   double m = 0;
   for (const auto& [name, t] : wa) m = std::max(m, (t - wb.at(name)).abs().max().item<double>());
   return m;
@@ -243,13 +235,13 @@ TEST(TextTrain, FineTunesStopsResumesBitIdenticallyIntoAPipelineFolder) {
       << second_report.str();
   s.loop.resume = true;
   EXPECT_EQ(train_text(s, prepare_text_training(s, cache)).step, 6);
-  expect_identical(tmp / "straight/unet", tmp / "stopped/unet");
-  expect_identical(tmp / "straight/unet_ema", tmp / "stopped/unet_ema");
+  expect_identical_weights(tmp / "straight/unet", tmp / "stopped/unet");
+  expect_identical_weights(tmp / "straight/unet_ema", tmp / "stopped/unet_ema");
 
   // The run folder is a diffusers StableDiffusionPipeline: the UNet's names and shapes are the original's, the
   // frozen parts are the original files, the scheduler carries the recipe.
   const auto run = tmp / "straight";
-  diffuse::testing::expect_names_and_shapes(weights(run + "/unet"), weights(tiny_pipe() + "/unet"));
+  diffuse::testing::expect_names_and_shapes(folder_weights(run + "/unet"), folder_weights(tiny_pipe() + "/unet"));
   EXPECT_GT(max_difference(run + "/unet", tiny_pipe() + "/unet"), 0.0);
   for (const char* part : {"text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                            "tokenizer/vocab.json", "tokenizer/merges.txt"})

@@ -22,6 +22,8 @@ namespace fs = std::filesystem;
 using namespace diffuse;
 using diffuse::testing::error_of;
 using diffuse::testing::TempDir;
+using diffuse::testing::expect_identical_weights;
+using diffuse::testing::folder_weights;
 
 namespace {
 
@@ -56,16 +58,6 @@ const Dataset& shapes16() {
   return d;
 }
 
-std::map<std::string, torch::Tensor> weights(const std::string& folder) {
-  return load_safetensors(folder + "/diffusion_pytorch_model.safetensors");
-}
-
-void expect_identical(const std::string& a, const std::string& b) {
-  auto wa = weights(a), wb = weights(b);
-  ASSERT_EQ(wa.size(), wb.size());
-  for (const auto& [name, t] : wa) EXPECT_TRUE(torch::equal(t, wb.at(name))) << a << " vs " << b << ": " << name;
-}
-
 // A run of `options` (6 steps) stopped by SIGINT at step 3 and resumed ends bit-identical, raw and EMA weights, to
 // the uninterrupted run of the same options in `straight`.
 void expect_resumed_equals_straight(TrainOptions options, const std::string& straight) {
@@ -76,12 +68,12 @@ void expect_resumed_equals_straight(TrainOptions options, const std::string& str
   EXPECT_TRUE(train(options, shapes16(), stop_at_3).interrupted);
   options.loop.resume = true;
   EXPECT_EQ(train(options, shapes16()).step, 6);
-  expect_identical(straight + "/unet", options.loop.out + "/unet");
-  expect_identical(straight + "/unet_ema", options.loop.out + "/unet_ema");
+  expect_identical_weights(straight + "/unet", options.loop.out + "/unet");
+  expect_identical_weights(straight + "/unet_ema", options.loop.out + "/unet_ema");
 }
 
 bool all_finite(const std::string& folder) {
-  for (const auto& [name, t] : weights(folder))
+  for (const auto& [name, t] : folder_weights(folder))
     if (!torch::isfinite(t).all().item<bool>()) return false;
   return true;
 }
@@ -301,8 +293,8 @@ TEST(Train, ResumeEqualsUninterruptedBitForBit) {
   auto second = train(o, shapes16());
   EXPECT_EQ(second.step, 8);
   EXPECT_FALSE(second.interrupted);
-  expect_identical(dir / "a/unet", dir / "b/unet");
-  expect_identical(dir / "a/unet_ema", dir / "b/unet_ema");
+  expect_identical_weights(dir / "a/unet", dir / "b/unet");
+  expect_identical_weights(dir / "a/unet_ema", dir / "b/unet_ema");
   EXPECT_EQ(read_file(dir / "a/scheduler/scheduler_config.json"), read_file(dir / "b/scheduler/scheduler_config.json"));
   auto sched = SchedulerConfig::load(dir / "a/scheduler/scheduler_config.json");
   EXPECT_EQ(sched.etsdm.t_tilde, 100);
@@ -331,7 +323,7 @@ TEST(Train, ChannelsLastTrainsTheSameWeightsAndResumes) {
   };
   train(make(dir / "nchw", false), shapes16());
   train(make(dir / "nhwc", true), shapes16());
-  auto a = weights(dir / "nchw/unet"), b = weights(dir / "nhwc/unet");
+  auto a = folder_weights(dir / "nchw/unet"), b = folder_weights(dir / "nhwc/unet");
   ASSERT_EQ(a.size(), b.size());
   for (const auto& [name, t] : a) {
     EXPECT_TRUE(b.at(name).is_contiguous()) << name;
@@ -367,7 +359,7 @@ void expect_close_to_float32_and_resumable(const std::string& what, const std::f
   }
   std::cout << what << ": losses of 6 steps within " << worst << " (relative) of float32's\n";
   EXPECT_NE(losses[1], losses[0]) << what << " did not run";
-  for (const auto& [name, t] : weights(dir / "mixed/unet")) EXPECT_EQ(t.scalar_type(), torch::kFloat32) << name;
+  for (const auto& [name, t] : folder_weights(dir / "mixed/unet")) EXPECT_EQ(t.scalar_type(), torch::kFloat32) << name;
   expect_resumed_equals_straight(make(dir / "resumed", true), dir / "mixed");
 }
 

@@ -14,12 +14,6 @@ namespace diffuse {
 
 namespace {
 
-bool is_image(const fs::path& p) {
-  std::string ext = p.extension().string();
-  for (auto& c : ext) c = char(std::tolower(static_cast<unsigned char>(c)));
-  return ext == ".png" || ext == ".jpg" || ext == ".jpeg" || ext == ".bmp";
-}
-
 struct Entry {
   std::string file;     // relative to the folder
   std::string caption;
@@ -30,7 +24,7 @@ struct Entry {
 std::vector<Entry> txt_entries(const fs::path& dir) {
   std::vector<fs::path> images;
   for (const auto& e : fs::directory_iterator(dir))
-    if (e.is_regular_file() && is_image(e.path()) && e.path().filename().string()[0] != '.') images.push_back(e.path());
+    if (e.is_regular_file() && is_image_file(e.path().string()) && e.path().filename().string()[0] != '.') images.push_back(e.path());
   std::sort(images.begin(), images.end());
   std::vector<Entry> out;
   for (const auto& image : images) {

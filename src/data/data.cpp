@@ -171,17 +171,11 @@ Dataset load_fashion_mnist(const std::string& dir, const std::string& split) {
 
 namespace {
 
-bool is_image_file(const fs::path& p) {
-  std::string ext = p.extension().string();
-  for (auto& c : ext) c = char(std::tolower(c));
-  return ext == ".png" || ext == ".jpg" || ext == ".jpeg" || ext == ".bmp";
-}
-
 std::vector<fs::path> sorted_entries(const fs::path& dir, bool dirs) {
   std::vector<fs::path> out;
   for (const auto& e : fs::directory_iterator(dir)) {
     if (e.path().filename().string().rfind('.', 0) == 0) continue;  // hidden
-    if (dirs ? e.is_directory() : (e.is_regular_file() && is_image_file(e.path()))) out.push_back(e.path());
+    if (dirs ? e.is_directory() : (e.is_regular_file() && is_image_file(e.path().string()))) out.push_back(e.path());
   }
   std::sort(out.begin(), out.end());
   return out;

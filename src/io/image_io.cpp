@@ -1,6 +1,7 @@
 #include "diffuse/io/image_io.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <cmath>
 #include <zlib.h>
 #include <cstring>
@@ -142,6 +143,12 @@ const stbi_uc* data_of(const std::string& bytes) { return reinterpret_cast<const
 }  // namespace
 
 constexpr int64_t kMaxImagePixels = int64_t(1) << 26;  // 8192 x 8192
+
+bool is_image_file(const std::string& path) {
+  std::string ext = std::filesystem::path(path).extension().string();
+  for (auto& c : ext) c = char(std::tolower(static_cast<unsigned char>(c)));
+  return ext == ".png" || ext == ".jpg" || ext == ".jpeg" || ext == ".bmp";
+}
 
 torch::Tensor center_square_resize(const torch::Tensor& img, int64_t size) {
   int64_t h = img.size(1), w = img.size(2), m = std::min(h, w);

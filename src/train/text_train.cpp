@@ -3,6 +3,7 @@
 #include "diffuse/train/text_train.h"
 
 #include <filesystem>
+#include <functional>
 #include <iostream>
 
 #include "diffuse/io/files.h"
@@ -66,7 +67,22 @@ TextTrainOptions TextTrainOptions::from_json(const nlohmann::json& j) {
   return o;
 }
 
-// ================================================================ the scheduler a fine-tune writes
+// ================================================================ the pipeline folder a fine-tune writes
+
+nlohmann::json stable_diffusion_model_index() {
+  return {{"_class_name", "StableDiffusionPipeline"},
+          {"_diffusers_version", "0.40.0"},
+          {"feature_extractor", {nullptr, nullptr}},
+          {"image_encoder", {nullptr, nullptr}},
+          {"requires_safety_checker", false},
+          {"safety_checker", {nullptr, nullptr}},
+          {"scheduler", {"diffusers", "DDIMScheduler"}},
+          {"text_encoder", {"transformers", "CLIPTextModel"}},
+          {"tokenizer", {"transformers", "CLIPTokenizer"}},
+          {"unet", {"diffusers", "UNet2DConditionModel"}},
+          {"vae", {"diffusers", "AutoencoderKL"}}};
+}
+
 
 SchedulerConfig finetune_scheduler_config(const SchedulerConfig& source, Prediction prediction, bool zero_snr,
                                           Spacing spacing, std::vector<std::string>* notes) {
@@ -101,83 +117,83 @@ SchedulerConfig finetune_scheduler_config(const SchedulerConfig& source, Predict
 
 namespace {
 
-// Moments (posterior mean and std, [2C, h, w]) of each image through a per-image cache in `folder`.
-torch::Tensor cached_moments(AutoencoderKL& vae, const torch::Tensor& images, const fs::path& folder, int64_t& computed,
-                             Progress& progress, int64_t& done) {
-  const int64_t n = images.size(0), C = vae->config().latent_channels, f = vae->config().downsample_factor();
-  const std::vector<int64_t> shape = {2 * C, images.size(2) / f, images.size(3) / f};
-  std::vector<torch::Tensor> out(static_cast<size_t>(n));
-  std::vector<std::string> paths(static_cast<size_t>(n));
+// A per-item file cache: item i's tensor `name` lives in paths[i] (in `folder`). Items whose file is missing,
+// unreadable or of another shape than `shape` are computed `batch` at a time by compute(indices) ([k, ...shape]) and
+// written, each atomically. Returns every item, [N, ...shape]; `computed` counts those computed.
+torch::Tensor cached_items(const fs::path& folder, const std::vector<std::string>& paths, const std::string& name,
+                           const std::vector<int64_t>& shape, size_t batch,
+                           const std::function<torch::Tensor(const std::vector<int64_t>&)>& compute, int64_t& computed,
+                           const std::function<void(int64_t)>& after_batch = {}) {
+  std::vector<torch::Tensor> out(paths.size());
   std::vector<int64_t> missing;
-  for (int64_t i = 0; i < n; ++i) {
-    paths[size_t(i)] = (folder / (tensors_fingerprint({images[i]}) + ".safetensors")).string();
+  for (size_t i = 0; i < paths.size(); ++i) {
     try {
-      if (fs::exists(paths[size_t(i)])) {
-        auto m = load_safetensors(paths[size_t(i)]).at("moments");
-        if (m.sizes() == torch::IntArrayRef(shape)) out[size_t(i)] = m.to(torch::kFloat32);
+      if (fs::exists(paths[i])) {
+        auto t = load_safetensors(paths[i]).at(name);
+        if (t.sizes() == torch::IntArrayRef(shape)) out[i] = t.to(torch::kFloat32);
       }
-    } catch (const std::exception&) {  // unreadable: recomputed below
+    } catch (const std::exception&) {  // unreadable: computed below
     }
-    if (!out[size_t(i)].defined()) missing.push_back(i);
+    if (!out[i].defined()) missing.push_back(int64_t(i));
   }
   fs::create_directories(folder);
   torch::NoGradGuard no_grad;
-  const auto device = vae->parameters().front().device();
-  const int64_t batch = 4;
   for (size_t k = 0; k < missing.size(); k += batch) {
-    const size_t end = std::min(missing.size(), k + size_t(batch));
-    auto rows = torch::tensor(std::vector<int64_t>(missing.begin() + long(k), missing.begin() + long(end)), torch::kLong);
-    auto posterior = vae->encode(images.index_select(0, rows).to(device));
-    auto moments = torch::cat({posterior.mean, posterior.std}, 1).to(torch::kCPU, torch::kFloat32);
-    for (size_t r = k; r < end; ++r) {
-      const int64_t i = missing[r];
-      out[size_t(i)] = moments[int64_t(r - k)].contiguous();
-      save_safetensors(paths[size_t(i)], {{"moments", out[size_t(i)]}}, {{"vae", folder.filename().string()}});
+    const std::vector<int64_t> rows(missing.begin() + long(k), missing.begin() + long(std::min(missing.size(), k + batch)));
+    const auto values = compute(rows).to(torch::kCPU, torch::kFloat32);
+    for (size_t r = 0; r < rows.size(); ++r) {
+      auto& item = out[size_t(rows[r])];
+      item = values[int64_t(r)].contiguous();
+      save_safetensors(paths[size_t(rows[r])], {{name, item}}, {{"cache", folder.filename().string()}});
     }
-    computed += int64_t(end - k);
-    done += int64_t(end - k);
-    progress.update(done, "encoding images");
+    computed += int64_t(rows.size());
+    if (after_batch) after_batch(int64_t(rows.size()));
   }
   return torch::stack(out);
 }
 
-// The text states [N, L, D] of `captions` through a per-caption cache keyed by token ids.
+// Moments (posterior mean and std, [2C, h, w]) of each image, cached per image (keyed by its pixels) in `folder`.
+torch::Tensor cached_moments(AutoencoderKL& vae, const torch::Tensor& images, const fs::path& folder, int64_t& computed,
+                             Progress& progress, int64_t& done) {
+  const int64_t C = vae->config().latent_channels, f = vae->config().downsample_factor();
+  std::vector<std::string> paths;
+  for (int64_t i = 0; i < images.size(0); ++i)
+    paths.push_back((folder / (tensors_fingerprint({images[i]}) + ".safetensors")).string());
+  const auto device = vae->parameters().front().device();
+  auto encode = [&](const std::vector<int64_t>& rows) {
+    const auto posterior = vae->encode(images.index_select(0, torch::tensor(rows, torch::kLong)).to(device));
+    return torch::cat({posterior.mean, posterior.std}, 1);
+  };
+  return cached_items(folder, paths, "moments", {2 * C, images.size(2) / f, images.size(3) / f}, 4, encode, computed,
+                      [&](int64_t k) { progress.update(done += k, "encoding images"); });
+}
+
+// The text states [N, L, D] of `captions` (the text encoder's last layer, as encode_prompts gives them), cached per
+// caption (keyed by its token ids) in `folder`.
 torch::Tensor cached_states(const LoadedRun& pipe, const std::vector<std::string>& captions, const fs::path& folder,
                             int64_t& computed, std::vector<std::string>& notes) {
-  const int64_t n = int64_t(captions.size());
-  std::vector<torch::Tensor> out(static_cast<size_t>(n));
-  std::vector<std::string> paths(static_cast<size_t>(n));
-  std::vector<int64_t> missing;
+  std::vector<std::vector<int64_t>> ids;
+  std::vector<std::string> paths;
   int64_t truncated = 0;
   std::string first_truncated;
-  for (int64_t i = 0; i < n; ++i) {
-    const auto tokens = pipe.tokenizer->encode_padded(captions[size_t(i)]);
-    if (!tokens.dropped.empty() && truncated++ == 0) first_truncated = captions[size_t(i)];
-    paths[size_t(i)] = (folder / (tensors_fingerprint({torch::tensor(tokens.ids, torch::kLong)}) + ".safetensors")).string();
-    try {
-      if (fs::exists(paths[size_t(i)])) out[size_t(i)] = load_safetensors(paths[size_t(i)]).at("states").to(torch::kFloat32);
-    } catch (const std::exception&) {
-    }
-    if (!out[size_t(i)].defined()) missing.push_back(i);
+  for (const auto& caption : captions) {
+    const auto tokens = pipe.tokenizer->encode_padded(caption);
+    if (!tokens.dropped.empty() && truncated++ == 0) first_truncated = caption;
+    ids.push_back(tokens.ids);
+    paths.push_back((folder / (tensors_fingerprint({torch::tensor(tokens.ids, torch::kLong)}) + ".safetensors")).string());
   }
   if (truncated)
     notes.push_back(std::to_string(truncated) + " caption" + (truncated == 1 ? " is" : "s are") + " longer than the " +
                     std::to_string(pipe.tokenizer->max_length() - 2) + " tokens the text encoder reads and cut there " +
                     "(as diffusers' training does), e.g. \"" + first_truncated.substr(0, 80) + "\"");
-  fs::create_directories(folder);
-  for (size_t k = 0; k < missing.size(); k += 16) {
-    const size_t end = std::min(missing.size(), k + 16);
-    std::vector<std::string> batch;
-    for (size_t r = k; r < end; ++r) batch.push_back(captions[size_t(missing[r])]);
-    auto states = encode_prompts(pipe, batch).to(torch::kCPU, torch::kFloat32);
-    for (size_t r = k; r < end; ++r) {
-      const int64_t i = missing[r];
-      out[size_t(i)] = states[int64_t(r - k)].contiguous();
-      save_safetensors(paths[size_t(i)], {{"states", out[size_t(i)]}}, {{"text_encoder", folder.filename().string()}});
-    }
-    computed += int64_t(end - k);
-  }
-  return torch::stack(out);
+  auto text_encoder = pipe.text_encoder;
+  auto encode = [&](const std::vector<int64_t>& rows) {
+    std::vector<torch::Tensor> batch;
+    for (auto i : rows) batch.push_back(torch::tensor(ids[size_t(i)], torch::kLong));
+    return text_encoder->encode(torch::stack(batch).to(pipe.device));
+  };
+  return cached_items(folder, paths, "states", {pipe.tokenizer->max_length(), text_encoder->config().hidden_size}, 16,
+                      encode, computed);
 }
 
 LoadOptions source_load_options(const TextTrainOptions& o) {
@@ -254,11 +270,8 @@ TextTrainData prepare_text_training(const TextTrainOptions& o, const std::string
 
 namespace {
 
+using detail::drawn_on;
 using detail::Shard;
-
-torch::TensorOptions drawn_on(const at::Generator& gen, torch::ScalarType dtype) {
-  return torch::TensorOptions(dtype).device(gen.device());
-}
 
 // A folder copied as hard links where the file system allows (the frozen components are never written to), else
 // copied.
@@ -268,21 +281,6 @@ void copy_folder(const fs::path& from, const fs::path& to) {
   if (!ec) return;
   fs::remove_all(to);
   fs::copy(from, to, fs::copy_options::recursive);
-}
-
-// model_index.json of the run: the components a StableDiffusionPipeline loads, no safety checker.
-nlohmann::json model_index() {
-  return {{"_class_name", "StableDiffusionPipeline"},
-          {"_diffusers_version", "0.40.0"},
-          {"feature_extractor", {nullptr, nullptr}},
-          {"image_encoder", {nullptr, nullptr}},
-          {"requires_safety_checker", false},
-          {"safety_checker", {nullptr, nullptr}},
-          {"scheduler", {"diffusers", "DDIMScheduler"}},
-          {"text_encoder", {"transformers", "CLIPTextModel"}},
-          {"tokenizer", {"transformers", "CLIPTokenizer"}},
-          {"unet", {"diffusers", "UNet2DConditionModel"}},
-          {"vae", {"diffusers", "AutoencoderKL"}}};
 }
 
 class TextDiffusionTask : public detail::Task {
@@ -353,7 +351,7 @@ class TextDiffusionTask : public detail::Task {
     save_unet_condition(ema_, dir.ema_network(kind()).string());
     fs::create_directories(dir.scheduler_folder());
     d_.scheduler.save(dir.scheduler_config().string());
-    write_file_atomic(dir.model_index().string(), model_index().dump(2) + "\n");
+    write_file_atomic(dir.model_index().string(), stable_diffusion_model_index().dump(2) + "\n");
     save_frozen(dir);
   }
 

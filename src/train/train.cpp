@@ -119,11 +119,7 @@ UNetConfig make_unet_config(const UNetShape& shape, int64_t size, int64_t channe
 namespace {
 
 using detail::copy_weights;
-
-// The options of a draw from `gen`: made on the generator's device (the CPU, or the GPU the step runs on).
-torch::TensorOptions drawn_on(const at::Generator& gen, torch::ScalarType dtype) {
-  return torch::TensorOptions(dtype).device(gen.device());
-}
+using detail::drawn_on;
 using detail::Shard;
 using detail::Task;
 

@@ -33,6 +33,11 @@ struct Shard {
   }
 };
 
+/// The options of a draw from `gen`: made on the generator's device (the CPU, or the GPU the step runs on).
+inline torch::TensorOptions drawn_on(const at::Generator& gen, torch::ScalarType dtype) {
+  return torch::TensorOptions(dtype).device(gen.device());
+}
+
 // What the loop trains: a model, its EMA copy, a loss and the folders a checkpoint holds.
 class Task {
  public:

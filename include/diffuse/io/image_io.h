@@ -17,6 +17,8 @@ torch::Tensor to_uint8(const torch::Tensor& x);
 /// or 0 (the file's own: grey / grey+alpha -> 1, RGB / RGBA -> 3). Throws naming the file and the decoder's
 /// reason.
 torch::Tensor read_image(const std::string& path, int64_t channels = 0);
+/// Whether `path` names a file read_image decodes, by its extension (.png, .jpg, .jpeg, .bmp; any case).
+bool is_image_file(const std::string& path);
 /// Channels stored in an image file (1 to 4) without decoding it; throws naming the file when unreadable.
 int64_t image_file_channels(const std::string& path);
 

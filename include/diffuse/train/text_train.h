@@ -74,6 +74,10 @@ struct TextTrainData {
 TextTrainData prepare_text_training(const TextTrainOptions& options, const std::string& cache_dir,
                                     std::ostream* report = nullptr);
 
+/// model_index.json of a Stable Diffusion 1.x / 2.x pipeline folder as a fine-tune writes it: unet, vae,
+/// text_encoder, tokenizer, a DDIMScheduler, no safety checker (what StableDiffusionPipeline.from_pretrained loads).
+nlohmann::json stable_diffusion_model_index();
+
 /// The scheduler config a fine-tune writes: `source`'s schedule with `prediction`, zero SNR and `spacing`, as a
 /// DDIMScheduler (another class is named in `notes`: diffuse samples the run as DDIM).
 SchedulerConfig finetune_scheduler_config(const SchedulerConfig& source, Prediction prediction, bool zero_snr,

@@ -5,8 +5,12 @@
 #   quality: the experiments/05 recipe trained for SECS seconds (default 300; steps from the fastest bf16 trainer
 #            rate just measured, with its graphs and layout), then FID-FMNIST of 1000 DDIM-25 samples without
 #            guidance, with CFG 1.5 and 3, and with bf16 weights
-#   all:     both, in one run (docs/cuda.md has the figures of 2026-11-27)
-# usage: bench/gpu_compare.sh [bench|quality|all]   (FIGS=FILE reuses diffusers' figures; SECS, RATE, GRAPHS)
+#   sd:      the Stable Diffusion 1.5-shaped UNet (random weights), fp16 and bf16, batch 2 at 64x64 and 8 at 96x96:
+#            diffuse's forward eager and as a CUDA graph (bench/sd_unet_bench) beside diffusers' eager forward with
+#            SDPA (bench/diffusers_sd_gpu.py), then a 30-step 512x512 text-to-image run of a random-weight pipeline
+#            folder: `diffuse sample` with and without --cuda-graphs beside diffusers' pipeline loop (about 4 minutes)
+#   all:     bench and quality, in one run (docs/cuda.md has the figures of 2026-11-27 and 2026-12-04)
+# usage: bench/gpu_compare.sh [bench|quality|sd|all]   (FIGS=FILE reuses diffusers' figures; SECS, RATE, GRAPHS)
 # A device call may run 600 s: on a fresh machine run `bench` (about 5 minutes) and then, on the same warm
 # machine, `quality` (about 7); the second reads the first's figures from /tmp/gpu-compare-diffuse.json.
 set -uo pipefail
@@ -16,7 +20,13 @@ mkdir -p "$OUT"
 B=/tmp/build-gpu
 t0=$(date +%s)
 el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
-bash .devkit/on-device.sh diffuse_cli gpu_bench || exit 1
+source bench/gpu_icu.sh  # the CLIP tokenizer's ICU, carried in .devkit/icu (bench/gpu_icu.sh pack)
+[ -f /tmp/build-gpu/build.ninja ] || rm -rf /tmp/build-gpu
+if [ "$phase" = sd ] || [ "$phase" = t2i ]; then
+  bash .devkit/on-device.sh diffuse_cli sd_unet_bench || exit 1
+else
+  bash .devkit/on-device.sh diffuse_cli gpu_bench || exit 1
+fi
 el built
 if [ "$phase" = bench ] || [ "$phase" = all ]; then
   if [ -n "${FIGS:-}" ]; then cp "$FIGS" $OUT/diffusers.json; else
@@ -64,4 +74,32 @@ print(int(best[0]), 'true' if 'graph' in best[1] else 'false', 'NHWC' in best[1]
     el sampled $name
   done
   cp /tmp/s-cfg1.5-fp32/grid.png $OUT/grid-cfg1.5.png
+fi
+if [ "$phase" = sd ]; then
+  # Each line goes to $OUT/sd.txt as it comes, so a run stopped at its limit still brings back what it measured.
+  log() { tee -a $OUT/sd.txt; }
+  for dt in fp16 bf16; do
+    for shape in "2 64" "8 96"; do
+      set -- $shape
+      timeout 120 $B/bench/sd_unet_bench --device cuda --dtype $dt --batch $1 --size $2 --iters 20 --cuda-graphs 1 2>&1 |
+        grep -E "sd_unet_bench|forward|error" | sed "s/^/diffuse $dt: /" | log
+    done
+    timeout 120 env PYTHONPATH=.devkit python3 bench/diffusers_sd_gpu.py unet $dt 2x64 8x96 2>&1 | grep -E "^diffusers|Error" | log
+  done
+  el unet done
+fi
+if [ "$phase" = sd ] || [ "$phase" = t2i ]; then  # t2i: the text-to-image runs alone
+  log() { tee -a $OUT/sd.txt; }
+  [ -f /tmp/sd15/model_index.json ] || $B/bench/sd_unet_bench --write-pipeline /tmp/sd15 --like tests/fixtures/text-to-image/sd1/pipe | log
+  # diffuse's seconds of 5 images less those of 1 (batch 1 each, loaded once per run): 4 warm text-to-image runs.
+  for graphs in "" "--cuda-graphs"; do
+    for n in 1 5; do
+      timeout 120 $B/diffuse sample --model /tmp/sd15 --device cuda --dtype fp16 --steps 30 --cfg 7.5 --n $n --batch 1 \
+        --prompt "a photo of an astronaut riding a horse on mars" --out /tmp/t2i-$n $graphs --quiet 2>&1 |
+        grep -E "sampled|error" | sed "s/^/diffuse fp16 ${graphs:-eager}: /" | log
+    done
+  done
+  timeout 150 env PYTHONPATH=.devkit python3 bench/diffusers_sd_gpu.py pipe fp16 30 2>&1 | grep -E "^diffusers|Error" | log
+  cp /tmp/t2i-5/grid.png $OUT/sd-grid.png 2>/dev/null
+  el sd done
 fi

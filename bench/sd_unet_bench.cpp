@@ -6,20 +6,83 @@
 // backward pass). diffusers' figures for the same steps are measured beside it by bench/sd_compare.sh (sampling) and
 // bench/sd_train_compare.sh (training) (docs/RESULTS.md).
 //
+// On a GPU, --cuda-graphs 1 also replays the forward as a CUDA graph (generate()'s graphed network), and the peak of
+// the caching allocator is printed beside each figure; diffusers' eager step with SDPA on the same GPU is the figure
+// to compare with (bench/sd_gpu_compare.sh, docs/cuda.md).
+// --write-pipeline DIR writes a random-weight SD-1.5-shaped StableDiffusionPipeline folder (the UNet, CLIP ViT-L's
+// text tower, SD's autoencoder; tokenizer, scheduler and model_index.json copied from --like, a pipeline folder) for
+// timing a whole text-to-image run with `diffuse sample`, and exits.
+//
 // usage: sd_unet_bench [--config sd15|sd21] [--batch 2] [--size 64] [--iters 3] [--dtype fp32] [--conv-dtype fp32]
 //                      [--channels-last 0] [--train 0] [--gradient-checkpointing 0] [--threads N] [--device cpu|cuda]
-// (on a GPU, diffusers' eager step with SDPA is the figure to compare with: docs/cuda.md)
+//                      [--cuda-graphs 0] | --write-pipeline DIR --like tests/fixtures/text-to-image/sd1/pipe
+#include <filesystem>
 #include <iostream>
+#include <sstream>
 #include <string>
 
 #include <torch/torch.h>
 
+#ifdef DIFFUSE_BENCH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
 #include "bench_util.h"
 #include "diffuse/models/model_folder.h"
 #include "diffuse/models/unet_condition.h"
+#include "diffuse/models/vae.h"
+#include "diffuse/text/clip_text.h"
 #include "diffuse/util/runtime.h"
+#include "sample/graphed_network.h"
+
+namespace fs = std::filesystem;
 
 namespace {
+
+// "; peak GPU memory X GiB" since the last call (the caching allocator's peak of allocated bytes), or "" off a GPU.
+std::string gpu_peak(torch::Device device) {
+#ifdef DIFFUSE_BENCH_CUDA
+  if (!device.is_cuda()) return "";
+  const auto index = device.has_index() ? device.index() : c10::DeviceIndex(0);
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(index);
+  c10::cuda::CUDACachingAllocator::resetPeakStats(index);
+  std::ostringstream s;
+  s << "; peak GPU memory " << double(stats.allocated_bytes[0].peak) / double(1 << 30) << " GiB";
+  return s.str();
+#else
+  return "";
+#endif
+}
+
+// A random-weight SD-1.5-shaped pipeline folder: diffuse's own writers, the small files of `like`.
+void write_pipeline(const std::string& folder, const std::string& like) {
+  fs::create_directories(folder);
+  for (const char* part : {"tokenizer", "scheduler"})
+    fs::copy(like + "/" + part, folder + "/" + part, fs::copy_options::recursive | fs::copy_options::overwrite_existing);
+  fs::copy_file(like + "/model_index.json", folder + "/model_index.json", fs::copy_options::overwrite_existing);
+  torch::manual_seed(0);
+  {
+    diffuse::UNet2DConditionModel unet(diffuse::sd15_unet_config());
+    diffuse::save_unet_condition(unet, folder + "/unet");
+  }
+  diffuse::ClipTextConfig tc;
+  tc.vocab_size = 49408;
+  tc.hidden_size = 768;
+  tc.intermediate_size = 3072;
+  tc.num_hidden_layers = 12;
+  tc.num_attention_heads = 12;
+  diffuse::ClipTextModel te(tc);
+  diffuse::save_clip_text_model(te, folder + "/text_encoder");
+  diffuse::AutoencoderKLConfig vc;
+  vc.block_out_channels = {128, 256, 512, 512};
+  vc.down_block_types.assign(4, "DownEncoderBlock2D");
+  vc.up_block_types.assign(4, "UpDecoderBlock2D");
+  vc.layers_per_block = 2;
+  vc.sample_size = 512;
+  diffuse::AutoencoderKL vae(vc);
+  diffuse::save_vae(vae, folder + "/vae");
+  std::cout << "wrote a random-weight SD 1.5-shaped pipeline to " << folder << "\n";
+}
 
 torch::ScalarType dtype_of(const std::string& name) {
   if (name == "fp32") return torch::kFloat32;
@@ -31,17 +94,24 @@ torch::ScalarType dtype_of(const std::string& name) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string config = "sd15", dtype = "fp32", conv_dtype = "fp32", device_name = "cpu";
+  std::string config = "sd15", dtype = "fp32", conv_dtype = "fp32", device_name = "cpu", pipeline, like;
   int64_t batch = 2, size = 64, iters = 3, threads = 0;
-  bool channels_last = false, train = false, checkpointing = false;
+  bool channels_last = false, train = false, checkpointing = false, graphs = false;
   if (!bench::parse_options(argc, argv, {{"--config", bench::to(config)}, {"--batch", bench::to(batch)},
                                          {"--size", bench::to(size)}, {"--iters", bench::to(iters)},
                                          {"--dtype", bench::to(dtype)}, {"--conv-dtype", bench::to(conv_dtype)},
                                          {"--channels-last", bench::to(channels_last)}, {"--train", bench::to(train)},
                                          {"--threads", bench::to(threads)}, {"--device", bench::to(device_name)},
-                                         {"--gradient-checkpointing", bench::to(checkpointing)}}))
+                                         {"--gradient-checkpointing", bench::to(checkpointing)},
+                                         {"--cuda-graphs", bench::to(graphs)},
+                                         {"--write-pipeline", bench::to(pipeline)}, {"--like", bench::to(like)}}))
     return 2;
   const auto runtime = diffuse::configure_cpu_runtime(argv, int(threads));
+  if (!pipeline.empty()) {
+    if (like.empty()) throw std::invalid_argument("--write-pipeline needs --like PIPE (its tokenizer and scheduler)");
+    write_pipeline(pipeline, like);
+    return 0;
+  }
   torch::manual_seed(0);
   const auto c = config == "sd21" ? diffuse::sd21_unet_config() : diffuse::sd15_unet_config();
   auto t0 = bench::Clock::now();
@@ -64,17 +134,28 @@ int main(int argc, char** argv) {
   if (!train) {
     unet->eval();
     torch::NoGradGuard no_grad;
-    for (int64_t i = 0; i <= iters; ++i) {
-      const double s = bench::seconds(device, [&] { unet->forward(x, t, context); });
-      if (i == 0) {
-        std::cout << "first forward (warm-up) " << s << " s\n";
-        continue;
+    const diffuse::Network eager = [&](const torch::Tensor& xt, const torch::Tensor& tt, const diffuse::Conditioning& c) {
+      return unet->forward(xt, tt, c.context);
+    };
+    diffuse::Conditioning cond;
+    cond.context = context;
+    for (bool graphed : {false, true}) {
+      if (graphed && !graphs) break;
+      const auto net = graphed ? diffuse::detail::graphed_network(eager) : eager;
+      gpu_peak(device);
+      best = 1e30, mean = 0;
+      for (int64_t i = 0; i <= iters + (graphed ? 2 : 0); ++i) {  // graphed: 2 eager calls and the capture first
+        const double s = bench::seconds(device, [&] { net(x, t, cond); });
+        if (i < (graphed ? 3 : 1)) {
+          std::cout << (graphed ? "graph warm-up / capture " : "first forward (warm-up) ") << s << " s\n";
+          continue;
+        }
+        best = std::min(best, s);
+        mean += s / double(iters);
       }
-      best = std::min(best, s);
-      mean += s / double(iters);
+      std::cout << "forward (one CFG step)" << (graphed ? " as a CUDA graph" : "") << ": best " << best << " s, mean "
+                << mean << " s; peak RSS " << bench::peak_rss_mib() / 1024.0 << " GiB" << gpu_peak(device) << "\n";
     }
-    std::cout << "forward (one CFG step): best " << best << " s, mean " << mean << " s; peak RSS "
-              << bench::peak_rss_mib() / 1024.0 << " GiB\n";
     return 0;
   }
   unet->train();
@@ -82,6 +163,7 @@ int main(int argc, char** argv) {
   std::cout << "gradient checkpointing " << (checkpointing ? "on" : "off") << "\n";
   torch::optim::AdamW adam(unet->parameters(), torch::optim::AdamWOptions(1e-5));
   auto target = torch::randn_like(x);
+  gpu_peak(device);
   for (int64_t i = 0; i <= iters; ++i) {
     const double s = bench::seconds(device, [&] {
       adam.zero_grad();
@@ -96,5 +178,5 @@ int main(int argc, char** argv) {
     mean += s / double(iters);
   }
   std::cout << "training step (forward + backward + AdamW): best " << best << " s, mean " << mean << " s; peak RSS "
-            << bench::peak_rss_mib() / 1024.0 << " GiB\n";
+            << bench::peak_rss_mib() / 1024.0 << " GiB" << gpu_peak(device) << "\n";
 }

@@ -211,7 +211,8 @@ void run_sample(const SampleOptions& o) {
             << to_string(out.spacing) << ", first t " << out.timesteps.front() << (o.cfg != 1.0 ? ", cfg " : "")
             << (o.cfg != 1.0 ? std::to_string(o.cfg) : "")
             << (out.clip_range > 0 ? ", x0 clipped to +-" + std::to_string(out.clip_range) : "") << ") in " << std::fixed
-            << std::setprecision(1) << secs << " s: " << double(o.n) * double(out.timesteps.size()) / secs
+            << std::setprecision(secs < 10 ? 3 : 1) << secs << " s: " << std::setprecision(1)
+            << double(o.n) * double(out.timesteps.size()) / secs
             << " image-steps/s" << (o.no_images ? "" : "; wrote " + (fs::path(o.out) / "grid.png").string()) << "\n";
 }
 

@@ -260,7 +260,7 @@ TEST(ZeroSnr, EverySamplerOnSigmaSpacingsAndFlowPathsIsFinite) {
   for (const auto& [name, levels] : walks) {
     ASSERT_EQ(levels.front().a, 0.0) << name;
     for (const auto& sampler : sampler_names()) {
-      if (sampler == "plms") continue;  // PNDMScheduler's own loop: integer t, a > 0, S + 1 calls (Plms.*)
+      if (!runs_from_snr_zero(sampler)) continue;  // plms, pndm, heun_sigma, lms: Plms.*, DiffusersParity040Classes.*
       for (auto variant : {UniPcVariant::bh1, UniPcVariant::bh2}) {
         SamplerOptions o;
         o.order = 3;
@@ -389,12 +389,12 @@ TEST(Train, RectifiedFlowRunSamplesAsFlowMatching) {
 }
 
 namespace {
-// The scheduler classes of tests/fixtures/diffusers-0.40-classes (diffusers 0.40, the UNet of ../diffusers-0.40): a
-// DDIMScheduler whose leading walk with steps_offset 0 ends at t = 0 and whose end (set_alpha_to_one false) is
-// alpha_bar[0], a zero-length last step diffusers takes, and PNDMScheduler as Stable Diffusion ships it (PLMS) sample
-// as diffusers does; PNDM's PRK warm-up and LMS are refused by name, and HeunDiscreteScheduler, sampled by diffuse's
-// angle-space heun, says so.
-TEST(DiffusersParity040Classes, ZeroLengthLastStepPlmsAndUnimplementedClasses) {
+// The scheduler classes of tests/fixtures/diffusers-0.40-classes (diffusers 0.40, the UNet of ../diffusers-0.40), each
+// sampled through generate() from its config as diffusers' loop does: a DDIMScheduler whose leading walk with
+// steps_offset 0 ends on a zero-length step at t = 0, PNDMScheduler as PLMS (skip_prk_steps, Stable Diffusion's) and
+// with its Runge-Kutta warm-up, LMSDiscreteScheduler, HeunDiscreteScheduler (eps with karras sigmas, v on linspace,
+// both starting from init_noise_sigma), DPM-Solver++ with karras sigmas ending at sigma_min.
+TEST(DiffusersParity040Classes, EverySchedulerClassSamplesAsDiffusers) {
   const std::string classes = std::string(DIFFUSE_FIXTURES) + "/diffusers-0.40-classes/";
   auto f = load_safetensors(classes + "sampler_loops.safetensors");
   auto cases = parse_json(read_file(classes + "sampler_loops.json"));
@@ -413,32 +413,44 @@ TEST(DiffusersParity040Classes, ZeroLengthLastStepPlmsAndUnimplementedClasses) {
     GenerateOptions g;
     g.steps = c.at("num_inference_steps");
     g.n = 1;
-    g.class_id = labels[0];
-    g.init_noise = f.at(name + ".init_noise").narrow(0, 0, 1);
-    if (name == "pndm_prk_linear") {
-      diffuse::testing::expect_error([&] { generate(run, g); }, "PNDMScheduler with skip_prk_steps false");
-      ++checked;
-    } else if (cls == "LMSDiscreteScheduler") {
-      diffuse::testing::expect_error([&] { generate(run, g); }, "names " + cls + ", which diffuse does not implement");
-      ++checked;
-    } else if (cls == "HeunDiscreteScheduler") {
+    for (size_t i = 0; i < labels.size(); ++i) {
+      g.class_id = labels[i];
+      g.init_noise = f.at(name + ".init_noise").narrow(0, int64_t(i), 1);
       const auto out = generate(run, g);
-      ASSERT_FALSE(out.notes.empty()) << name;
-      EXPECT_NE(out.notes[0].find("HeunDiscreteScheduler"), std::string::npos) << out.notes[0];
-      ++checked;
-    } else if (name == "ddim_no_alpha_one_offset0" || name == "pndm_plms_sd15" || name == "dpmpp2m_karras_sigma_min") {
-      for (size_t i = 0; i < labels.size(); ++i) {
-        g.class_id = labels[i];
-        g.init_noise = f.at(name + ".init_noise").narrow(0, int64_t(i), 1);
-        const auto out = generate(run, g);
-        if (name == "ddim_no_alpha_one_offset0") ASSERT_EQ(out.timesteps.back(), 0.0);
-        const double diff = max_abs(out.images[0] - f.at(name + ".sample")[int64_t(i)]);
-        std::cout << name << " image " << i << ": max |diffuse - diffusers| = " << diff << "\n";
-        EXPECT_LT(diff, 1e-4) << name;
-      }
-      ++checked;
+      EXPECT_TRUE(out.notes.empty()) << name << ": " << (out.notes.empty() ? "" : out.notes[0]);
+      if (name == "ddim_no_alpha_one_offset0") ASSERT_EQ(out.timesteps.back(), 0.0);
+      const double diff = max_abs(out.images[0] - f.at(name + ".sample")[int64_t(i)]);
+      std::cout << name << " (" << out.sampler << ") image " << i << ": max |diffuse - diffusers| = " << diff << "\n";
+      EXPECT_LT(diff, 1e-4) << name;
     }
+    ++checked;
   }
   EXPECT_EQ(checked, 7);
+}
+
+// diffuse's own angle-space heun on a HeunDiscreteScheduler config says that it is not the class's sampler.
+TEST(DiffusersParity040Classes, AngleHeunOnAHeunConfigSaysSo) {
+  const std::string classes = std::string(DIFFUSE_FIXTURES) + "/diffusers-0.40-classes/";
+  auto cases = parse_json(read_file(classes + "sampler_loops.json"));
+  diffuse::testing::TempDir dir;
+  for (const auto& c : cases) {
+    if (c.at("scheduler") != "HeunDiscreteScheduler") continue;
+    auto jc = c.at("scheduler_config");
+    jc["_class_name"] = "HeunDiscreteScheduler";
+    write_file_atomic(dir / "config.json", jc.dump());
+    LoadOptions lo;
+    lo.scheduler_file = dir / "config.json";
+    lo.vae = "none";
+    auto run = load_run(kDir + "unet", lo);
+    GenerateOptions g;
+    g.steps = 3;
+    g.n = 1;
+    g.sampler = "heun";
+    const auto out = generate(run, g);
+    ASSERT_FALSE(out.notes.empty());
+    EXPECT_NE(out.notes[0].find("heun_sigma"), std::string::npos) << out.notes[0];
+    return;
+  }
+  FAIL() << "no HeunDiscreteScheduler case in the fixture";
 }
 }  // namespace

@@ -247,7 +247,7 @@ TEST(ClassifierGuidance, RaisesTheTargetClassProbabilityAndComposesWithCfg) {
   };
   auto ts = spaced_timesteps(1000, 20, Spacing::trailing);
   for (const auto& name : sampler_names()) {
-    if (name == "plms") continue;  // PNDMScheduler's own loop: integer t, a > 0, S + 1 calls (Plms.*)
+    if (!runs_from_snr_zero(name)) continue;  // plms, pndm, heun_sigma, lms: Plms.*, DiffusersParity040Classes.*
     auto plain = make_denoiser(conditional, Prediction::x0, sch, {}, y);
     auto with_cfg = make_denoiser(classifier_free_guidance(conditional, {3.0, 0.7, 2}), Prediction::x0, sch, {}, y);
     SamplerOptions o;
@@ -276,7 +276,15 @@ TEST(ClipX0, ClampsX0AndKeepsThePairConsistent) {
     return torch::Tensor(eps_true + 0.05);
   };
   auto plain = make_denoiser(off, Prediction::eps, sch);
-  auto clipped = clip_x0(plain, 1.0);
+  auto clipped = clip_x0(plain, 1.0, diffuse::ClipEps::recompute);
+  // The default is diffusers' DDIM meaning: x0 clamped, the network's eps kept.
+  {
+    auto kept = clip_x0(plain, 1.0);
+    const double a = sch.a_at(999), s = sch.s_at(999);
+    auto x_t = a * x0_true + s * eps_true;
+    EXPECT_TRUE(torch::equal(kept(x_t, 999).eps, plain(x_t, 999).eps));
+    EXPECT_LE(max_abs(kept(x_t, 999).x0), 1.0);
+  }
   for (int64_t t : {0, 500, 999}) {
     const double a = sch.a_at(t), s = sch.s_at(t);
     auto x_t = a * x0_true + s * eps_true;

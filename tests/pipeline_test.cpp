@@ -192,6 +192,41 @@ TEST(Pipeline, FinalStepFollowsTheSamplersDiffusersClass) {
   EXPECT_TRUE(torch::equal(out.images, by_hand));
 }
 
+// init_noise_sigma and add_noise as diffusers 0.40's EulerDiscreteScheduler gives them (scaled_linear, 10 steps,
+// steps_offset 1; x0 = [0.5, -0.25], noise = [1, 2] at the 4th timestep), and the variance-preserving classes' closed
+// form.
+TEST(Pipeline, InitialNoiseAndAddNoiseFollowTheClass) {
+  SchedulerConfig c;
+  c.beta_schedule = "scaled_linear";
+  c.beta_start = 0.00085;
+  c.beta_end = 0.012;
+  c.steps_offset = 1;
+  c.extra["_class_name"] = "EulerDiscreteScheduler";
+  const auto x0 = torch::tensor({0.5, -0.25}, torch::kFloat64), noise = torch::tensor({1.0, 2.0}, torch::kFloat64);
+  struct Want {
+    Spacing spacing;
+    double t0, init_noise_sigma, t3;
+    std::vector<double> noised;
+  };
+  for (const auto& w : {Want{Spacing::linspace, 999, 14.614646911621094, 666, {3.4183084964752197, 5.5866169929504395}},
+                        Want{Spacing::leading, 901, 8.450066566467285, 601, {2.7928547859191895, 4.335709571838379}}}) {
+    c.timestep_spacing = w.spacing;
+    Level end;
+    const auto levels = sampling_levels(c, "euler", 10, std::nullopt, end);
+    ASSERT_EQ(levels[0].t, w.t0);
+    ASSERT_EQ(levels[3].t, w.t3);
+    // x = a z: diffusers' z_T = init_noise_sigma n is x_T = a init_noise_sigma n.
+    EXPECT_NEAR(initial_noise_scale(c, levels[0]) / levels[0].a, w.init_noise_sigma, 2e-6 * w.init_noise_sigma);
+    const auto noised = add_noise(c, x0, noise, levels[3]);
+    for (int i = 0; i < 2; ++i) EXPECT_NEAR(noised[i].item<double>(), w.noised[size_t(i)], 2e-6 * w.noised[size_t(i)]);
+  }
+  c.extra["_class_name"] = "DDIMScheduler";
+  Level end;
+  const auto levels = sampling_levels(c, "ddim", 10, std::nullopt, end);
+  EXPECT_EQ(initial_noise_scale(c, levels[0]), 1.0);
+  EXPECT_TRUE(torch::allclose(add_noise(c, x0, noise, levels[3]), levels[3].a * x0 + levels[3].s * noise));
+}
+
 // A scheduler config's clip_sample means what DDIMScheduler.step does with it: x0 clamped, the network's eps kept
 // (use_clipped_model_output = False, scheduling_ddim.py); --clip-sample recomputes eps from the clamped x0.
 TEST(Pipeline, ConfigClipSampleKeepsTheModelsEps) {
@@ -207,8 +242,8 @@ TEST(Pipeline, ConfigClipSampleKeepsTheModelsEps) {
   auto d = plain_denoiser(run, from_config);
   const auto so = by_hand_options(g, false);
   const auto x_T = initial_noise(run, g);
-  EXPECT_TRUE(torch::equal(from_config.images, sample_ddim(clip_x0(d, 0.05, true), integer_times(from_config), x_T, so)));
-  EXPECT_TRUE(torch::equal(from_option.images, sample_ddim(clip_x0(d, 0.05, false), integer_times(from_option), x_T, so)));
+  EXPECT_TRUE(torch::equal(from_config.images, sample_ddim(clip_x0(d, 0.05, ClipEps::keep), integer_times(from_config), x_T, so)));
+  EXPECT_TRUE(torch::equal(from_option.images, sample_ddim(clip_x0(d, 0.05, ClipEps::recompute), integer_times(from_option), x_T, so)));
   EXPECT_GT((from_config.images - from_option.images).abs().max().item<double>(), 1e-3);
 }
 
@@ -444,7 +479,13 @@ TEST(SamplerSettings, ReadEveryKeyThatChangesTheLoop) {
   EXPECT_EQ(s.sampler, "plms");
   EXPECT_EQ(s.options.prediction, Prediction::v);
   EXPECT_FALSE(s.options.set_alpha_to_one);
-  SchedulerConfig lms;
-  lms.extra["_class_name"] = "LMSDiscreteScheduler";
-  EXPECT_THROW(sampler_settings(lms), std::invalid_argument);
+  pndm.extra["skip_prk_steps"] = false;  // diffusers' default: the Runge-Kutta warm-up
+  EXPECT_EQ(sampler_settings(pndm).sampler, "pndm");
+  SchedulerConfig other;
+  other.extra["_class_name"] = "LMSDiscreteScheduler";
+  EXPECT_EQ(sampler_settings(other).sampler, "lms");
+  other.extra["_class_name"] = "HeunDiscreteScheduler";
+  EXPECT_EQ(sampler_settings(other).sampler, "heun_sigma");
+  other.extra["_class_name"] = "DEISMultistepScheduler";
+  EXPECT_THROW(sampler_settings(other), std::invalid_argument);
 }

@@ -275,12 +275,12 @@ TEST(TextPipeline, ExampleTxt2ImgRuns) {
 }  // namespace
 
 namespace {
-// A scheduler class diffuse does not implement (LMSDiscreteScheduler) is refused by name, never sampled as DDIM
+// A scheduler class diffuse does not implement (DEISMultistepScheduler) is refused by name, never sampled as DDIM
 // without a word; with --sampler the substitution is stated. (SD 1.x's PNDMScheduler is sampled as plms.)
 TEST(TextPipeline, AnUnimplementedSchedulerClassIsRefusedOrNamed) {
   diffuse::testing::TempDir dir;
   auto config = diffuse::load_json(pipe("sd1") + "/scheduler/scheduler_config.json");
-  config["_class_name"] = "LMSDiscreteScheduler";
+  config["_class_name"] = "DEISMultistepScheduler";
   diffuse::write_file_atomic(dir / "scheduler_config.json", config.dump());
   diffuse::LoadOptions lo;
   lo.scheduler_file = dir / "scheduler_config.json";
@@ -289,11 +289,11 @@ TEST(TextPipeline, AnUnimplementedSchedulerClassIsRefusedOrNamed) {
   o.prompts = {"a cat"};
   o.n = 1;
   o.steps = 2;
-  expect_error([&] { diffuse::generate(run, o); }, "names LMSDiscreteScheduler, which diffuse does not implement");
+  expect_error([&] { diffuse::generate(run, o); }, "names DEISMultistepScheduler, which diffuse does not implement");
   o.sampler = "ddim";
   const auto g = diffuse::generate(run, o);
   ASSERT_EQ(g.notes.size(), 1u);
-  EXPECT_NE(g.notes[0].find("LMSDiscreteScheduler"), std::string::npos) << g.notes[0];
+  EXPECT_NE(g.notes[0].find("DEISMultistepScheduler"), std::string::npos) << g.notes[0];
 }
 }  // namespace
 

@@ -162,14 +162,14 @@ torch::Tensor classifier_log_prob_grad(const Classifier& classifier, const torch
   return log_prob_grad(classifier, x_t, t, labels, /*check_range=*/true);
 }
 
-Denoiser clip_x0(Denoiser denoiser, double range, bool keep_model_eps) {
+Denoiser clip_x0(Denoiser denoiser, double range, ClipEps eps) {
   if (!(range > 0)) throw std::invalid_argument("clip_x0: the range must be positive, got " + std::to_string(range));
   Denoiser d;
   d.schedule = denoiser.schedule;
-  d.fn = [denoiser, range, keep_model_eps](const torch::Tensor& x, const Level& level) {
+  d.fn = [denoiser, range, eps](const torch::Tensor& x, const Level& level) {
     auto e = denoiser(x, level);
     auto x0 = e.x0.clamp(-range, range);
-    if (keep_model_eps) return Estimate{x0, e.eps};
+    if (eps == ClipEps::keep) return Estimate{x0, e.eps};
     return Estimate{x0, (x - level.a * x0) / level.s};  // s > 0 at every level a denoiser is called at
   };
   return d;

@@ -322,9 +322,11 @@ const std::vector<std::string>& multistep_classes() {
   static const std::vector<std::string> c = {"DPMSolverMultistepScheduler", "UniPCMultistepScheduler"};
   return c;
 }
+// The classes that step in sigma = s / a on z = x / a (k-diffusion's frame): their linspace walks fractional timesteps
+// and their initial noise is init_noise_sigma z.
 const std::vector<std::string>& euler_classes() {
   static const std::vector<std::string> c = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                                             "HeunDiscreteScheduler"};
+                                             "HeunDiscreteScheduler", "LMSDiscreteScheduler"};
   return c;
 }
 const char* kFlowClass = "FlowMatchEulerDiscreteScheduler";
@@ -399,7 +401,7 @@ bool final_step_to_clean_data(const std::string& sampler, const SchedulerConfig&
   get_sampler(sampler);  // validates the name
   const std::string name = canonical_sampler_name(sampler);
   if (class_of(config) == kFlowClass) return true;
-  if (name == "ddim" || name == "plms") return config.set_alpha_to_one;
+  if (name == "ddim" || name == "plms" || name == "pndm") return config.set_alpha_to_one;
   if (name.rfind("dpmpp_", 0) == 0 || name == "unipc") {
     // Without the key: "zero", the default of diffusers since 0.26 (0.25's DPMSolverMultistepScheduler ended at
     // alpha_bar[0] with a full-order last step, which leaves visible noise: FID-FMNIST 225 against 158 at 25 steps).
@@ -419,7 +421,7 @@ bool implemented_class(const std::string& cls) {
   static const std::set<std::string> classes = {
       "",  "DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
       "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", kFlowClass,
-      "PNDMScheduler"};
+      "PNDMScheduler", "LMSDiscreteScheduler"};
   return classes.count(cls) > 0;
 }
 }  // namespace
@@ -432,17 +434,12 @@ std::string sampler_for(const SchedulerConfig& config) {
                                 "config's schedule (it says so on stderr), or --scheduler with a config of a class it "
                                 "implements");
   if (cls == "DDPMScheduler") return "ddpm";
-  if (cls == "PNDMScheduler") {
-    // diffusers' default is false (the Runge-Kutta warm-up); Stable Diffusion's configs set it true.
-    if (key_or(config, "skip_prk_steps", false) != true)
-      throw std::invalid_argument("the scheduler config names PNDMScheduler with skip_prk_steps false: its Runge-Kutta "
-                                  "warm-up (PRK) is not implemented; set skip_prk_steps true for PLMS alone (what "
-                                  "Stable Diffusion ships), or pass --sampler");
-    return "plms";
-  }
+  // PNDMScheduler: diffusers' default is false (the Runge-Kutta warm-up); Stable Diffusion's configs set it true.
+  if (cls == "PNDMScheduler") return key_or(config, "skip_prk_steps", false) == true ? "plms" : "pndm";
+  if (cls == "LMSDiscreteScheduler") return "lms";
   if (cls == "EulerDiscreteScheduler" || cls == kFlowClass) return "euler";
   if (cls == "EulerAncestralDiscreteScheduler") return "euler_ancestral";
-  if (cls == "HeunDiscreteScheduler") return "heun";
+  if (cls == "HeunDiscreteScheduler") return "heun_sigma";
   if (cls == "UniPCMultistepScheduler") return "unipc";
   if (cls == "DPMSolverMultistepScheduler") {
     const bool sde = key_or(config, "algorithm_type", "dpmsolver++") == "sde-dpmsolver++";
@@ -468,6 +465,20 @@ SamplerOptions config_sampler_options(const SchedulerConfig& config, const std::
   return so;
 }
 }  // namespace
+
+double initial_noise_scale(const SchedulerConfig& config, const Level& first) {
+  if (!is_one_of(class_of(config), euler_classes())) return 1.0;
+  return config.timestep_spacing == Spacing::leading ? std::hypot(first.a, first.s) : first.s;
+}
+
+torch::Tensor add_noise(const SchedulerConfig& config, const torch::Tensor& x0, const torch::Tensor& noise,
+                        const Level& level) {
+  if (!is_one_of(class_of(config), euler_classes())) return level.a * x0 + level.s * noise;
+  if (!(level.a > 0))
+    throw std::invalid_argument("add_noise: " + class_of(config) + " adds sigma = s / a times the noise, infinite at t = " +
+                                std::to_string(level.t) + " (zero terminal SNR)");
+  return x0 + (level.s / level.a) * noise;
+}
 
 SamplerSettings sampler_settings(const SchedulerConfig& config) {
   SamplerSettings r;
@@ -661,8 +672,10 @@ std::vector<int64_t> image_labels(const LoadedRun& run, const GenerateOptions& o
 Denoiser batch_denoiser(const LoadedRun& run, const GenerateOptions& o, const Network& net, const Schedule& schedule,
                         const Conditioning& y, double clip_range) {
   auto denoiser = make_denoiser(net, run.scheduler.prediction_type, schedule, run.scheduler.etsdm, y);
-  // The scheduler config's clip_sample keeps diffusers' meaning (the network's eps); --clip-sample recomputes eps.
-  if (clip_range > 0) denoiser = clip_x0(denoiser, clip_range, clip_from_config(o));
+  // The scheduler config's clip_sample keeps diffusers' meaning: DDIM's step keeps the network's eps, while the sigma
+  // classes' derivative (z - x0) / sigma recomputes it from the clamped x0, as --clip-sample does.
+  const bool keep_eps = clip_from_config(o) && !is_one_of(class_of(run.scheduler), euler_classes());
+  if (clip_range > 0) denoiser = clip_x0(denoiser, clip_range, keep_eps ? ClipEps::keep : ClipEps::recompute);
   if (o.classifier) {
     auto classifier = o.classifier;
     Classifier clf = [classifier](const torch::Tensor& x_t, const torch::Tensor& t) mutable {
@@ -737,13 +750,10 @@ void note_substitution(const SchedulerConfig& config, const GenerateOptions& o, 
   if (!implemented_class(cls))
     notes.push_back("the scheduler config names " + cls + ", which diffuse does not implement: sampling with " + sampler +
                     " (--sampler) on its schedule and timestep_spacing; results differ from diffusers' " + cls);
-  if (cls == "PNDMScheduler" && key_or(config, "skip_prk_steps", false) != true)
-    notes.push_back("the scheduler config's PNDMScheduler has skip_prk_steps false, whose Runge-Kutta warm-up diffuse "
-                    "does not implement: sampling with " + sampler + " (--sampler) on its schedule; results differ "
-                    "from diffusers'");
   if (cls == "HeunDiscreteScheduler" && canonical_sampler_name(sampler) == "heun")
     notes.push_back("diffuse's heun integrates in the angle phi = atan(s / a), not in sigma as diffusers' "
-                    "HeunDiscreteScheduler: the samples differ from diffusers' (0.7% to 18% at 10 steps)");
+                    "HeunDiscreteScheduler (heun_sigma, this config's own sampler): the samples differ from diffusers' "
+                    "(0.7% to 18% at 10 steps)");
 }
 
 }  // namespace
@@ -809,6 +819,7 @@ Generated generate(const LoadedRun& run, const GenerateOptions& o) {
       y = Conditioning::text(cyclic_rows(prompt_states, first, count),
                              negative_states.defined() ? cyclic_rows(negative_states, first, count) : torch::Tensor());
     if (o.init_images.defined()) x = noised_init(run, o, x, levels.front(), first, count);
+    else if (const double scale = initial_noise_scale(run.scheduler, levels.front()); scale != 1.0) x = scale * x;
     SamplerOptions so = sampler_options(run, o, g.sampler);
     so.first_image = first;
     so.walk_steps = walk_steps;

@@ -305,6 +305,79 @@ torch::Tensor unipc_update(const Step& p, const torch::Tensor& x, const torch::T
   return out - (p.a_next * terms.B) * unipc_correction(rks, ds, order, terms, corrector);
 }
 
+
+// diffusers' sigma-space schedulers (HeunDiscreteScheduler, LMSDiscreteScheduler) integrate dz/dsigma = eps^ in
+// z = x / a, sigma = s / a (k-diffusion's frame), which is infinite at SNR 0: their step cannot start there.
+void require_finite_sigma(const Step& st, const char* sampler, const char* cls) {
+  if (!(st.a > 0))
+    throw std::invalid_argument(std::string(sampler) + ": " + cls + " steps in sigma = s / a, which is infinite at t = " +
+                                std::to_string(st.cur.t) + " (zero terminal SNR); sample this schedule with heun, "
+                                "ddim, dpmpp_2m or unipc");
+}
+
+// The integral over [from, to] of the Lagrange basis polynomial prod_{k != j} (tau - nodes[k]) / (nodes[j] - nodes[k]),
+// exactly (LMSDiscreteScheduler integrates it with scipy's quad, exact for these degrees up to its tolerance).
+double lagrange_integral(const std::vector<double>& nodes, size_t j, double from, double to) {
+  std::vector<double> poly = {1.0};  // coefficients, lowest degree first
+  for (size_t k = 0; k < nodes.size(); ++k) {
+    if (k == j) continue;
+    const double scale = 1.0 / (nodes[j] - nodes[k]);
+    std::vector<double> next(poly.size() + 1, 0.0);
+    for (size_t n = 0; n < poly.size(); ++n) {
+      next[n + 1] += poly[n] * scale;
+      next[n] -= poly[n] * nodes[k] * scale;
+    }
+    poly = next;
+  }
+  double integral = 0, p_to = to, p_from = from;
+  for (size_t n = 0; n < poly.size(); ++n, p_to *= to, p_from *= from) integral += poly[n] * (p_to - p_from) / double(n + 1);
+  return integral;
+}
+
+// PNDMScheduler._get_prev_sample: the DDIM transfer of x from training timestep `from` to `to` (< 0: the walk's end)
+// with the output `out` (eps, or v converted to eps with this x at `from`). It divides by a_from, as PNDM does.
+torch::Tensor pndm_transfer(const Schedule& schedule, const Level& end, Prediction prediction, const char* sampler,
+                            const torch::Tensor& x, int64_t from, int64_t to, const torch::Tensor& out) {
+  const Level f = level_at(schedule, from), p = to >= 0 ? level_at(schedule, to) : end;
+  if (!(f.a > 0))
+    throw std::invalid_argument(std::string(sampler) + ": PNDMScheduler's step divides by sqrt(alpha_bar_t), which is 0 "
+                                "at t = " + std::to_string(from) + " (zero terminal SNR); sample this schedule with ddim, "
+                                "dpmpp_2m or unipc");
+  const torch::Tensor eps = prediction == Prediction::v ? f.a * out + f.s * x : out;
+  return p.a * ((x - f.s * eps) / f.a) + p.s * eps;
+}
+
+// PNDM's checks (both modes) and the walk's integer timesteps.
+std::vector<int64_t> pndm_timesteps(const std::vector<Step>& steps, const SamplerOptions& o, const char* sampler) {
+  if (o.walk_steps != 0 && o.walk_steps != int64_t(steps.size()))
+    throw std::invalid_argument(std::string(sampler) + ": a walk that starts mid-schedule (image to image) is not "
+                                "implemented: PNDMScheduler's call list and counter would start mid-way; pass --sampler ddim");
+  if (o.prediction != Prediction::eps && o.prediction != Prediction::v)
+    throw std::invalid_argument(std::string(sampler) + ": PNDMScheduler combines eps or v outputs, not " +
+                                to_string(o.prediction));
+  std::vector<int64_t> ts;
+  for (const auto& st : steps) {
+    if (st.cur.t != std::floor(st.cur.t))
+      throw std::invalid_argument(std::string(sampler) + ": needs integer timesteps (PNDMScheduler's)");
+    ts.push_back(int64_t(st.cur.t));
+  }
+  return ts;
+}
+
+// The raw network output PNDM combines: eps, or v = a eps - s x0 (exact for the denoiser's v -> (x0, eps) conversion).
+torch::Tensor pndm_raw(const Estimate& e, const Level& at, Prediction prediction) {
+  return prediction == Prediction::v ? at.a * e.eps - at.s * e.x0 : e.eps;
+}
+
+// Adams-Bashforth of the last outputs (oldest first), orders 1 to 4: PNDMScheduler.step_plms's weights.
+torch::Tensor adams_bashforth(const std::vector<torch::Tensor>& e) {
+  switch (e.size()) {
+    case 1: return e[0];
+    case 2: return (3 * e[1] - e[0]) / 2;
+    case 3: return (23 * e[2] - 16 * e[1] + 5 * e[0]) / 12;
+    default: return (55 * e[3] - 59 * e[2] + 37 * e[1] - 9 * e[0]) / 24;
+  }
+}
 }  // namespace
 
 // Posterior q(x_prev | x_t, x0) of the spaced chain (Ho et al. 2020, eqs. 6-7), beta = 1 - alpha_bar / alpha_bar_prev:
@@ -465,83 +538,170 @@ torch::Tensor sample_unipc(const Denoiser& d, const Timesteps& ts, const torch::
 // taken again from t0; then each call adds its output to the last four and steps with the Adams-Bashforth weights.
 torch::Tensor sample_plms(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o) {
   torch::NoGradGuard no_grad;
-  const auto steps = make_steps(d.schedule, ts, o);
+  const auto steps = make_steps(d.schedule, ts, o, /*zero_length_last=*/true);  // t = 0 -> alpha_bar[0]: identity
   const int64_t n = int64_t(steps.size()), T = d.schedule.T(), ratio = T / n;
-  if (o.walk_steps != 0 && o.walk_steps != n)
-    throw std::invalid_argument("plms: a walk that starts mid-schedule (image to image) is not implemented: "
-                                "PNDMScheduler's call list and counter would start mid-way; pass --sampler ddim");
-  if (o.prediction != Prediction::eps && o.prediction != Prediction::v)
-    throw std::invalid_argument("plms: PNDMScheduler combines eps or v outputs, not " + to_string(o.prediction));
-  std::vector<int64_t> calls;
-  for (const auto& st : steps) {
-    if (st.cur.t != std::floor(st.cur.t)) throw std::invalid_argument("plms: needs integer timesteps (PNDMScheduler's)");
-    calls.push_back(int64_t(st.cur.t));
-  }
+  std::vector<int64_t> calls = pndm_timesteps(steps, o, "plms");
   if (n >= 2) calls.insert(calls.begin() + 1, calls[1]);
   const Level end = steps.back().next;
-  auto level = [&](int64_t t) { return t >= 0 ? level_at(d.schedule, t) : end; };
   std::vector<torch::Tensor> outputs;  // the last four kept network outputs, oldest first
   torch::Tensor x = x_T, start;
   for (size_t k = 0; k < calls.size(); ++k) {
-    const Level at = level(calls[k]);
+    const Level at = level_at(d.schedule, calls[k]);
     const Estimate e = d(x, at);
-    // The raw output: eps, or v = a eps - s x0 (exact for the denoiser's v -> (x0, eps) conversion).
-    torch::Tensor raw = o.prediction == Prediction::v ? at.a * e.eps - at.s * e.x0 : e.eps;
+    const torch::Tensor raw = pndm_raw(e, at, o.prediction);
     int64_t from = calls[k], to = calls[k] - ratio;
-    if (k == 1) {
+    torch::Tensor out;
+    if (k == 1) {  // the repeated call: averaged with the first, the first step taken again
       from = calls[k] + ratio, to = calls[k];
       if (from >= T) throw std::invalid_argument("plms: t + T / S = " + std::to_string(from) + " is outside the schedule");
+      out = (raw + outputs[0]) / 2;
+      x = start;
     } else {
       outputs.push_back(raw);
       if (outputs.size() > 4) outputs.erase(outputs.begin());
+      if (k == 0) start = x;
+      out = adams_bashforth(outputs);
     }
-    const auto m = outputs.size();
-    torch::Tensor out;
-    if (m == 1 && k == 0) {
-      out = raw;
-      start = x;
-    } else if (m == 1 && k == 1) {
-      out = (raw + outputs[0]) / 2;
-      x = start;
-    } else if (m == 2) {
-      out = (3 * outputs[1] - outputs[0]) / 2;
-    } else if (m == 3) {
-      out = (23 * outputs[2] - 16 * outputs[1] + 5 * outputs[0]) / 12;
-    } else {
-      out = (55 * outputs[3] - 59 * outputs[2] + 37 * outputs[1] - 9 * outputs[0]) / 24;
-    }
-    // The DDIM transfer from `from` to `to` with eps' (v' converted at `from` with this x, as diffusers does).
-    const Level f = level(from), p = level(to);
-    if (!(f.a > 0))
-      throw std::invalid_argument("plms: PNDMScheduler's step divides by sqrt(alpha_bar_t), which is 0 at t = " +
-                                  std::to_string(from) + " (zero terminal SNR); sample this schedule with ddim, "
-                                  "dpmpp_2m or unipc");
-    const torch::Tensor eps = o.prediction == Prediction::v ? f.a * out + f.s * x : out;
-    const torch::Tensor x0 = (x - f.s * eps) / f.a;
-    x = p.a * x0 + p.s * eps;
+    x = pndm_transfer(d.schedule, end, o.prediction, "plms", x, from, to, out);
     Step st;
     st.i = int64_t(k);
     st.last = k + 1 == calls.size();
     st.cur = at;
-    st.next = p;
+    st.next = to >= 0 ? level_at(d.schedule, to) : end;
     notify(o, st, int64_t(calls.size()), x, e.x0);
+  }
+  return x;
+}
+
+// PNDMScheduler with its pseudo Runge-Kutta warm-up (skip_prk_steps false, diffusers' default): step_prk's 12 calls
+// over the walk's first 4 timesteps t0 > t1 > t2 > t3, three RK4 steps t_i -> t_i+1 whose stages are DDIM transfers
+// from t_i (to t_i - h, t_i - h, t_i - 2h with h = T / S / 2, and the call points t_i+1 + h, as diffusers lists
+// them), their outputs weighed 1/6, 1/3, 1/3, 1/6; each RK step's first output joins the history, and step_plms's
+// Adams-Bashforth steps of 4 outputs then run from t3 on. S - 3 + 12 network calls; the callback sees each RK step
+// and each PLMS step (S in all).
+torch::Tensor sample_pndm(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o) {
+  torch::NoGradGuard no_grad;
+  const auto steps = make_steps(d.schedule, ts, o, /*zero_length_last=*/true);  // t = 0 -> alpha_bar[0]: identity
+  const int64_t n = int64_t(steps.size()), T = d.schedule.T(), ratio = T / n, h = T / n / 2;
+  const std::vector<int64_t> walk = pndm_timesteps(steps, o, "pndm");
+  if (n < 4)
+    throw std::invalid_argument("pndm: the Runge-Kutta warm-up takes the walk's first 4 timesteps; ask for 4 or more "
+                                "steps, or use plms (skip_prk_steps true)");
+  // diffusers' prk_timesteps: the first 4 timesteps each with t + h (ascending), the last dropped, each repeated,
+  // first and last dropped, reversed: t0, t1+h, t1+h, t1, t1, t2+h, t2+h, t2, t2, t3+h, t3+h, t3.
+  std::vector<int64_t> base;
+  for (int i = 3; i >= 0; --i) base.push_back(walk[size_t(i)]), base.push_back(walk[size_t(i)] + h);
+  base.pop_back();
+  std::vector<int64_t> prk;
+  for (int64_t t : base) prk.push_back(t), prk.push_back(t);
+  prk = std::vector<int64_t>(prk.begin() + 1, prk.end() - 1);
+  std::reverse(prk.begin(), prk.end());
+  const Level end = steps.back().next;
+  std::vector<torch::Tensor> outputs;  // the history step_plms combines, oldest first
+  torch::Tensor x = x_T, start, weighted;
+  int64_t notified = 0;
+  auto report = [&](const Level& from, int64_t to, const torch::Tensor& x0) {
+    Step st;
+    st.i = notified++;
+    st.last = st.i + 1 == n;
+    st.cur = from;
+    st.next = to >= 0 ? level_at(d.schedule, to) : end;
+    notify(o, st, n, x, x0);
+  };
+  for (size_t c = 0; c < prk.size(); ++c) {
+    const Level at = level_at(d.schedule, prk[c]);
+    const Estimate e = d(x, at);
+    const torch::Tensor raw = pndm_raw(e, at, o.prediction);
+    const int64_t from = prk[c / 4 * 4], to = prk[c] - (c % 2 ? 0 : h);
+    torch::Tensor out = raw;
+    if (c % 4 == 0) {
+      weighted = raw / 6;
+      outputs.push_back(raw);
+      start = x;
+    } else if (c % 4 == 3) {
+      out = weighted + raw / 6;
+    } else {
+      weighted = weighted + raw / 3;
+    }
+    x = pndm_transfer(d.schedule, end, o.prediction, "pndm", start, from, to, out);
+    if (c % 4 == 3) report(level_at(d.schedule, from), to, e.x0);
+  }
+  for (size_t k = 3; k < walk.size(); ++k) {
+    const Level at = level_at(d.schedule, walk[k]);
+    const Estimate e = d(x, at);
+    outputs.push_back(pndm_raw(e, at, o.prediction));
+    if (outputs.size() > 4) outputs.erase(outputs.begin());
+    x = pndm_transfer(d.schedule, end, o.prediction, "pndm", x, walk[k], walk[k] - ratio, adams_bashforth(outputs));
+    report(at, walk[k] - ratio, e.x0);
+  }
+  return x;
+}
+
+// diffusers' HeunDiscreteScheduler (Karras et al. 2022, Algorithm 1 with gamma 0): Heun's method on
+// dz/dsigma = eps^ in z = x / a, sigma = s / a. The Euler stage z~ = z + (sigma' - sigma) eps^ is the DDIM step
+// x~ = a' x0^ + s' eps^; the corrector averages the two slopes, z' = z + (sigma' - sigma) (eps^ + eps~) / 2, which in
+// x is x~ + a' (sigma' - sigma) / 2 (eps~ - eps^). The step to sigma' = 0 is the Euler stage alone (2 S - 1 calls).
+// Unlike heun (angle space) it cannot start at SNR 0, where sigma is infinite.
+torch::Tensor sample_heun_sigma(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T,
+                                const SamplerOptions& o) {
+  torch::NoGradGuard no_grad;
+  const auto steps = make_steps(d.schedule, ts, o);
+  auto x = x_T;
+  for (const auto& st : steps) {
+    require_finite_sigma(st, "heun_sigma", "HeunDiscreteScheduler");
+    const Estimate e = d(x, st.cur);
+    x = st.a_next * e.x0 + st.s_next * e.eps;
+    if (st.s_next > 0) {
+      const Estimate e2 = d(x, st.next);
+      x = x + (0.5 * (st.s_next - st.a_next * st.s / st.a)) * (e2.eps - e.eps);
+    }
+    notify(o, st, int64_t(steps.size()), x, e.x0);
+  }
+  return x;
+}
+
+// diffusers' LMSDiscreteScheduler (k-diffusion's sample_lms): the linear multistep method of order 4 (warmed up from
+// 1) on dz/dsigma = eps^, z = x / a: z' = z + sum_j c_j eps_j, c_j the integral over [sigma, sigma'] of the Lagrange
+// basis polynomial of the j-th newest sigma. Since sum_j c_j = sigma' - sigma, in x this is the DDIM step plus
+// a' sum_j c_j (eps_j - eps^). One call per step; it cannot start at SNR 0, where sigma is infinite.
+torch::Tensor sample_lms(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o) {
+  torch::NoGradGuard no_grad;
+  const auto steps = make_steps(d.schedule, ts, o);
+  const size_t order = 4;  // LMSDiscreteScheduler.step's default, which StableDiffusionPipeline keeps
+  std::vector<torch::Tensor> eps;  // newest first
+  std::vector<double> sigmas;      // of those, newest first
+  auto x = x_T;
+  for (const auto& st : steps) {
+    require_finite_sigma(st, "lms", "LMSDiscreteScheduler");
+    const Estimate e = d(x, st.cur);
+    eps.insert(eps.begin(), e.eps);
+    sigmas.insert(sigmas.begin(), st.s / st.a);
+    if (eps.size() > order) eps.pop_back(), sigmas.pop_back();
+    const double sigma_next = st.s_next / st.a_next;
+    x = st.a_next * e.x0 + st.s_next * e.eps;
+    for (size_t j = 1; j < eps.size(); ++j)
+      x = x + (st.a_next * lagrange_integral(sigmas, j, sigmas[0], sigma_next)) * (eps[j] - e.eps);
+    notify(o, st, int64_t(steps.size()), x, e.x0);
   }
   return x;
 }
 
 const std::vector<SamplerInfo>& sampler_table() {
   static const std::vector<SamplerInfo> table = {
-      {"ddpm", {}, sample_ddpm, true, "ancestral sampling (DDPMScheduler), --variance fixed_small/fixed_large"},
-      {"ddim", {}, sample_ddim, false, "DDIM (DDIMScheduler), --eta for its stochastic family"},
-      {"euler", {}, sample_euler, false, "Euler on the probability-flow ODE (EulerDiscreteScheduler, flow matching)"},
-      {"euler_ancestral", {"euler_a"}, sample_euler_ancestral, true, "Euler ancestral (EulerAncestralDiscreteScheduler)"},
-      {"heun", {}, sample_heun, false, "Heun in the angle phi = atan(s / a), diffuse's own (not HeunDiscreteScheduler's sigma)"},
-      {"dpmpp_2m", {"dpmpp2m", "dpm++2m", "dpm++_2m"}, sample_dpmpp_2m, false, "DPM-Solver++(2M) (DPMSolverMultistepScheduler)"},
-      {"dpmpp_2m_sde", {"dpmpp2m_sde", "dpm++2m_sde", "dpm++_2m_sde"}, sample_dpmpp_2m_sde, true, "DPM-Solver++(2M) SDE"},
-      {"dpmpp_3m", {"dpmpp3m", "dpm++3m", "dpm++_3m"}, sample_dpmpp_3m, false, "DPM-Solver++(3M), solver_order 3"},
-      {"dpmpp_3m_sde", {"dpmpp3m_sde", "dpm++3m_sde", "dpm++_3m_sde"}, sample_dpmpp_3m_sde, true, "DPM-Solver++(3M) SDE"},
-      {"unipc", {}, sample_unipc, false, "UniPC (UniPCMultistepScheduler), --order, --unipc-variant"},
-      {"plms", {"pndm"}, sample_plms, false, "PNDMScheduler's PLMS (skip_prk_steps; Stable Diffusion 1.x's default)"},
+      {"ddpm", {}, sample_ddpm, true, true, "ancestral sampling (DDPMScheduler), --variance fixed_small/fixed_large"},
+      {"ddim", {}, sample_ddim, false, true, "DDIM (DDIMScheduler), --eta for its stochastic family"},
+      {"euler", {}, sample_euler, false, true, "Euler on the probability-flow ODE (EulerDiscreteScheduler, flow matching)"},
+      {"euler_ancestral", {"euler_a"}, sample_euler_ancestral, true, true, "Euler ancestral (EulerAncestralDiscreteScheduler)"},
+      {"heun", {}, sample_heun, false, true, "Heun in the angle phi = atan(s / a), diffuse's own (exact at SNR 0)"},
+      {"heun_sigma", {"heun_discrete"}, sample_heun_sigma, false, false, "Heun in sigma = s / a (HeunDiscreteScheduler)"},
+      {"lms", {"lms_discrete"}, sample_lms, false, false, "linear multistep of order 4 in sigma (LMSDiscreteScheduler)"},
+      {"dpmpp_2m", {"dpmpp2m", "dpm++2m", "dpm++_2m"}, sample_dpmpp_2m, false, true, "DPM-Solver++(2M) (DPMSolverMultistepScheduler)"},
+      {"dpmpp_2m_sde", {"dpmpp2m_sde", "dpm++2m_sde", "dpm++_2m_sde"}, sample_dpmpp_2m_sde, true, true, "DPM-Solver++(2M) SDE"},
+      {"dpmpp_3m", {"dpmpp3m", "dpm++3m", "dpm++_3m"}, sample_dpmpp_3m, false, true, "DPM-Solver++(3M), solver_order 3"},
+      {"dpmpp_3m_sde", {"dpmpp3m_sde", "dpm++3m_sde", "dpm++_3m_sde"}, sample_dpmpp_3m_sde, true, true, "DPM-Solver++(3M) SDE"},
+      {"unipc", {}, sample_unipc, false, true, "UniPC (UniPCMultistepScheduler), --order, --unipc-variant"},
+      {"plms", {}, sample_plms, false, false, "PNDMScheduler's PLMS (skip_prk_steps; Stable Diffusion 1.x's default)"},
+      {"pndm", {}, sample_pndm, false, false, "PNDMScheduler with its Runge-Kutta warm-up (skip_prk_steps false)"},
   };
   return table;
 }
@@ -575,6 +735,8 @@ const SamplerInfo& sampler_info(const std::string& name_in) {
 Sampler get_sampler(const std::string& name) { return sampler_info(name).fn; }
 
 bool is_stochastic(const std::string& name) { return sampler_info(name).stochastic; }
+
+bool runs_from_snr_zero(const std::string& name) { return sampler_info(name).from_snr_zero; }
 
 std::string sampler_help() {
   std::string out;

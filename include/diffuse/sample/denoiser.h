@@ -116,14 +116,21 @@ using Classifier = std::function<torch::Tensor(const torch::Tensor& x_t, const t
 torch::Tensor classifier_log_prob_grad(const Classifier& classifier, const torch::Tensor& x_t, double t,
                                        const torch::Tensor& labels);
 
-/// The x0 estimate clamped to [-range, range] and eps recomputed from it, eps = (x_t - a_t x0) / s_t, so the
-/// pair stays consistent (guided-diffusion's clip_denoised, which ADM's DDIM uses; diffusers' DDIMScheduler with
-/// clip_sample clamps x0 but keeps the unclamped eps). What keeps an eps model usable where a_t is tiny: there
-/// x0 = (x_t - s_t eps) / a_t multiplies the network's eps error by s_t / a_t (157 at t = 999 of the linear
-/// schedule). Pixel data in [-1, 1] only; not for latents (their range is not [-1, 1]). range > 0.
-/// With keep_model_eps, eps stays the network's (diffusers' DDIMScheduler.step with clip_sample and
-/// use_clipped_model_output = False, scheduling_ddim.py: pred_epsilon is recomputed only when that flag is set).
-Denoiser clip_x0(Denoiser denoiser, double range, bool keep_model_eps = false);
+/// What clip_x0 does with eps once x0 is clamped.
+enum class ClipEps {
+  /// eps stays the network's: diffusers' clip_sample in DDIMScheduler.step (use_clipped_model_output False,
+  /// scheduling_ddim.py: pred_epsilon is recomputed only when that flag is set) and DDPMScheduler.
+  keep,
+  /// eps = (x_t - a_t x0) / s_t, so the pair stays consistent: guided-diffusion's clip_denoised (ADM's DDIM), and
+  /// what the sigma-space classes' derivative (z - x0) / sigma amounts to (HeunDiscreteScheduler's clip_sample).
+  recompute,
+};
+
+/// The x0 estimate clamped to [-range, range], eps kept (diffusers' DDIM meaning, the default) or recomputed. What
+/// keeps an eps model usable where a_t is tiny: there x0 = (x_t - s_t eps) / a_t multiplies the network's eps error
+/// by s_t / a_t (157 at t = 999 of the linear schedule). Pixel data in [-1, 1] only; not for latents (their range is
+/// not [-1, 1]). range > 0.
+Denoiser clip_x0(Denoiser denoiser, double range, ClipEps eps = ClipEps::keep);
 
 /// Classifier guidance (Dhariwal & Nichol 2021, section 4.2, eq. 14): the score is shifted by
 /// scale * grad_x log p(y | x_t), i.e. eps' = eps - scale * s_t * grad and, to keep the pair consistent,

@@ -170,17 +170,17 @@ struct GenerateOptions {
 void check_samplable(const SchedulerConfig& config);
 
 /// Whether `sampler`'s last step, driven by `config`, ends at the clean data (alpha_bar = 1) or at alpha_bar[0],
-/// as the diffusers class of that sampler does: DDIM follows set_alpha_to_one (DDIMScheduler's key alone);
-/// DDPM, Euler, Euler ancestral and Heun end at sigma 0 (DDPMScheduler's "one", the others' final sigma 0);
+/// as the diffusers class of that sampler does: DDIM and PNDM (plms, pndm) follow set_alpha_to_one;
+/// DDPM, Euler, Euler ancestral, Heun and LMS end at sigma 0 (DDPMScheduler's "one", the others' final sigma 0);
 /// DPM-Solver++ (DPMSolverMultistepScheduler) ends where final_sigmas_type says ("zero": clean data;
 /// "sigma_min"), and without that key at the clean data (diffusers 0.26 on; 0.25 ended at alpha_bar[0]); UniPC the same.
 bool final_step_to_clean_data(const std::string& sampler, const SchedulerConfig& config);
 
 /// The sampler a scheduler config's diffusers class stands for: DDIMScheduler ddim, DDPMScheduler ddpm,
-/// EulerDiscreteScheduler euler, EulerAncestralDiscreteScheduler euler_ancestral, HeunDiscreteScheduler heun,
-/// DPMSolverMultistepScheduler dpmpp_2m / dpmpp_3m (solver_order; _sde for sde-dpmsolver++),
-/// UniPCMultistepScheduler unipc, FlowMatchEulerDiscreteScheduler euler, PNDMScheduler (skip_prk_steps) plms; ddim
-/// without a class; a class diffuse does not implement throws, naming it.
+/// EulerDiscreteScheduler euler, EulerAncestralDiscreteScheduler euler_ancestral, HeunDiscreteScheduler heun_sigma,
+/// LMSDiscreteScheduler lms, DPMSolverMultistepScheduler dpmpp_2m / dpmpp_3m (solver_order; _sde for
+/// sde-dpmsolver++), UniPCMultistepScheduler unipc, FlowMatchEulerDiscreteScheduler euler, PNDMScheduler plms
+/// (skip_prk_steps true) or pndm (false); ddim without a class; a class diffuse does not implement throws, naming it.
 std::string sampler_for(const SchedulerConfig& config);
 
 /// What a scheduler config implies for sampling, in one value: the sampler (sampler_for) and its options from the
@@ -192,11 +192,27 @@ struct SamplerSettings {
 };
 SamplerSettings sampler_settings(const SchedulerConfig& config);
 
+/// What x_T = scale * N(0, I) has as its scale for the config's class, at the walk's first level: diffusers'
+/// init_noise_sigma written in x = a z. The sigma-space classes (Euler, Euler ancestral, Heun, LMS) start from
+/// z = init_noise_sigma n with init_noise_sigma = sigma_max (linspace, trailing) or sqrt(sigma_max^2 + 1) (leading),
+/// which is s or sqrt(a^2 + s^2) in x (s_max = 0.9977 for SD's schedule: a 0.23% smaller start); every other class
+/// starts from n (1). generate() applies it.
+double initial_noise_scale(const SchedulerConfig& config, const Level& first);
+
+/// diffusers' scheduler.add_noise(x0, noise, t) for the config's class, at a level of its walk, in that class's own
+/// frame: a x0 + s noise for the variance-preserving classes (DDPM, DDIM, PNDM, DPM-Solver, UniPC) and
+/// FlowMatchEulerDiscreteScheduler's scale_noise ((1 - sigma) x0 + sigma noise); x0 + sigma noise, sigma = s / a, for
+/// the sigma-space classes (Euler, Euler ancestral, Heun, LMS), whose scale_model_input then divides by
+/// sqrt(sigma^2 + 1): the network sees a x0 + s noise either way (generate()'s image-to-image start). Throws where
+/// the class's frame has no finite value (a sigma class at a = 0).
+torch::Tensor add_noise(const SchedulerConfig& config, const torch::Tensor& x0, const torch::Tensor& noise,
+                        const Level& level);
+
 /// The levels a sampler walks for `steps` steps as the config's diffusers class would (the end level in `end`):
 /// a FlowMatchEulerDiscreteScheduler config gives rectified-flow levels (shift); otherwise the spacing (default:
 /// use_karras_sigmas / use_exponential_sigmas, else timestep_spacing) on the config's schedule, with each class's
 /// own rule: DPMSolverMultistep and UniPC space linspace and leading over S + 1 points and drop the last, and round
-/// a karras level's network time; Euler, Euler ancestral and Heun walk linspace at fractional timesteps with sigma
+/// a karras level's network time; Euler, Euler ancestral, Heun and LMS walk linspace at fractional timesteps with sigma
 /// interpolated linearly between the integer points. The end is the clean data or alpha_bar[0]
 /// (final_step_to_clean_data).
 std::vector<Level> sampling_levels(const SchedulerConfig& config, const std::string& sampler, int64_t steps,

@@ -150,12 +150,30 @@ torch::Tensor sample_unipc(const Denoiser& d, const Timesteps& timesteps, const 
 torch::Tensor sample_plms(const Denoiser& d, const Timesteps& timesteps, const torch::Tensor& x,
                           const SamplerOptions& options = {});
 
+/// PNDMScheduler with its pseudo Runge-Kutta warm-up (skip_prk_steps false, diffusers' default): three RK4 steps of
+/// four calls over the first four timesteps, then PLMS's Adams-Bashforth steps of order 4 (S + 9 network calls for S
+/// timesteps, S >= 4). The same transfer and refusals as sample_plms.
+torch::Tensor sample_pndm(const Denoiser& d, const Timesteps& timesteps, const torch::Tensor& x,
+                          const SamplerOptions& options = {});
+/// diffusers' HeunDiscreteScheduler: Heun's method in sigma = s / a on z = x / a (Karras et al. 2022, Algorithm 1,
+/// gamma 0); the last step, to s = 0, is an Euler (DDIM) step. sample_heun integrates in the angle instead and is
+/// more accurate per step (docs/cli.md). Refuses a start at SNR 0 (sigma infinite).
+torch::Tensor sample_heun_sigma(const Denoiser& d, const Timesteps& timesteps, const torch::Tensor& x,
+                                const SamplerOptions& options = {});
+/// diffusers' LMSDiscreteScheduler: the linear multistep method of order 4 in sigma = s / a (coefficients integrated
+/// exactly). Refuses a start at SNR 0.
+torch::Tensor sample_lms(const Denoiser& d, const Timesteps& timesteps, const torch::Tensor& x,
+                         const SamplerOptions& options = {});
+
 /// One row of the sampler table: every sampler diffuse has, the spellings it accepts, and what --help says.
 struct SamplerInfo {
   std::string name;
   std::vector<std::string> aliases;
   Sampler fn;
   bool stochastic = false;  ///< draws noise after the initial x_T (at its default eta)
+  /// runs from SNR 0 (a = 0, zero terminal SNR); false for the classes that divide by a (plms, pndm) or step in
+  /// sigma = s / a (heun_sigma, lms), which refuse such a start naming the fix
+  bool from_snr_zero = true;
   std::string help;
 };
 /// The one table behind sampler_names, get_sampler, canonical_sampler_name, is_stochastic and the CLI's help.
@@ -168,6 +186,8 @@ Sampler get_sampler(const std::string& name);
 std::string canonical_sampler_name(const std::string& name);
 /// Whether the named sampler draws noise after the initial x_T (for its default eta).
 bool is_stochastic(const std::string& name);
+/// Whether the named sampler can start at SNR 0 (SamplerInfo::from_snr_zero).
+bool runs_from_snr_zero(const std::string& name);
 /// "name: help" lines of the table, for --help.
 std::string sampler_help();
 

@@ -228,6 +228,24 @@ TEST(SamplerConvergence, OrdersOnGaussianData) {
   EXPECT_NEAR(e64 / e128, 4.0, 0.6);
 }
 
+// diffusers' sigma-space methods on the same data, on a schedule without SNR 0 (sigma finite): heun_sigma
+// (HeunDiscreteScheduler) is second order, lms (LMSDiscreteScheduler, order 4 warmed up from 1) higher; diffuse's
+// angle-space heun makes the same calls with a smaller error (the ratio docs/cli.md states).
+TEST(SamplerConvergence, SigmaSpaceHeunAndLms) {
+  auto sch = linear(1024);
+  for (auto p : {Prediction::eps, Prediction::v}) {
+    const double h64 = ode_error("heun_sigma", sch, 64, p), h128 = ode_error("heun_sigma", sch, 128, p);
+    const double a64 = ode_error("heun", sch, 64, p), a128 = ode_error("heun", sch, 128, p);
+    const double l64 = ode_error("lms", sch, 64, p), l128 = ode_error("lms", sch, 128, p);
+    std::cout << to_string(p) << ": heun_sigma " << h64 << " / " << h128 << ", heun (angle) " << a64 << " / " << a128
+              << " (" << h64 / a64 << "x / " << h128 / a128 << "x smaller), lms " << l64 << " / " << l128 << "\n";
+    EXPECT_NEAR(h64 / h128, 4.0, 0.6) << to_string(p);
+    EXPECT_GT(l64 / l128, 4.0) << to_string(p);
+    EXPECT_LT(a64, h64) << to_string(p);
+    EXPECT_LT(a128, h128) << to_string(p);
+  }
+}
+
 // With final level alpha_bar = 1 the last step jumps to E[x0 | x_t]; for one step from SNR 0 that is the data
 // mean exactly, whatever the sampler (the last step adds no noise, as in Ho et al.'s Algorithm 2).
 TEST(ZeroSnr, OneStepFromPureNoiseGivesTheDataMean) {

@@ -65,21 +65,9 @@ void write_pipeline(const std::string& folder, const std::string& like) {
     diffuse::UNet2DConditionModel unet(diffuse::sd15_unet_config());
     diffuse::save_unet_condition(unet, folder + "/unet");
   }
-  diffuse::ClipTextConfig tc;
-  tc.vocab_size = 49408;
-  tc.hidden_size = 768;
-  tc.intermediate_size = 3072;
-  tc.num_hidden_layers = 12;
-  tc.num_attention_heads = 12;
-  diffuse::ClipTextModel te(tc);
+  diffuse::ClipTextModel te(diffuse::sd15_text_encoder_config());
   diffuse::save_clip_text_model(te, folder + "/text_encoder");
-  diffuse::AutoencoderKLConfig vc;
-  vc.block_out_channels = {128, 256, 512, 512};
-  vc.down_block_types.assign(4, "DownEncoderBlock2D");
-  vc.up_block_types.assign(4, "UpDecoderBlock2D");
-  vc.layers_per_block = 2;
-  vc.sample_size = 512;
-  diffuse::AutoencoderKL vae(vc);
+  diffuse::AutoencoderKL vae(diffuse::sd_vae_config());
   diffuse::save_vae(vae, folder + "/vae");
   std::cout << "wrote a random-weight SD 1.5-shaped pipeline to " << folder << "\n";
 }

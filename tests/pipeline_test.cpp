@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "cli_util.h"
+#include "diffuse/core/scheduler_class.h"
 #include "diffuse/io/image_io.h"
 #include "diffuse/sample/pipeline.h"
 #include "diffuse/io/safetensors.h"
@@ -190,6 +191,32 @@ TEST(Pipeline, FinalStepFollowsTheSamplersDiffusersClass) {
   torch::NoGradGuard ng;
   auto by_hand = sample_euler(plain_denoiser(run, out), integer_times(out), initial_noise(run, g), by_hand_options(g, true));
   EXPECT_TRUE(torch::equal(out.images, by_hand));
+}
+
+// The class table and the sampler table agree: each class's samplers exist and name that class as their own; every
+// sampler diffuse has is some class's own but diffuse's angle-space heun; a config of each implemented class is
+// sampled by its record's sampler (DPM-Solver and PNDM by their keys).
+TEST(SchedulerClasses, OneRecordPerClassAgreesWithTheSamplerTable) {
+  for (const auto& c : scheduler_classes()) {
+    for (const auto& s : c.samplers) {
+      EXPECT_NO_THROW(get_sampler(s)) << c.name << " " << s;
+      ASSERT_NE(class_of_sampler(s), nullptr) << s;
+      EXPECT_EQ(class_of_sampler(s)->name, c.name) << s;
+    }
+    SchedulerConfig config;
+    config.extra["_class_name"] = c.name;
+    if (c.sampler.empty()) {
+      EXPECT_THROW(sampler_for(config), std::invalid_argument) << c.name;
+      continue;
+    }
+    if (c.name != "PNDMScheduler") EXPECT_EQ(sampler_for(config), c.sampler) << c.name;
+    EXPECT_EQ(find_scheduler_class(c.name), &c);
+  }
+  for (const auto& name : sampler_names())
+    if (name != "heun") EXPECT_NE(class_of_sampler(name), nullptr) << name;
+  EXPECT_EQ(class_of_sampler("heun"), nullptr);
+  EXPECT_EQ(find_scheduler_class("DEISMultistepScheduler"), nullptr);
+  EXPECT_TRUE(other_noise_process("EDMEulerScheduler"));
 }
 
 // init_noise_sigma and add_noise as diffusers 0.40's EulerDiscreteScheduler gives them (scaled_linear, 10 steps,

@@ -161,4 +161,33 @@ std::vector<Level> flow_levels(int64_t T, int64_t S, double shift, Spacing spaci
   return out;
 }
 
+std::vector<int64_t> multistep_timesteps(int64_t T, int64_t S, Spacing spacing, int64_t steps_offset) {
+  if (S < 1 || S > T) throw std::invalid_argument("number of sampling steps must lie in [1, T = " + std::to_string(T) + "]");
+  std::vector<int64_t> ts;
+  const int64_t ratio = T / (S + 1);
+  for (int64_t i = S; i >= 1; --i)
+    ts.push_back(spacing == Spacing::linspace ? int64_t(std::nearbyint(double(i) * double(T - 1) / double(S)))
+                                              : i * ratio + steps_offset);
+  if (ts.front() >= T) throw std::invalid_argument("leading spacing with this steps_offset walks t >= T");
+  return ts;
+}
+
+std::vector<Level> sigma_linspace_levels(const Schedule& schedule, int64_t S) {
+  const int64_t T = schedule.T();
+  if (S < 1 || S > T) throw std::invalid_argument("number of sampling steps must lie in [1, T = " + std::to_string(T) + "]");
+  auto sigma_at = [&](int64_t t) {
+    const double ab = schedule.alpha_bar_at(t);
+    return ab > 0 ? std::sqrt((1 - ab) / ab) : std::numeric_limits<double>::infinity();
+  };
+  std::vector<Level> out;
+  for (int64_t i = S - 1; i >= 0; --i) {
+    const double t = S == 1 ? 0.0 : (i == S - 1 ? double(T - 1) : double(i) * double(T - 1) / double(S - 1));
+    const int64_t lo = int64_t(std::floor(t));
+    const double w = t - double(lo);
+    const double sigma = w == 0 ? sigma_at(lo) : (1 - w) * sigma_at(lo) + w * sigma_at(lo + 1);
+    out.push_back(vp_level_of_sigma(sigma, t));
+  }
+  return out;
+}
+
 }  // namespace diffuse

@@ -1,5 +1,7 @@
 #include "diffuse/core/scheduler_config.h"
 
+#include "diffuse/core/scheduler_class.h"
+
 #include "diffuse/io/files.h"
 #include "io/json_fields.h"
 
@@ -39,23 +41,19 @@ const auto scheduler_fields = [](auto& c, auto&& f) {
 };
 
 // diffusers' defaults of the keys whose default depends on the scheduler class (the __init__ signatures in
-// diffusers/schedulers/scheduling_*.py): DDIM, DDPM and PNDM space "leading", the others "linspace"; DDIM and
-// DDPM clip x0 by default.
+// diffusers/schedulers/scheduling_*.py; the class table of scheduler_class.h): DDIM, DDPM and PNDM space "leading",
+// the others "linspace"; DDIM and DDPM clip x0 by default.
 struct ClassDefaults {
-  const char* spacing = "leading";
+  Spacing spacing = Spacing::leading;
   bool clip_sample = false;
   const char* prediction = "epsilon";
 };
 ClassDefaults class_defaults(const std::string& class_name) {
-  if (class_name == "DDIMScheduler" || class_name == "DDPMScheduler") return {"leading", true};
   // Flow-matching classes have no prediction_type: their model predicts the velocity eps - x0.
-  if (class_name.rfind("FlowMatch", 0) == 0) return {"linspace", false, "flow_prediction"};
-  static const std::vector<std::string> linspace = {
-      "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
-      "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler",
-      "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"};
-  if (std::find(linspace.begin(), linspace.end(), class_name) != linspace.end()) return {"linspace", false};
-  return {};
+  if (class_name.rfind("FlowMatch", 0) == 0) return {Spacing::linspace, false, "flow_prediction"};
+  const SchedulerClass* c = find_scheduler_class(class_name);
+  if (!c) return {};
+  return {c->default_spacing, c->default_clip_sample};
 }
 
 }  // namespace
@@ -97,7 +95,7 @@ SchedulerConfig SchedulerConfig::from_json(const nlohmann::json& j) {
   SchedulerConfig c;
   const ClassDefaults defaults = class_defaults(get_or<std::string>(j, "_class_name", ""));
   c.prediction_type = parse_prediction(defaults.prediction);
-  c.timestep_spacing = parse_spacing(defaults.spacing);
+  c.timestep_spacing = defaults.spacing;
   c.clip_sample = defaults.clip_sample;
   std::set<std::string> known;
   scheduler_fields(c, [&](const std::string& key, auto& field) {

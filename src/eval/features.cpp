@@ -19,7 +19,7 @@
 #include "diffuse/util/progress.h"
 #include "diffuse/util/runtime.h"
 #include "diffuse/io/safetensors.h"
-#include "diffuse/train/train.h"
+#include "diffuse/train/lr_schedule.h"
 
 namespace fs = std::filesystem;
 
@@ -169,14 +169,8 @@ void check_feature_training(const FeatureTrainOptions& o, const FeatureNetConfig
 }
 
 // One-cycle (Smith & Topin 2019) as the trainer's warmup-cosine: a tenth of the steps linear warmup, then cosine to 0.
-LoopOptions one_cycle(double lr, int64_t steps) {
-  LoopOptions schedule;
-  schedule.lr = lr;
-  schedule.min_lr = 0;
-  schedule.lr_schedule = "cosine";
-  schedule.steps = steps;
-  schedule.warmup = std::max<int64_t>(1, steps / 10);
-  return schedule;
+LrPlan one_cycle(double lr, int64_t steps) {
+  return LrPlan{lr, 0.0, std::max<int64_t>(1, steps / 10), steps, LrSchedule::cosine};
 }
 
 // The cross-entropy training of `net`: AdamW, one-cycle, a progress line with the smoothed loss, the test accuracy
@@ -186,7 +180,7 @@ int64_t fit_feature_net(FeatureNet& net, const FeatureTrainOptions& o, const Dat
   torch::optim::AdamW opt(net->parameters(), torch::optim::AdamWOptions(o.lr).weight_decay(o.weight_decay));
   BatchSampler sampler(train.size(), o.batch, o.seed);
   const int64_t epoch = sampler.steps_per_epoch(), steps = o.epochs * epoch;
-  const LoopOptions schedule = one_cycle(o.lr, steps);
+  const LrPlan schedule = one_cycle(o.lr, steps);
   Progress progress(o.progress, 0, steps, 100, "step");
   double loss_avg = 0;
   for (int64_t step = 0; step < steps; ++step) {

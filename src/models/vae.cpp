@@ -54,6 +54,16 @@ const auto vae_fields = [](auto& c, auto&& f) {
 };
 }  // namespace
 
+AutoencoderKLConfig sd_vae_config() {
+  AutoencoderKLConfig c;
+  c.block_out_channels = {128, 256, 512, 512};
+  c.down_block_types.assign(4, "DownEncoderBlock2D");
+  c.up_block_types.assign(4, "UpDecoderBlock2D");
+  c.layers_per_block = 2;
+  c.sample_size = 512;
+  return c;
+}
+
 AutoencoderKLConfig AutoencoderKLConfig::from_json(const nlohmann::json& j) {
   return json_config::read_config<AutoencoderKLConfig>(j, "an AutoencoderKL config", vae_fields, {"_use_default_values"});
 }

@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "diffuse/core/levels.h"
+#include "diffuse/core/scheduler_class.h"
 #include "diffuse/io/files.h"
 #include "diffuse/io/run_folder.h"
 #include "diffuse/models/model_folder.h"
@@ -314,22 +315,18 @@ namespace {
 
 std::string class_of(const SchedulerConfig& config) { return config.extra.value("_class_name", std::string()); }
 
-bool is_one_of(const std::string& name, const std::vector<std::string>& names) {
-  return std::find(names.begin(), names.end(), name) != names.end();
+// The config's class record (scheduler_class.h), or nullptr for a class diffuse does not know.
+const SchedulerClass* record_of(const SchedulerConfig& config) { return find_scheduler_class(class_of(config)); }
+
+// How the config's class walks (a class not in the table: by its timestep_spacing, as DDIM).
+ClassWalk walk_of(const SchedulerConfig& config) {
+  const auto* c = record_of(config);
+  return c ? c->walk : ClassWalk::spacing;
 }
 
-const std::vector<std::string>& multistep_classes() {
-  static const std::vector<std::string> c = {"DPMSolverMultistepScheduler", "UniPCMultistepScheduler"};
-  return c;
-}
-// The classes that step in sigma = s / a on z = x / a (k-diffusion's frame): their linspace walks fractional timesteps
-// and their initial noise is init_noise_sigma z.
-const std::vector<std::string>& euler_classes() {
-  static const std::vector<std::string> c = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                                             "HeunDiscreteScheduler", "LMSDiscreteScheduler"};
-  return c;
-}
-const char* kFlowClass = "FlowMatchEulerDiscreteScheduler";
+// Whether the config's class steps in sigma = s / a on z = x / a (k-diffusion's frame): its initial noise is
+// init_noise_sigma z, its add_noise x0 + sigma n, its clip_sample recomputes eps.
+bool steps_in_sigma(const SchedulerConfig& config) { return walk_of(config) == ClassWalk::sigma; }
 
 // diffusers' keys that ask for a sigma spacing, in the order its set_timesteps tests them.
 const std::vector<std::pair<const char*, Spacing>>& sigma_spacing_keys() {
@@ -357,11 +354,8 @@ void refuse_unless(const SchedulerConfig& config, const std::string& key, const 
 
 void check_samplable(const SchedulerConfig& config) {
   // Classes of another noise process: EDM's sigmas, variance-exploding SDEs, consistency models.
-  static const std::vector<std::string> other_processes = {
-      "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
-      "ScoreSdeVeScheduler", "KarrasVeScheduler", "CMStochasticIterativeScheduler", "VQDiffusionScheduler"};
   const auto cls = class_of(config);
-  if (is_one_of(cls, other_processes))
+  if (other_noise_process(cls))
     throw std::invalid_argument("the scheduler config names " + cls +
                                 ", whose noise process diffuse does not sample; pass --scheduler with a config of "
                                 "DDIM, DDPM, Euler, Heun, DPM-Solver, UniPC or FlowMatchEulerDiscreteScheduler");
@@ -389,58 +383,43 @@ void check_samplable(const SchedulerConfig& config) {
                                   " (diffuse's DPM-Solver predicts data: dpmsolver++ or sde-dpmsolver++)");
   }
   for (const auto& [key, spacing] : sigma_spacing_keys())
-    if (key_or(config, key, false) == true && !is_one_of(cls, multistep_classes()) && !is_one_of(cls, euler_classes()) &&
-        cls != kFlowClass)
+    if (key_or(config, key, false) == true && !(record_of(config) && record_of(config)->sigma_spacing_keys))
       throw std::invalid_argument(std::string("scheduler config key ") + key + " = true, which " +
                                   (cls.empty() ? "a config without _class_name" : cls) +
-                                  " does not read (diffuse honours it for Euler, Heun, DPM-Solver, UniPC and flow "
+                                  " does not read (diffuse honours it for Euler, Heun, LMS, DPM-Solver, UniPC and flow "
                                   "matching); remove it, or pass --spacing " + to_string(spacing));
 }
 
 bool final_step_to_clean_data(const std::string& sampler, const SchedulerConfig& config) {
   get_sampler(sampler);  // validates the name
-  const std::string name = canonical_sampler_name(sampler);
-  if (class_of(config) == kFlowClass) return true;
-  if (name == "ddim" || name == "plms" || name == "pndm") return config.set_alpha_to_one;
-  if (name.rfind("dpmpp_", 0) == 0 || name == "unipc") {
-    // Without the key: "zero", the default of diffusers since 0.26 (0.25's DPMSolverMultistepScheduler ended at
-    // alpha_bar[0] with a full-order last step, which leaves visible noise: FID-FMNIST 225 against 158 at 25 steps).
-    const auto v = key_or(config, "final_sigmas_type", "zero");
-    const std::string type = v.is_string() ? v.get<std::string>() : v.dump();
-    if (type == "zero") return true;
-    if (type == "sigma_min") return false;
-    throw std::invalid_argument("scheduler config key final_sigmas_type '" + type +
-                                "' is not one of zero, sigma_min");
-  }
-  return true;
+  if (walk_of(config) == ClassWalk::flow) return true;
+  const SchedulerClass* own = class_of_sampler(canonical_sampler_name(sampler));  // heun: none, the clean data
+  if (!own || own->end == ClassEnd::clean) return true;
+  if (own->end == ClassEnd::set_alpha_to_one) return config.set_alpha_to_one;
+  // final_sigmas_type. Without the key: "zero", the default of diffusers since 0.26 (0.25's DPMSolverMultistepScheduler
+  // ended at alpha_bar[0] with a full-order last step, which leaves visible noise: FID-FMNIST 225 against 158 at 25
+  // steps).
+  const auto v = key_or(config, "final_sigmas_type", "zero");
+  const std::string type = v.is_string() ? v.get<std::string>() : v.dump();
+  if (type == "zero") return true;
+  if (type == "sigma_min") return false;
+  throw std::invalid_argument("scheduler config key final_sigmas_type '" + type + "' is not one of zero, sigma_min");
 }
 
 namespace {
-// diffusers' scheduler classes diffuse samples as the class does (sampler_for), and those it names and refuses.
-bool implemented_class(const std::string& cls) {
-  static const std::set<std::string> classes = {
-      "",  "DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-      "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", kFlowClass,
-      "PNDMScheduler", "LMSDiscreteScheduler"};
-  return classes.count(cls) > 0;
-}
+// Whether diffuse samples the class as diffusers does (sampler_for); the others are named and refused.
+bool implemented_class(const SchedulerConfig& config) { return record_of(config) && !record_of(config)->sampler.empty(); }
 }  // namespace
 
 std::string sampler_for(const SchedulerConfig& config) {
   const auto cls = class_of(config);
-  if (!implemented_class(cls))
+  if (!implemented_class(config))
     throw std::invalid_argument("the scheduler config names " + cls + ", which diffuse does not implement; pass --sampler "
                                 "(ddim, dpmpp_2m, unipc, euler, ...) to sample with one of diffuse's samplers on this "
                                 "config's schedule (it says so on stderr), or --scheduler with a config of a class it "
                                 "implements");
-  if (cls == "DDPMScheduler") return "ddpm";
   // PNDMScheduler: diffusers' default is false (the Runge-Kutta warm-up); Stable Diffusion's configs set it true.
   if (cls == "PNDMScheduler") return key_or(config, "skip_prk_steps", false) == true ? "plms" : "pndm";
-  if (cls == "LMSDiscreteScheduler") return "lms";
-  if (cls == "EulerDiscreteScheduler" || cls == kFlowClass) return "euler";
-  if (cls == "EulerAncestralDiscreteScheduler") return "euler_ancestral";
-  if (cls == "HeunDiscreteScheduler") return "heun_sigma";
-  if (cls == "UniPCMultistepScheduler") return "unipc";
   if (cls == "DPMSolverMultistepScheduler") {
     const bool sde = key_or(config, "algorithm_type", "dpmsolver++") == "sde-dpmsolver++";
     const int order = key_or(config, "solver_order", 2).get<int>();
@@ -448,7 +427,7 @@ std::string sampler_for(const SchedulerConfig& config) {
     if (order == 1) return sde ? "euler_ancestral" : "ddim";  // first-order DPM-Solver++ is the DDIM step
     return std::string(order == 3 ? "dpmpp_3m" : "dpmpp_2m") + (sde ? "_sde" : "");
   }
-  return "ddim";
+  return record_of(config)->sampler;
 }
 
 namespace {
@@ -467,13 +446,13 @@ SamplerOptions config_sampler_options(const SchedulerConfig& config, const std::
 }  // namespace
 
 double initial_noise_scale(const SchedulerConfig& config, const Level& first) {
-  if (!is_one_of(class_of(config), euler_classes())) return 1.0;
+  if (!steps_in_sigma(config)) return 1.0;
   return config.timestep_spacing == Spacing::leading ? std::hypot(first.a, first.s) : first.s;
 }
 
 torch::Tensor add_noise(const SchedulerConfig& config, const torch::Tensor& x0, const torch::Tensor& noise,
                         const Level& level) {
-  if (!is_one_of(class_of(config), euler_classes())) return level.a * x0 + level.s * noise;
+  if (!steps_in_sigma(config)) return level.a * x0 + level.s * noise;
   if (!(level.a > 0))
     throw std::invalid_argument("add_noise: " + class_of(config) + " adds sigma = s / a times the noise, infinite at t = " +
                                 std::to_string(level.t) + " (zero terminal SNR)");
@@ -489,18 +468,6 @@ SamplerSettings sampler_settings(const SchedulerConfig& config) {
 
 namespace {
 
-// DPMSolverMultistep's and UniPC's linspace and leading: S + 1 points, the last (t = 0 side) dropped.
-std::vector<int64_t> multistep_timesteps(int64_t T, int64_t S, Spacing spacing, int64_t steps_offset) {
-  if (S < 1 || S > T) throw std::invalid_argument("number of sampling steps must lie in [1, T = " + std::to_string(T) + "]");
-  std::vector<int64_t> ts;
-  const int64_t ratio = T / (S + 1);
-  for (int64_t i = S; i >= 1; --i)
-    ts.push_back(spacing == Spacing::linspace ? int64_t(std::nearbyint(double(i) * double(T - 1) / double(S)))
-                                              : i * ratio + steps_offset);
-  if (ts.front() >= T) throw std::invalid_argument("leading spacing with this steps_offset walks t >= T");
-  return ts;
-}
-
 // The sigma spacing a config's use_*_sigmas key asks for.
 std::optional<Spacing> config_sigma_spacing(const SchedulerConfig& config) {
   for (const auto& [key, spacing] : sigma_spacing_keys())
@@ -508,32 +475,13 @@ std::optional<Spacing> config_sigma_spacing(const SchedulerConfig& config) {
   return std::nullopt;
 }
 
-// Euler's linspace: fractional t = linspace(T - 1, 0, S), sigma interpolated linearly between integer points.
-std::vector<Level> euler_linspace_levels(const Schedule& schedule, int64_t S) {
-  const int64_t T = schedule.T();
-  if (S < 1 || S > T) throw std::invalid_argument("number of sampling steps must lie in [1, T = " + std::to_string(T) + "]");
-  auto sigma_at = [&](int64_t t) {
-    const double ab = schedule.alpha_bar_at(t);
-    return ab > 0 ? std::sqrt((1 - ab) / ab) : std::numeric_limits<double>::infinity();
-  };
-  std::vector<Level> out;
-  for (int64_t i = S - 1; i >= 0; --i) {
-    const double t = S == 1 ? 0.0 : (i == S - 1 ? double(T - 1) : double(i) * double(T - 1) / double(S - 1));
-    const int64_t lo = int64_t(std::floor(t));
-    const double w = t - double(lo);
-    const double sigma = w == 0 ? sigma_at(lo) : (1 - w) * sigma_at(lo) + w * sigma_at(lo + 1);
-    out.push_back(vp_level_of_sigma(sigma, t));
-  }
-  return out;
-}
-
 }  // namespace
 
 std::vector<Level> sampling_levels(const SchedulerConfig& config, const std::string& sampler, int64_t steps,
                                    std::optional<Spacing> spacing, Level& end) {
-  const auto cls = class_of(config);
+  const ClassWalk walk = walk_of(config);
   end = Level{-1, 1, 0};
-  if (cls == kFlowClass) {
+  if (walk == ClassWalk::flow) {
     return flow_levels(config.num_train_timesteps, steps, key_or(config, "shift", 1.0).get<double>(),
                        spacing.value_or(config_sigma_spacing(config).value_or(Spacing::linspace)));
   }
@@ -541,7 +489,7 @@ std::vector<Level> sampling_levels(const SchedulerConfig& config, const std::str
   const Spacing sp = spacing.value_or(config_sigma_spacing(config).value_or(config.timestep_spacing));
   const bool clean = final_step_to_clean_data(sampler, config);
   if (!clean) end = level_at(schedule, 0);
-  const bool multistep = is_one_of(cls, multistep_classes());
+  const bool multistep = walk == ClassWalk::multistep;
   if (is_sigma_spacing(sp)) {
     // A sigma spacing's last level is sigma[0]: a last step to alpha_bar[0] would have length 0 (diffusers' karras
     // with final_sigmas_type sigma_min). Where the config asks for that explicitly it is refused; a config that only
@@ -565,7 +513,7 @@ std::vector<Level> sampling_levels(const SchedulerConfig& config, const std::str
     for (int64_t t : multistep_timesteps(schedule.T(), steps, sp, offset)) out.push_back(level_at(schedule, t));
     return out;
   }
-  if (is_one_of(cls, euler_classes()) && sp == Spacing::linspace) return euler_linspace_levels(schedule, steps);
+  if (walk == ClassWalk::sigma && sp == Spacing::linspace) return sigma_linspace_levels(schedule, steps);
   return spaced_levels(schedule, steps, sp, offset);
 }
 
@@ -674,7 +622,7 @@ Denoiser batch_denoiser(const LoadedRun& run, const GenerateOptions& o, const Ne
   auto denoiser = make_denoiser(net, run.scheduler.prediction_type, schedule, run.scheduler.etsdm, y);
   // The scheduler config's clip_sample keeps diffusers' meaning: DDIM's step keeps the network's eps, while the sigma
   // classes' derivative (z - x0) / sigma recomputes it from the clamped x0, as --clip-sample does.
-  const bool keep_eps = clip_from_config(o) && !is_one_of(class_of(run.scheduler), euler_classes());
+  const bool keep_eps = clip_from_config(o) && !steps_in_sigma(run.scheduler);
   if (clip_range > 0) denoiser = clip_x0(denoiser, clip_range, keep_eps ? ClipEps::keep : ClipEps::recompute);
   if (o.classifier) {
     auto classifier = o.classifier;
@@ -747,7 +695,7 @@ torch::Tensor noised_init(const LoadedRun& run, const GenerateOptions& o, const 
 void note_substitution(const SchedulerConfig& config, const GenerateOptions& o, const std::string& sampler,
                        std::vector<std::string>& notes) {
   const auto cls = class_of(config);
-  if (!implemented_class(cls))
+  if (!implemented_class(config))
     notes.push_back("the scheduler config names " + cls + ", which diffuse does not implement: sampling with " + sampler +
                     " (--sampler) on its schedule and timestep_spacing; results differ from diffusers' " + cls);
   if (cls == "HeunDiscreteScheduler" && canonical_sampler_name(sampler) == "heun")

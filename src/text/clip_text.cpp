@@ -70,6 +70,14 @@ const std::set<std::string> kInertKeys = {
 
 }  // namespace
 
+ClipTextConfig sd15_text_encoder_config() {
+  ClipTextConfig c;
+  c.hidden_size = 768;
+  c.intermediate_size = 3072;
+  c.num_attention_heads = 12;
+  return c;
+}
+
 ClipTextConfig ClipTextConfig::from_json(const nlohmann::json& j) {
   if (!j.is_object()) throw std::invalid_argument("a text encoder config must be a JSON object");
   ClipTextConfig c;

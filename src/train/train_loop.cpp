@@ -60,8 +60,6 @@ void validate_loop(const LoopOptions& o) {
   if (o.accumulate < 1) bad("--accumulate must be at least 1, got " + std::to_string(o.accumulate));
   if (!(o.lr > 0) || !std::isfinite(o.lr)) bad("--lr must be a positive number, got " + std::to_string(o.lr));
   if (o.warmup < 0) bad("--warmup must be >= 0");
-  if (o.lr_schedule != "constant" && o.lr_schedule != "cosine")
-    bad("unknown --lr-schedule '" + o.lr_schedule + "' (expected constant or cosine)");
   if (!(o.min_lr >= 0 && o.min_lr <= o.lr)) bad("--min-lr must be in [0, lr]");
   if (!(o.weight_decay >= 0)) bad("--weight-decay must be >= 0");
   if (!(o.grad_clip >= 0)) bad("--grad-clip must be >= 0 (0 disables clipping)");

@@ -10,6 +10,17 @@
 
 namespace diffuse {
 
+// run.json's "lr_schedule": the schedule's name (found by argument-dependent lookup from json_config's Reader / Writer).
+void convert(const std::string& key, const nlohmann::json& v, LrSchedule& out) {
+  if (!v.is_string()) json_config::refuse(key, v.dump(), "cosine or constant");
+  try {
+    out = parse_lr_schedule(v.get<std::string>());
+  } catch (const std::invalid_argument&) {
+    json_config::refuse(key, v.dump(), "cosine or constant");
+  }
+}
+void to_json(nlohmann::json& j, LrSchedule schedule) { j = to_string(schedule); }
+
 namespace {
 
 using json_config::get_or;
@@ -177,11 +188,7 @@ VaeTrainOptions VaeTrainOptions::from_json(const nlohmann::json& j) {
 }
 
 double lr_at(const LoopOptions& o, int64_t step) {
-  if (o.warmup > 0 && step < o.warmup) return o.lr * double(step + 1) / double(o.warmup);
-  if (o.lr_schedule == "constant") return o.lr;
-  double span = double(std::max<int64_t>(1, o.steps - o.warmup));
-  double progress = std::min(1.0, double(step - o.warmup) / span);
-  return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + std::cos(M_PI * progress));
+  return lr_at(LrPlan{o.lr, o.min_lr, o.warmup, o.steps, o.lr_schedule}, step);
 }
 
 const std::vector<ResumableOption>& resumable_options() {

@@ -88,8 +88,11 @@ void add_loop_options(CLI::App* cmd, CommonOptions& c) {
   cmd->add_option("--batch", l.batch, "Images per step")->capture_default_str();
   cmd->add_option("--lr", l.lr, "Peak learning rate (AdamW)")->capture_default_str();
   cmd->add_option("--warmup", l.warmup, "Linear LR warmup steps")->capture_default_str();
-  cmd->add_option("--lr-schedule", l.lr_schedule, "After warmup: cosine (down to --min-lr at the last step) or constant")
-      ->capture_default_str();
+  cmd->add_option_function<std::string>(
+         "--lr-schedule", [&l](const std::string& v) { l.lr_schedule = parse_lr_schedule(v); },
+         "After warmup: cosine (down to --min-lr at the last step) or constant")
+      ->check(CLI::IsMember({"cosine", "constant"}))
+      ->default_str("cosine");
   cmd->add_option("--min-lr", l.min_lr, "Final learning rate of the cosine schedule")->capture_default_str();
   cmd->add_option("--weight-decay", l.weight_decay, "AdamW decoupled weight decay")->capture_default_str();
   cmd->add_option("--grad-clip", l.grad_clip, "Clip the global gradient norm to this (0: off)")->capture_default_str();

@@ -56,4 +56,11 @@ Level flow_level(double sigma, int64_t T);
 /// last, as use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas do; other spacings are refused.
 std::vector<Level> flow_levels(int64_t T, int64_t S, double shift, Spacing spacing = Spacing::linspace);
 
+/// DPMSolverMultistepScheduler's and UniPCMultistepScheduler's linspace (rounded) and leading (+ steps_offset)
+/// timesteps: S + 1 points over [0, T - 1], the last (t = 0 side) dropped.
+std::vector<int64_t> multistep_timesteps(int64_t T, int64_t S, Spacing spacing, int64_t steps_offset);
+/// The sigma-space classes' linspace (Euler, Euler ancestral, Heun, LMS): fractional t = linspace(T - 1, 0, S), sigma
+/// interpolated linearly between the integer points (np.interp), the level of that sigma.
+std::vector<Level> sigma_linspace_levels(const Schedule& schedule, int64_t S);
+
 }  // namespace diffuse

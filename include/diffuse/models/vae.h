@@ -57,6 +57,10 @@ struct AutoencoderKLConfig {
   int64_t downsample_factor() const { return int64_t(1) << (block_out_channels.size() - 1); }
 };
 
+/// Stable Diffusion's autoencoder (1.x and 2.x): 128/256/512/512 channels, 2 layers per block, 4 latent channels,
+/// 512 pixels.
+AutoencoderKLConfig sd_vae_config();
+
 /// The posterior q(z | x) = N(mean, diag(exp(logvar))) of diffusers' DiagonalGaussianDistribution
 /// (Kingma & Welling 2014). Tensors are [N, latent_channels, h, w]; logvar is clamped to [-30, 20].
 struct DiagonalGaussian {

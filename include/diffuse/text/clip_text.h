@@ -34,6 +34,9 @@ struct ClipTextConfig {
   void validate() const;
 };
 
+/// Stable Diffusion 1.x's text encoder: CLIP ViT-L/14's text tower (768 wide, 12 layers of 12 heads, quick_gelu).
+ClipTextConfig sd15_text_encoder_config();
+
 /// What a text-encoder call returns: every hidden state, the final one normed, the pooled vector.
 struct ClipTextOutput {
   torch::Tensor last_hidden_state;             ///< [N, L, D]: final_layer_norm of the last layer's output

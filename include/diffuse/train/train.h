@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "diffuse/train/lr_schedule.h"
 #include "diffuse/models/classifier.h"
 #include "diffuse/data/data.h"
 #include "diffuse/core/prediction.h"
@@ -85,7 +86,7 @@ struct LoopOptions {
   int64_t accumulate = 1;
   double lr = 2e-4;
   int64_t warmup = 200;                 ///< linear warmup from 0 over this many steps
-  std::string lr_schedule = "cosine";   ///< cosine (from lr after warmup to min_lr at the last step) or constant
+  LrSchedule lr_schedule = LrSchedule::cosine;  ///< from lr after warmup to min_lr at the last step, or constant
   double min_lr = 0.0;
   double weight_decay = 0.0;            ///< AdamW's decoupled weight decay (Loshchilov & Hutter 2019)
   double adam_beta1 = 0.9, adam_beta2 = 0.999, adam_eps = 1e-8;
@@ -117,8 +118,8 @@ struct LoopOptions {
   static LoopOptions from_json(const nlohmann::json& j);
 };
 
-/// The learning rate of 0-based step `step` of a run with options `o`: linear warmup over o.warmup steps
-/// (lr (step + 1) / warmup), then constant (lr_schedule "constant") or a half cosine from lr to min_lr at the last step.
+/// The learning rate of 0-based step `step` of a run with options `o` (lr_schedule.h's lr_at of its lr, min_lr,
+/// warmup, steps and lr_schedule).
 double lr_at(const LoopOptions& o, int64_t step);
 
 /// A loop option that may change when a run resumes (every other option must equal run.json's): its key in

@@ -79,6 +79,39 @@ SchedulerConfig make_scheduler_config(const ScheduleSpec& spec, Prediction predi
   return c;
 }
 
+NoisyClassifierConfig make_classifier_config(const UNetShape& shape, int64_t size, int64_t channels, int64_t num_classes) {
+  NoisyClassifierConfig k;
+  k.sample_size = size;
+  k.in_channels = channels;
+  k.num_classes = num_classes;
+  k.block_out_channels = shape.channels;
+  k.layers_per_block = shape.layers_per_block;
+  k.down_block_types.assign(shape.channels.size(), "DownBlock2D");
+  for (auto l : shape.attention_levels) {
+    if (l < 0 || l >= int64_t(shape.channels.size()))
+      throw std::invalid_argument("attention level " + std::to_string(l) + " does not exist");
+    k.down_block_types[size_t(l)] = "AttnDownBlock2D";
+  }
+  k.add_attention = shape.mid_attention;
+  k.attention_head_dim = shape.attention_head_dim;
+  k.norm_num_groups = shape.norm_groups;
+  k.validate();
+  return k;
+}
+
+AutoencoderKLConfig make_vae_config(const UNetShape& shape, int64_t size, int64_t channels, AutoencoderKLConfig v) {
+  v.in_channels = v.out_channels = channels;
+  v.sample_size = size;
+  v.block_out_channels = shape.channels;
+  v.down_block_types.assign(shape.channels.size(), "DownEncoderBlock2D");
+  v.up_block_types.assign(shape.channels.size(), "UpDecoderBlock2D");
+  v.layers_per_block = shape.layers_per_block;
+  v.norm_num_groups = shape.norm_groups;
+  if (!shape.mid_attention) v.mid_block_add_attention = false;
+  v.validate();
+  return v;
+}
+
 UNetConfig make_unet_config(const UNetShape& shape, int64_t size, int64_t channels, int64_t num_classes) {
   if (shape.channels.empty()) throw std::invalid_argument("--channels needs at least one level");
   if (shape.channels.size() > 16)

@@ -507,26 +507,7 @@ void run_train_classifier(const CLI::App* cmd, ClassifierCli& cli) {
     data = to_latents(vae, data, o.vae, cli.latent_cache);
     heldout = to_latents(vae, heldout, o.vae, cli.latent_cache);
   }
-  if (!c.loop.resume) {
-    auto shape = shape_of(c);
-    NoisyClassifierConfig k;
-    k.sample_size = data.height();
-    k.in_channels = data.channels();
-    k.num_classes = data.num_classes;
-    k.block_out_channels = shape.channels;
-    k.layers_per_block = shape.layers_per_block;
-    k.down_block_types.assign(shape.channels.size(), "DownBlock2D");
-    for (auto l : shape.attention_levels) {
-      if (l < 0 || l >= int64_t(shape.channels.size()))
-        throw std::invalid_argument("attention level " + std::to_string(l) + " does not exist");
-      k.down_block_types[size_t(l)] = "AttnDownBlock2D";
-    }
-    k.add_attention = shape.mid_attention;
-    k.attention_head_dim = shape.attention_head_dim;
-    k.norm_num_groups = shape.norm_groups;
-    k.validate();
-    o.classifier = k;
-  }
+  if (!c.loop.resume) o.classifier = make_classifier_config(shape_of(c), data.height(), data.channels(), data.num_classes);
   if (report) {
     print_data(data);
     NoisyClassifier probe(o.classifier);
@@ -548,18 +529,7 @@ void run_train_vae(const CLI::App* cmd, VaeCli& cli) {
   const bool report = this_rank() == 0;
   Dataset data = load_dataset(o.data);
   Dataset heldout = take_heldout(o.data, data, o.heldout, o.loop.seed);
-  if (!c.loop.resume) {
-    auto& v = o.vae;
-    v.in_channels = v.out_channels = data.channels();
-    v.sample_size = o.data.size;
-    v.block_out_channels = parse_int_list(c.channels, "--channels");
-    v.down_block_types.assign(v.block_out_channels.size(), "DownEncoderBlock2D");
-    v.up_block_types.assign(v.block_out_channels.size(), "UpDecoderBlock2D");
-    v.layers_per_block = c.layers_per_block;
-    v.norm_num_groups = c.norm_groups;
-    if (c.no_mid_attention) v.mid_block_add_attention = false;
-    v.validate();
-  }
+  if (!c.loop.resume) o.vae = make_vae_config(shape_of(c), o.data.size, data.channels(), o.vae);
   if (report) {
     print_data(data);
     AutoencoderKL probe(o.vae);

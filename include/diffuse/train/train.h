@@ -75,6 +75,12 @@ struct UNetShape {
 /// size x size x channels input; num_classes > 0 adds num_classes + 1 class embeddings (the last is the null
 /// class of classifier-free guidance). The defaults with (32, 1, 10) give reference_unet_config().
 UNetConfig make_unet_config(const UNetShape& shape, int64_t size, int64_t channels, int64_t num_classes);
+/// The noisy classifier of train-classifier from the same shape options: the UNet's encoder half (DownBlock2D,
+/// AttnDownBlock2D at the attention levels, the mid block), size x size x channels input, num_classes outputs.
+NoisyClassifierConfig make_classifier_config(const UNetShape& shape, int64_t size, int64_t channels, int64_t num_classes);
+/// The autoencoder of train-vae from the same shape options (block_out_channels, layers_per_block, norm groups, mid
+/// attention) with the data's channels and size; the rest (latent_channels, scaling_factor, ...) from `base`.
+AutoencoderKLConfig make_vae_config(const UNetShape& shape, int64_t size, int64_t channels, AutoencoderKLConfig base);
 
 /// What every trainer shares: optimisation, seeds, the run folder and its checkpoints.
 struct LoopOptions {

@@ -75,9 +75,9 @@ print(int(best[0]), 'true' if 'graph' in best[1] else 'false', 'NHWC' in best[1]
   done
   cp /tmp/s-cfg1.5-fp32/grid.png $OUT/grid-cfg1.5.png
 fi
+# sd and t2i: each line goes to $OUT/sd.txt as it comes, so a run stopped at its limit still brings back what it measured.
+log() { tee -a $OUT/sd.txt; }
 if [ "$phase" = sd ]; then
-  # Each line goes to $OUT/sd.txt as it comes, so a run stopped at its limit still brings back what it measured.
-  log() { tee -a $OUT/sd.txt; }
   for dt in fp16 bf16; do
     for shape in "2 64" "8 96"; do
       set -- $shape
@@ -89,7 +89,6 @@ if [ "$phase" = sd ]; then
   el unet done
 fi
 if [ "$phase" = sd ] || [ "$phase" = t2i ]; then  # t2i: the text-to-image runs alone
-  log() { tee -a $OUT/sd.txt; }
   [ -f /tmp/sd15/model_index.json ] || $B/bench/sd_unet_bench --write-pipeline /tmp/sd15 --like tests/fixtures/text-to-image/sd1/pipe | log
   # diffuse's seconds of 5 images less those of 1 (batch 1 each, loaded once per run): 4 warm text-to-image runs.
   for graphs in "" "--cuda-graphs"; do

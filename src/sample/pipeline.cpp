@@ -382,8 +382,9 @@ void check_samplable(const SchedulerConfig& config) {
       throw std::invalid_argument("scheduler config key algorithm_type = \"" + algo + "\" " + unsupported +
                                   " (diffuse's DPM-Solver predicts data: dpmsolver++ or sde-dpmsolver++)");
   }
+  const SchedulerClass* record = record_of(config);
   for (const auto& [key, spacing] : sigma_spacing_keys())
-    if (key_or(config, key, false) == true && !(record_of(config) && record_of(config)->sigma_spacing_keys))
+    if (key_or(config, key, false) == true && !(record && record->sigma_spacing_keys))
       throw std::invalid_argument(std::string("scheduler config key ") + key + " = true, which " +
                                   (cls.empty() ? "a config without _class_name" : cls) +
                                   " does not read (diffuse honours it for Euler, Heun, LMS, DPM-Solver, UniPC and flow "
@@ -408,7 +409,10 @@ bool final_step_to_clean_data(const std::string& sampler, const SchedulerConfig&
 
 namespace {
 // Whether diffuse samples the class as diffusers does (sampler_for); the others are named and refused.
-bool implemented_class(const SchedulerConfig& config) { return record_of(config) && !record_of(config)->sampler.empty(); }
+bool implemented_class(const SchedulerConfig& config) {
+  const SchedulerClass* record = record_of(config);
+  return record && !record->sampler.empty();
+}
 }  // namespace
 
 std::string sampler_for(const SchedulerConfig& config) {

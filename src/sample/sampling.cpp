@@ -305,7 +305,6 @@ torch::Tensor unipc_update(const Step& p, const torch::Tensor& x, const torch::T
   return out - (p.a_next * terms.B) * unipc_correction(rks, ds, order, terms, corrector);
 }
 
-
 // diffusers' sigma-space schedulers (HeunDiscreteScheduler, LMSDiscreteScheduler) integrate dz/dsigma = eps^ in
 // z = x / a, sigma = s / a (k-diffusion's frame), which is infinite at SNR 0: their step cannot start there.
 void require_finite_sigma(const Step& st, const char* sampler, const char* cls) {
@@ -334,11 +333,14 @@ double lagrange_integral(const std::vector<double>& nodes, size_t j, double from
   return integral;
 }
 
+// The level of PNDM's target timestep t: t < 0 (past t = 0) is the walk's end.
+Level pndm_level(const Schedule& schedule, const Level& end, int64_t t) { return t >= 0 ? level_at(schedule, t) : end; }
+
 // PNDMScheduler._get_prev_sample: the DDIM transfer of x from training timestep `from` to `to` (< 0: the walk's end)
 // with the output `out` (eps, or v converted to eps with this x at `from`). It divides by a_from, as PNDM does.
 torch::Tensor pndm_transfer(const Schedule& schedule, const Level& end, Prediction prediction, const char* sampler,
                             const torch::Tensor& x, int64_t from, int64_t to, const torch::Tensor& out) {
-  const Level f = level_at(schedule, from), p = to >= 0 ? level_at(schedule, to) : end;
+  const Level f = level_at(schedule, from), p = pndm_level(schedule, end, to);
   if (!(f.a > 0))
     throw std::invalid_argument(std::string(sampler) + ": PNDMScheduler's step divides by sqrt(alpha_bar_t), which is 0 "
                                 "at t = " + std::to_string(from) + " (zero terminal SNR); sample this schedule with ddim, "
@@ -567,7 +569,7 @@ torch::Tensor sample_plms(const Denoiser& d, const Timesteps& ts, const torch::T
     st.i = int64_t(k);
     st.last = k + 1 == calls.size();
     st.cur = at;
-    st.next = to >= 0 ? level_at(d.schedule, to) : end;
+    st.next = pndm_level(d.schedule, end, to);
     notify(o, st, int64_t(calls.size()), x, e.x0);
   }
   return x;
@@ -605,7 +607,7 @@ torch::Tensor sample_pndm(const Denoiser& d, const Timesteps& ts, const torch::T
     st.i = notified++;
     st.last = st.i + 1 == n;
     st.cur = from;
-    st.next = to >= 0 ? level_at(d.schedule, to) : end;
+    st.next = pndm_level(d.schedule, end, to);
     notify(o, st, n, x, x0);
   };
   for (size_t c = 0; c < prk.size(); ++c) {

@@ -113,6 +113,40 @@ TEST(AnalyzeLoss, ExactDenoiserOfGaussianDataMatchesClosedForm) {
   EXPECT_NEAR(rows[1].loss_eps, 0.0, 1e-10);
 }
 
+// The same closed forms on a rectified-flow path (a = 1 - sigma, s = sigma, the network conditioned on sigma T), for
+// the exact flow model u = E[eps - x0 | x_t]: the eps and x0 errors as above, the v error sigma^2 (a^2 + s^2)^2 / var,
+// so L_v / L_eps = (a^2 + s^2)^2 / a^2, what the row predicts.
+TEST(AnalyzeLoss, RectifiedFlowPathMatchesClosedForm) {
+  const int64_t T = 1000;
+  const auto path = NoisePath::rectified_flow(T, 3.0);
+  Network net = [T](const torch::Tensor& x, const torch::Tensor& t, const diffuse::Conditioning&) {
+    const double sigma = t[0].item<double>() / double(T), a = 1 - sigma, s = sigma, var = a * a * kSigma * kSigma + s * s;
+    return x * (s / var) - x * (a * kSigma * kSigma / var);
+  };
+  auto x0 = gaussian_data(2000);
+  auto ts = loss_timestep_grid(T, 12);
+  auto rows = loss_per_timestep(net, Prediction::flow, path, {}, x0, {}, ts, {512, 3});
+  ASSERT_EQ(rows.size(), ts.size());
+  for (const auto& r : rows) {
+    const double sigma = double(r.t + 1) / double(T), a = 1 - sigma, s = sigma, var = a * a * kSigma * kSigma + s * s;
+    EXPECT_DOUBLE_EQ(r.condition, sigma * double(T));
+    const double eps = a * a * kSigma * kSigma / var, x0e = kSigma * kSigma * s * s / var;
+    const double v = kSigma * kSigma * std::pow(a * a + s * s, 2) / var;
+    EXPECT_NEAR(r.loss_eps, eps, 0.03 * eps + 1e-12) << " t " << r.t;
+    EXPECT_NEAR(r.loss_x0, x0e, 0.03 * x0e + 1e-12) << " t " << r.t;
+    EXPECT_NEAR(r.loss_v, v, 0.03 * v) << " t " << r.t;
+    EXPECT_NEAR(r.loss_own * s * s, r.loss_x0, 1e-4 * r.loss_x0) << " t " << r.t;  // x0^ - x0 = -s (u^ - u) on a + s = 1
+    if (a > 0) EXPECT_NEAR(r.ratio_measured / r.ratio_predicted, 1.0, 1e-4) << " t " << r.t;
+  }
+  EXPECT_EQ(rows.back().t, T - 1);  // sigma 1: SNR 0, x0 known only as -u there
+  EXPECT_TRUE(std::isinf(rows.back().ratio_predicted));
+  // K(t, t') of the same model on the flow grid: finite, and the grid's ends are refused beyond T - 1.
+  auto k = lipschitz_per_timestep(net, Prediction::flow, path, {}, x0.slice(0, 0, 16), {}, {{0, 1}, {500, 510}});
+  EXPECT_TRUE(std::isfinite(k[0].K) && std::isfinite(k[1].K));
+  EXPECT_DOUBLE_EQ(k[1].condition2, 511.0);
+  EXPECT_NE(error_of([&] { loss_per_timestep(net, Prediction::flow, path, {}, x0, {}, {T}); }), "");
+}
+
 TEST(AnalyzeLoss, TimestepGrid) {
   auto g = loss_timestep_grid(1000, 50);
   EXPECT_EQ(g.front(), 0);

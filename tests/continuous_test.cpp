@@ -32,7 +32,7 @@ struct Gaussian {
 
   Denoiser denoiser() const {
     Denoiser d;
-    d.schedule = linear();
+    d.path = linear();
     auto mu_ = mu;
     const double s0_ = s0;
     d.fn = [mu_, s0_](const torch::Tensor& x, const Level& l) {
@@ -375,11 +375,19 @@ TEST(Train, RectifiedFlowRunSamplesAsFlowMatching) {
     EXPECT_TRUE(torch::isfinite(out.images).all().item<bool>()) << sampler;
     EXPECT_DOUBLE_EQ(out.timesteps.front(), 1000.0) << sampler;  // sigma 1: the exact SNR-0 point
   }
+  // The analyses walk the flow path's grid (they refused a flow run before).
+  for (const std::string what : {"loss --points 5", "lipschitz --dt 100 --dense-until 0 --stride 400"}) {
+    auto an = diffuse::testing::run_cli("analyze " + what + " --model " + (dir / "rf") + " --n 4 --out " + (dir / "an"));
+    ASSERT_EQ(an.code, 0) << what << "\n" << an.output;
+    EXPECT_NE(an.output.find("rectified flow"), std::string::npos) << an.output;
+  }
+  const auto loss_csv = read_file(dir / "an/loss_per_t.csv");
+  EXPECT_NE(loss_csv.find("\n999,1000,"), std::string::npos) << loss_csv;  // the last grid point: sigma 1, t = 1000
   for (auto [args, needle] : {std::pair<const char*, const char*>{"--path rectified-flow", "--prediction flow"},
                               {"--prediction flow", "--path rectified-flow"},
                               {"--path rectified-flow --prediction flow --etsdm-t-tilde 100 --etsdm-n 5", "E-TSDM"},
-                              {"--path rectified-flow --prediction flow --timestep-density beta", "uniform or logit-normal"},
-                              {"--path curved", "vp or rectified-flow"}}) {
+                              {"--path rectified-flow --prediction flow --timestep-density beta", "{uniform,logit-normal}"},
+                              {"--path curved", "{vp,rectified-flow}"}}) {
     auto bad = diffuse::testing::run_cli("train --data synthetic-shapes --synthetic-count 32 --size 16 --channels 8,16 "
                                          "--attention-levels none --norm-groups 4 --steps 1 --quiet " + std::string(args) +
                                          " --out " + (dir / "bad"));

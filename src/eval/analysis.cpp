@@ -57,60 +57,67 @@ struct Noised {
   torch::Tensor x0, eps, x_t, a, s;
 };
 
-// x0[first : first + n] noised at t with image i's fixed noise (make_noise stream 0: independent of t and batching).
-Noised noise_at(const torch::Tensor& x0_all, int64_t first, int64_t n, const Schedule& schedule, int64_t t,
-                uint64_t seed) {
+// x0[first : first + n] noised at `level` with image i's fixed noise (make_noise stream 0: independent of t and batching).
+Noised noise_at(const torch::Tensor& x0_all, int64_t first, int64_t n, const Level& level, uint64_t seed) {
   Noised r;
   r.x0 = x0_all.slice(0, first, first + n).to(torch::kFloat32);
   auto shape = r.x0.sizes().slice(1);
   r.eps = make_noise(shape, n, seed, first).to(r.x0.device());
-  r.a = torch::scalar_tensor(schedule.a_at(t), torch::kFloat64);
-  r.s = torch::scalar_tensor(schedule.s_at(t), torch::kFloat64);
-  r.x_t = add_noise(r.x0, r.eps, r.a.item<double>(), r.s.item<double>());
+  r.a = torch::scalar_tensor(level.a, torch::kFloat64);
+  r.s = torch::scalar_tensor(level.s, torch::kFloat64);
+  r.x_t = add_noise(r.x0, r.eps, level.a, level.s);
   return r;
 }
 
-void check_inputs(const torch::Tensor& x0, const torch::Tensor& labels, const Schedule& schedule,
+// The network's time condition at `level` (the E-TSDM map of its t).
+double condition_at(const EtsdmConfig& etsdm, const Level& level) {
+  return etsdm.condition(torch::full({1}, level.t, torch::kFloat64)).item<double>();
+}
+
+void check_inputs(const torch::Tensor& x0, const torch::Tensor& labels, const NoisePath& path,
                   const std::vector<int64_t>& ts, const LossOptions& o) {
   if (!x0.defined() || x0.dim() < 2 || x0.size(0) == 0) throw std::invalid_argument("the analysis needs images [N, ...]");
   if (labels.defined() && labels.numel() != x0.size(0))
     throw std::invalid_argument(std::to_string(labels.numel()) + " labels for " + std::to_string(x0.size(0)) + " images");
   if (o.batch < 1) throw std::invalid_argument("batch must be >= 1");
   for (auto t : ts)
-    if (t < 0 || t >= schedule.T())
-      throw std::invalid_argument("timestep " + std::to_string(t) + " outside [0, " + std::to_string(schedule.T() - 1) + "]");
+    if (t < 0 || t >= path.T())
+      throw std::invalid_argument("timestep " + std::to_string(t) + " outside [0, " + std::to_string(path.T() - 1) + "]");
 }
 
 double squared_sum(const torch::Tensor& d) { return d.to(torch::kFloat64).pow(2).sum().item<double>(); }
 
 }  // namespace
 
-std::vector<LossRow> loss_per_timestep(const Network& net, Prediction prediction, const Schedule& schedule,
+std::vector<LossRow> loss_per_timestep(const Network& net, Prediction prediction, const NoisePath& path,
                                        const EtsdmConfig& etsdm, const torch::Tensor& x0, const torch::Tensor& labels,
                                        const std::vector<int64_t>& timesteps, const LossOptions& o) {
-  check_inputs(x0, labels, schedule, timesteps, o);
+  check_inputs(x0, labels, path, timesteps, o);
   torch::NoGradGuard no_grad;
   const int64_t n = x0.size(0);
   const double elements = double(x0.numel());
   const double nan = std::numeric_limits<double>::quiet_NaN();
   std::vector<LossRow> rows;
   for (auto t : timesteps) {
+    const Level level = path.level(t);
     LossRow row;
     row.t = t;
-    row.condition = etsdm.condition(torch::full({1}, t, torch::kLong)).item<double>();
-    row.snr = schedule.snr_at(t);
-    row.ratio_predicted = row.snr > 0 ? (row.snr + 1.0) / row.snr : std::numeric_limits<double>::infinity();
+    row.condition = condition_at(etsdm, level);
+    row.snr = level.a * level.a / (level.s * level.s);
+    // An eps error d is an x0 error -s d / a and a v error (a^2 + s^2) d / a (1 / a on a VP path: (SNR + 1) / SNR).
+    const double norm = level.a * level.a + level.s * level.s;
+    row.ratio_predicted = level.a > 0 ? norm * norm / (level.a * level.a) : std::numeric_limits<double>::infinity();
     double own = 0, e_eps = 0, e_v = 0, e_x0 = 0;
     bool has_x0 = true;
     for (int64_t first = 0; first < n; first += o.batch) {
       int64_t count = std::min(o.batch, n - first);
-      auto b = noise_at(x0, first, count, schedule, t, o.seed);
+      auto b = noise_at(x0, first, count, level, o.seed);
       auto y = labels.defined() ? labels.slice(0, first, first + count) : labels;
-      auto out = call_network(net, etsdm, b.x_t, t, y);
+      auto out = call_network(net, etsdm, b.x_t, level.t, y);
       own += squared_sum(out - target(prediction, b.x0, b.eps, b.a, b.s));
       e_eps += squared_sum(to_eps(prediction, out, b.x_t, b.a, b.s) - b.eps);
       // An eps output at a_t = 0 carries nothing about x0 (and so v): convert() refuses it.
-      if (prediction == Prediction::eps && schedule.a_at(t) == 0.0) {
+      if (prediction == Prediction::eps && level.a == 0.0) {
         has_x0 = false;
         continue;
       }
@@ -139,7 +146,7 @@ std::vector<int64_t> loss_timestep_grid(int64_t T, int64_t points) {
 
 // ---------------------------------------------------------------- Lipschitz constant
 
-std::vector<LipschitzRow> lipschitz_per_timestep(const Network& net, Prediction prediction, const Schedule& schedule,
+std::vector<LipschitzRow> lipschitz_per_timestep(const Network& net, Prediction prediction, const NoisePath& path,
                                                  const EtsdmConfig& etsdm, const torch::Tensor& x0,
                                                  const torch::Tensor& labels,
                                                  const std::vector<std::pair<int64_t, int64_t>>& pairs,
@@ -150,25 +157,26 @@ std::vector<LipschitzRow> lipschitz_per_timestep(const Network& net, Prediction 
     all.push_back(t);
     all.push_back(t2);
   }
-  check_inputs(x0, labels, schedule, all, o);
+  check_inputs(x0, labels, path, all, o);
   torch::NoGradGuard no_grad;
   const int64_t n = x0.size(0);
   std::vector<LipschitzRow> rows;
   for (auto [t, t2] : pairs) {
+    const Level l1 = path.level(t), l2 = path.level(t2);
     LipschitzRow row;
     row.t = t;
     row.t2 = t2;
-    row.condition = etsdm.condition(torch::full({1}, t, torch::kLong)).item<double>();
-    row.condition2 = etsdm.condition(torch::full({1}, t2, torch::kLong)).item<double>();
-    auto a2 = torch::scalar_tensor(schedule.a_at(t2), torch::kFloat64);
-    auto s2 = torch::scalar_tensor(schedule.s_at(t2), torch::kFloat64);
+    row.condition = condition_at(etsdm, l1);
+    row.condition2 = condition_at(etsdm, l2);
+    auto a2 = torch::scalar_tensor(l2.a, torch::kFloat64);
+    auto s2 = torch::scalar_tensor(l2.s, torch::kFloat64);
     double norm_sum = 0;
     for (int64_t first = 0; first < n; first += o.batch) {
       int64_t count = std::min(o.batch, n - first);
-      auto b = noise_at(x0, first, count, schedule, t, o.seed);
+      auto b = noise_at(x0, first, count, l1, o.seed);
       auto y = labels.defined() ? labels.slice(0, first, first + count) : labels;
-      auto e1 = to_eps(prediction, call_network(net, etsdm, b.x_t, t, y), b.x_t, b.a, b.s);
-      auto e2 = to_eps(prediction, call_network(net, etsdm, b.x_t, t2, y), b.x_t, a2, s2);
+      auto e1 = to_eps(prediction, call_network(net, etsdm, b.x_t, l1.t, y), b.x_t, b.a, b.s);
+      auto e2 = to_eps(prediction, call_network(net, etsdm, b.x_t, l2.t, y), b.x_t, a2, s2);
       norm_sum += (e1 - e2).to(torch::kFloat64).flatten(1).norm(2, 1).sum().item<double>();
     }
     row.K = norm_sum / double(n) / double(std::llabs(t2 - t));

@@ -10,7 +10,7 @@
 
 namespace diffuse {
 
-Estimate Denoiser::operator()(const torch::Tensor& x_t, int64_t t) const { return (*this)(x_t, level_at(schedule, t)); }
+Estimate Denoiser::operator()(const torch::Tensor& x_t, int64_t t) const { return (*this)(x_t, path.level(t)); }
 
 Estimate Denoiser::operator()(const torch::Tensor& x_t, const Level& level) const {
   if (!fn) throw std::logic_error("denoiser called without a function");
@@ -73,12 +73,12 @@ torch::Tensor call_network(const Network& net, const EtsdmConfig& etsdm, const t
   return out;
 }
 
-Denoiser make_denoiser(Network net, Prediction prediction, Schedule schedule, EtsdmConfig etsdm,
+Denoiser make_denoiser(Network net, Prediction prediction, NoisePath path, EtsdmConfig etsdm,
                        Conditioning conditioning) {
   if (!net) throw std::invalid_argument("make_denoiser: no network given");
   if (conditioning.labels.defined()) check_labels(conditioning.labels, conditioning.labels.numel(), "make_denoiser");
   Denoiser d;
-  d.schedule = schedule;
+  d.path = std::move(path);
   d.fn = [net, prediction, etsdm, conditioning](const torch::Tensor& x, const Level& level) {
     const int64_t n = x.size(0);
     conditioning.check(n, "denoiser");
@@ -165,7 +165,7 @@ torch::Tensor classifier_log_prob_grad(const Classifier& classifier, const torch
 Denoiser clip_x0(Denoiser denoiser, double range, ClipEps eps) {
   if (!(range > 0)) throw std::invalid_argument("clip_x0: the range must be positive, got " + std::to_string(range));
   Denoiser d;
-  d.schedule = denoiser.schedule;
+  d.path = denoiser.path;
   d.fn = [denoiser, range, eps](const torch::Tensor& x, const Level& level) {
     auto e = denoiser(x, level);
     auto x0 = e.x0.clamp(-range, range);
@@ -180,7 +180,7 @@ Denoiser classifier_guidance(Denoiser denoiser, Classifier classifier, torch::Te
   if (!std::isfinite(scale))
     throw std::invalid_argument("classifier guidance scale must be finite, got " + std::to_string(scale));
   Denoiser g;
-  g.schedule = denoiser.schedule;
+  g.path = denoiser.path;
   auto checked = std::make_shared<bool>(false);  // the labels' range, once
   g.fn = [denoiser, classifier, labels, scale, checked](const torch::Tensor& x, const Level& level) {
     Estimate e = denoiser(x, level);

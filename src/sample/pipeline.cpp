@@ -253,7 +253,7 @@ LoadedRun network_run(Network network, SchedulerConfig scheduler, int64_t channe
     throw std::invalid_argument("network_run: channels, height and width must be positive");
   if (class_embeds == 1 || class_embeds < 0)
     throw std::invalid_argument("network_run: class_embeds must be 0 or at least 2 (the classes and the null class)");
-  scheduler.schedule();  // validates
+  NoisePath::of(scheduler);  // validates the schedule (or the flow shift)
   LoadedRun r;
   r.custom = std::move(network);
   r.scheduler = std::move(scheduler);
@@ -485,10 +485,8 @@ std::vector<Level> sampling_levels(const SchedulerConfig& config, const std::str
                                    std::optional<Spacing> spacing, Level& end) {
   const ClassWalk walk = walk_of(config);
   end = Level{-1, 1, 0};
-  if (walk == ClassWalk::flow) {
-    return flow_levels(config.num_train_timesteps, steps, key_or(config, "shift", 1.0).get<double>(),
-                       spacing.value_or(config_sigma_spacing(config).value_or(Spacing::linspace)));
-  }
+  if (walk == ClassWalk::flow)
+    return NoisePath::of(config).levels(steps, spacing.value_or(config_sigma_spacing(config).value_or(Spacing::linspace)));
   const Schedule schedule = config.schedule();
   const Spacing sp = spacing.value_or(config_sigma_spacing(config).value_or(config.timestep_spacing));
   const bool clean = final_step_to_clean_data(sampler, config);
@@ -620,10 +618,10 @@ std::vector<int64_t> image_labels(const LoadedRun& run, const GenerateOptions& o
   return labels;
 }
 
-// The denoiser of one batch: the (guided) network, its prediction and schedule, the batch's labels.
-Denoiser batch_denoiser(const LoadedRun& run, const GenerateOptions& o, const Network& net, const Schedule& schedule,
+// The denoiser of one batch: the (guided) network, its prediction and noise path, the batch's labels.
+Denoiser batch_denoiser(const LoadedRun& run, const GenerateOptions& o, const Network& net, const NoisePath& path,
                         const Conditioning& y, double clip_range) {
-  auto denoiser = make_denoiser(net, run.scheduler.prediction_type, schedule, run.scheduler.etsdm, y);
+  auto denoiser = make_denoiser(net, run.scheduler.prediction_type, path, run.scheduler.etsdm, y);
   // The scheduler config's clip_sample keeps diffusers' meaning: DDIM's step keeps the network's eps, while the sigma
   // classes' derivative (z - x0) / sigma recomputes it from the clamped x0, as --clip-sample does.
   const bool keep_eps = clip_from_config(o) && !steps_in_sigma(run.scheduler);
@@ -741,7 +739,7 @@ Generated generate(const LoadedRun& run, const GenerateOptions& o) {
   }
   auto sampler = get_sampler(g.sampler);
   g.spacing = o.spacing.value_or(run.scheduler.timestep_spacing);
-  const Schedule schedule = run.scheduler.schedule();
+  const NoisePath path = NoisePath::of(run.scheduler);
   Level end;
   auto levels = sampling_levels(run.scheduler, g.sampler, o.steps, o.spacing, end);
   const int64_t walk_steps = int64_t(levels.size());
@@ -779,7 +777,7 @@ Generated generate(const LoadedRun& run, const GenerateOptions& o) {
       so.callback = [&](const StepInfo& info) {
         o.progress({b * steps + info.step + 1, batches * steps, int64_t(std::llround(info.t))});
       };
-    outputs.push_back(sampler(batch_denoiser(run, o, net, schedule, y, g.clip_range), Timesteps(levels, end),
+    outputs.push_back(sampler(batch_denoiser(run, o, net, path, y, g.clip_range), Timesteps(levels, end),
                               x.to(run.device), so)
                           .to(torch::kCPU, torch::kFloat32));
     // A NaN or infinite sample would be written as a black image: refuse it, naming the likely causes.

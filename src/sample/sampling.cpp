@@ -82,14 +82,15 @@ std::string describe(const Level& l) {
 // Validates the walk and turns it into steps. zero_length_last: the last step may end at its own level (DDIMScheduler
 // with set_alpha_to_one false walking to t = 0, whose end is alpha_bar[0]: diffusers takes that step, x' = a x0 + s
 // eps, which differs from x where x0 was clamped). Only samplers whose update is defined at h = 0 allow it.
-std::vector<Step> make_steps(const Schedule& schedule, const Timesteps& walk, const SamplerOptions& o,
+std::vector<Step> make_steps(const NoisePath& path, const Timesteps& walk, const SamplerOptions& o,
                              bool zero_length_last = false) {
   if (walk.integer.empty() && walk.levels.empty())
     throw std::invalid_argument("sampler: empty timestep list (expected 1 <= S <= T timesteps)");
   if (!walk.integer.empty() && !walk.levels.empty())
     throw std::invalid_argument("sampler: give integer timesteps or levels, not both");
   Level end = walk.end;
-  const auto levels = walk.integer.empty() ? walk.levels : integer_levels(schedule, walk.integer, o, end);
+  const auto levels =
+      walk.integer.empty() ? walk.levels : integer_levels(path.schedule("a walk of integer timesteps"), walk.integer, o, end);
   std::vector<Step> steps;
   for (size_t i = 0; i < levels.size(); ++i) {
     Step st;
@@ -137,7 +138,7 @@ template <class NoiseStd>
 torch::Tensor ddim_family(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o,
                           NoiseStd noise_std) {
   torch::NoGradGuard no_grad;
-  auto steps = make_steps(d.schedule, ts, o, /*zero_length_last=*/true);
+  auto steps = make_steps(d.path, ts, o, /*zero_length_last=*/true);
   auto x = x_T;
   for (const auto& st : steps) {
     Estimate e = d(x, st.cur);
@@ -180,7 +181,7 @@ struct History {
 torch::Tensor dpmpp_loop(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o,
                          int max_order, double eta) {
   torch::NoGradGuard no_grad;
-  auto steps = make_steps(d.schedule, ts, o, /*zero_length_last=*/true);
+  auto steps = make_steps(d.path, ts, o, /*zero_length_last=*/true);
   const int64_t n = int64_t(steps.size());
   auto x = x_T;
   History hist;
@@ -392,7 +393,7 @@ torch::Tensor adams_bashforth(const std::vector<torch::Tensor>& e) {
 torch::Tensor sample_ddpm(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T,
                           const SamplerOptions& o) {
   torch::NoGradGuard no_grad;
-  auto steps = make_steps(d.schedule, ts, o);
+  auto steps = make_steps(d.path, ts, o);
   auto x = x_T;
   for (const auto& st : steps) {
     Estimate e = d(x, st.cur);
@@ -456,7 +457,7 @@ torch::Tensor sample_euler(const Denoiser& d, const Timesteps& ts, const torch::
 // On a path with a^2 + s^2 != 1 the same holds for x / r, r = sqrt(a^2 + s^2), with (a / r, s / r) on the circle.
 torch::Tensor sample_heun(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o) {
   torch::NoGradGuard no_grad;
-  auto steps = make_steps(d.schedule, ts, o);
+  auto steps = make_steps(d.path, ts, o);
   auto x = x_T;
   for (const auto& st : steps) {
     Estimate e = d(x, st.cur);
@@ -502,7 +503,7 @@ torch::Tensor sample_dpmpp_3m_sde(const Denoiser& d, const Timesteps& ts, const 
 torch::Tensor sample_unipc(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o) {
   if (o.order < 1 || o.order > 3) throw std::invalid_argument("unipc: order must be 1, 2 or 3, got " + std::to_string(o.order));
   torch::NoGradGuard no_grad;
-  auto steps = make_steps(d.schedule, ts, o);
+  auto steps = make_steps(d.path, ts, o);
   const int64_t n = int64_t(steps.size());
   auto x = x_T;
   History hist;           // x0 estimates at finite-lambda levels, newest first
@@ -540,15 +541,16 @@ torch::Tensor sample_unipc(const Denoiser& d, const Timesteps& ts, const torch::
 // taken again from t0; then each call adds its output to the last four and steps with the Adams-Bashforth weights.
 torch::Tensor sample_plms(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o) {
   torch::NoGradGuard no_grad;
-  const auto steps = make_steps(d.schedule, ts, o, /*zero_length_last=*/true);  // t = 0 -> alpha_bar[0]: identity
-  const int64_t n = int64_t(steps.size()), T = d.schedule.T(), ratio = T / n;
+  const Schedule& schedule = d.path.schedule("plms");
+  const auto steps = make_steps(d.path, ts, o, /*zero_length_last=*/true);  // t = 0 -> alpha_bar[0]: identity
+  const int64_t n = int64_t(steps.size()), T = schedule.T(), ratio = T / n;
   std::vector<int64_t> calls = pndm_timesteps(steps, o, "plms");
   if (n >= 2) calls.insert(calls.begin() + 1, calls[1]);
   const Level end = steps.back().next;
   std::vector<torch::Tensor> outputs;  // the last four kept network outputs, oldest first
   torch::Tensor x = x_T, start;
   for (size_t k = 0; k < calls.size(); ++k) {
-    const Level at = level_at(d.schedule, calls[k]);
+    const Level at = level_at(schedule, calls[k]);
     const Estimate e = d(x, at);
     const torch::Tensor raw = pndm_raw(e, at, o.prediction);
     int64_t from = calls[k], to = calls[k] - ratio;
@@ -564,12 +566,12 @@ torch::Tensor sample_plms(const Denoiser& d, const Timesteps& ts, const torch::T
       if (k == 0) start = x;
       out = adams_bashforth(outputs);
     }
-    x = pndm_transfer(d.schedule, end, o.prediction, "plms", x, from, to, out);
+    x = pndm_transfer(schedule, end, o.prediction, "plms", x, from, to, out);
     Step st;
     st.i = int64_t(k);
     st.last = k + 1 == calls.size();
     st.cur = at;
-    st.next = pndm_level(d.schedule, end, to);
+    st.next = pndm_level(schedule, end, to);
     notify(o, st, int64_t(calls.size()), x, e.x0);
   }
   return x;
@@ -583,8 +585,9 @@ torch::Tensor sample_plms(const Denoiser& d, const Timesteps& ts, const torch::T
 // and each PLMS step (S in all).
 torch::Tensor sample_pndm(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o) {
   torch::NoGradGuard no_grad;
-  const auto steps = make_steps(d.schedule, ts, o, /*zero_length_last=*/true);  // t = 0 -> alpha_bar[0]: identity
-  const int64_t n = int64_t(steps.size()), T = d.schedule.T(), ratio = T / n, h = T / n / 2;
+  const Schedule& schedule = d.path.schedule("pndm");
+  const auto steps = make_steps(d.path, ts, o, /*zero_length_last=*/true);  // t = 0 -> alpha_bar[0]: identity
+  const int64_t n = int64_t(steps.size()), T = schedule.T(), ratio = T / n, h = T / n / 2;
   const std::vector<int64_t> walk = pndm_timesteps(steps, o, "pndm");
   if (n < 4)
     throw std::invalid_argument("pndm: the Runge-Kutta warm-up takes the walk's first 4 timesteps; ask for 4 or more "
@@ -607,11 +610,11 @@ torch::Tensor sample_pndm(const Denoiser& d, const Timesteps& ts, const torch::T
     st.i = notified++;
     st.last = st.i + 1 == n;
     st.cur = from;
-    st.next = pndm_level(d.schedule, end, to);
+    st.next = pndm_level(schedule, end, to);
     notify(o, st, n, x, x0);
   };
   for (size_t c = 0; c < prk.size(); ++c) {
-    const Level at = level_at(d.schedule, prk[c]);
+    const Level at = level_at(schedule, prk[c]);
     const Estimate e = d(x, at);
     const torch::Tensor raw = pndm_raw(e, at, o.prediction);
     const int64_t from = prk[c / 4 * 4], to = prk[c] - (c % 2 ? 0 : h);
@@ -625,15 +628,15 @@ torch::Tensor sample_pndm(const Denoiser& d, const Timesteps& ts, const torch::T
     } else {
       weighted = weighted + raw / 3;
     }
-    x = pndm_transfer(d.schedule, end, o.prediction, "pndm", start, from, to, out);
-    if (c % 4 == 3) report(level_at(d.schedule, from), to, e.x0);
+    x = pndm_transfer(schedule, end, o.prediction, "pndm", start, from, to, out);
+    if (c % 4 == 3) report(level_at(schedule, from), to, e.x0);
   }
   for (size_t k = 3; k < walk.size(); ++k) {
-    const Level at = level_at(d.schedule, walk[k]);
+    const Level at = level_at(schedule, walk[k]);
     const Estimate e = d(x, at);
     outputs.push_back(pndm_raw(e, at, o.prediction));
     if (outputs.size() > 4) outputs.erase(outputs.begin());
-    x = pndm_transfer(d.schedule, end, o.prediction, "pndm", x, walk[k], walk[k] - ratio, adams_bashforth(outputs));
+    x = pndm_transfer(schedule, end, o.prediction, "pndm", x, walk[k], walk[k] - ratio, adams_bashforth(outputs));
     report(at, walk[k] - ratio, e.x0);
   }
   return x;
@@ -647,7 +650,7 @@ torch::Tensor sample_pndm(const Denoiser& d, const Timesteps& ts, const torch::T
 torch::Tensor sample_heun_sigma(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T,
                                 const SamplerOptions& o) {
   torch::NoGradGuard no_grad;
-  const auto steps = make_steps(d.schedule, ts, o);
+  const auto steps = make_steps(d.path, ts, o);
   auto x = x_T;
   for (const auto& st : steps) {
     require_finite_sigma(st, "heun_sigma", "HeunDiscreteScheduler");
@@ -668,7 +671,7 @@ torch::Tensor sample_heun_sigma(const Denoiser& d, const Timesteps& ts, const to
 // a' sum_j c_j (eps_j - eps^). One call per step; it cannot start at SNR 0, where sigma is infinite.
 torch::Tensor sample_lms(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o) {
   torch::NoGradGuard no_grad;
-  const auto steps = make_steps(d.schedule, ts, o);
+  const auto steps = make_steps(d.path, ts, o);
   const size_t order = 4;  // LMSDiscreteScheduler.step's default, which StableDiffusionPipeline keeps
   std::vector<torch::Tensor> eps;  // newest first
   std::vector<double> sigmas;      // of those, newest first

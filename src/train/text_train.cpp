@@ -286,9 +286,9 @@ void copy_folder(const fs::path& from, const fs::path& to) {
 class TextDiffusionTask : public detail::Task {
  public:
   TextDiffusionTask(const TextTrainOptions& o, const TextTrainData& d)
-      : o_(o), d_(d), prediction_(d.scheduler.prediction_type), schedule_(d.scheduler.schedule()) {
+      : o_(o), d_(d), prediction_(d.scheduler.prediction_type), path_(d.scheduler.schedule()) {
     // Refuses eps prediction on a zero-terminal-SNR schedule now rather than at the first t = T - 1.
-    weight_ = loss_weight(o.loss_weight, prediction_, schedule_.snr(), o.min_snr_gamma).to(torch::kFloat32);
+    weight_ = loss_weight(o.loss_weight, prediction_, path_.snr(), o.min_snr_gamma).to(torch::kFloat32);
     const auto& vc = d.pipeline.vae->config();
     channels_ = vc.latent_channels;
     scaling_ = vc.scaling_factor;
@@ -317,7 +317,7 @@ class TextDiffusionTask : public detail::Task {
   }
   torch::nn::Module& model() override { return *unet_; }
   torch::nn::Module& ema() override { return *ema_; }
-  int64_t T() const override { return schedule_.T(); }
+  int64_t T() const override { return path_.T(); }
 
   std::pair<torch::Tensor, torch::Tensor> loss(const Batch& batch, const Shard& shard, at::Generator& gen) override {
     const auto& m = batch.images;  // [n, 2C or 4C, h, w]: mean, std (then the mirror's)
@@ -327,7 +327,7 @@ class TextDiffusionTask : public detail::Task {
     torch::Tensor flip = o_.loop.hflip ? uniform() < 0.5 : torch::Tensor();
     torch::Tensor drop = o_.caption_dropout > 0 ? uniform() < o_.caption_dropout : torch::Tensor();
     auto posterior_noise = shard.rows(torch::randn({G, C, m.size(2), m.size(3)}, gen, drawn_on(gen, torch::kFloat32))).to(device_);
-    auto t = shard.rows(torch::randint(0, schedule_.T(), {G}, gen, drawn_on(gen, torch::kInt64)));
+    const auto p = path_.points(shard.rows(path_.draw(G, gen)));
     auto eps = shard.rows(offset_noise(torch::randn({G, C, m.size(2), m.size(3)}, gen, drawn_on(gen, torch::kFloat32)),
                                        o_.offset_noise, gen))
                    .to(device_);
@@ -340,10 +340,10 @@ class TextDiffusionTask : public detail::Task {
     auto x0 = (mean + std * posterior_noise) * scaling_;
     auto context = states_.index_select(0, batch.labels.to(device_));
     if (drop.defined()) context = torch::where(drop.view({n, 1, 1}), empty_.expand_as(context), context);
-    auto td = t.to(device_);
-    auto a = a_.index_select(0, td).view({n, 1, 1, 1}), s = s_.index_select(0, td).view({n, 1, 1, 1});
+    auto td = p.timestep.to(device_);
+    auto a = p.a.view({n, 1, 1, 1}), s = p.s.view({n, 1, 1, 1});
     auto pred = unet_->forward(add_noise(x0, eps, a, s), td, context).to(torch::kFloat32);
-    return {per_example_loss(prediction_, pred, x0, eps, a, s, weight_d_.index_select(0, td)), t};
+    return {per_example_loss(prediction_, pred, x0, eps, a, s, weight_d_.index_select(0, td)), p.timestep};
   }
 
   void save(const RunFolder& dir) override {
@@ -381,8 +381,7 @@ class TextDiffusionTask : public detail::Task {
   void to(torch::Device device) {
     device_ = device;
     unet_->set_gradient_checkpointing(o_.gradient_checkpointing);
-    a_ = schedule_.a().to(torch::kFloat32).to(device);
-    s_ = schedule_.s().to(torch::kFloat32).to(device);
+    path_ = path_.to(device);
     weight_d_ = weight_.to(device);
     states_ = d_.states.to(device);
     empty_ = d_.empty_states.to(device);
@@ -391,10 +390,10 @@ class TextDiffusionTask : public detail::Task {
   const TextTrainOptions& o_;
   const TextTrainData& d_;
   Prediction prediction_;
-  Schedule schedule_;
+  NoisePath path_;
   int64_t channels_ = 4;
   double scaling_ = 1;
-  torch::Tensor weight_, weight_d_, a_, s_, states_, empty_;
+  torch::Tensor weight_, weight_d_, states_, empty_;
   torch::Device device_ = torch::kCPU;
   UNet2DConditionModel unet_{nullptr}, ema_{nullptr};
 };

@@ -1,4 +1,5 @@
-// The trainer's parts shared by its translation units (train.cpp: the tasks; train_loop.cpp: the loop;
+// The trainer's parts shared by its translation units (diffusion_task.cpp, classifier_task.cpp, vae_task.cpp and
+// text_train.cpp: the tasks; train.cpp: losses and configs; train_loop.cpp: the loop;
 // train_step.cpp: a step on the device; checkpoint.cpp: the run folder; train_options.cpp: run.json). Not part of the public API.
 #pragma once
 

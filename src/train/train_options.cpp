@@ -100,9 +100,9 @@ nlohmann::json TrainOptions::to_json() const {
           {"offset_noise", offset_noise},
           {"label_dropout", label_dropout},
           {"spacing", to_string(spacing)},
-          {"path", path},
+          {"path", to_string(path)},
           {"flow_shift", flow_shift},
-          {"timestep_density", timestep_density},
+          {"timestep_density", to_string(timestep_density)},
           {"logit_mean", logit_mean},
           {"logit_std", logit_std},
           {"vae", vae},
@@ -124,9 +124,9 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
   o.offset_noise = get_or(j, "offset_noise", o.offset_noise);
   o.label_dropout = get_or(j, "label_dropout", o.label_dropout);
   o.spacing = parse_spacing(get_or<std::string>(j, "spacing", "trailing"));
-  o.path = get_or<std::string>(j, "path", o.path);
+  o.path = parse_path_kind(get_or<std::string>(j, "path", "vp"));
   o.flow_shift = get_or(j, "flow_shift", o.flow_shift);
-  o.timestep_density = get_or<std::string>(j, "timestep_density", o.timestep_density);
+  o.timestep_density = parse_time_density(get_or<std::string>(j, "timestep_density", "uniform"));
   o.logit_mean = get_or(j, "logit_mean", o.logit_mean);
   o.logit_std = get_or(j, "logit_std", o.logit_std);
   o.vae = get_or<std::string>(j, "vae", "");
@@ -166,7 +166,7 @@ nlohmann::json VaeTrainOptions::to_json() const {
   return {{"kind", "vae"},
           {"data", data_json(data)},
           {"vae", v},
-          {"reconstruction", reconstruction},
+          {"reconstruction", to_string(reconstruction)},
           {"kl_weight", kl_weight},
           {"heldout", heldout},
           {"scale_images", scale_images},
@@ -179,7 +179,7 @@ VaeTrainOptions VaeTrainOptions::from_json(const nlohmann::json& j) {
   VaeTrainOptions o;
   if (j.contains("data")) o.data = data_from_json(j["data"]);
   if (j.contains("vae")) o.vae = AutoencoderKLConfig::from_json(j["vae"]);
-  o.reconstruction = get_or(j, "reconstruction", o.reconstruction);
+  o.reconstruction = parse_reconstruction(get_or<std::string>(j, "reconstruction", "l1"));
   o.kl_weight = get_or(j, "kl_weight", o.kl_weight);
   o.heldout = get_or(j, "heldout", o.heldout);
   o.scale_images = get_or(j, "scale_images", o.scale_images);

@@ -116,9 +116,6 @@ LoadedModel load_model(const ModelCli& o) {
   auto run = load_run(o.model, lo);  // a latent run's vae/ too: the analyses run in the model's own space
   m.unet = run.unet;
   m.config = run.scheduler;
-  if (m.config.prediction_type == Prediction::flow)
-    throw std::invalid_argument("'" + o.model + "' is a rectified-flow model: analyze measures the discrete "
-                                "variance-preserving schedule's timesteps and does not cover that path yet");
   const auto& uc = m.unet->config();
   AutoencoderKL vae = run.vae;
   DataSpec spec;
@@ -168,6 +165,11 @@ fs::path out_folder(const ModelCli& o) {
 
 // ---------------------------------------------------------------- loss
 
+// What t means on a rectified-flow path (nothing to add on a discrete schedule).
+std::string path_note(const NoisePath& path) {
+  return path.is_vp() ? "" : " (rectified flow: t at sigma = (t + 1) / " + std::to_string(path.T()) + ")";
+}
+
 struct LossCli {
   ModelCli model;
   int64_t points = 50;
@@ -176,16 +178,17 @@ struct LossCli {
 void run_loss(const LossCli& o) {
   warn_if_slow_blas();
   auto m = load_model(o.model);
-  auto schedule = m.config.schedule();
-  auto ts = loss_timestep_grid(schedule.T(), o.points);
-  std::cerr << "loss at " << ts.size() << " timesteps on " << m.x0.size(0) << " images of " << m.data_name << "\n";
-  auto rows = loss_per_timestep(m.net, m.config.prediction_type, schedule, m.config.etsdm, m.x0, m.labels, ts,
+  const auto path = NoisePath::of(m.config);
+  auto ts = loss_timestep_grid(path.T(), o.points);
+  std::cerr << "loss at " << ts.size() << " timesteps on " << m.x0.size(0) << " images of " << m.data_name
+            << path_note(path) << "\n";
+  auto rows = loss_per_timestep(m.net, m.config.prediction_type, path, m.config.etsdm, m.x0, m.labels, ts,
                                 {o.model.batch, o.model.seed});
   auto out = out_folder(o.model);
   std::ostringstream csv;
   csv << "t,condition,snr,loss_own,loss_eps,loss_v,loss_x0,ratio_v_eps_measured,ratio_v_eps_predicted\n";
   Series le{"eps", {}, {}}, lv{"v", {}, {}}, lx{"x0", {}, {}}, rm{"measured L_v / L_eps", {}, {}},
-      rp{"(SNR+1)/SNR", {}, {}};
+      rp{path.is_vp() ? "(SNR+1)/SNR" : "(a^2+s^2)^2/a^2", {}, {}};
   double max_rel = 0;
   for (const auto& r : rows) {
     csv << r.t << "," << fmt(r.condition) << "," << fmt(r.snr) << "," << fmt(r.loss_own) << "," << fmt(r.loss_eps) << ","
@@ -212,7 +215,7 @@ void run_loss(const LossCli& o) {
     std::cout << "  " << std::setw(5) << r.t << "  " << std::scientific << std::setprecision(4) << r.snr << "  "
               << r.loss_own << "  " << r.loss_eps << "  " << r.loss_v << "  " << r.loss_x0 << std::defaultfloat << "\n";
   }
-  std::cout << "largest relative gap between measured L_v/L_eps and (SNR+1)/SNR: " << std::scientific
+  std::cout << "largest relative gap between measured L_v/L_eps and " << rp.name << ": " << std::scientific
             << std::setprecision(2) << max_rel << std::defaultfloat << "\nwrote " << (out / "loss_per_t.csv").string()
             << " and loss_per_t.png\n";
 }
@@ -227,11 +230,12 @@ struct LipschitzCli {
 void run_lipschitz(const LipschitzCli& o) {
   warn_if_slow_blas();
   auto m = load_model(o.model);
-  auto schedule = m.config.schedule();
-  auto pairs = lipschitz_grid(schedule.T(), o.dt, o.dense_until, o.stride);
+  const auto path = NoisePath::of(m.config);
+  auto pairs = lipschitz_grid(path.T(), o.dt, o.dense_until, o.stride);
   std::cerr << "K(t, t + " << o.dt << ") at " << pairs.size() << " timesteps on " << m.x0.size(0) << " images of "
-            << m.data_name << (m.config.etsdm.enabled() ? " (E-TSDM condition map applied)" : "") << "\n";
-  auto rows = lipschitz_per_timestep(m.net, m.config.prediction_type, schedule, m.config.etsdm, m.x0, m.labels, pairs,
+            << m.data_name << (m.config.etsdm.enabled() ? " (E-TSDM condition map applied)" : "") << path_note(path)
+            << "\n";
+  auto rows = lipschitz_per_timestep(m.net, m.config.prediction_type, path, m.config.etsdm, m.x0, m.labels, pairs,
                                      {o.model.batch, o.model.seed});
   auto out = out_folder(o.model);
   std::ostringstream csv;
@@ -246,10 +250,9 @@ void run_lipschitz(const LipschitzCli& o) {
   Series near = k;
   near.name = "t < " + std::to_string(o.dense_until);
   while (!near.x.empty() && near.x.back() >= double(o.dense_until)) near.x.pop_back(), near.y.pop_back();
-  plot_png((out / "lipschitz.png").string(),
-           {Panel{"Lipschitz constant of eps in t", "t", "K", true, {k}},
-            Panel{"near t = 0", "t", "K", false, {near}}},
-           1100);
+  std::vector<Panel> panels = {Panel{"Lipschitz constant of eps in t", "t", "K", true, {k}}};
+  if (near.x.size() >= 2) panels.push_back(Panel{"near t = 0", "t", "K", false, {near}});  // --dense-until 0: none
+  plot_png((out / "lipschitz.png").string(), panels, 1100);
   std::cout << "K(t, t') = E||eps(x_t, t) - eps(x_t, t')|| / |t - t'|" << (m.config.etsdm.enabled() ? " (E-TSDM)" : "")
             << ":\n";
   for (size_t i = 0; i < rows.size(); i += std::max<size_t>(1, rows.size() / 12))

@@ -77,6 +77,16 @@ void add_data_options(CLI::App* cmd, CommonOptions& c) {
 constexpr const char* kLoopGroup = "Run and optimisation";
 
 // The run folder, the optimisation and the processes.
+// An option whose value is one of an enum's names: parsed by `parse`, refused by CLI11 unless one of `names`, its
+// default the field's to_string.
+template <class Enum>
+CLI::Option* add_enum_option(CLI::App* cmd, const std::string& flag, Enum& field, Enum (*parse)(const std::string&),
+                             const std::vector<std::string>& names, const std::string& help) {
+  return cmd->add_option_function<std::string>(flag, [&field, parse](const std::string& v) { field = parse(v); }, help)
+      ->check(CLI::IsMember(names))
+      ->default_str(to_string(field));
+}
+
 void add_loop_options(CLI::App* cmd, CommonOptions& c) {
   auto& l = c.loop;
   const auto first = cmd->get_options().size();
@@ -88,11 +98,8 @@ void add_loop_options(CLI::App* cmd, CommonOptions& c) {
   cmd->add_option("--batch", l.batch, "Images per step")->capture_default_str();
   cmd->add_option("--lr", l.lr, "Peak learning rate (AdamW)")->capture_default_str();
   cmd->add_option("--warmup", l.warmup, "Linear LR warmup steps")->capture_default_str();
-  cmd->add_option_function<std::string>(
-         "--lr-schedule", [&l](const std::string& v) { l.lr_schedule = parse_lr_schedule(v); },
-         "After warmup: cosine (down to --min-lr at the last step) or constant")
-      ->check(CLI::IsMember({"cosine", "constant"}))
-      ->default_str("cosine");
+  add_enum_option(cmd, "--lr-schedule", l.lr_schedule, parse_lr_schedule, {"cosine", "constant"},
+                  "After warmup: cosine (down to --min-lr at the last step) or constant");
   cmd->add_option("--min-lr", l.min_lr, "Final learning rate of the cosine schedule")->capture_default_str();
   cmd->add_option("--weight-decay", l.weight_decay, "AdamW decoupled weight decay")->capture_default_str();
   cmd->add_option("--grad-clip", l.grad_clip, "Clip the global gradient norm to this (0: off)")->capture_default_str();
@@ -471,7 +478,7 @@ void run_train(const CLI::App* cmd, TrainCli& cli) {
                                           : std::string("unconditional"))
               << "; " << to_string(o.prediction) << " prediction, loss weight " << to_string(o.loss_weight)
               << (o.rectified_flow() ? ", rectified-flow path (shift " + std::to_string(o.flow_shift) + ", " +
-                                           o.timestep_density + " sigma)"
+                                           to_string(o.timestep_density) + " sigma)"
                                      : ", schedule " + o.schedule.name + (o.schedule.zero_snr ? " (zero terminal SNR)" : ""))
               << (o.etsdm.enabled() ? ", E-TSDM t~=" + std::to_string(o.etsdm.t_tilde) + " n=" + std::to_string(o.etsdm.n) : "")
               << "\n";
@@ -535,7 +542,7 @@ void run_train_vae(const CLI::App* cmd, VaeCli& cli) {
     AutoencoderKL probe(o.vae);
     const int64_t f = o.vae.downsample_factor(), side = o.data.size / f;
     std::cerr << "model: AutoencoderKL " << parameter_count(*probe) / 1e6 << "M parameters, latents "
-              << o.vae.latent_channels << "x" << side << "x" << side << " (factor " << f << "); " << o.reconstruction
+              << o.vae.latent_channels << "x" << side << "x" << side << " (factor " << f << "); " << to_string(o.reconstruction)
               << " reconstruction + " << o.kl_weight << " x KL; held out: " << heldout.size() << " images\n";
   }
   finish(quiet_unless_rank0([&] { return train_vae(o, data, heldout, &std::cout); }), "train-vae");
@@ -583,14 +590,14 @@ void add_diffusion_train_command(CLI::App& app) {
   auto& t = cli->train;
   cmd->add_option("--prediction", cli->prediction, "What the network predicts: eps, v or x0 (flow with --path rectified-flow)")
       ->capture_default_str();
-  cmd->add_option("--path", t.path, "Noise path: vp (the --schedule) or rectified-flow (x_t = (1 - sigma) x0 + sigma eps, "
-                                    "--prediction flow; sampled as FlowMatchEulerDiscreteScheduler)")
-      ->capture_default_str();
+  add_enum_option(cmd, "--path", t.path, parse_path_kind, {"vp", "rectified-flow"},
+                  "Noise path: vp (the --schedule) or rectified-flow (x_t = (1 - sigma) x0 + sigma eps, --prediction "
+                  "flow; sampled as FlowMatchEulerDiscreteScheduler)");
   cmd->add_option("--flow-shift", t.flow_shift, "Rectified flow: sigma -> shift sigma / (1 + (shift - 1) sigma) in training "
                                                 "and sampling (SD3: 3)")
       ->capture_default_str();
-  cmd->add_option("--timestep-density", t.timestep_density, "Rectified flow: density of sigma, uniform or logit-normal (SD3)")
-      ->capture_default_str();
+  add_enum_option(cmd, "--timestep-density", t.timestep_density, parse_time_density, {"uniform", "logit-normal"},
+                  "Rectified flow: density of sigma, uniform or logit-normal (SD3)");
   cmd->add_option("--logit-mean", t.logit_mean, "logit-normal density: mean")->capture_default_str();
   cmd->add_option("--logit-std", t.logit_std, "logit-normal density: standard deviation")->capture_default_str();
   cmd->add_option("--loss-weight", cli->loss_weight,
@@ -664,7 +671,7 @@ void add_vae_train_command(CLI::App& app) {
   add_common_options(tv, vae->common, false);
   auto& v = vae->train;
   tv->add_option("--latent-channels", v.vae.latent_channels, "Latent channels")->capture_default_str();
-  tv->add_option("--reconstruction", v.reconstruction, "Reconstruction loss: l1 or l2")->capture_default_str();
+  add_enum_option(tv, "--reconstruction", v.reconstruction, parse_reconstruction, {"l1", "l2"}, "Reconstruction loss: l1 or l2");
   tv->add_option("--kl-weight", v.kl_weight, "Weight of the KL term (per pixel, as LDM's kl_weight)")
       ->capture_default_str();
   tv->add_option("--heldout", v.heldout, "Held-out images for the PSNR report")->capture_default_str();

@@ -1,7 +1,9 @@
 // Analyses behind `diffuse analyze`: image brightness of samples against data (003 document), the loss per
 // timestep in every prediction target (000 document) and the Lipschitz constant of eps in t (002 document).
 //
-// Notation as in schedule.h: x_t = a_t x0 + s_t eps, SNR = a_t^2 / s_t^2, v = a_t eps - s_t x0.
+// Notation as in schedule.h: x_t = a_t x0 + s_t eps, SNR = a_t^2 / s_t^2, v = a_t eps - s_t x0. The analyses in t
+// walk the grid of the model's noise path (noise_path.h): a discrete schedule's timesteps, or on a rectified-flow
+// path t = 0..T-1 at sigma = (t + 1) / T, the network conditioned on sigma T.
 #pragma once
 
 #include <torch/types.h>
@@ -12,9 +14,8 @@
 
 #include "diffuse/sample/denoiser.h"
 #include "diffuse/eval/metrics.h"
+#include "diffuse/core/noise_path.h"
 #include "diffuse/core/prediction.h"
-#include "diffuse/core/schedule.h"
-#include "diffuse/core/scheduler_config.h"
 
 namespace diffuse {
 
@@ -45,12 +46,12 @@ BrightnessReport compare_brightness(const torch::Tensor& data, const torch::Tens
 /// not exist at that t (an eps model at SNR 0 says nothing about x0 or v) are NaN.
 struct LossRow {
   int64_t t = 0;
-  double condition = 0;             ///< the timestep the network saw (E-TSDM map of t)
+  double condition = 0;             ///< the time the network saw (E-TSDM map of t; sigma T on a flow path)
   double snr = 0;
   double loss_own = 0;              ///< in the model's own target (what training minimised, weight 1)
   double loss_eps = 0, loss_v = 0, loss_x0 = 0;
   double ratio_measured = 0;        ///< loss_v / loss_eps
-  double ratio_predicted = 0;       ///< (SNR + 1) / SNR (000 document); inf at SNR 0
+  double ratio_predicted = 0;       ///< (a^2 + s^2)^2 / a^2: (SNR + 1) / SNR on a VP path (000 document); inf at SNR 0
 };
 
 struct LossOptions {
@@ -58,9 +59,10 @@ struct LossOptions {
   uint64_t seed = 0;                ///< the noise of image i at timestep t depends only on (seed, i, t)
 };
 
-/// For each t in `timesteps`: x_t = a_t x0 + s_t eps with fixed noise, the network called as sampling
-/// calls it (condition etsdm.condition(t), `labels` or undefined), errors measured against eps, v and x0.
-std::vector<LossRow> loss_per_timestep(const Network& net, Prediction prediction, const Schedule& schedule,
+/// For each t in `timesteps`: x_t = a_t x0 + s_t eps at the path's level(t) with fixed noise, the network called as
+/// sampling calls it (condition etsdm.condition of the level's t, `labels` or undefined), errors measured against
+/// eps, v and x0.
+std::vector<LossRow> loss_per_timestep(const Network& net, Prediction prediction, const NoisePath& path,
                                        const EtsdmConfig& etsdm, const torch::Tensor& x0, const torch::Tensor& labels,
                                        const std::vector<int64_t>& timesteps, const LossOptions& options = {});
 
@@ -71,7 +73,7 @@ std::vector<int64_t> loss_timestep_grid(int64_t T, int64_t points);
 // ---------------------------------------------------------------- Lipschitz constant in t
 
 /// K(t, t') = E_{x_t} || eps(x_t, t) - eps(x_t, t') ||_2 / |t - t'| (002 document; Yang et al. 2024, eq. 3),
-/// x_t drawn at t. eps(x, t) is the model's output converted to eps at timestep t, with the network
+/// x_t drawn at t, t and t' points of the path's grid. eps(x, t) is the model's output converted to eps at timestep t, with the network
 /// conditioned on etsdm.condition(t) exactly as sampling conditions it: with E-TSDM, K is 0 for t and t'
 /// inside one interval and the jump at an edge divided by |t - t'| across it.
 struct LipschitzRow {
@@ -79,7 +81,7 @@ struct LipschitzRow {
   double condition = 0, condition2 = 0;  ///< the network's timestep conditions at t and t2
   double K = 0;
 };
-std::vector<LipschitzRow> lipschitz_per_timestep(const Network& net, Prediction prediction, const Schedule& schedule,
+std::vector<LipschitzRow> lipschitz_per_timestep(const Network& net, Prediction prediction, const NoisePath& path,
                                                  const EtsdmConfig& etsdm, const torch::Tensor& x0,
                                                  const torch::Tensor& labels,
                                                  const std::vector<std::pair<int64_t, int64_t>>& pairs,

@@ -21,6 +21,7 @@
 
 #include "diffuse/core/etsdm.h"
 #include "diffuse/core/levels.h"
+#include "diffuse/core/noise_path.h"
 #include "diffuse/core/prediction.h"
 #include "diffuse/core/schedule.h"
 
@@ -65,13 +66,13 @@ struct Estimate {
   torch::Tensor x0, eps;
 };
 
-/// A callable (x_t, level) -> Estimate for a batch at one level. `schedule` is the discrete schedule the
-/// network was trained on: integer timesteps refer to it (and it bounds the network's time range).
+/// A callable (x_t, level) -> Estimate for a batch at one level. `path` is the noise path the network was trained
+/// on: integer timesteps are points of its grid (a discrete schedule's timesteps; noise_path.h).
 struct Denoiser {
-  Schedule schedule;
+  NoisePath path;
   std::function<Estimate(const torch::Tensor& x_t, const Level& level)> fn;
 
-  /// The level of training timestep t (checked against the schedule), then fn.
+  /// The level of training timestep t (path.level(t), checked), then fn.
   Estimate operator()(const torch::Tensor& x_t, int64_t t) const;
   /// Checks the level (finite t, a and s >= 0, s > 0: no network call at the clean data), then fn.
   Estimate operator()(const torch::Tensor& x_t, const Level& level) const;
@@ -84,7 +85,7 @@ struct Denoiser {
 /// eps model at SNR 0 (a_t = 0, where eps carries no information about x0) throws std::domain_error
 /// naming the fix (Lin et al. 2023, section 3.2). `conditioning`: of the N images (moved to x_t's device), or
 /// empty for an unconditional model.
-Denoiser make_denoiser(Network net, Prediction prediction, Schedule schedule, EtsdmConfig etsdm = {},
+Denoiser make_denoiser(Network net, Prediction prediction, NoisePath path, EtsdmConfig etsdm = {},
                        Conditioning conditioning = {});
 
 /// Classifier-free guidance (Ho & Salimans 2022) with the rescale of Lin et al. 2023, Algorithm 2.

@@ -32,6 +32,7 @@
 #include "diffuse/train/lr_schedule.h"
 #include "diffuse/models/classifier.h"
 #include "diffuse/data/data.h"
+#include "diffuse/core/noise_path.h"
 #include "diffuse/core/prediction.h"
 #include "diffuse/core/schedule.h"
 #include "diffuse/core/scheduler_config.h"
@@ -149,16 +150,18 @@ struct TrainOptions {
   double offset_noise = 0.0;
   double label_dropout = 0.1;            ///< only with num_class_embeds
   Spacing spacing = Spacing::trailing;   ///< stored for samplers in scheduler_config.json
-  /// The noise path: "vp" (the discrete schedule above, integer timesteps) or "rectified-flow" (x_t = (1 - sigma)
-  /// x0 + sigma eps with real sigma in (0, 1], the network conditioned on sigma * schedule.T, prediction flow;
-  /// the run's scheduler config is a FlowMatchEulerDiscreteScheduler).
-  std::string path = "vp";
+  /// The noise path: vp (the discrete schedule above, integer timesteps) or rectified_flow (x_t = (1 - sigma) x0 +
+  /// sigma eps with real sigma in (0, 1], the network conditioned on sigma * schedule.T, prediction flow; the run's
+  /// scheduler config is a FlowMatchEulerDiscreteScheduler). run.json: "vp" / "rectified-flow".
+  PathKind path = PathKind::vp;
   double flow_shift = 1.0;               ///< rectified flow: sigma -> shift sigma / (1 + (shift - 1) sigma), trained and sampled
-  /// Rectified flow: the density of the unshifted sigma, "uniform" or "logit-normal" (Esser et al. 2024, SD3:
-  /// sigma = sigmoid(m + s n), n ~ N(0, 1)).
-  std::string timestep_density = "uniform";
+  /// Rectified flow: the density of the unshifted sigma (uniform, or logit-normal with logit_mean and logit_std).
+  TimeDensity timestep_density = TimeDensity::uniform;
   double logit_mean = 0.0, logit_std = 1.0;
-  bool rectified_flow() const { return path == "rectified-flow"; }
+  bool rectified_flow() const { return path == PathKind::rectified_flow; }
+  /// The path these options train on (the schedule's, or the rectified flow of schedule.T, flow_shift and the
+  /// density); throws for impossible values.
+  NoisePath noise_path() const;
   /// Latent diffusion: the autoencoder folder the data were encoded with (informational; the run keeps its own
   /// copy in vae/). Empty: pixel space.
   std::string vae;
@@ -168,6 +171,11 @@ struct TrainOptions {
   static TrainOptions from_json(const nlohmann::json& j);
 };
 
+/// The autoencoder's reconstruction error: |x_hat - x| (l1) or (x_hat - x)^2 (l2).
+enum class Reconstruction { l1, l2 };
+std::string to_string(Reconstruction r);                  ///< "l1", "l2"
+Reconstruction parse_reconstruction(const std::string& name);  ///< throws naming the choices
+
 /// The autoencoder of latent diffusion (Rombach et al. 2022, Sec. 3.1, without the patch discriminator and
 /// perceptual loss): per image, loss = mean_{C,H,W} rec(x_hat - x) + kl_weight * KL(q(z|x) || N(0, I)) / (C H W),
 /// rec = |.| (l1) or (.)^2 (l2), x_hat = decode(z), z ~ q(z|x) reparameterised. Dividing both terms of LDM's
@@ -175,7 +183,7 @@ struct TrainOptions {
 struct VaeTrainOptions {
   DataSpec data;
   AutoencoderKLConfig vae;               ///< in/out channels and sample_size must fit the data
-  std::string reconstruction = "l1";     ///< l1 or l2
+  Reconstruction reconstruction = Reconstruction::l1;
   double kl_weight = 1e-6;
   int64_t heldout = 1000;                ///< held-out images for the final PSNR report
   /// Training images (evenly spaced through the data) on which every checkpoint measures the scaling factor

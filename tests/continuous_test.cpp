@@ -401,7 +401,7 @@ namespace {
 // sampled through generate() from its config as diffusers' loop does: a DDIMScheduler whose leading walk with
 // steps_offset 0 ends on a zero-length step at t = 0, PNDMScheduler as PLMS (skip_prk_steps, Stable Diffusion's) and
 // with its Runge-Kutta warm-up, LMSDiscreteScheduler, HeunDiscreteScheduler (eps with karras sigmas, v on linspace,
-// both starting from init_noise_sigma), DPM-Solver++ with karras sigmas ending at sigma_min.
+// both starting from init_noise_sigma), DPM-Solver++ and UniPC with karras sigmas ending at sigma_min.
 TEST(DiffusersParity040Classes, EverySchedulerClassSamplesAsDiffusers) {
   const std::string classes = std::string(DIFFUSE_FIXTURES) + "/diffusers-0.40-classes/";
   auto f = load_safetensors(classes + "sampler_loops.safetensors");
@@ -433,7 +433,7 @@ TEST(DiffusersParity040Classes, EverySchedulerClassSamplesAsDiffusers) {
     }
     ++checked;
   }
-  EXPECT_EQ(checked, 7);
+  EXPECT_EQ(checked, 8);
 }
 
 // diffuse's own angle-space heun on a HeunDiscreteScheduler config says that it is not the class's sampler.

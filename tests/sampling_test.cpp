@@ -12,6 +12,7 @@
 #include "diffuse/sample/sampling.h"
 #include "diffuse/core/scheduler_config.h"
 #include "diffuse/models/unet.h"
+#include "test_util.h"
 #include "util/torch_compat.h"
 #include <torch/torch.h>
 
@@ -479,6 +480,26 @@ TEST(Samplers, NetworkEvaluations) {
       EXPECT_EQ(calls, want) << name;
       EXPECT_EQ(callbacks, 10);
     }
+}
+
+// The table's zero_length_end is what each sampler does with a walk whose last level is its end (a leading walk to
+// t = 0 with set_alpha_to_one false): those that take it end on finite samples, the others refuse the walk.
+TEST(Samplers, ZeroLengthEndAsTheTableSays) {
+  auto sch = linear(1000);
+  auto g = test_data();
+  auto x_T = noise64(2, 8, 1);
+  const auto ts = spaced_timesteps(1000, 10, Spacing::leading);
+  ASSERT_EQ(ts.back(), 0);
+  SamplerOptions o;
+  o.set_alpha_to_one = false;
+  for (const auto& name : sampler_names()) {
+    const auto run = [&] { return get_sampler(name)(make_denoiser(g.network(sch, Prediction::eps), Prediction::eps, sch), ts, x_T, o); };
+    if (takes_zero_length_end(name)) {
+      EXPECT_TRUE(torch::isfinite(run()).all().item<bool>()) << name;
+    } else {
+      EXPECT_NE(diffuse::testing::error_of(run).find("strictly decreasing"), std::string::npos) << name;
+    }
+  }
 }
 
 TEST(Samplers, BadInputIsRefused) {

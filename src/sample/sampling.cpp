@@ -499,11 +499,11 @@ torch::Tensor sample_dpmpp_3m_sde(const Denoiser& d, const Timesteps& ts, const 
 // UniPC (diffusers' UniPCMultistepScheduler.step): at step i the model output m_t at the new level first corrects
 // the sample the previous predictor produced (UniC of the previous step's order), then the predictor UniP of
 // order min(order, points available, steps left under lower_order_final) moves on. The last step is not corrected
-// (no model call follows it).
+// (no model call follows it); a zero-length last step leaves the corrected sample as it is.
 torch::Tensor sample_unipc(const Denoiser& d, const Timesteps& ts, const torch::Tensor& x_T, const SamplerOptions& o) {
   if (o.order < 1 || o.order > 3) throw std::invalid_argument("unipc: order must be 1, 2 or 3, got " + std::to_string(o.order));
   torch::NoGradGuard no_grad;
-  auto steps = make_steps(d.path, ts, o);
+  auto steps = make_steps(d.path, ts, o, /*zero_length_last=*/true);
   const int64_t n = int64_t(steps.size());
   auto x = x_T;
   History hist;           // x0 estimates at finite-lambda levels, newest first
@@ -527,7 +527,9 @@ torch::Tensor sample_unipc(const Denoiser& d, const Timesteps& ts, const torch::
     m_prev = e.x0;
     int order = std::min<int>(o.order, int(hist.size()));
     if (o.lower_order_final) order = std::min<int64_t>(order, n - st.i);
-    if (!std::isfinite(st.h()) || hist.size() == 0) order = 1;
+    // A zero-length last step (karras to sigma_min) is the identity: diffusers' order-1 predictor there gives x (its
+    // order 2 too; its order 3 without lower_order_final divides 0 by 0).
+    if (!std::isfinite(st.h()) || hist.size() == 0 || st.h() == 0.0) order = 1;
     x_prev = x;
     x = unipc_update(st, x, e.x0, hist, order, order >= 2 ? unipc_terms(st.h(), order, o.unipc_variant) : UniPcTerms{});
     prev_order = order;
@@ -693,20 +695,21 @@ torch::Tensor sample_lms(const Denoiser& d, const Timesteps& ts, const torch::Te
 
 const std::vector<SamplerInfo>& sampler_table() {
   static const std::vector<SamplerInfo> table = {
-      {"ddpm", {}, sample_ddpm, true, true, "ancestral sampling (DDPMScheduler), --variance fixed_small/fixed_large"},
-      {"ddim", {}, sample_ddim, false, true, "DDIM (DDIMScheduler), --eta for its stochastic family"},
-      {"euler", {}, sample_euler, false, true, "Euler on the probability-flow ODE (EulerDiscreteScheduler, flow matching)"},
-      {"euler_ancestral", {"euler_a"}, sample_euler_ancestral, true, true, "Euler ancestral (EulerAncestralDiscreteScheduler)"},
-      {"heun", {}, sample_heun, false, true, "Heun in the angle phi = atan(s / a), diffuse's own (exact at SNR 0)"},
-      {"heun_sigma", {"heun_discrete"}, sample_heun_sigma, false, false, "Heun in sigma = s / a (HeunDiscreteScheduler)"},
-      {"lms", {"lms_discrete"}, sample_lms, false, false, "linear multistep of order 4 in sigma (LMSDiscreteScheduler)"},
-      {"dpmpp_2m", {"dpmpp2m", "dpm++2m", "dpm++_2m"}, sample_dpmpp_2m, false, true, "DPM-Solver++(2M) (DPMSolverMultistepScheduler)"},
-      {"dpmpp_2m_sde", {"dpmpp2m_sde", "dpm++2m_sde", "dpm++_2m_sde"}, sample_dpmpp_2m_sde, true, true, "DPM-Solver++(2M) SDE"},
-      {"dpmpp_3m", {"dpmpp3m", "dpm++3m", "dpm++_3m"}, sample_dpmpp_3m, false, true, "DPM-Solver++(3M), solver_order 3"},
-      {"dpmpp_3m_sde", {"dpmpp3m_sde", "dpm++3m_sde", "dpm++_3m_sde"}, sample_dpmpp_3m_sde, true, true, "DPM-Solver++(3M) SDE"},
-      {"unipc", {}, sample_unipc, false, true, "UniPC (UniPCMultistepScheduler), --order, --unipc-variant"},
-      {"plms", {}, sample_plms, false, false, "PNDMScheduler's PLMS (skip_prk_steps; Stable Diffusion 1.x's default)"},
-      {"pndm", {}, sample_pndm, false, false, "PNDMScheduler with its Runge-Kutta warm-up (skip_prk_steps false)"},
+      // name, aliases, function, stochastic, from SNR 0, zero-length end, help
+      {"ddpm", {}, sample_ddpm, true, true, false, "ancestral sampling (DDPMScheduler), --variance fixed_small/fixed_large"},
+      {"ddim", {}, sample_ddim, false, true, true, "DDIM (DDIMScheduler), --eta for its stochastic family"},
+      {"euler", {}, sample_euler, false, true, true, "Euler on the probability-flow ODE (EulerDiscreteScheduler, flow matching)"},
+      {"euler_ancestral", {"euler_a"}, sample_euler_ancestral, true, true, true, "Euler ancestral (EulerAncestralDiscreteScheduler)"},
+      {"heun", {}, sample_heun, false, true, false, "Heun in the angle phi = atan(s / a), diffuse's own (exact at SNR 0)"},
+      {"heun_sigma", {"heun_discrete"}, sample_heun_sigma, false, false, false, "Heun in sigma = s / a (HeunDiscreteScheduler)"},
+      {"lms", {"lms_discrete"}, sample_lms, false, false, false, "linear multistep of order 4 in sigma (LMSDiscreteScheduler)"},
+      {"dpmpp_2m", {"dpmpp2m", "dpm++2m", "dpm++_2m"}, sample_dpmpp_2m, false, true, true, "DPM-Solver++(2M) (DPMSolverMultistepScheduler)"},
+      {"dpmpp_2m_sde", {"dpmpp2m_sde", "dpm++2m_sde", "dpm++_2m_sde"}, sample_dpmpp_2m_sde, true, true, true, "DPM-Solver++(2M) SDE"},
+      {"dpmpp_3m", {"dpmpp3m", "dpm++3m", "dpm++_3m"}, sample_dpmpp_3m, false, true, true, "DPM-Solver++(3M), solver_order 3"},
+      {"dpmpp_3m_sde", {"dpmpp3m_sde", "dpm++3m_sde", "dpm++_3m_sde"}, sample_dpmpp_3m_sde, true, true, true, "DPM-Solver++(3M) SDE"},
+      {"unipc", {}, sample_unipc, false, true, true, "UniPC (UniPCMultistepScheduler), --order, --unipc-variant"},
+      {"plms", {}, sample_plms, false, false, true, "PNDMScheduler's PLMS (skip_prk_steps; Stable Diffusion 1.x's default)"},
+      {"pndm", {}, sample_pndm, false, false, true, "PNDMScheduler with its Runge-Kutta warm-up (skip_prk_steps false)"},
   };
   return table;
 }
@@ -742,6 +745,7 @@ Sampler get_sampler(const std::string& name) { return sampler_info(name).fn; }
 bool is_stochastic(const std::string& name) { return sampler_info(name).stochastic; }
 
 bool runs_from_snr_zero(const std::string& name) { return sampler_info(name).from_snr_zero; }
+bool takes_zero_length_end(const std::string& name) { return sampler_info(name).zero_length_end; }
 
 std::string sampler_help() {
   std::string out;

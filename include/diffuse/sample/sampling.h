@@ -174,6 +174,10 @@ struct SamplerInfo {
   /// runs from SNR 0 (a = 0, zero terminal SNR); false for the classes that divide by a (plms, pndm) or step in
   /// sigma = s / a (heun_sigma, lms), which refuse such a start naming the fix
   bool from_snr_zero = true;
+  /// takes a last step of length 0 (the walk's last level equals its end: DDIMScheduler's set_alpha_to_one false
+  /// from t = 0, karras with final_sigmas_type sigma_min) as the diffusers class does: the identity, after the
+  /// clamp or correction of that last call; the others refuse such a walk
+  bool zero_length_end = true;
   std::string help;
 };
 /// The one table behind sampler_names, get_sampler, canonical_sampler_name, is_stochastic and the CLI's help.
@@ -188,6 +192,8 @@ std::string canonical_sampler_name(const std::string& name);
 bool is_stochastic(const std::string& name);
 /// Whether the named sampler can start at SNR 0 (SamplerInfo::from_snr_zero).
 bool runs_from_snr_zero(const std::string& name);
+/// Whether the named sampler takes a zero-length last step (SamplerInfo::zero_length_end).
+bool takes_zero_length_end(const std::string& name);
 /// "name: help" lines of the table, for --help.
 std::string sampler_help();
 

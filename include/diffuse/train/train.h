@@ -1,8 +1,10 @@
 // Training diffusion models and noisy classifiers: the loss, the loop, run folders and checkpoints.
 //
-// Diffusion loss (Ho et al. 2020, generalised by the 000 document): t ~ U{0..T-1}, eps ~ N(0, I),
+// Diffusion loss (Ho et al. 2020, generalised by the 000 document): (t, a_t, s_t) drawn from the noise path
+// (noise_path.h: t ~ U{0..T-1} on a discrete schedule; on rectified flow sigma from its density, a = 1 - sigma, s =
+// sigma, t = sigma T), eps ~ N(0, I),
 //   x_t = a_t x0 + s_t eps,   loss = w(t) * mean_{C,H,W} (model(x_t, f(t), y) - target)^2
-// with target eps, v = a_t eps - s_t x0 or x0 (prediction.h), w(t) = loss_weight(...) (stated on the x0
+// with target eps, v = a_t eps - s_t x0, x0 or flow eps - x0 (prediction.h), w(t) = loss_weight(...) (stated on the x0
 // error, converted to the target), f the E-TSDM condition map (Yang et al. 2024; identity when off) and y
 // the class label, replaced by the null class with probability label_dropout (Ho & Salimans 2022).
 // Offset noise (Guttenberg 2023, the baseline of Lin et al. 2023 section 5): eps + strength * delta,

@@ -202,7 +202,7 @@ void trainer_rates(Bench& b, int64_t batch, int64_t steps) {
     o.prediction = diffuse::Prediction::v;
     o.loop.steps = steps;
     o.loop.batch = batch;
-    o.loop.device = b.device.str();
+    o.loop.device = b.device;
     o.loop.bf16 = bf16;
     o.loop.cuda_graphs = graphs;
     o.loop.channels_last = channels_last;

@@ -94,7 +94,7 @@ int main(int argc, char** argv) {
   o.loop.checkpoint_every = 1 << 30;
   o.loop.log_every = 1 << 30;
   o.loop.threads = threads;
-  o.loop.conv_dtype = conv_dtype;
+  o.loop.conv_dtype = diffuse::network_dtype(conv_dtype, "--conv-dtype");
   o.loop.out = (std::filesystem::temp_directory_path() / ("diffuse-train-bench-" + std::to_string(getpid()))).string();
   double flops = diffuse::unet_forward_flops(o.unet, 32, 32);
   {

@@ -368,18 +368,30 @@ void expect_close_to_float32_and_resumable(const std::string& what, const std::f
 // --conv-dtype bf16: the convolutions compute in bf16 from float32 master weights; run.json records it. With
 // --bf16, or fp16 on a CPU, it is refused by name.
 TEST(Train, ConvDtypeBf16TrainsCloseToFloat32AndResumes) {
-  expect_close_to_float32_and_resumable("bf16 convolutions", [](LoopOptions& l) { l.conv_dtype = "bf16"; });
+  expect_close_to_float32_and_resumable("bf16 convolutions", [](LoopOptions& l) { l.conv_dtype = torch::kBFloat16; });
   TempDir dir;
   auto o = tiny_options(dir / "run", 2);
-  o.loop.conv_dtype = "bf16";
+  o.loop.conv_dtype = torch::kBFloat16;
   train(o, shapes16());
   EXPECT_EQ(load_json(dir / "run/run.json")["loop"]["conv_dtype"], "bf16");
+  EXPECT_EQ(diffuse::TrainOptions::from_json(load_json(dir / "run/run.json")).loop.conv_dtype, torch::kBFloat16);
   o.loop.bf16 = true;
   o.loop.out = dir / "both";
   diffuse::testing::expect_error([&] { train(o, shapes16()); }, "--conv-dtype bf16 with --bf16");
   o.loop.bf16 = false;
-  o.loop.conv_dtype = "fp16";
+  o.loop.conv_dtype = torch::kFloat16;
   diffuse::testing::expect_error([&] { train(o, shapes16()); }, "--conv-dtype fp16 needs a GPU");
+  // run.json spells both by name and refuses what is none, naming the key.
+  auto json = o.to_json();
+  EXPECT_EQ(json["loop"]["conv_dtype"], "fp16");
+  EXPECT_EQ(json["loop"]["device"], "cpu");
+  json["loop"]["conv_dtype"] = "int8";
+  diffuse::testing::expect_error([&] { diffuse::TrainOptions::from_json(json); }, "conv_dtype");
+  json["loop"]["conv_dtype"] = "bf16";
+  json["loop"]["device"] = "tpu:0";
+  diffuse::testing::expect_error([&] { diffuse::TrainOptions::from_json(json); }, "'device'");
+  json["loop"]["device"] = "cuda:1";
+  EXPECT_EQ(diffuse::TrainOptions::from_json(json).loop.device, torch::Device(torch::kCUDA, 1));
 }
 
 // --bf16 on a CPU: LibTorch 2.x's autocast (convolutions, products and attention in bf16), or with 1.13, whose CPU
@@ -653,11 +665,11 @@ TEST(TrainCli, ResumableOptionsTableDrivesTheHelpAndTheChecks) {
   diffuse::LoopOptions stored, given;
   given.steps = stored.steps + 5;
   given.threads = 3;
-  given.device = "cuda";
+  given.device = torch::kCUDA;
   for (const auto& r : diffuse::resumable_options()) r.take(stored, given);
   EXPECT_EQ(stored.steps, given.steps);
   EXPECT_EQ(stored.threads, 3);
-  EXPECT_EQ(stored.device, "cuda");
+  EXPECT_EQ(stored.device, torch::Device(torch::kCUDA));
   EXPECT_TRUE(stored.resume);
   EXPECT_FALSE(stored.overwrite);
 }

@@ -90,7 +90,7 @@ TrainResult train_classifier(const ClassifierTrainOptions& options, const Datase
   auto result = detail::run_loop(task, options.loop, options.to_json(), data, hooks);
   if (result.rank == 0 && heldout.images.defined() && heldout.size() > 0)
     report_classifier_accuracy(task.raw_model(), task.ema_model(), task.schedule(), heldout, options.loop.seed,
-                               parse_device(options.loop.device), {options.loop.out, result.step, report});
+                               prepare_device(options.loop.device), {options.loop.out, result.step, report});
   return result;
 }
 

@@ -12,11 +12,11 @@
 namespace diffuse::detail {
 
 // Data parallelism (docs/distributed.md): with several processes --device cuda means cuda:LOCAL_RANK.
-torch::Device rank_device(const std::string& name, const DistEnv& env) {
-  torch::Device device = parse_device(name);
+torch::Device rank_device(torch::Device device, const DistEnv& env) {
+  prepare_device(device);
   if (!env.enabled() || !device.is_cuda()) return device;
   if (device.has_index())
-    throw std::invalid_argument("--device " + name + " names one GPU, but " + std::to_string(env.world_size) +
+    throw std::invalid_argument("--device " + device.str() + " names one GPU, but " + std::to_string(env.world_size) +
                                 " processes train together; pass --device cuda (rank r uses cuda:LOCAL_RANK) and "
                                 "choose GPUs with CUDA_VISIBLE_DEVICES");
   const int64_t gpus = int64_t(torch::cuda::device_count());

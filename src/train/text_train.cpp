@@ -198,7 +198,7 @@ torch::Tensor cached_states(const LoadedRun& pipe, const std::vector<std::string
 
 LoadOptions source_load_options(const TextTrainOptions& o) {
   LoadOptions lo;
-  lo.device = parse_device(o.loop.device);
+  lo.device = prepare_device(o.loop.device);
   lo.tokenizer = o.tokenizer;
   lo.v_prediction = o.source_v_prediction;
   lo.single_file_config = o.single_file_config;
@@ -215,7 +215,7 @@ TextTrainData prepare_text_training(const TextTrainOptions& o, const std::string
   // A resumed run reads its own copy of the pipeline (its components are what the checkpoint trains and writes).
   const std::string source = o.loop.resume ? o.loop.out : o.model;
   LoadOptions lo = o.loop.resume ? LoadOptions{} : source_load_options(o);
-  lo.device = parse_device(o.loop.device);
+  lo.device = prepare_device(o.loop.device);
   lo.weights = o.loop.resume ? "raw" : "auto";
   d.pipeline = load_run(source, lo);
   if (!d.pipeline.is_text())

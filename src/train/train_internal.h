@@ -76,7 +76,7 @@ struct Session {
 // ---- data parallelism (data_parallel.cpp)
 
 /// This rank's device: with several processes --device cuda means cuda:LOCAL_RANK (a numbered GPU is refused).
-torch::Device rank_device(const std::string& name, const DistEnv& env);
+torch::Device rank_device(torch::Device device, const DistEnv& env);
 /// --threads, or with several CPU ranks on one machine its cores shared among them.
 void set_threads(const LoopOptions& o, const DistEnv& env, torch::Device device);
 // Runs `body` on rank 0 only; every rank then learns whether it threw (one collective), so a failure there

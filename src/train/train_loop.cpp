@@ -117,9 +117,10 @@ Session start_session(const LoopOptions& o) {
                                 " images per process, which --accumulate " + std::to_string(o.accumulate) +
                                 " does not divide into equal parts");
   s.device = rank_device(o.device, s.env);
-  s.conv_dtype = parse_network_dtype(o.conv_dtype, s.device, "--conv-dtype");
+  check_network_dtype(o.conv_dtype, s.device, "--conv-dtype");
+  s.conv_dtype = o.conv_dtype;
   if (s.conv_dtype != torch::kFloat32 && o.bf16)
-    throw std::invalid_argument("--conv-dtype " + o.conv_dtype + " with --bf16: autocast already runs the "
+    throw std::invalid_argument("--conv-dtype " + network_dtype_name(o.conv_dtype) + " with --bf16: autocast already runs the "
                                 "convolutions in bf16; pass one of them");
   if (o.bf16 && !s.device.is_cuda() && !(s.device.is_cpu() && cpu_runs_bf16_networks()))
     throw std::invalid_argument("--bf16 autocast on " + s.device.str() + " needs --device cuda or, on a CPU, "

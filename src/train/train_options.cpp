@@ -2,9 +2,11 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "diffuse/train/train.h"
+#include "diffuse/util/runtime.h"
 #include "io/json_fields.h"
 #include "train/train_internal.h"
 
@@ -24,6 +26,33 @@ void to_json(nlohmann::json& j, LrSchedule schedule) { j = to_string(schedule); 
 namespace {
 
 using json_config::get_or;
+
+// A field that run.json spells by name (the CLI's spelling): written as to_name(field); read as a string, then
+// from_name, whose std::invalid_argument becomes the refusal naming the key.
+template <class Field, class F, class ToName, class FromName>
+void named_field(F&& f, const std::string& key, Field& field, ToName to_name, FromName from_name, const char* expected) {
+  if constexpr (std::is_const_v<Field>) {
+    f(key, to_name(field));
+  } else {
+    std::string name = to_name(field);
+    f(key, name);
+    try {
+      field = from_name(name);
+    } catch (const std::invalid_argument&) {
+      json_config::refuse(key, "\"" + name + "\"", expected);
+    }
+  }
+}
+
+torch::Device device_of_name(const std::string& name) {
+  try {
+    return torch::Device(name);
+  } catch (const c10::Error&) {
+    throw std::invalid_argument("unknown device '" + name + "'");
+  }
+}
+std::string device_name(const torch::Device& d) { return d.str(); }
+torch::ScalarType conv_dtype_of_name(const std::string& name) { return network_dtype(name, "--conv-dtype"); }
 
 // Each options type's keys, once: read by its from_json, written by its to_json (json_config::Reader / Writer).
 constexpr auto data_fields = [](auto& d, auto&& f) {
@@ -61,11 +90,11 @@ constexpr auto loop_fields = [](auto& o, auto&& f) {
   f("out", o.out);
   f("resume", o.resume);
   f("overwrite", o.overwrite);
-  f("device", o.device);
+  named_field(f, "device", o.device, device_name, device_of_name, "cpu, cuda or cuda:N");
   f("bf16", o.bf16);
   f("cuda_graphs", o.cuda_graphs);
   f("channels_last", o.channels_last);
-  f("conv_dtype", o.conv_dtype);
+  named_field(f, "conv_dtype", o.conv_dtype, network_dtype_name, conv_dtype_of_name, "fp32, bf16 or fp16");
   f("checkpoint_every", o.checkpoint_every);
   f("log_every", o.log_every);
   f("progress", o.progress);

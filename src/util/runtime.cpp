@@ -28,8 +28,12 @@ torch::Device parse_device(const std::string& name) {
   } catch (const c10::Error&) {
     throw std::invalid_argument("unknown device '" + name + "' (expected cpu, cuda or cuda:N)");
   }
+  return prepare_device(device);
+}
+
+torch::Device prepare_device(torch::Device device) {
   if (device.is_cuda() && !torch::cuda::is_available())
-    throw std::invalid_argument("device '" + name +
+    throw std::invalid_argument("device '" + device.str() +
                                 "' requested but this LibTorch has no usable CUDA (build against a CUDA "
                                 "LibTorch, see docs/cuda.md, or pass --device cpu)");
   // float32 means float32: no TF32 convolutions (LibTorch's default for cuDNN; matrix products are off already).
@@ -71,15 +75,29 @@ Bf16Autocast::~Bf16Autocast() {
   at::autocast::clear_cache();
 }
 
-torch::ScalarType parse_network_dtype(const std::string& name, torch::Device device, const std::string& flag) {
-  torch::ScalarType dtype;
-  if (name == "fp32" || name == "float32") dtype = torch::kFloat32;
-  else if (name == "bf16" || name == "bfloat16") dtype = torch::kBFloat16;
-  else if (name == "fp16" || name == "float16") dtype = torch::kFloat16;
-  else throw std::invalid_argument("unknown " + flag + " '" + name + "' (expected fp32, bf16 or fp16)");
+torch::ScalarType network_dtype(const std::string& name, const std::string& flag) {
+  if (name == "fp32" || name == "float32") return torch::kFloat32;
+  if (name == "bf16" || name == "bfloat16") return torch::kBFloat16;
+  if (name == "fp16" || name == "float16") return torch::kFloat16;
+  throw std::invalid_argument("unknown " + flag + " '" + name + "' (expected fp32, bf16 or fp16)");
+}
+
+void check_network_dtype(torch::ScalarType dtype, torch::Device device, const std::string& flag) {
+  if (dtype != torch::kFloat32 && dtype != torch::kBFloat16 && dtype != torch::kFloat16)
+    throw std::invalid_argument(flag + " " + c10::toString(dtype) + " is not a network dtype (fp32, bf16 or fp16)");
   if (dtype == torch::kFloat16 && device.is_cpu())
     throw std::invalid_argument(flag + " fp16 needs a GPU (LibTorch's CPU convolutions have no float16; use bf16 or fp32)");
+}
+
+torch::ScalarType parse_network_dtype(const std::string& name, torch::Device device, const std::string& flag) {
+  const auto dtype = network_dtype(name, flag);
+  check_network_dtype(dtype, device, flag);
   return dtype;
+}
+
+std::string network_dtype_name(torch::ScalarType dtype) {
+  return dtype == torch::kBFloat16 ? "bf16" : dtype == torch::kFloat16 ? "fp16" : dtype == torch::kFloat32 ? "fp32"
+                                                                                                          : c10::toString(dtype);
 }
 
 double matmul_gflops(int64_t n, torch::Device device, int reps) {

@@ -105,13 +105,17 @@ void add_loop_options(CLI::App* cmd, CommonOptions& c) {
   cmd->add_option("--grad-clip", l.grad_clip, "Clip the global gradient norm to this (0: off)")->capture_default_str();
   cmd->add_option("--ema-decay", l.ema_decay, "EMA decay; at step k it is min(decay, (1+k)/(10+k))")->capture_default_str();
   cmd->add_option("--seed", l.seed, "Seed of initialisation, batches, timesteps and noise")->check(CLI::NonNegativeNumber)->capture_default_str();
-  cmd->add_option("--device", l.device, "cpu, cuda or cuda:N")->capture_default_str();
+  cmd->add_option_function<std::string>(
+         "--device", [&l](const std::string& v) { l.device = parse_device(v); }, "cpu, cuda or cuda:N")
+      ->default_str("cpu");
   cmd->add_flag("--bf16", l.bf16, "bf16 autocast of the forward pass (CUDA; on a CPU with LibTorch 2.x)");
   cmd->add_option("--cuda-graphs", l.cuda_graphs, "One process on a GPU: replay each step as a captured CUDA graph")
       ->capture_default_str();
-  cmd->add_option("--conv-dtype", l.conv_dtype, "fp32, or bf16 (fp16 on a GPU): convolutions computed in it from "
-                  "the float32 weights, everything else float32 (CPUs with AMX / AVX-512 BF16; not with --bf16)")
-      ->capture_default_str();
+  cmd->add_option_function<std::string>(
+         "--conv-dtype", [&l](const std::string& v) { l.conv_dtype = network_dtype(v, "--conv-dtype"); },
+         "fp32, or bf16 (fp16 on a GPU): convolutions computed in it from the float32 weights, everything else "
+         "float32 (CPUs with AMX / AVX-512 BF16; not with --bf16)")
+      ->default_str("fp32");
   cmd->add_flag("--channels-last", l.channels_last, "Convolutions in channels-last (NHWC) layout (GPU tensor cores); "
                 "checkpoints are the same");
   cmd->add_option("--checkpoint-every", l.checkpoint_every, "Checkpoint every N steps (also at the end and on "
@@ -232,10 +236,10 @@ bool launched_ranks(const CommonOptions& c, const LoopOptions& loop) {
     throw std::invalid_argument("--batch " + std::to_string(loop.batch) + " is the global batch and must divide among " +
                                 std::to_string(c.nproc) + " processes (--nproc); pass a multiple of " +
                                 std::to_string(c.nproc));
-  torch::Device device = parse_device(loop.device);  // names the fix for CUDA on a CPU-only build
+  const torch::Device device = prepare_device(loop.device);  // names the fix for CUDA on a CPU-only build
   if (device.is_cuda()) {
     if (device.has_index())
-      throw std::invalid_argument("--nproc " + std::to_string(c.nproc) + " with --device " + loop.device +
+      throw std::invalid_argument("--nproc " + std::to_string(c.nproc) + " with --device " + device.str() +
                                   ": pass --device cuda, rank r uses cuda:r");
     if (c.nproc > int(torch::cuda::device_count()))
       throw std::invalid_argument("--nproc " + std::to_string(c.nproc) + " processes but " +
@@ -324,8 +328,8 @@ Dataset to_latents(AutoencoderKL& vae, const Dataset& data, const std::string& s
   return cache.latents;
 }
 
-AutoencoderKL load_eval_vae(const std::string& folder, const std::string& device) {
-  auto vae = load_vae(folder, parse_device(device));
+AutoencoderKL load_eval_vae(const std::string& folder, torch::Device device) {
+  auto vae = load_vae(folder, prepare_device(device));
   vae->eval();
   return vae;
 }
@@ -352,8 +356,8 @@ bool begin_training(const CommonOptions& c, const LoopOptions& loop) {
   if (launched_ranks(c, loop)) return false;
   if (this_rank() == 0) {
     warn_if_slow_blas();
-    if (loop.progress && !loop.bf16 && loop.conv_dtype == "fp32")
-      suggest_bf16(loop.device, "--bf16 (autocast) trains about 1.5x faster at the same FID");
+    if (loop.progress && !loop.bf16 && loop.conv_dtype == torch::kFloat32)
+      suggest_bf16(loop.device.str(), "--bf16 (autocast) trains about 1.5x faster at the same FID");
     check_run_folder(loop);
   }
   return true;

@@ -107,15 +107,17 @@ struct LoopOptions {
   std::string out;                      ///< the run folder
   bool resume = false;                  ///< continue the run in `out` from its last checkpoint
   bool overwrite = false;               ///< replace an existing run folder
-  std::string device = "cpu";
+  /// cpu, cuda (one process: the current GPU; several: cuda:LOCAL_RANK each) or cuda:N; run.json spells it so
+  torch::Device device = torch::kCPU;
   bool bf16 = false;                    ///< bf16 autocast of the forward pass (CUDA; a CPU with LibTorch 2.x)
   bool cuda_graphs = true;              ///< one process on a GPU: replay the step's loss and gradients as a
                                         ///< captured CUDA graph (builds against a CUDA LibTorch 2.x)
   bool channels_last = false;           ///< the networks' convolution weights, activations, gradients and AdamW
                                         ///< state in channels-last (NHWC) layout; checkpoints are the same
-  std::string conv_dtype = "fp32";      ///< "bf16": convolutions compute in bfloat16 from the float32 weights
-                                        ///< (ConvolutionDtype; fast on CPUs with AMX or AVX-512 BF16), the rest,
-                                        ///< gradients, AdamW and EMA stay float32; not with bf16
+  /// bfloat16: convolutions compute in it from the float32 weights (ConvolutionDtype; fast on CPUs with AMX or
+  /// AVX-512 BF16; float16 on a GPU), the rest, gradients, AdamW and EMA stay float32; not with bf16. run.json:
+  /// "fp32", "bf16" or "fp16"
+  torch::ScalarType conv_dtype = torch::kFloat32;
   int64_t checkpoint_every = 1000;
   int64_t log_every = 50;               ///< rows of log.csv (and progress lines when stderr is no TTY)
   bool progress = true;                 ///< progress line on stderr

@@ -11,6 +11,9 @@ namespace diffuse {
 /// On CUDA it also turns off TF32 convolutions (float32 stays float32; bf16 is the fast path, asked for by name)
 /// and lets cuDNN time its algorithms for each shape (cudnn.benchmark).
 torch::Device parse_device(const std::string& name);
+/// A device ready to compute on: throws with the fix where CUDA is asked for and unusable; on a GPU sets cuDNN to
+/// float32-exact (no TF32) and to time its algorithms per shape. parse_device ends with it.
+torch::Device prepare_device(torch::Device device);
 /// Lets a GPU's float32 convolutions and matrix products use TF32 (10-bit mantissa: PyTorch's default for cuDNN,
 /// not diffuse's) for the rest of the process, or (allow false) keeps them float32 again. Throws
 /// std::invalid_argument when TF32 is asked for on a CPU device (no TF32 there); allow false is a no-op there.
@@ -19,6 +22,13 @@ void allow_tf32(torch::Device device, bool allow = true);
 /// naming `flag`, the option that gave it.
 torch::ScalarType parse_network_dtype(const std::string& name, torch::Device device,
                                       const std::string& flag = "--dtype");
+/// The dtype of "fp32", "bf16" or "fp16" (float32, bfloat16, float16 accepted too), no device check; throws naming
+/// `flag`.
+torch::ScalarType network_dtype(const std::string& name, const std::string& flag = "--dtype");
+/// Throws naming `flag` where `device` cannot run networks in `dtype` (fp16 on the CPU, anything but the three).
+void check_network_dtype(torch::ScalarType dtype, torch::Device device, const std::string& flag = "--dtype");
+/// "fp32", "bf16" or "fp16".
+std::string network_dtype_name(torch::ScalarType dtype);
 
 struct BlasCheck {
   double gflops = 0;   ///< measured rate of a 1024x1024 float32 product on the CPU

@@ -81,7 +81,7 @@ TEST(CliSample, BadInputGetsOneErrorLine) {
       {"sample " + model_args() + " --sampler nope", "nope"},
       {"sample " + model_args() + " --seed -1", "--seed"},
       {"sample " + model_args() + " --sampler unipc --order 4", "order"},
-      {"sample " + model_args() + " --spacing karras --sampler ddim", "karras"},
+      {"sample " + model_args() + " --spacing karras --sampler plms", "integer timesteps"},
       {"sample " + model_args() + " --steps 0", "[1, T"},
       {"sample " + model_args() + " --classifier-scale 2", "--classifier"},
       {"sample " + model_args() + " --clip-sample -1", "--clip-sample"},

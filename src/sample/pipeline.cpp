@@ -494,16 +494,12 @@ std::vector<Level> sampling_levels(const SchedulerConfig& config, const std::str
   const bool multistep = walk == ClassWalk::multistep;
   if (is_sigma_spacing(sp)) {
     // A sigma spacing's last level is sigma[0], so a last step to alpha_bar[0] has length 0 (diffusers' karras with
-    // final_sigmas_type sigma_min). Where the config asks for that end explicitly, samplers that take a zero-length
-    // step (the table's zero_length_end) take it as the class does and the others refuse it; a config that only
-    // lacks final_sigmas_type (DDIMScheduler configs under dpmpp_*, diffusers 0.25's default) ends at the clean data.
+    // final_sigmas_type sigma_min): every sampler of a class that ends there takes it as the class does (the table's
+    // zero_length_end; SchedulerClasses.OneRecordPerClassAgreesWithTheSamplerTable). A config that only lacks
+    // final_sigmas_type (DDIMScheduler configs under dpmpp_*, diffusers 0.25's default) ends at the clean data.
     const std::string name = canonical_sampler_name(sampler);
     const bool explicit_end = name == "ddim" ? !config.set_alpha_to_one
                                              : key_or(config, "final_sigmas_type", "") == "sigma_min";
-    if (!clean && explicit_end && !takes_zero_length_end(name))
-      throw std::invalid_argument(to_string(sp) + " sigmas end at sigma[0], where this config's last step ends too "
-                                  "(set_alpha_to_one false or final_sigmas_type sigma_min), a zero-length step " + name +
-                                  " does not take: set it to end at the clean data, or pass an integer --spacing");
     if (!(explicit_end && !clean)) end = Level{-1, 1, 0};
     // DPMSolverMultistep and UniPC round a karras level's network time (not an exponential or beta one's).
     return spaced_levels(schedule, steps, sp, 0, 7.0, /*round_t=*/multistep && sp == Spacing::karras);

@@ -82,6 +82,17 @@ TEST(Pipeline, GenerateEqualsThePartsByHandForAnyBatchSize) {
   auto a = generate(run, g);
   EXPECT_EQ(calls, 8);  // 2 batches x 4 steps
   EXPECT_EQ(last_total, 8);
+  // The total is the sampler's own count: PLMS reports S + 1 steps (S + 1 network calls), PNDM S.
+  for (auto [sampler, per_batch] : {std::pair<const char*, int64_t>{"plms", 5}, {"pndm", 4}}) {
+    GenerateOptions p = g;
+    p.sampler = sampler;
+    p.cfg = 1;
+    p.spacing = Spacing::leading;  // the fixture's schedule has zero terminal SNR, where PNDM cannot start
+    calls = 0;
+    generate(run, p);
+    EXPECT_EQ(calls, 2 * per_batch) << sampler;
+    EXPECT_EQ(last_total, 2 * per_batch) << sampler;
+  }
   g.batch = 3;
   g.progress = nullptr;
   auto b = generate(run, g);

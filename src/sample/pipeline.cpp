@@ -747,9 +747,7 @@ Generated generate(const LoadedRun& run, const GenerateOptions& o) {
   if (o.cfg != 1.0) net = classifier_free_guidance(net, {o.cfg, o.cfg_rescale, null_class});
   if (o.cuda_graphs) net = detail::graphed_network(net);
 
-  // PLMS calls the network once more than it has timesteps (the second one twice).
-  const int64_t batches = (o.n + o.batch - 1) / o.batch,
-                steps = int64_t(levels.size()) + (g.sampler == "plms" && levels.size() >= 2 ? 1 : 0);
+  const int64_t batches = (o.n + o.batch - 1) / o.batch;
   auto t0 = std::chrono::steady_clock::now();
   std::vector<torch::Tensor> outputs;
   for (int64_t b = 0; b < batches; ++b) {
@@ -769,8 +767,8 @@ Generated generate(const LoadedRun& run, const GenerateOptions& o) {
     so.first_image = first;
     so.walk_steps = walk_steps;
     if (o.progress)
-      so.callback = [&](const StepInfo& info) {
-        o.progress({b * steps + info.step + 1, batches * steps, int64_t(std::llround(info.t))});
+      so.callback = [&](const StepInfo& info) {  // the sampler's own count (PLMS reports S + 1 steps: S + 1 calls)
+        o.progress({b * info.steps + info.step + 1, batches * info.steps, int64_t(std::llround(info.t))});
       };
     outputs.push_back(sampler(batch_denoiser(run, o, net, path, y, g.clip_range), Timesteps(levels, end),
                               x.to(run.device), so)

@@ -387,7 +387,10 @@ TEST(Train, RectifiedFlowRunSamplesAsFlowMatching) {
                               {"--prediction flow", "--path rectified-flow"},
                               {"--path rectified-flow --prediction flow --etsdm-t-tilde 100 --etsdm-n 5", "E-TSDM"},
                               {"--path rectified-flow --prediction flow --timestep-density beta", "{uniform,logit-normal}"},
-                              {"--path curved", "{vp,rectified-flow}"}}) {
+                              {"--path curved", "{vp,rectified-flow}"},
+                              {"--flow-shift 3", "--flow-shift shapes the rectified-flow path"},
+                              {"--timestep-density logit-normal", "--timestep-density shapes"},
+                              {"--path rectified-flow --prediction flow --logit-std 2", "--timestep-density logit-normal"}}) {
     auto bad = diffuse::testing::run_cli("train --data synthetic-shapes --synthetic-count 32 --size 16 --channels 8,16 "
                                          "--attention-levels none --norm-groups 4 --steps 1 --quiet " + std::string(args) +
                                          " --out " + (dir / "bad"));

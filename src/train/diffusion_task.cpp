@@ -22,6 +22,16 @@ void check_path(const TrainOptions& o) {
                                                    : "--prediction flow needs --path rectified-flow");
   if (o.rectified_flow() && o.etsdm.enabled())
     throw std::invalid_argument("E-TSDM shares integer timesteps; it does not apply to --path rectified-flow");
+  // Options that shape only the flow path's draws would change nothing elsewhere: refused, not ignored.
+  const bool logit_set = o.logit_mean != 0.0 || o.logit_std != 1.0;
+  if (!o.rectified_flow() && (o.flow_shift != 1.0 || o.timestep_density != TimeDensity::uniform || logit_set))
+    throw std::invalid_argument(std::string(o.flow_shift != 1.0 ? "--flow-shift" : logit_set ? "--logit-mean / --logit-std"
+                                                                                               : "--timestep-density") +
+                                " shapes the rectified-flow path's training draws; with --path vp it would change "
+                                "nothing (pass --path rectified-flow --prediction flow)");
+  if (o.rectified_flow() && o.timestep_density == TimeDensity::uniform && logit_set)
+    throw std::invalid_argument("--logit-mean / --logit-std shape the logit-normal density; pass --timestep-density "
+                                "logit-normal (the uniform density has no parameters)");
 }
 
 SchedulerConfig scheduler_config_of(const TrainOptions& o) {

@@ -391,6 +391,10 @@ TEST(Train, ConvDtypeBf16TrainsCloseToFloat32AndResumes) {
   json["loop"]["device"] = "tpu:0";
   diffuse::testing::expect_error([&] { diffuse::TrainOptions::from_json(json); }, "'device'");
   json["loop"]["device"] = "cuda:1";
+  json["loop"]["lr_schedule"] = "linear";
+  diffuse::testing::expect_error([&] { diffuse::TrainOptions::from_json(json); }, "'lr_schedule'");
+  json["loop"]["lr_schedule"] = "constant";
+  EXPECT_EQ(diffuse::TrainOptions::from_json(json).loop.lr_schedule, diffuse::LrSchedule::constant);
   EXPECT_EQ(diffuse::TrainOptions::from_json(json).loop.device, torch::Device(torch::kCUDA, 1));
 }
 

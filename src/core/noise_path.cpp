@@ -6,6 +6,8 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "diffuse/core/scheduler_class.h"
+
 namespace diffuse {
 
 std::string to_string(PathKind kind) { return kind == PathKind::vp ? "vp" : "rectified-flow"; }
@@ -46,7 +48,7 @@ NoisePath NoisePath::rectified_flow(int64_t T, double shift, FlowDensity density
 }
 
 NoisePath NoisePath::of(const SchedulerConfig& config) {
-  if (config.extra.value("_class_name", std::string()).rfind("FlowMatch", 0) != 0) return NoisePath(config.schedule());
+  if (!flow_matching_class(config.extra.value("_class_name", std::string()))) return NoisePath(config.schedule());
   const auto shift = config.extra.find("shift");
   return rectified_flow(config.num_train_timesteps,
                         shift == config.extra.end() || shift->is_null() ? 1.0 : shift->get<double>());

@@ -43,6 +43,8 @@ const SchedulerClass* class_of_sampler(const std::string& sampler) {
   return nullptr;
 }
 
+bool flow_matching_class(const std::string& name) { return name.rfind("FlowMatch", 0) == 0; }
+
 bool other_noise_process(const std::string& name) {
   static const std::vector<std::string> classes = {
       "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",

@@ -50,7 +50,7 @@ struct ClassDefaults {
 };
 ClassDefaults class_defaults(const std::string& class_name) {
   // Flow-matching classes have no prediction_type: their model predicts the velocity eps - x0.
-  if (class_name.rfind("FlowMatch", 0) == 0) return {Spacing::linspace, false, "flow_prediction"};
+  if (flow_matching_class(class_name)) return {Spacing::linspace, false, "flow_prediction"};
   const SchedulerClass* c = find_scheduler_class(class_name);
   if (!c) return {};
   return {c->default_spacing, c->default_clip_sample};
@@ -111,7 +111,7 @@ SchedulerConfig SchedulerConfig::from_json(const nlohmann::json& j) {
 nlohmann::json SchedulerConfig::to_json() const {
   nlohmann::json j = extra;
   // A flow-matching class has no beta schedule, prediction type or spacing: only its own keys.
-  if (extra.value("_class_name", std::string()).rfind("FlowMatch", 0) == 0) {
+  if (flow_matching_class(extra.value("_class_name", std::string()))) {
     j["num_train_timesteps"] = num_train_timesteps;
     return j;
   }

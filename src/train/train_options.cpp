@@ -12,17 +12,6 @@
 
 namespace diffuse {
 
-// run.json's "lr_schedule": the schedule's name (found by argument-dependent lookup from json_config's Reader / Writer).
-void convert(const std::string& key, const nlohmann::json& v, LrSchedule& out) {
-  if (!v.is_string()) json_config::refuse(key, v.dump(), "cosine or constant");
-  try {
-    out = parse_lr_schedule(v.get<std::string>());
-  } catch (const std::invalid_argument&) {
-    json_config::refuse(key, v.dump(), "cosine or constant");
-  }
-}
-void to_json(nlohmann::json& j, LrSchedule schedule) { j = to_string(schedule); }
-
 namespace {
 
 using json_config::get_or;
@@ -52,6 +41,7 @@ torch::Device device_of_name(const std::string& name) {
   }
 }
 std::string device_name(const torch::Device& d) { return d.str(); }
+std::string lr_schedule_name(LrSchedule schedule) { return to_string(schedule); }
 torch::ScalarType conv_dtype_of_name(const std::string& name) { return network_dtype(name, "--conv-dtype"); }
 
 // Each options type's keys, once: read by its from_json, written by its to_json (json_config::Reader / Writer).
@@ -77,7 +67,7 @@ constexpr auto loop_fields = [](auto& o, auto&& f) {
   f("accumulate", o.accumulate);
   f("lr", o.lr);
   f("warmup", o.warmup);
-  f("lr_schedule", o.lr_schedule);
+  named_field(f, "lr_schedule", o.lr_schedule, lr_schedule_name, parse_lr_schedule, "cosine or constant");
   f("min_lr", o.min_lr);
   f("weight_decay", o.weight_decay);
   f("adam_beta1", o.adam_beta1);

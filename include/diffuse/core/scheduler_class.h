@@ -45,6 +45,9 @@ const std::vector<SchedulerClass>& scheduler_classes();
 const SchedulerClass* find_scheduler_class(const std::string& name);
 /// The class whose own sampler `sampler` is (its canonical name), or nullptr (heun: diffuse's own).
 const SchedulerClass* class_of_sampler(const std::string& sampler);
+/// Whether `name` is one of diffusers' flow-matching classes (FlowMatch*): the rectified-flow path, whose configs carry
+/// no beta schedule, prediction type or spacing.
+bool flow_matching_class(const std::string& name);
 /// Whether `name` is a class of another noise process (EDM's sigmas, variance-exploding SDEs, consistency models),
 /// which diffuse refuses by name.
 bool other_noise_process(const std::string& name);
